@@ -1,0 +1,19 @@
+"""Broker failures, all under ChorusError."""
+
+from schemas.errors import ChorusError
+
+
+class BrokerError(ChorusError):
+    """The broker could not do what was asked; the message says what to check."""
+
+
+class Unroutable(BrokerError):
+    """A publish matched no queue: the message was not stored anywhere."""
+
+
+class PublishTimeout(BrokerError):
+    """The broker did not confirm a publish in time; it may or may not have stored it."""
+
+
+class TopologyMissing(BrokerError):
+    """A queue or exchange that should exist does not (passive declare failed)."""

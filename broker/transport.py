@@ -1,0 +1,152 @@
+"""The transport seam: what services need from a message broker, and nothing more.
+
+Two implementations: `broker.memory.MemoryTransport` (embedded, in-process) and
+`broker.amqp.AmqpTransport` (RabbitMQ via aio-pika). Services only see this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, Protocol
+
+HeaderValue = str | int | float | bool
+Headers = Mapping[str, HeaderValue]
+
+# Header the dead-letter queue's messages carry to say why they were rejected.
+REASON_HEADER = "x-chorus-reason"
+ORIGINAL_EXCHANGE_HEADER = "x-chorus-exchange"
+ORIGINAL_ROUTING_KEY_HEADER = "x-chorus-routing-key"
+DEFAULT_PUBLISH_TIMEOUT = 10.0
+DEFAULT_PREFETCH = 200
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    type: Literal["topic", "direct", "fanout"]
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A durable queue. Quorum queues carry their delivery limit and dead-letter target."""
+
+    name: str
+    quorum: bool = True
+    delivery_limit: int | None = None
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str | None = None
+
+
+@dataclass(frozen=True)
+class BindingSpec:
+    queue: str
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchanges: tuple[ExchangeSpec, ...] = ()
+    queues: tuple[QueueSpec, ...] = ()
+    bindings: tuple[BindingSpec, ...] = ()
+
+    def merged(self, other: Topology) -> Topology:
+        def union(a: tuple[object, ...], b: tuple[object, ...]) -> tuple[object, ...]:
+            return a + tuple(x for x in b if x not in a)
+
+        return Topology(
+            exchanges=union(self.exchanges, other.exchanges),  # type: ignore[arg-type]
+            queues=union(self.queues, other.queues),  # type: ignore[arg-type]
+            bindings=union(self.bindings, other.bindings),  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class Delivery:
+    """One message handed to a consumer. Settle it exactly once: ack, requeue or dead_letter."""
+
+    body: bytes
+    exchange: str
+    routing_key: str
+    message_id: str | None
+    user_id: str | None
+    redelivered: bool
+    headers: Mapping[str, object] = field(default_factory=dict)
+    timestamp: float | None = None
+    _settle: Settler | None = field(default=None, repr=False)
+    settled: bool = False
+
+    async def ack(self) -> None:
+        await self._do("ack", "")
+
+    async def requeue(self) -> None:
+        await self._do("requeue", "")
+
+    async def dead_letter(self, reason: str) -> None:
+        """Move the message to the dead-letter queue with `reason` in its headers."""
+        await self._do("dead_letter", reason)
+
+    async def _do(self, action: Literal["ack", "requeue", "dead_letter"], reason: str) -> None:
+        if self.settled:
+            return  # settling twice is a programming slip, never worth a crash
+        assert self._settle is not None, "delivery has no settler"
+        await self._settle(action, reason)
+        self.settled = True
+
+
+Settler = Callable[[Literal["ack", "requeue", "dead_letter"], str], Awaitable[None]]
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Subscription(Protocol):
+    async def cancel(self) -> None: ...
+
+
+class Transport(Protocol):
+    """A connection to a broker as one user. Use it as an async context manager."""
+
+    user: str
+
+    async def __aenter__(self) -> Transport: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def declare(self, topology: Topology) -> None:
+        """Create exchanges, queues and bindings (idempotent). Needs configure rights."""
+        ...
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Headers | None = None,
+        timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+    ) -> None:
+        """Publish persistently and wait for the broker's confirm.
+
+        The message carries `user_id` = this connection's user. Raises `Unroutable`
+        when no queue takes it and `PublishTimeout` when unconfirmed in time.
+        """
+        ...
+
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int = DEFAULT_PREFETCH
+    ) -> Subscription:
+        """Deliver messages of an existing queue to `handler` (passive: never declares).
+
+        A handler that returns without settling acks; one that raises requeues,
+        and the queue's delivery limit dead-letters a message that keeps failing.
+        """
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""The coordinator: rounds, quorum and deadlines, semantic consensus, persisted state."""

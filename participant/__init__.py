@@ -1,0 +1,1 @@
+"""The participant: offline models, LoRA fine-tuning, batched generation, evaluation."""
