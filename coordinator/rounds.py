@@ -1,0 +1,176 @@
+"""Round state machine, pure: no I/O, time passed in by the caller.
+
+A round has shards; each shard closes on its own, when
+  * every expected participant answered ("all answered"), or
+  * quorum was reached and the grace period since then has passed, or
+  * the deadline passed: labelled with what arrived if that is at least quorum,
+    failed otherwise.
+Closing happens in two steps: `due()` freezes the set of answers a shard closes
+with (so a crash and a re-run produce the same labels), `finish()` records the
+outcome after consensus. The round is over when every shard is finished.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+ShardStatus = Literal["open", "closing", "labelled", "failed"]
+
+
+class Acceptance(Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"  # this participant already answered this shard
+    LATE = "late"  # the shard stopped taking answers
+    UNKNOWN_SHARD = "unknown_shard"
+    NOT_EXPECTED = "not_expected"  # sender is not on this round's roster
+
+
+@dataclass(frozen=True)
+class ShardClosing:
+    """A shard that stopped taking answers; consensus runs over exactly `answered`."""
+
+    shard_id: int
+    status: Literal["labelled", "failed"]
+    reason: str
+    answered: tuple[str, ...]
+
+
+@dataclass
+class ShardState:
+    shard_id: int
+    prompt_ids: tuple[str, ...]
+    answered: dict[str, float] = field(default_factory=dict)  # participant -> arrival time
+    status: ShardStatus = "open"
+    reason: str = ""
+    closed_with: tuple[str, ...] = ()
+    quorum_reached_at: float | None = None
+
+
+def resolve_quorum(quorum: int | float, active_members: int) -> int:
+    """An int is a count taken as is; a float in (0, 1] is a fraction of the active members, rounded up."""
+    if isinstance(quorum, float):
+        if not 0.0 < quorum <= 1.0:
+            raise ValueError(f"a quorum fraction must be in (0, 1], got {quorum}")
+        return max(1, math.ceil(quorum * active_members - 1e-9))
+    if quorum < 1:
+        raise ValueError(f"a quorum count must be at least 1, got {quorum}")
+    return quorum
+
+
+class RoundState:
+    def __init__(
+        self,
+        *,
+        round_id: int,
+        shards: Mapping[int, Iterable[str]],
+        expected: Iterable[str],
+        quorum: int,
+        opened_at: float,
+        deadline_at: float,
+        grace_seconds: float,
+    ) -> None:
+        if quorum < 1:
+            raise ValueError("quorum must be at least 1")
+        if deadline_at <= opened_at:
+            raise ValueError("the deadline must be after the opening time")
+        self.round_id = round_id
+        self.expected = frozenset(expected)
+        self.quorum = quorum
+        self.opened_at = opened_at
+        self.deadline_at = deadline_at
+        self.grace_seconds = grace_seconds
+        self.shards = {sid: ShardState(sid, tuple(pids)) for sid, pids in shards.items()}
+        self.late: dict[str, set[int]] = {}  # participant -> shards it answered too late
+
+    # -- intake ------------------------------------------------------------
+
+    def record(self, shard_id: int, participant_id: str, now: float) -> Acceptance:
+        shard = self.shards.get(shard_id)
+        if shard is None:
+            return Acceptance.UNKNOWN_SHARD
+        if participant_id not in self.expected:
+            return Acceptance.NOT_EXPECTED
+        if participant_id in shard.answered:
+            return Acceptance.DUPLICATE
+        if shard.status != "open":
+            if shard_id in self.late.get(participant_id, set()):
+                return Acceptance.DUPLICATE
+            self.late.setdefault(participant_id, set()).add(shard_id)
+            return Acceptance.LATE
+        shard.answered[participant_id] = now
+        if shard.quorum_reached_at is None and len(shard.answered) >= self.quorum:
+            shard.quorum_reached_at = now
+        return Acceptance.ACCEPTED
+
+    # -- closing -----------------------------------------------------------
+
+    def due(self, now: float) -> list[ShardClosing]:
+        """Shards that stop taking answers now. Each is returned once."""
+        closings = []
+        for shard in self.shards.values():
+            if shard.status != "open":
+                continue
+            verdict = self._verdict(shard, now)
+            if verdict is not None:
+                status, reason = verdict
+                shard.status = "closing"
+                shard.reason = reason
+                shard.closed_with = tuple(sorted(shard.answered))
+                closings.append(ShardClosing(shard.shard_id, status, reason, shard.closed_with))
+        return closings
+
+    def _verdict(self, shard: ShardState, now: float) -> tuple[Literal["labelled", "failed"], str] | None:
+        answered = len(shard.answered)
+        if self.expected <= shard.answered.keys():
+            return "labelled", "all answered"
+        if shard.quorum_reached_at is not None and now >= shard.quorum_reached_at + self.grace_seconds:
+            return "labelled", f"quorum {self.quorum} reached, grace {self.grace_seconds:g}s passed"
+        if now >= self.deadline_at:
+            if answered >= self.quorum:
+                return "labelled", f"deadline passed with {answered} of {len(self.expected)} answers"
+            return "failed", f"below quorum: {answered} of {self.quorum} needed answered by the deadline"
+        return None
+
+    def finish(self, shard_id: int, status: Literal["labelled", "failed"], reason: str | None = None) -> None:
+        shard = self.shards[shard_id]
+        if shard.status == "open":
+            raise ValueError(f"shard {shard_id} of round {self.round_id} is still open; call due() first")
+        shard.status = status
+        if reason is not None:
+            shard.reason = reason
+
+    def restore_closing(self, shard_id: int, answered: Iterable[str], reason: str) -> None:
+        """Re-enter a persisted 'closing' decision after a restart."""
+        shard = self.shards[shard_id]
+        shard.status = "closing"
+        shard.reason = reason
+        shard.closed_with = tuple(sorted(answered))
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time at which `due()` could return something new, if any shard is open."""
+        times = []
+        for shard in self.shards.values():
+            if shard.status != "open":
+                continue
+            times.append(self.deadline_at)
+            if shard.quorum_reached_at is not None:
+                times.append(shard.quorum_reached_at + self.grace_seconds)
+        return min(times) if times else None
+
+    # -- summary -----------------------------------------------------------
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.status in ("labelled", "failed") for s in self.shards.values())
+
+    def answered_all_shards(self) -> set[str]:
+        """Participants counted in at least one shard's consensus."""
+        return {p for s in self.shards.values() for p in s.closed_with}
+
+    def missing(self) -> set[str]:
+        """Expected participants who answered nothing in time, and nothing late either."""
+        return set(self.expected) - self.answered_all_shards() - set(self.late)

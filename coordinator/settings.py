@@ -1,0 +1,118 @@
+"""Typed coordinator settings: a TOML file, then environment overrides, validated on load."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from schemas.errors import ChorusError
+from schemas.messages import GenerationParams, Id
+
+T = TypeVar("T")
+PositiveSeconds = Annotated[float, Meta(gt=0.0)]
+
+
+class SettingsError(ChorusError):
+    """A settings file or override is missing, unreadable or invalid."""
+
+
+class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings tables reject unknown keys, so a typo is an error rather than a silent default."""
+
+
+class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    rounds: Annotated[int, Meta(ge=0)] = 3  # 0: keep opening rounds until stopped
+    prompts_per_round: Annotated[int, Meta(ge=1, le=100_000)] = 32
+    shards: Annotated[int, Meta(ge=1, le=1024)] = 4
+    quorum: int | float = 1.0  # int: a count; float in (0, 1]: a fraction of active members
+    min_participants: Annotated[int, Meta(ge=1)] = 1  # a round opens once this many are active
+    deadline_seconds: PositiveSeconds = 600.0
+    grace_seconds: Annotated[float, Meta(ge=0.0)] = 5.0
+    late_policy: Literal["drop", "carry"] = "drop"
+    staleness_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
+    member_timeout_seconds: PositiveSeconds = 300.0
+    seed: int = 0
+
+
+class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    index: Literal["hnsw", "exact"] = "hnsw"
+    neighbours: Annotated[int, Meta(ge=1, le=1_000)] = 8
+    min_confidence: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.5
+    min_answers: Annotated[int, Meta(ge=1)] = 2
+    embedder: str = "minilm"  # "minilm", "hashing", or a local sentence-transformers directory
+    embed_batch_size: Annotated[int, Meta(ge=1, le=4_096)] = 64
+    cache_entries: Annotated[int, Meta(ge=0)] = 200_000
+
+
+class RecordingSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    directory: str = "records"
+    rotate_bytes: Annotated[int, Meta(ge=4096)] = 256 * 1024 * 1024
+    fsync: Literal["never", "rotate", "always"] = "rotate"
+
+
+class CoordinatorSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    federation: Id = "chorus"
+    broker_url: str = "memory://"
+    state_path: str = "coordinator.sqlite3"
+    prompts_path: str
+    roster: list[Id] = []  # participants known up front; others may join
+    strategy: Literal["semantic", "fedavg"] = "semantic"
+    publish_timeout_seconds: PositiveSeconds = 10.0
+    prefetch: Annotated[int, Meta(ge=1, le=65_535)] = 200
+    round: RoundSettings = RoundSettings()
+    generation: GenerationParams = GenerationParams()
+    consensus: ConsensusSettingsTable = ConsensusSettingsTable()
+    recording: RecordingSettings = RecordingSettings()
+
+
+# Environment variable -> top-level key it overrides.
+ENV_OVERRIDES = {
+    "CHORUS_BROKER_URL": "broker_url",
+    "CHORUS_STATE_PATH": "state_path",
+    "CHORUS_FEDERATION": "federation",
+}
+
+
+def load_coordinator_settings(
+    path: Path, env: Mapping[str, str] | None = None, **overrides: object
+) -> CoordinatorSettings:
+    """Read `path`, apply environment then keyword overrides, resolve paths against the file's folder."""
+    raw = read_toml(path)
+    for variable, key in ENV_OVERRIDES.items():
+        value = (os.environ if env is None else env).get(variable)
+        if value:
+            raw[key] = value
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("prompts_path", "state_path"):
+        given = raw.get(key)
+        if isinstance(given, str):
+            raw[key] = str((path.parent / given).resolve())
+    recording = raw.get("recording")
+    if isinstance(recording, dict) and isinstance(recording.get("directory"), str):
+        recording["directory"] = str((path.parent / recording["directory"]).resolve())
+    return convert(raw, CoordinatorSettings, path)
+
+
+def read_toml(path: Path) -> dict[str, object]:
+    try:
+        raw = msgspec.toml.decode(path.read_bytes())
+    except FileNotFoundError as e:
+        raise SettingsError(f"settings file {path} does not exist") from e
+    except msgspec.DecodeError as e:
+        raise SettingsError(f"{path}: not valid TOML ({e})") from e
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a TOML table")
+    return raw
+
+
+def convert(raw: Mapping[str, object], kind: type[T], source: Path) -> T:
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as e:
+        raise SettingsError(f"{source}: {e}") from e

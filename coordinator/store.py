@@ -1,0 +1,378 @@
+"""Coordinator state in SQLite: what must survive a crash.
+
+Deliveries are acked only after the transaction holding their effect commits, so
+anything acked is on disk. Every write is idempotent: batches by message id and
+by (round, shard, participant), publications by message id.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS members (
+    participant_id TEXT PRIMARY KEY,
+    model_id TEXT NOT NULL DEFAULT '',
+    can_train INTEGER NOT NULL DEFAULT 1,
+    joined_unix REAL NOT NULL,
+    last_seen_unix REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('open', 'closed')),
+    opened_unix REAL NOT NULL,
+    deadline_unix REAL NOT NULL,
+    quorum INTEGER NOT NULL,
+    expected TEXT NOT NULL,          -- JSON list of participant ids
+    announcement BLOB NOT NULL,      -- the encoded RoundOpened, re-sent as is after a restart
+    announced INTEGER NOT NULL DEFAULT 0,
+    closed_unix REAL,
+    summary BLOB                     -- the encoded RoundClosed
+);
+CREATE TABLE IF NOT EXISTS batches (
+    message_id TEXT PRIMARY KEY,
+    round_id INTEGER NOT NULL,
+    shard_id INTEGER NOT NULL,
+    participant_id TEXT NOT NULL,
+    received_unix REAL NOT NULL,
+    late INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    UNIQUE (round_id, shard_id, participant_id)
+);
+CREATE TABLE IF NOT EXISTS shard_closings (
+    round_id INTEGER NOT NULL,
+    shard_id INTEGER NOT NULL,
+    status TEXT NOT NULL,            -- labelled | failed: the verdict when intake stopped
+    reason TEXT NOT NULL,
+    answered TEXT NOT NULL,          -- JSON list: the frozen answer set
+    labels BLOB,                     -- the encoded PseudoLabels template, once consensus ran
+    agreement TEXT,                  -- JSON {participant: similarity}
+    PRIMARY KEY (round_id, shard_id)
+);
+CREATE TABLE IF NOT EXISTS publications (
+    message_id TEXT PRIMARY KEY,
+    round_id INTEGER NOT NULL,
+    participant_id TEXT NOT NULL,    -- '*' for an announcement to everyone
+    kind TEXT NOT NULL,
+    bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS traffic (
+    round_id INTEGER NOT NULL,
+    participant_id TEXT NOT NULL,
+    direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (round_id, participant_id, direction)
+);
+CREATE TABLE IF NOT EXISTS reports (
+    message_id TEXT PRIMARY KEY,
+    round_id INTEGER NOT NULL,
+    participant_id TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adapters (
+    message_id TEXT PRIMARY KEY,
+    round_id INTEGER NOT NULL,
+    participant_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    UNIQUE (round_id, participant_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Member:
+    participant_id: str
+    model_id: str
+    can_train: bool
+    last_seen_unix: float
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round_id: int
+    status: Literal["open", "closed"]
+    opened_unix: float
+    deadline_unix: float
+    quorum: int
+    expected: tuple[str, ...]
+    announcement: bytes
+    announced: bool
+    summary: bytes | None
+
+
+@dataclass(frozen=True)
+class ClosingRow:
+    shard_id: int
+    status: Literal["labelled", "failed"]
+    reason: str
+    answered: tuple[str, ...]
+    labels: bytes | None
+    agreement: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    round_id: int
+    shard_id: int
+    participant_id: str
+    late: bool
+    body: bytes
+
+
+class CoordinatorStore:
+    def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we open transactions ourselves, one per effect.
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._depth = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes; nested uses join the outer transaction."""
+        if self._depth == 0:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self._db.execute("ROLLBACK")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self._db.execute("COMMIT")
+
+    # -- members -----------------------------------------------------------
+
+    def upsert_member(self, participant_id: str, model_id: str, can_train: bool, now: float) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO members VALUES (?, ?, ?, ?, ?) ON CONFLICT (participant_id) DO UPDATE SET "
+                "model_id = excluded.model_id, can_train = excluded.can_train, "
+                "last_seen_unix = max(last_seen_unix, excluded.last_seen_unix)",
+                (participant_id, model_id, int(can_train), now, now),
+            )
+
+    def touch_member(self, participant_id: str, now: float) -> None:
+        with self.transaction():
+            self._db.execute(
+                "UPDATE members SET last_seen_unix = max(last_seen_unix, ?) WHERE participant_id = ?",
+                (now, participant_id),
+            )
+
+    def members(self) -> list[Member]:
+        rows = self._db.execute(
+            "SELECT participant_id, model_id, can_train, last_seen_unix FROM members ORDER BY participant_id"
+        )
+        return [Member(p, m, bool(t), s) for p, m, t, s in rows]
+
+    # -- rounds ------------------------------------------------------------
+
+    def insert_round(
+        self,
+        *,
+        round_id: int,
+        opened_unix: float,
+        deadline_unix: float,
+        quorum: int,
+        expected: Iterable[str],
+        announcement: bytes,
+    ) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO rounds (round_id, status, opened_unix, deadline_unix, quorum, expected, "
+                "announcement) VALUES (?, 'open', ?, ?, ?, ?, ?)",
+                (round_id, opened_unix, deadline_unix, quorum, json.dumps(sorted(expected)), announcement),
+            )
+
+    def mark_announced(self, round_id: int) -> None:
+        with self.transaction():
+            self._db.execute("UPDATE rounds SET announced = 1 WHERE round_id = ?", (round_id,))
+
+    def close_round(self, round_id: int, closed_unix: float, summary: bytes) -> None:
+        with self.transaction():
+            self._db.execute(
+                "UPDATE rounds SET status = 'closed', closed_unix = ?, summary = ? WHERE round_id = ?",
+                (closed_unix, summary, round_id),
+            )
+
+    def rounds(self) -> list[RoundRow]:
+        rows = self._db.execute(
+            "SELECT round_id, status, opened_unix, deadline_unix, quorum, expected, announcement, "
+            "announced, summary FROM rounds ORDER BY round_id"
+        )
+        return [
+            RoundRow(r, s, o, d, q, tuple(json.loads(e)), a, bool(n), m) for r, s, o, d, q, e, a, n, m in rows
+        ]
+
+    def open_round(self) -> RoundRow | None:
+        open_rounds = [r for r in self.rounds() if r.status == "open"]
+        return open_rounds[-1] if open_rounds else None
+
+    def last_round_id(self) -> int:
+        (value,) = self._db.execute("SELECT coalesce(max(round_id), 0) FROM rounds").fetchone()
+        return int(value)
+
+    # -- batches -----------------------------------------------------------
+
+    def add_batch(
+        self,
+        *,
+        message_id: str,
+        round_id: int,
+        shard_id: int,
+        participant_id: str,
+        received_unix: float,
+        late: bool,
+        body: bytes,
+    ) -> bool:
+        """Store a batch; False if this message or this (round, shard, participant) is already stored."""
+        with self.transaction():
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (message_id, round_id, shard_id, participant_id, received_unix, int(late), body),
+            )
+            stored = cursor.rowcount == 1
+            if stored:
+                self._add_traffic(round_id, participant_id, "in", len(body))
+        return stored
+
+    def batches(self, round_id: int, shard_id: int | None = None) -> list[BatchRow]:
+        query = "SELECT round_id, shard_id, participant_id, late, body FROM batches WHERE round_id = ?"
+        params: tuple[int, ...] = (round_id,)
+        if shard_id is not None:
+            query += " AND shard_id = ?"
+            params += (shard_id,)
+        rows = self._db.execute(query + " ORDER BY shard_id, participant_id", params)
+        return [BatchRow(r, s, p, bool(late), body) for r, s, p, late, body in rows]
+
+    def received(self, round_id: int) -> list[tuple[int, str, float, bool]]:
+        """(shard, participant, arrival time, late) of every batch of a round, in arrival order."""
+        rows = self._db.execute(
+            "SELECT shard_id, participant_id, received_unix, late FROM batches WHERE round_id = ? "
+            "ORDER BY received_unix, rowid",
+            (round_id,),
+        )
+        return [(s, p, t, bool(late)) for s, p, t, late in rows]
+
+    # -- shard closings ----------------------------------------------------
+
+    def save_closing(
+        self, round_id: int, shard_id: int, status: str, reason: str, answered: Iterable[str]
+    ) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO shard_closings (round_id, shard_id, status, reason, answered) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (round_id, shard_id, status, reason, json.dumps(sorted(answered))),
+            )
+
+    def save_labels(self, round_id: int, shard_id: int, labels: bytes, agreement: dict[str, float]) -> None:
+        with self.transaction():
+            self._db.execute(
+                "UPDATE shard_closings SET labels = ?, agreement = ? WHERE round_id = ? AND shard_id = ?",
+                (labels, json.dumps(agreement, sort_keys=True), round_id, shard_id),
+            )
+
+    def closings(self, round_id: int) -> list[ClosingRow]:
+        rows = self._db.execute(
+            "SELECT shard_id, status, reason, answered, labels, agreement FROM shard_closings "
+            "WHERE round_id = ? ORDER BY shard_id",
+            (round_id,),
+        )
+        return [
+            ClosingRow(s, st, r, tuple(json.loads(a)), lb, None if ag is None else json.loads(ag))
+            for s, st, r, a, lb, ag in rows
+        ]
+
+    # -- publications and traffic ------------------------------------------
+
+    def was_published(self, message_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM publications WHERE message_id = ?", (message_id,)).fetchone()
+        return row is not None
+
+    def record_publication(
+        self, message_id: str, round_id: int, recipients: Iterable[str], kind: str, nbytes: int
+    ) -> None:
+        """One publication, counted as `nbytes` sent to each recipient."""
+        names = sorted(recipients)
+        with self.transaction():
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO publications VALUES (?, ?, ?, ?, ?)",
+                (message_id, round_id, ",".join(names) or "*", kind, nbytes),
+            )
+            if cursor.rowcount == 1:
+                for name in names:
+                    self._add_traffic(round_id, name, "out", nbytes)
+
+    def add_traffic(self, round_id: int, participant_id: str, direction: str, nbytes: int) -> None:
+        with self.transaction():
+            self._add_traffic(round_id, participant_id, direction, nbytes)
+
+    def _add_traffic(self, round_id: int, participant_id: str, direction: str, nbytes: int) -> None:
+        self._db.execute(
+            "INSERT INTO traffic VALUES (?, ?, ?, ?) ON CONFLICT (round_id, participant_id, direction) "
+            "DO UPDATE SET bytes = bytes + excluded.bytes",
+            (round_id, participant_id, direction, nbytes),
+        )
+
+    def traffic(self, round_id: int, direction: str) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT participant_id, bytes FROM traffic WHERE round_id = ? AND direction = ? "
+            "ORDER BY participant_id",
+            (round_id, direction),
+        )
+        return {p: int(b) for p, b in rows}
+
+    # -- reports and adapters ----------------------------------------------
+
+    def add_report(
+        self, message_id: str, round_id: int, participant_id: str, metrics: dict[str, float]
+    ) -> bool:
+        with self.transaction():
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO reports VALUES (?, ?, ?, ?)",
+                (message_id, round_id, participant_id, json.dumps(metrics, sort_keys=True)),
+            )
+        return cursor.rowcount == 1
+
+    def reports(self, round_id: int | None = None) -> list[tuple[int, str, dict[str, float]]]:
+        query = "SELECT round_id, participant_id, metrics FROM reports"
+        rows = (
+            self._db.execute(query + " ORDER BY round_id, participant_id")
+            if round_id is None
+            else self._db.execute(query + " WHERE round_id = ? ORDER BY participant_id", (round_id,))
+        )
+        return [(r, p, json.loads(m)) for r, p, m in rows]
+
+    def add_adapter(self, message_id: str, round_id: int, participant_id: str, body: bytes) -> bool:
+        with self.transaction():
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO adapters VALUES (?, ?, ?, ?)",
+                (message_id, round_id, participant_id, body),
+            )
+            stored = cursor.rowcount == 1
+            if stored:
+                self._add_traffic(round_id, participant_id, "in", len(body))
+        return stored
+
+    def adapters(self, round_id: int) -> list[tuple[str, bytes]]:
+        rows = self._db.execute(
+            "SELECT participant_id, body FROM adapters WHERE round_id = ? ORDER BY participant_id",
+            (round_id,),
+        )
+        return [(p, b) for p, b in rows]

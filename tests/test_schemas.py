@@ -1,0 +1,196 @@
+"""The wire contract: pinned bytes for one example of every message, and every decode error."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+import pytest
+
+from schemas import (
+    AdapterUpdate,
+    AggregatedAdapter,
+    Answer,
+    GenerationBatch,
+    GenerationParams,
+    Heartbeat,
+    Join,
+    Label,
+    Message,
+    ParticipantReport,
+    Prompt,
+    PromptShard,
+    PseudoLabels,
+    RoundClosed,
+    RoundOpened,
+    SchemaError,
+    ShardOutcome,
+    Tensor,
+    decode_control,
+    decode_generation,
+    decode_reply,
+    encode,
+)
+
+BASE = {"federation": "demo", "round_id": 3, "message_id": "m-1"}
+
+EXAMPLES: list[Message] = [
+    RoundOpened(
+        **BASE,
+        participant_id="coordinator",
+        shards=[PromptShard(shard_id=0, prompts=[Prompt(prompt_id="p1", text="What is 2+2?")])],
+        generation=GenerationParams(max_new_tokens=32),
+        expected=["alice", "bob"],
+        quorum=2,
+        deadline_unix=1_800_000_060.0,
+        opened_unix=1_800_000_000.0,
+    ),
+    GenerationBatch(
+        **BASE,
+        participant_id="alice",
+        shard_id=0,
+        model_id="smollm2-135m-instruct",
+        answers=[Answer(prompt_id="p1", text="Four.", prompt_tokens=9, completion_tokens=2)],
+    ),
+    PseudoLabels(
+        **BASE,
+        participant_id="coordinator",
+        shard_id=0,
+        labels=[Label(prompt_id="p1", text="Four.", confidence=0.91, support=2, source="alice")],
+        abstained=["p2"],
+    ),
+    RoundClosed(
+        **BASE,
+        participant_id="coordinator",
+        shards=[ShardOutcome(shard_id=0, status="labelled", answered=["alice", "bob"], labelled=1)],
+        answered=["alice", "bob"],
+        late=["carol"],
+        agreement={"alice": 0.9, "bob": 0.8},
+        bytes_received={"alice": 120},
+        bytes_sent={"alice": 300},
+        opened_unix=1_800_000_000.0,
+        closed_unix=1_800_000_030.0,
+    ),
+    Join(**BASE, participant_id="alice", model_id="tiny-llama"),
+    Heartbeat(**BASE, participant_id="alice", sent_unix=1_800_000_001.5),
+    ParticipantReport(**BASE, participant_id="alice", metrics={"rouge_l": 0.25}, train_samples=40),
+    AdapterUpdate(
+        **BASE,
+        participant_id="alice",
+        tensors=[Tensor(name="lora_A", dtype="float32", shape=[1, 2], data=b"\x00" * 8)],
+        num_samples=10,
+    ),
+    AggregatedAdapter(
+        **BASE,
+        participant_id="coordinator",
+        tensors=[Tensor(name="lora_A", dtype="float16", shape=[2], data=b"\x00" * 4)],
+        contributors=["alice"],
+    ),
+]
+
+# sha256 of each example's encoding. A change here is a wire-format change:
+# follow the evolution rules in PROTOCOL.md before updating a digest.
+PINNED = {
+    "round_opened": "682a1fe7265a2d0111a4fbe8280149a3a753d7925bf57555c2ed2218775902b9",
+    "generation_batch": "bb92214216c63a283a9aaeacdff1e9ae6536d18e3d0208bbfd25c6e3235d81cb",
+    "pseudo_labels": "e2b1bf497ba90e7a62b2cc57654be40995721e10db85fd698afacaa70a4f1550",
+    "round_closed": "ba434ec743c30c6ae5c467f6c92da90a1008d5b97d82926ed3a1de7b4a6e68fc",
+    "join": "83cb555a91260475911cf6b9c581e38060026607cdb507c809c230d45fc2fb28",
+    "heartbeat": "fee71c3e30a8d89ba9bf3df54fabd9a979037998cdd3f6734ee8181e0a1b4130",
+    "participant_report": "1de4b5038a7dc43f77a3f465c62f67ffead762a7d843fda323b982481d269fef",
+    "adapter_update": "89c9a0d62e1267b1c99d1ebb484af91066ca6be08f401646e9b332cdd98594e3",
+    "aggregated_adapter": "a457f1bc8cc4f774183a0e9bc49275260dd2bfa82a9f58e26a93fbe6d6411d43",
+}
+
+DECODERS = {
+    "round_opened": decode_reply,
+    "pseudo_labels": decode_reply,
+    "round_closed": decode_reply,
+    "aggregated_adapter": decode_reply,
+    "generation_batch": decode_generation,
+    "join": decode_control,
+    "heartbeat": decode_control,
+    "participant_report": decode_control,
+    "adapter_update": decode_control,
+}
+
+
+def kind_of(message: Message) -> str:
+    return str(type(message).__struct_config__.tag)
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=kind_of)
+def test_encoding_is_pinned(message: Message) -> None:
+    body = encode(message)
+    assert hashlib.sha256(body).hexdigest() == PINNED[kind_of(message)]
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=kind_of)
+def test_round_trip(message: Message) -> None:
+    assert DECODERS[kind_of(message)](encode(message)) == message
+
+
+def test_every_message_kind_has_an_example() -> None:
+    assert {kind_of(m) for m in EXAMPLES} == set(PINNED) == set(DECODERS)
+
+
+def test_encoding_is_a_map_led_by_kind() -> None:
+    raw = msgspec.msgpack.decode(encode(EXAMPLES[1]))
+    assert next(iter(raw)) == "kind"
+    assert raw["kind"] == "generation_batch" and raw["schema_version"] == 1
+
+
+def test_newer_writer_fields_are_ignored() -> None:
+    raw = msgspec.msgpack.decode(encode(EXAMPLES[1]))
+    raw["added_in_v1_1"] = {"anything": [1, 2]}
+    assert decode_generation(msgspec.msgpack.encode(raw)) == EXAMPLES[1]
+
+
+def mutated(**changes: object) -> bytes:
+    raw = msgspec.msgpack.decode(encode(EXAMPLES[1]))
+    raw.update(changes)
+    return msgspec.msgpack.encode(raw)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem", "hint"),
+    [
+        (b"\xc1", "malformed", "msgpack"),
+        (encode(EXAMPLES[1])[:-5], "malformed", "msgpack"),
+        (msgspec.msgpack.encode([1, 2]), "not_a_message", "kind"),
+        (msgspec.msgpack.encode({"kind": 7}), "not_a_message", "kind"),
+        (mutated(kind="round_opened"), "unknown_kind", "round_opened"),
+        (mutated(kind="nonsense"), "unknown_kind", "generation_batch"),
+        (mutated(schema_version=2), "unsupported_version", "2"),
+        (mutated(answers="x"), "invalid", "$.answers"),
+        (mutated(round_id=-1), "invalid", "$.round_id"),
+        (mutated(participant_id="a.b"), "invalid", "$.participant_id"),
+        (mutated(message_id=None), "invalid", "$.message_id"),
+        (mutated(model_id="x" * 300), "too_large", "$.model_id"),
+        (
+            mutated(answers=[{"prompt_id": "p", "text": "y" * 9000}]),
+            "too_large",
+            "$.answers[0].text",
+        ),
+        (mutated(answers=[{"prompt_id": "p", "text": "a"}] * 5000), "too_large", "$.answers"),
+        (b"\x00" * (5 * 1024 * 1024), "too_large", "bytes"),
+    ],
+)
+def test_decode_errors_name_the_problem(body: bytes, problem: str, hint: str) -> None:
+    with pytest.raises(SchemaError) as caught:
+        decode_generation(body)
+    assert caught.value.problem == problem
+    assert hint in str(caught.value)
+
+
+def test_missing_field_is_invalid() -> None:
+    raw = msgspec.msgpack.decode(encode(EXAMPLES[1]))
+    del raw["shard_id"]
+    with pytest.raises(SchemaError, match="shard_id") as caught:
+        decode_generation(msgspec.msgpack.encode(raw))
+    assert caught.value.problem == "invalid"
+
+
+def test_messages_are_immutable() -> None:
+    with pytest.raises(AttributeError):
+        EXAMPLES[1].round_id = 4  # type: ignore[misc]

@@ -1,0 +1,105 @@
+"""SQLite state survives reopening and stays idempotent; prompt sampling is deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from coordinator.prompts import PromptSampler, PromptSetError, PublicPrompt, load_prompts, split_into_shards
+from coordinator.store import CoordinatorStore
+
+
+def test_batches_are_idempotent_by_message_id_and_by_slot(tmp_path: Path) -> None:
+    store = CoordinatorStore(tmp_path / "s.sqlite3")
+    kwargs = {"round_id": 1, "shard_id": 0, "participant_id": "a", "received_unix": 1.0, "late": False}
+    assert store.add_batch(message_id="m1", body=b"x" * 10, **kwargs)  # type: ignore[arg-type]
+    assert not store.add_batch(message_id="m1", body=b"x" * 10, **kwargs)  # type: ignore[arg-type]
+    assert not store.add_batch(message_id="m2", body=b"y", **kwargs)  # type: ignore[arg-type]
+    assert store.traffic(1, "in") == {"a": 10}
+    store.close()
+    reopened = CoordinatorStore(tmp_path / "s.sqlite3")
+    assert [b.body for b in reopened.batches(1, 0)] == [b"x" * 10]
+
+
+def test_round_lifecycle_persists(tmp_path: Path) -> None:
+    store = CoordinatorStore(tmp_path / "s.sqlite3")
+    store.insert_round(
+        round_id=1, opened_unix=1.0, deadline_unix=9.0, quorum=2, expected=["b", "a"], announcement=b"ann"
+    )
+    store.save_closing(1, 0, "labelled", "all answered", ["b", "a"])
+    store.save_closing(1, 0, "failed", "ignored: first verdict wins", [])
+    store.save_labels(1, 0, b"labels", {"a": 0.5})
+    store.close()
+    store = CoordinatorStore(tmp_path / "s.sqlite3")
+    row = store.open_round()
+    assert row is not None and row.expected == ("a", "b") and not row.announced
+    (closing,) = store.closings(1)
+    assert (closing.status, closing.answered, closing.labels, closing.agreement) == (
+        "labelled",
+        ("a", "b"),
+        b"labels",
+        {"a": 0.5},
+    )
+    store.close_round(1, 10.0, b"summary")
+    assert store.open_round() is None and store.last_round_id() == 1
+
+
+def test_publications_count_bytes_once(tmp_path: Path) -> None:
+    store = CoordinatorStore(tmp_path / "s.sqlite3")
+    store.record_publication("l-1", 1, ["a", "b"], "pseudo_labels", 100)
+    store.record_publication("l-1", 1, ["a", "b"], "pseudo_labels", 100)
+    assert store.was_published("l-1") and not store.was_published("l-2")
+    assert store.traffic(1, "out") == {"a": 100, "b": 100}
+
+
+def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
+    store = CoordinatorStore(tmp_path / "s.sqlite3")
+    with pytest.raises(RuntimeError), store.transaction():
+        store.upsert_member("a", "m", True, 1.0)
+        raise RuntimeError("crash before commit")
+    assert store.members() == []
+
+
+def write_prompts(path: Path, rows: list[object]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_load_prompts_and_errors(tmp_path: Path) -> None:
+    good = write_prompts(
+        tmp_path / "p.jsonl", [{"prompt_id": "a", "prompt": "A?"}, {"prompt_id": "b", "text": "B?"}]
+    )
+    assert load_prompts(good) == [PublicPrompt("a", "A?"), PublicPrompt("b", "B?")]
+    with pytest.raises(PromptSetError, match="does not exist"):
+        load_prompts(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt_id": "a", "prompt": "A?"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(PromptSetError, match=r"bad.jsonl:2"):
+        load_prompts(bad)
+    dup = write_prompts(
+        tmp_path / "d.jsonl", [{"prompt_id": "a", "prompt": "x"}, {"prompt_id": "a", "prompt": "y"}]
+    )
+    with pytest.raises(PromptSetError, match="twice"):
+        load_prompts(dup)
+
+
+def test_sampler_is_deterministic_and_covers_the_set() -> None:
+    prompts = [PublicPrompt(f"p{i}", f"t{i}") for i in range(10)]
+    first = PromptSampler(prompts, seed=3)
+    again = PromptSampler(prompts, seed=3)
+    rounds = [first.sample(r, 4) for r in range(1, 4)]
+    assert rounds == [again.sample(r, 4) for r in range(1, 4)]
+    assert all(len({p.prompt_id for p in r}) == 4 for r in rounds)
+    # the first two rounds are disjoint slices of one permutation
+    assert not {p.prompt_id for p in rounds[0]} & {p.prompt_id for p in rounds[1]}
+    carried = first.sample(2, 4, first=["p9", "p9", "unknown"])
+    assert carried[0].prompt_id == "p9" and len({p.prompt_id for p in carried}) == 4
+
+
+def test_split_into_shards_deals_round_robin() -> None:
+    prompts = [PublicPrompt(f"p{i}", "t") for i in range(5)]
+    shards = split_into_shards(prompts, 3)
+    assert [[p.prompt_id for p in s.prompts] for s in shards] == [["p0", "p3"], ["p1", "p4"], ["p2"]]
+    assert [s.shard_id for s in split_into_shards(prompts[:2], 4)] == [0, 1]
