@@ -238,6 +238,16 @@ class MemoryBroker:
             return
         headers = dict(message.headers)
         headers.pop(DELIVERY_COUNT_HEADER, None)
+        death = {
+            "count": 1,
+            "reason": reason,
+            "queue": queue.spec.name,
+            "exchange": message.exchange,
+            "routing-keys": [message.routing_key],
+            "time": time.time(),
+        }
+        previous = headers.get("x-death")
+        headers["x-death"] = [death, *previous] if isinstance(previous, list) else [death]
         headers.setdefault(FIRST_DEATH_REASON_HEADER, reason)
         headers.setdefault(FIRST_DEATH_QUEUE_HEADER, queue.spec.name)
         headers.setdefault(FIRST_DEATH_EXCHANGE_HEADER, message.exchange)

@@ -1,0 +1,550 @@
+"""`AmqpTransport`: the `Transport` seam over RabbitMQ, through aio-pika.
+
+The only module of Chorus that imports aio_pika. What it guarantees:
+- every publish is persistent, mandatory and confirmed, with `user_id` set to
+  the login user, under a timeout (it waits out a reconnect until then);
+- an unroutable publish raises `Unroutable`, an unconfirmed one `PublishTimeout`;
+- each consumer has its own channel with a per-consumer prefetch (quorum queues
+  refuse global QoS), and consuming only ever passively declares its queue;
+- the robust connection restores channels and consumers after a broker restart;
+  deliveries from before the restart cannot be settled and are logged, not raised
+  (the broker redelivers them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from broker.errors import BrokerError, PublishTimeout, TopologyMissing, Unroutable
+from broker.memory import ORIGINAL_USER_HEADER
+from broker.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_KEY
+from broker.transport import (
+    DEFAULT_PREFETCH,
+    DEFAULT_PUBLISH_TIMEOUT,
+    ORIGINAL_EXCHANGE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+    REASON_HEADER,
+    Delivery,
+    Handler,
+    Headers,
+    QueueSpec,
+    Settler,
+    Topology,
+)
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_RECONNECT_INTERVAL = 1.0
+# Pause before retrying a publish that a connection loss interrupted.
+PUBLISH_RETRY_DELAY = 0.2
+
+# Errors that mean "the connection or channel went away", not "the broker said no".
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ConnectionClosed,
+    aiormq.exceptions.AMQPConnectionError,
+    ConnectionError,
+)
+_CHANNEL_GONE: tuple[type[BaseException], ...] = (*_CONNECTION_LOST, aiormq.exceptions.ChannelClosed)
+
+
+def queue_arguments(spec: QueueSpec) -> dict[str, str | int]:
+    """The `x-` arguments a queue is declared with (also written to definitions.json)."""
+    if not spec.quorum:
+        return {}
+    arguments: dict[str, str | int] = {"x-queue-type": "quorum"}
+    if spec.delivery_limit is not None:
+        arguments["x-delivery-limit"] = spec.delivery_limit
+    if spec.dead_letter_exchange is not None:
+        arguments["x-dead-letter-exchange"] = spec.dead_letter_exchange
+        if spec.dead_letter_routing_key is not None:
+            arguments["x-dead-letter-routing-key"] = spec.dead_letter_routing_key
+        # At-least-once dead-lettering keeps a message until the DLX confirms it; it needs reject-publish.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+def describe_url(url: str) -> str:
+    """host:port/vhost as user, without the password, for error messages and logs."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    return (
+        f"{parts.scheme}://{parts.hostname}:{port} vhost {vhost!r} as user {unquote(parts.username or '')!r}"
+    )
+
+
+def broker_headers(raw: Mapping[str, Any] | None) -> dict[str, object]:
+    """Delivery headers, with RabbitMQ's own dead-letter headers also exposed as Chorus's reason headers."""
+    headers: dict[str, object] = dict(raw or {})
+    reason = headers.get("x-first-death-reason")
+    if reason is not None and REASON_HEADER not in headers:
+        headers[REASON_HEADER] = _text(reason)
+        headers[ORIGINAL_EXCHANGE_HEADER] = _text(headers.get("x-first-death-exchange", ""))
+        deaths = headers.get("x-death")
+        if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+            keys = deaths[0].get("routing-keys")
+            if isinstance(keys, list) and keys:
+                headers[ORIGINAL_ROUTING_KEY_HEADER] = _text(keys[0])
+    return headers
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class AmqpTransport:
+    """A robust connection to RabbitMQ as the user named in `url`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connection_name: str = "chorus",
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        reconnect_interval: float = DEFAULT_RECONNECT_INTERVAL,
+        dead_letter_exchange: str = DEAD_LETTER_EXCHANGE,
+        dead_letter_routing_key: str = DEAD_LETTER_KEY,
+    ) -> None:
+        self.user = unquote(urlsplit(url).username or "guest")
+        self._url = url
+        self._where = describe_url(url)
+        self._connection_name = connection_name
+        self._connect_timeout = connect_timeout
+        self._reconnect_interval = reconnect_interval
+        self._dead_letter_exchange = dead_letter_exchange
+        self._dead_letter_routing_key = dead_letter_routing_key
+        self._connection: AbstractRobustConnection | None = None
+        self._connect_lock = asyncio.Lock()
+        self._publisher = _ConfirmedPublisher(self, "publish")
+        # Dead-letter copies go on their own channel: a refused one must not close the main publish channel.
+        self._dead_letter_publisher = _ConfirmedPublisher(self, "dead-letter")
+        self._dead_letter_refused = False
+        self._subscriptions: list[AmqpSubscription] = []
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> AmqpTransport:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> AbstractRobustConnection:
+        """Open the robust connection (once); later calls return it."""
+        if self._closed:
+            raise BrokerError(f"the transport to {self._where} is closed; open a new one")
+        async with self._connect_lock:
+            if self._connection is None:
+                self._connection = await self._open_connection()
+            return self._connection
+
+    async def _open_connection(self) -> AbstractRobustConnection:
+        try:
+            connection = await aio_pika.connect_robust(
+                self._url,
+                timeout=self._connect_timeout,
+                reconnect_interval=self._reconnect_interval,
+                client_properties={"connection_name": self._connection_name},
+            )
+        except aiormq.exceptions.ProbableAuthenticationError as e:
+            raise BrokerError(
+                f"RabbitMQ refused the login at {self._where}: check the user exists, the password, "
+                "and that the user has permissions on the vhost (rabbitmqctl list_permissions -p VHOST)"
+            ) from e
+        except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as e:
+            raise BrokerError(
+                f"cannot connect to RabbitMQ at {self._where} ({type(e).__name__}: {e}); "
+                "is the broker running (chorus-broker status) and is the URL right?"
+            ) from e
+        log.debug("connected", broker=self._where)
+        return connection
+
+    async def close(self) -> None:
+        """Cancel consumers (unsettled deliveries go back to their queues) and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            await subscription.abort()
+        if self._connection is not None:
+            with contextlib.suppress(*_CONNECTION_LOST, aiormq.exceptions.AMQPError):
+                await self._connection.close()
+            self._connection = None
+
+    async def _channel(self, *, confirms: bool = False) -> AbstractChannel:
+        connection = await self.connect()
+        try:
+            return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+        except _CONNECTION_LOST as e:
+            raise BrokerError(f"cannot open a channel to {self._where}: {e}") from e
+
+    # -- topology ----------------------------------------------------------
+
+    async def declare(self, topology: Topology) -> None:
+        # Not robust declarations: after a reconnect the durable topology is still there.
+        channel = await self._channel()
+        try:
+            underlay = await channel.get_underlay_channel()
+            for exchange in topology.exchanges:
+                await self._guard(
+                    underlay.exchange_declare(exchange.name, exchange_type=exchange.type, durable=True),
+                    f"declare exchange {exchange.name!r}",
+                )
+            for queue in topology.queues:
+                await self._guard(
+                    underlay.queue_declare(queue.name, durable=True, arguments=dict(queue_arguments(queue))),
+                    f"declare queue {queue.name!r}",
+                )
+            for binding in topology.bindings:
+                await self._guard(
+                    underlay.queue_bind(binding.queue, binding.exchange, routing_key=binding.routing_key),
+                    f"bind queue {binding.queue!r} to {binding.exchange!r} with {binding.routing_key!r}",
+                )
+        finally:
+            await _close_quietly(channel)
+
+    async def _guard(self, operation: Any, what: str) -> Any:
+        try:
+            return await operation
+        except aiormq.exceptions.ChannelAccessRefused as e:
+            raise BrokerError(
+                f"user {self.user!r} may not {what} at {self._where}: it needs configure rights "
+                f"(rabbitmqctl list_permissions); only the coordinator declares topology"
+            ) from e
+        except aiormq.exceptions.ChannelPreconditionFailed as e:
+            raise BrokerError(
+                f"cannot {what}: it exists with different settings ({e}); delete it "
+                "(rabbitmqctl delete_queue / delete_exchange) or declare it the same way"
+            ) from e
+        except aiormq.exceptions.ChannelNotFoundEntity as e:
+            raise TopologyMissing(f"cannot {what}: {e}; declare the topology first") from e
+
+    # -- publishing --------------------------------------------------------
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Headers | None = None,
+        timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+    ) -> None:
+        message = self._message(body, message_id, dict(headers or {}))
+        await self._publisher.publish(exchange, routing_key, message, timeout)
+
+    def _message(self, body: bytes, message_id: str | None, headers: dict[str, Any]) -> aio_pika.Message:
+        return aio_pika.Message(
+            body,
+            message_id=message_id,
+            user_id=self.user,  # RabbitMQ checks it against the login; the coordinator relies on it
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=datetime.now(UTC),
+        )
+
+    # -- consuming ---------------------------------------------------------
+
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int = DEFAULT_PREFETCH
+    ) -> AmqpSubscription:
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be 0 (unlimited) or more, got {prefetch}")
+        await self._check_queue_exists(queue)
+        channel = await self._channel()
+        try:
+            await channel.set_qos(prefetch_count=prefetch, global_=False)
+            amqp_queue = await self._guard(channel.declare_queue(queue, passive=True), f"consume {queue!r}")
+            subscription = AmqpSubscription(self, channel, amqp_queue, handler)
+            await subscription.start()
+        except BaseException:
+            await _close_quietly(channel)
+            raise
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def queue_depth(self, queue: str) -> int:
+        """Messages ready in `queue` (not counting unacked ones), from a passive declare."""
+        await self._check_queue_exists(queue)
+        channel = await self._channel()
+        try:
+            underlay = await channel.get_underlay_channel()
+            declared = await underlay.queue_declare(queue, passive=True)
+            return int(declared.message_count or 0)
+        finally:
+            await _close_quietly(channel)
+
+    async def _check_queue_exists(self, queue: str) -> None:
+        # Probed on a throwaway channel: a 404 closes the channel it happens on.
+        channel = await self._channel()
+        try:
+            await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as e:
+            raise TopologyMissing(
+                f"queue {queue!r} does not exist at {self._where}; start the broker with the Chorus "
+                "topology (chorus-broker up) or have the coordinator declare it"
+            ) from e
+        finally:
+            await _close_quietly(channel)
+
+    async def _check_exchange_exists(self, exchange: str) -> None:
+        channel = await self._channel()
+        try:
+            await (await channel.get_underlay_channel()).exchange_declare(exchange, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as e:
+            raise TopologyMissing(
+                f"exchange {exchange!r} does not exist at {self._where}; declare the topology first"
+            ) from e
+        finally:
+            await _close_quietly(channel)
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, delivery: Delivery, reason: str) -> None:
+        """Publish a confirmed copy with the reason to the DLX, then ack; if refused, let the queue do it."""
+        if not self._dead_letter_refused:
+            headers: dict[str, Any] = dict(message.headers or {})
+            headers.pop("x-delivery-count", None)
+            headers[REASON_HEADER] = reason
+            headers[ORIGINAL_EXCHANGE_HEADER] = delivery.exchange
+            headers[ORIGINAL_ROUTING_KEY_HEADER] = delivery.routing_key
+            if delivery.user_id is not None:
+                headers[ORIGINAL_USER_HEADER] = delivery.user_id
+            copy = self._message(message.body, message.message_id, headers)
+            try:
+                await self._dead_letter_publisher.publish(
+                    self._dead_letter_exchange, self._dead_letter_routing_key, copy, DEFAULT_PUBLISH_TIMEOUT
+                )
+            except BrokerError as e:
+                self._dead_letter_refused = isinstance(e, _PermissionDenied)
+                log.warning(
+                    "cannot publish to the dead-letter exchange; rejecting so the queue dead-letters it",
+                    reason=reason,
+                    message_id=delivery.message_id,
+                    error=str(e),
+                )
+            else:
+                await message.ack()
+                return
+        await message.nack(requeue=False)
+
+
+class _PermissionDenied(BrokerError):
+    """The broker refused an operation for lack of permission."""
+
+
+class _ConfirmedPublisher:
+    """One channel with publisher confirms and returns-as-errors, reopened as needed."""
+
+    def __init__(self, transport: AmqpTransport, purpose: str) -> None:
+        self._transport = transport
+        self._purpose = purpose
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._lock = asyncio.Lock()
+
+    async def publish(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, timeout: float
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._publish_until_done(exchange, routing_key, message)
+        except TimeoutError as e:
+            raise PublishTimeout(
+                f"RabbitMQ did not confirm message {message.message_id} to {exchange!r}/{routing_key!r} "
+                f"within {timeout:.1f}s ({self._transport._where}); it may or may not be stored. "
+                "Is the broker up (chorus-broker status)? Republishing is safe: consumers dedupe by "
+                "message_id"
+            ) from e
+
+    async def _publish_until_done(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+        while True:
+            target = await self._exchange(exchange)
+            try:
+                await target.publish(message, routing_key, mandatory=True)
+                return
+            except aiormq.exceptions.PublishError as e:
+                raise Unroutable(
+                    f"no queue is bound to exchange {exchange!r} for routing key {routing_key!r}; "
+                    "the message was not stored"
+                ) from e
+            except aiormq.exceptions.DeliveryError as e:
+                raise BrokerError(
+                    f"RabbitMQ refused message {message.message_id} on {exchange!r}/{routing_key!r} "
+                    "(nack): a target queue is full or unavailable; retry later"
+                ) from e
+            except aiormq.exceptions.ChannelAccessRefused as e:
+                await self._forget_channel()
+                raise _PermissionDenied(
+                    f"user {self._transport.user!r} may not publish to {exchange!r} with routing key "
+                    f"{routing_key!r}: check its write and topic permissions (rabbitmqctl list_permissions, "
+                    "list_topic_permissions)"
+                ) from e
+            except aiormq.exceptions.ChannelNotFoundEntity as e:
+                await self._forget_channel()
+                raise TopologyMissing(
+                    f"exchange {exchange!r} does not exist; declare the topology first"
+                ) from e
+            except aiormq.exceptions.ChannelPreconditionFailed as e:
+                await self._forget_channel()
+                raise BrokerError(f"RabbitMQ refused the publish: {e}") from e
+            except _CHANNEL_GONE as e:
+                # A reconnect is under way (or another publish closed the channel): wait and try again.
+                log.info("publish interrupted, retrying", purpose=self._purpose, error=repr(e))
+                await asyncio.sleep(PUBLISH_RETRY_DELAY)
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        async with self._lock:
+            # A robust channel reopens itself after a reconnect; only an error we saw replaces it.
+            if self._channel is None:
+                self._channel = await self._transport._channel(confirms=True)
+                self._exchanges = {}
+            exchange = self._exchanges.get(name)
+            if exchange is None:
+                if name == "":
+                    exchange = self._channel.default_exchange
+                else:
+                    # Checked once on a throwaway channel, since a 404 would close this one.
+                    await self._transport._check_exchange_exists(name)
+                    exchange = await self._channel.get_exchange(name, ensure=False)
+                self._exchanges[name] = exchange
+            return exchange
+
+    async def _forget_channel(self) -> None:
+        # The broker closed it with an error; a fresh one is opened for the next publish.
+        channel, self._channel = self._channel, None
+        self._exchanges = {}
+        if channel is not None:
+            await _close_quietly(channel)
+
+
+class AmqpSubscription:
+    """One consumer on its own channel.
+
+    `cancel` drains (running handlers settle first); `abort` closes at once, and the
+    broker takes unsettled deliveries back, as with any closed channel.
+    """
+
+    def __init__(
+        self, transport: AmqpTransport, channel: AbstractChannel, queue: AbstractQueue, handler: Handler
+    ) -> None:
+        self._transport = transport
+        self._channel = channel
+        self._queue = queue
+        self._handler = handler
+        self._tag: str | None = None
+        self._running: set[asyncio.Task[Any]] = set()
+        self._stopped = False
+
+    async def start(self) -> None:
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def cancel(self) -> None:
+        """Stop new deliveries, wait for running handlers to settle theirs, then close the channel."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._tag is not None:
+            with contextlib.suppress(*_CONNECTION_LOST, aiormq.exceptions.AMQPError):
+                await self._queue.cancel(self._tag)
+        current = asyncio.current_task()
+        pending = [task for task in self._running if task is not current]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        await _close_quietly(self._channel)
+        with contextlib.suppress(ValueError):
+            self._transport._subscriptions.remove(self)
+
+    async def abort(self) -> None:
+        self._stopped = True
+        await _close_quietly(self._channel)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            if task is not None:
+                self._running.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        delivery = Delivery(
+            body=message.body,
+            exchange=message.exchange or "",
+            routing_key=message.routing_key or "",
+            message_id=message.message_id,
+            user_id=message.user_id,
+            redelivered=bool(message.redelivered),
+            headers=broker_headers(message.headers),
+            timestamp=message.timestamp.timestamp() if message.timestamp else None,
+        )
+        delivery._settle = self._settler(message, delivery)
+        try:
+            await self._handler(delivery)
+        except Exception:
+            log.exception(
+                "handler failed; requeueing",
+                queue=self._queue.name,
+                message_id=delivery.message_id,
+                routing_key=delivery.routing_key,
+            )
+            await delivery.requeue()
+            return
+        await delivery.ack()  # a no-op when the handler settled it already
+
+    def _settler(self, message: AbstractIncomingMessage, delivery: Delivery) -> Settler:
+        async def settle(action: Literal["ack", "requeue", "dead_letter"], reason: str) -> None:
+            try:
+                if action == "ack":
+                    await message.ack()
+                elif action == "requeue":
+                    await message.nack(requeue=True)
+                else:
+                    await self._transport._dead_letter(message, delivery, reason)
+            except _CHANNEL_GONE as e:
+                # The channel it came on is gone (reconnect or close); the broker redelivers it.
+                log.warning(
+                    "cannot settle a delivery from a closed channel; the broker will redeliver it",
+                    action=action,
+                    queue=self._queue.name,
+                    message_id=delivery.message_id,
+                    error=repr(e),
+                )
+
+        return settle
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    if channel.is_closed:
+        return
+    with contextlib.suppress(*_CONNECTION_LOST, aiormq.exceptions.AMQPError):
+        await channel.close()
