@@ -1,0 +1,454 @@
+"""Semantic consensus over one shard: pick, per prompt, the answer the others agree with most.
+
+Pure: plain data in, plain data out; no broker, no clock, no I/O beyond the embedder call.
+
+For each prompt, every non-blank answer is embedded (one embedder call per shard, each distinct text
+once). The *density* of an answer is the weighted sum of its cosine similarities to its `neighbours`
+nearest same-prompt answers, each neighbour weighted by its `Candidate.weight` (so a stale answer
+counts for less as evidence). The pseudo-label is the densest answer that is not an outlier: a real
+answer, the semantic medoid, never a blend. Then:
+
+- confidence = the winner's weighted mean similarity to the prompt's other answers;
+- support = how many answers (the winner included) lie within `support_similarity` of it;
+- a prompt with fewer than `min_answers` non-blank answers, no non-outlier answer, or confidence
+  below `min_confidence` abstains: no label, and a reason;
+- ties go to the lower participant id, then the lower text, so that the result is reproducible.
+
+`ExactConsensus` computes all pairwise similarities per prompt (the reference). `HnswConsensus` finds
+each answer's neighbours with one hnswlib index per shard and a per-prompt filter, and then scores the
+neighbours it found with the very same arithmetic, so the two agree whenever the index finds the true
+nearest neighbours. Similarities are computed in float64 and rounded to 1e-9 so that both strategies
+see bit-identical numbers, and sums use `math.fsum` so that their order does not matter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol
+
+import hnswlib
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.embedding import Embedder
+from schemas.errors import ChorusError
+
+FloatArray = npt.NDArray[np.float64]
+IndexArray = npt.NDArray[np.intp]
+
+_SIMILARITY_DECIMALS = 9
+
+
+class ConsensusError(ChorusError):
+    """Consensus could not run: bad settings, a bad candidate, or an embedder that misbehaved."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One participant's answer to one prompt; `weight` < 1 marks a stale (late, carried-over) answer."""
+
+    participant_id: str
+    text: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.weight) and self.weight > 0.0):
+            raise ConsensusError(f"candidate weight must be a positive finite number, got {self.weight!r}")
+
+
+@dataclass(frozen=True)
+class PromptDecision:
+    """The outcome for one prompt. `label` is None when the prompt abstains, with `abstain_reason` set."""
+
+    prompt_id: str
+    label: str | None
+    source: str | None  # participant whose answer became the label
+    confidence: float
+    support: int
+    abstain_reason: str = ""
+
+    @property
+    def labelled(self) -> bool:
+        return self.label is not None
+
+
+@dataclass(frozen=True)
+class ShardConsensus:
+    """Decisions in prompt-id order; `agreement` maps participant -> mean similarity to the labels."""
+
+    decisions: tuple[PromptDecision, ...]
+    agreement: Mapping[str, float]
+
+    @property
+    def labelled(self) -> tuple[PromptDecision, ...]:
+        return tuple(decision for decision in self.decisions if decision.labelled)
+
+    @property
+    def abstained(self) -> tuple[PromptDecision, ...]:
+        return tuple(decision for decision in self.decisions if not decision.labelled)
+
+
+@dataclass(frozen=True)
+class ConsensusSettings:
+    """Knobs of consensus. Similarity thresholds are cosine similarities in [-1, 1].
+
+    The defaults are tuned for all-MiniLM-L6-v2, where paraphrases of one answer score 0.7-0.97,
+    a short answer against its one-sentence form (“Paris” / “The capital of France is Paris.”)
+    about 0.72, and unrelated sentences or garbage -0.15 to 0.1:
+
+    - `outlier_similarity` 0.3: an answer whose closest other answer is below 0.3 shares not even the
+      topic with anyone, so it must never become a label, whatever its density.
+    - `support_similarity` 0.7: counts answers that say roughly the same thing as the label. Embedding
+      similarity measures topic and form more than facts (“…is Paris” / “…is Lyon” score 0.75), so
+      support is agreement in meaning-space, not a fact check.
+    - `min_confidence` 0.5: below it the answers disagree more than they agree, and no label beats a
+      wrong one.
+    - HNSW: M 16 and ef_construction 100 build a shard's index quickly; query ef 64 (raised to at least
+      neighbours + 1) keeps recall on same-prompt neighbours essentially exact at the sizes of a round.
+    """
+
+    neighbours: int = 8
+    min_confidence: float = 0.5
+    min_answers: int = 2
+    outlier_similarity: float = 0.3
+    support_similarity: float = 0.7
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 100
+    hnsw_ef: int = 64
+    hnsw_seed: int = 100
+
+    def __post_init__(self) -> None:
+        problems = [
+            *_at_least("neighbours", self.neighbours, 1),
+            *_at_least("min_answers", self.min_answers, 2),
+            *_at_least("hnsw_m", self.hnsw_m, 2),
+            *_at_least("hnsw_ef_construction", self.hnsw_ef_construction, 1),
+            *_at_least("hnsw_ef", self.hnsw_ef, 1),
+            *_at_least("hnsw_seed", self.hnsw_seed, 0),
+            *_cosine("min_confidence", self.min_confidence),
+            *_cosine("outlier_similarity", self.outlier_similarity),
+            *_cosine("support_similarity", self.support_similarity),
+        ]
+        if problems:
+            raise ConsensusError("invalid consensus settings: " + "; ".join(problems))
+
+
+def _at_least(name: str, value: int, low: int) -> list[str]:
+    return [] if value >= low else [f"{name} must be at least {low}, got {value}"]
+
+
+def _cosine(name: str, value: float) -> list[str]:
+    return [] if -1.0 <= value <= 1.0 else [f"{name} must lie in [-1, 1], got {value}"]
+
+
+class ConsensusStrategy(Protocol):
+    """Turns a shard's answers (prompt id -> candidates) into per-prompt decisions."""
+
+    @property
+    def name(self) -> str: ...
+
+    def decide(self, answers: Mapping[str, Sequence[Candidate]]) -> ShardConsensus: ...
+
+
+# ---- the shard, prepared ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """One prompt's answers in canonical order, grouped by distinct text."""
+
+    prompt_id: str
+    candidates: tuple[Candidate, ...]  # sorted by (participant, text, weight)
+    eligible: IndexArray  # positions in `candidates` of the non-blank answers
+    weights: FloatArray  # per eligible answer
+    text_of: IndexArray  # per eligible answer, the index of its distinct text (0..texts-1)
+    rows: IndexArray  # per distinct text, its row in the shard's embedding matrix
+
+    @property
+    def texts(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class _Neighbours:
+    """Per distinct text of a prompt: some other distinct texts (ids) and their similarities to it."""
+
+    ids: list[IndexArray]
+    similarities: list[FloatArray]
+
+
+def _is_blank(text: str) -> bool:
+    return not text.strip()
+
+
+def _canonical(candidates: Sequence[Candidate]) -> tuple[Candidate, ...]:
+    return tuple(sorted(candidates, key=lambda c: (c.participant_id, c.text, c.weight)))
+
+
+def _prepare(answers: Mapping[str, Sequence[Candidate]]) -> tuple[list[_Prompt], list[str]]:
+    """Prompts in id order, and the shard's distinct non-blank texts (each embedded once)."""
+    row_of_text: dict[str, int] = {}
+    prompts = []
+    for prompt_id in sorted(answers):
+        candidates = _canonical(answers[prompt_id])
+        eligible = [i for i, c in enumerate(candidates) if not _is_blank(c.text)]
+        local: dict[str, int] = {}
+        text_of = [local.setdefault(candidates[i].text, len(local)) for i in eligible]
+        rows = [row_of_text.setdefault(text, len(row_of_text)) for text in local]
+        prompts.append(
+            _Prompt(
+                prompt_id=prompt_id,
+                candidates=candidates,
+                eligible=np.asarray(eligible, dtype=np.intp),
+                weights=np.asarray([candidates[i].weight for i in eligible], dtype=np.float64),
+                text_of=np.asarray(text_of, dtype=np.intp),
+                rows=np.asarray(rows, dtype=np.intp),
+            )
+        )
+    return prompts, list(row_of_text)
+
+
+def _embed(embedder: Embedder, texts: list[str]) -> FloatArray:
+    vectors = np.asarray(embedder.embed(texts), dtype=np.float64)
+    if vectors.shape != (len(texts), embedder.dim):
+        raise ConsensusError(
+            f"embedder {embedder.name} returned shape {vectors.shape}, expected {(len(texts), embedder.dim)}"
+        )
+    if not np.isfinite(vectors).all():
+        raise ConsensusError(f"embedder {embedder.name} returned non-finite values")
+    return vectors
+
+
+# ---- similarity: the one place numbers are made ----------------------------
+
+
+def _round_similarities(raw: FloatArray) -> FloatArray:
+    rounded: FloatArray = np.round(np.clip(raw, -1.0, 1.0), _SIMILARITY_DECIMALS).astype(np.float64)
+    return rounded
+
+
+def _similarities_to(vectors: FloatArray, rows: IndexArray, row: int) -> FloatArray:
+    """Similarity of the text at `row` to the texts at `rows`; a text is exactly 1.0 to itself."""
+    similarities = _round_similarities(vectors[rows] @ vectors[row])
+    similarities[rows == row] = 1.0
+    return similarities
+
+
+def _similarity_matrix(vectors: FloatArray, rows: IndexArray) -> FloatArray:
+    block = vectors[rows]
+    similarities = _round_similarities(block @ block.T)
+    np.fill_diagonal(similarities, 1.0)
+    return similarities
+
+
+# ---- density, winner, decision ---------------------------------------------
+
+
+def _densities(prompt: _Prompt, neighbours: _Neighbours, k: int) -> tuple[FloatArray, FloatArray]:
+    """Per eligible answer: its density, and its highest similarity to any other answer."""
+    count = len(prompt.weights)
+    density = np.zeros(count, dtype=np.float64)
+    closest = np.full(count, -np.inf, dtype=np.float64)
+    for text in range(prompt.texts):
+        similarity_of_text = np.full(prompt.texts, -np.inf, dtype=np.float64)
+        similarity_of_text[neighbours.ids[text]] = neighbours.similarities[text]
+        similarity_of_text[text] = 1.0  # other copies of the same text
+        per_answer = similarity_of_text[prompt.text_of]
+        for answer in np.flatnonzero(prompt.text_of == text):
+            density[answer], closest[answer] = _density_of(per_answer, prompt.weights, int(answer), k)
+    return density, closest
+
+
+def _density_of(similarities: FloatArray, weights: FloatArray, answer: int, k: int) -> tuple[float, float]:
+    known = np.isfinite(similarities)
+    known[answer] = False  # an answer is not its own neighbour
+    pool_similarities, pool_weights = similarities[known], weights[known]
+    if len(pool_similarities) == 0:
+        return 0.0, -math.inf
+    # Nearest first; among equally near answers the heavier one first, so the order is fully defined.
+    nearest = np.lexsort((-pool_weights, -pool_similarities))[:k]
+    density = math.fsum((pool_similarities[nearest] * pool_weights[nearest]).tolist())
+    return density, float(pool_similarities.max())
+
+
+def _winner(
+    prompt: _Prompt, density: FloatArray, closest: FloatArray, outlier_similarity: float
+) -> int | None:
+    """The densest non-outlier answer; ties go to the earliest in canonical order (lower participant id)."""
+    allowed = closest >= outlier_similarity
+    if not allowed.any():
+        return None
+    best = density[allowed].max()
+    return int(np.flatnonzero(allowed & (density == best))[0])
+
+
+def _abstain(prompt_id: str, reason: str, confidence: float = 0.0, support: int = 0) -> PromptDecision:
+    return PromptDecision(prompt_id, None, None, confidence, support, abstain_reason=reason)
+
+
+def _decide_prompt(
+    prompt: _Prompt, neighbours: _Neighbours | None, vectors: FloatArray, settings: ConsensusSettings
+) -> tuple[PromptDecision, int | None]:
+    """The prompt's decision, and the shard row of the label's text (None when it abstains)."""
+    usable = len(prompt.weights)
+    if usable < settings.min_answers or neighbours is None:
+        blank = len(prompt.candidates) - usable
+        detail = f" ({blank} blank)" if blank else ""
+        return _abstain(
+            prompt.prompt_id, f"usable answers: {usable}{detail}; min_answers is {settings.min_answers}"
+        ), None
+    density, closest = _densities(prompt, neighbours, settings.neighbours)
+    winner = _winner(prompt, density, closest, settings.outlier_similarity)
+    if winner is None:
+        return _abstain(prompt.prompt_id, "every answer is an outlier: no two answers agree"), None
+    label_row = int(prompt.rows[prompt.text_of[winner]])
+    to_label = _similarities_to(vectors, prompt.rows, label_row)[prompt.text_of]
+    confidence = _weighted_mean_without(to_label, prompt.weights, winner)
+    support = int(np.count_nonzero(to_label >= settings.support_similarity))
+    if confidence < settings.min_confidence:
+        reason = f"confidence {confidence:.3f} is below min_confidence {settings.min_confidence}"
+        return _abstain(prompt.prompt_id, reason, confidence, support), None
+    candidate = prompt.candidates[int(prompt.eligible[winner])]
+    decision = PromptDecision(prompt.prompt_id, candidate.text, candidate.participant_id, confidence, support)
+    return decision, label_row
+
+
+def _weighted_mean_without(values: FloatArray, weights: FloatArray, skip: int) -> float:
+    keep = np.ones(len(values), dtype=bool)
+    keep[skip] = False
+    total = math.fsum(weights[keep].tolist())
+    mean = math.fsum((values[keep] * weights[keep]).tolist()) / total
+    return min(1.0, max(-1.0, mean))
+
+
+def _agreement(prompts: list[_Prompt], label_rows: list[int | None], vectors: FloatArray) -> dict[str, float]:
+    """Participant -> mean similarity of its answers to the labels; a blank answer counts as 0."""
+    scores: dict[str, list[float]] = {}
+    for prompt, label_row in zip(prompts, label_rows, strict=True):
+        if label_row is None:
+            continue
+        to_label = _similarities_to(vectors, prompt.rows, label_row)[prompt.text_of]
+        similarity_of = dict(zip(prompt.eligible.tolist(), to_label.tolist(), strict=True))
+        for position, candidate in enumerate(prompt.candidates):
+            scores.setdefault(candidate.participant_id, []).append(similarity_of.get(position, 0.0))
+    return {participant: math.fsum(s) / len(s) for participant, s in sorted(scores.items())}
+
+
+# ---- strategies ------------------------------------------------------------
+
+
+class _MedoidConsensus:
+    """Everything but the neighbour search, shared by the exact and the HNSW strategies."""
+
+    name = "medoid"
+
+    def __init__(self, embedder: Embedder, settings: ConsensusSettings | None = None) -> None:
+        self.embedder = embedder
+        self.settings = settings if settings is not None else ConsensusSettings()
+
+    def decide(self, answers: Mapping[str, Sequence[Candidate]]) -> ShardConsensus:
+        prompts, texts = _prepare(answers)
+        vectors = _embed(self.embedder, texts)
+        neighbours = self._neighbours(prompts, vectors)
+        outcomes = [
+            _decide_prompt(prompt, found, vectors, self.settings)
+            for prompt, found in zip(prompts, neighbours, strict=True)
+        ]
+        agreement = _agreement(prompts, [row for _, row in outcomes], vectors)
+        return ShardConsensus(
+            decisions=tuple(decision for decision, _ in outcomes), agreement=MappingProxyType(agreement)
+        )
+
+    def _neighbours(self, prompts: list[_Prompt], vectors: FloatArray) -> list[_Neighbours | None]:
+        """Per prompt (None where too few answers to decide): each distinct text's nearest others."""
+        raise NotImplementedError
+
+
+class ExactConsensus(_MedoidConsensus):
+    """Reference strategy: every pairwise similarity of a prompt's distinct answers, in NumPy."""
+
+    name = "exact"
+
+    def _neighbours(self, prompts: list[_Prompt], vectors: FloatArray) -> list[_Neighbours | None]:
+        return [
+            _all_neighbours(prompt, vectors) if len(prompt.weights) >= self.settings.min_answers else None
+            for prompt in prompts
+        ]
+
+
+def _all_neighbours(prompt: _Prompt, vectors: FloatArray) -> _Neighbours:
+    matrix = _similarity_matrix(vectors, prompt.rows)
+    everyone = np.arange(prompt.texts, dtype=np.intp)
+    ids = [everyone[everyone != text] for text in range(prompt.texts)]
+    return _Neighbours(ids=ids, similarities=[matrix[text, others] for text, others in enumerate(ids)])
+
+
+class HnswConsensus(_MedoidConsensus):
+    """Approximate strategy: one hnswlib index over the shard, kNN queries filtered to the same prompt.
+
+    The index holds each prompt's distinct answers under contiguous labels [start, end), so the
+    per-prompt restriction is `filter=range(start, end).__contains__`: a C-level callable, cheaper
+    than a Python lambda, though hnswlib still takes the GIL for each visited node. One query call
+    per prompt covers all its answers. Neighbours found are re-scored with the exact arithmetic, so
+    any difference from `ExactConsensus` comes only from a neighbour the index missed. A prompt for
+    which the index cannot return enough neighbours (a graph too sparse for the filter) falls back to
+    the exact computation; `fallbacks` counts those.
+    """
+
+    name = "hnsw"
+
+    def __init__(self, embedder: Embedder, settings: ConsensusSettings | None = None) -> None:
+        super().__init__(embedder, settings)
+        self.fallbacks = 0
+
+    def _neighbours(self, prompts: list[_Prompt], vectors: FloatArray) -> list[_Neighbours | None]:
+        deciding = [prompt for prompt in prompts if len(prompt.weights) >= self.settings.min_answers]
+        if not deciding:
+            return [None] * len(prompts)
+        starts = np.cumsum([0] + [prompt.texts for prompt in deciding])
+        index = self._build_index(deciding, vectors)
+        found: dict[str, _Neighbours] = {}
+        for prompt, start in zip(deciding, starts[:-1].tolist(), strict=True):
+            found[prompt.prompt_id] = self._query(index, prompt, int(start), vectors)
+        return [found.get(prompt.prompt_id) for prompt in prompts]
+
+    def _build_index(self, prompts: list[_Prompt], vectors: FloatArray) -> hnswlib.Index:
+        block = np.concatenate([vectors[prompt.rows] for prompt in prompts]).astype(np.float32)
+        index = hnswlib.Index(space="ip", dim=block.shape[1])  # rows are unit length: ip is cosine
+        index.init_index(
+            max_elements=len(block),
+            M=self.settings.hnsw_m,
+            ef_construction=self.settings.hnsw_ef_construction,
+            random_seed=self.settings.hnsw_seed,
+        )
+        # One thread: multi-threaded insertion order varies between runs, and so would the graph.
+        index.add_items(block, np.arange(len(block)), num_threads=1)
+        index.set_ef(max(self.settings.hnsw_ef, self.settings.neighbours + 1))
+        return index
+
+    def _query(self, index: hnswlib.Index, prompt: _Prompt, start: int, vectors: FloatArray) -> _Neighbours:
+        wanted = min(self.settings.neighbours + 1, prompt.texts)  # + 1: a text finds itself first
+        queries = vectors[prompt.rows].astype(np.float32)
+        try:
+            labels, _ = index.knn_query(
+                queries, k=wanted, num_threads=1, filter=range(start, start + prompt.texts).__contains__
+            )
+        except RuntimeError:  # hnswlib: "Cannot return the results in a contiguous 2D array"
+            self.fallbacks += 1
+            return _all_neighbours(prompt, vectors)
+        local = np.asarray(labels, dtype=np.intp) - start
+        ids = [_others(local[text], text, wanted - 1) for text in range(prompt.texts)]
+        similarities = [
+            _similarities_to(vectors, prompt.rows[others], int(prompt.rows[text]))
+            for text, others in enumerate(ids)
+        ]
+        return _Neighbours(ids=ids, similarities=similarities)
+
+
+def _others(found: IndexArray, text: int, keep: int) -> IndexArray:
+    """The found texts without the query's own text (or, if two texts share a vector, the farthest)."""
+    without_self: IndexArray = found[found != text]
+    return without_self[:keep]
