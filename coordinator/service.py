@@ -1,0 +1,620 @@
+"""The coordinator service: wires the round engine, consensus and the store to a transport.
+
+Intake handlers validate, persist and then ack; they never wait for other
+participants, so no delivery is held unacked across a round. A single driver
+task opens rounds, closes shards when the engine says so, and publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from broker.errors import BrokerError, Unroutable
+from broker.topology import (
+    ANNOUNCE_EXCHANGE,
+    CONTROL_QUEUE,
+    COORDINATOR_USER,
+    DIRECT_EXCHANGE,
+    core_topology,
+    participant_topology,
+    reply_key,
+    shard_queue,
+)
+from broker.transport import Delivery, Subscription, Transport
+from coordinator.consensus import Candidate, ConsensusStrategy
+from coordinator.fedavg import average_adapters, tensors_from_wire, tensors_to_wire
+from coordinator.identity import identity_problem, shard_of_routing_key
+from coordinator.prompts import PromptSampler, PublicPrompt, split_into_shards
+from coordinator.rounds import Acceptance, RoundState, ShardClosing, resolve_quorum
+from coordinator.settings import CoordinatorSettings
+from coordinator.store import CoordinatorStore, RoundRow
+from schemas.codec import decode_control, decode_generation, decode_reply, encode
+from schemas.errors import SchemaError
+from schemas.messages import (
+    AdapterUpdate,
+    AggregatedAdapter,
+    GenerationBatch,
+    Heartbeat,
+    Join,
+    Label,
+    Message,
+    ParticipantReport,
+    PseudoLabels,
+    RoundClosed,
+    RoundOpened,
+    ShardOutcome,
+)
+
+log = structlog.get_logger(__name__)
+
+FEDAVG_SHARD = 0  # a FedAvg round has one "shard": the adapter uploads
+
+
+@dataclass
+class Counters:
+    """What the coordinator did, for status lines and tests."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    late: int = 0
+    dead_lettered: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str) -> None:
+        self.dead_lettered += 1
+        key = reason.split(":")[0].split(" ")[0]
+        self.rejections[key] = self.rejections.get(key, 0) + 1
+
+
+class Coordinator:
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        transport: Transport,
+        store: CoordinatorStore,
+        prompts: Sequence[PublicPrompt],
+        strategy: ConsensusStrategy | None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if settings.strategy == "semantic" and strategy is None:
+            raise ValueError("the semantic strategy needs a consensus strategy object")
+        self.settings = settings
+        self.transport = transport
+        self.store = store
+        self.strategy = strategy
+        self.clock = clock
+        self.counters = Counters()
+        self.round: RoundState | None = None
+        self.closed_rounds: list[RoundClosed] = []
+        self._sampler = PromptSampler(prompts, settings.round.seed)
+        self._prompt_text = {p.prompt_id: p.text for p in prompts}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._subscriptions: list[Subscription] = []
+        self._declared_participants: set[str] = set()
+        self._consensus_seconds = 0.0
+        self._pending_announcement: RoundRow | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop intake and return from `run()` after the current step (SIGTERM)."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self.drive()
+        finally:
+            await self.stop_intake()
+
+    async def start(self) -> None:
+        rounds = self.settings.round
+        await self.transport.declare(core_topology(rounds.shards))
+        await self._declare_participants(self.settings.roster)
+        self._restore()
+        await self._resume_announcement()
+        prefetch = self.settings.prefetch
+        self._subscriptions.append(
+            await self.transport.consume(CONTROL_QUEUE, self._on_control, prefetch=prefetch)
+        )
+        for shard in range(rounds.shards):
+            self._subscriptions.append(
+                await self.transport.consume(shard_queue(shard), self._on_generation, prefetch=prefetch)
+            )
+
+    async def stop_intake(self) -> None:
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            try:
+                await subscription.cancel()
+            except BrokerError as e:
+                log.warning("cancel_failed", error=str(e))
+
+    async def drive(self) -> None:
+        """Run rounds until the configured number is done or a stop is requested."""
+        wanted = self.settings.round.rounds
+        while not self._stopping.is_set():
+            if self.round is None:
+                if wanted and self.store.last_round_id() >= wanted:
+                    return
+                if not await self._open_round():
+                    continue
+            await self._advance_round()
+
+    # -- rounds ------------------------------------------------------------
+
+    def active_members(self) -> list[str]:
+        horizon = self.clock() - self.settings.round.member_timeout_seconds
+        return [m.participant_id for m in self.store.members() if m.last_seen_unix >= horizon]
+
+    async def _open_round(self) -> bool:
+        settings = self.settings.round
+        active = self.active_members()
+        if len(active) < settings.min_participants:
+            await self._sleep_until_woken(1.0)
+            return False
+        round_id = self.store.last_round_id() + 1
+        quorum = resolve_quorum(settings.quorum, len(active))
+        now = self.clock()
+        if self.settings.strategy == "semantic":
+            chosen = self._sampler.sample(
+                round_id, settings.prompts_per_round, self._carried_prompt_ids(round_id)
+            )
+            shards = split_into_shards(chosen, settings.shards)
+        else:
+            shards = []
+        opened = RoundOpened(
+            federation=self.settings.federation,
+            round_id=round_id,
+            message_id=f"{self.settings.federation}.r{round_id}.opened",
+            participant_id=COORDINATOR_USER,
+            strategy=self.settings.strategy,
+            shards=shards,
+            generation=self.settings.generation,
+            expected=sorted(active),
+            quorum=quorum,
+            deadline_unix=now + settings.deadline_seconds,
+            opened_unix=now,
+        )
+        body = encode(opened)
+        self.store.insert_round(
+            round_id=round_id,
+            opened_unix=now,
+            deadline_unix=opened.deadline_unix,
+            quorum=quorum,
+            expected=active,
+            announcement=body,
+        )
+        self.round = self._round_state(opened)
+        await self._announce(round_id, body, opened.message_id, active)
+        log.info("round_opened", round=round_id, participants=len(active), quorum=quorum, shards=len(shards))
+        return True
+
+    def _round_state(self, opened: RoundOpened) -> RoundState:
+        shards = {s.shard_id: [p.prompt_id for p in s.prompts] for s in opened.shards}
+        return RoundState(
+            round_id=opened.round_id,
+            shards=shards or {FEDAVG_SHARD: []},
+            expected=opened.expected,
+            quorum=opened.quorum,
+            opened_at=opened.opened_unix,
+            deadline_at=opened.deadline_unix,
+            grace_seconds=self.settings.round.grace_seconds,
+        )
+
+    def _carried_prompt_ids(self, round_id: int) -> list[str]:
+        """Prompts of the previous round's failed shards go first into this round."""
+        if round_id <= 1:
+            return []
+        failed = {c.shard_id for c in self.store.closings(round_id - 1) if c.status == "failed"}
+        previous = self._announcement(round_id - 1)
+        if previous is None:
+            return []
+        return [p.prompt_id for s in previous.shards if s.shard_id in failed for p in s.prompts]
+
+    def _announcement(self, round_id: int) -> RoundOpened | None:
+        for row in self.store.rounds():
+            if row.round_id == round_id:
+                message = decode_reply(row.announcement)
+                assert isinstance(message, RoundOpened)
+                return message
+        return None
+
+    async def _announce(self, round_id: int, body: bytes, message_id: str, recipients: Sequence[str]) -> None:
+        await self._declare_participants(recipients)
+        await self.transport.publish(
+            ANNOUNCE_EXCHANGE, "", body, message_id=message_id, timeout=self.settings.publish_timeout_seconds
+        )
+        self.store.record_publication(message_id, round_id, recipients, "round_opened", len(body))
+        self.store.mark_announced(round_id)
+
+    async def _advance_round(self) -> None:
+        state = self.round
+        assert state is not None
+        for closing in state.due(self.clock()):
+            await self._close_shard(state, closing)
+        if state.is_finished:
+            await self._close_round(state)
+            self.round = None
+            return
+        wakeup = state.next_wakeup()
+        delay = 1.0 if wakeup is None else max(0.0, wakeup - self.clock())
+        await self._sleep_until_woken(delay)
+
+    async def _sleep_until_woken(self, delay: float) -> None:
+        self._wake.clear()
+        if self._stopping.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    # -- closing shards ----------------------------------------------------
+
+    async def _close_shard(self, state: RoundState, closing: ShardClosing) -> None:
+        self.store.save_closing(
+            state.round_id, closing.shard_id, closing.status, closing.reason, closing.answered
+        )
+        log.info(
+            "shard_closing",
+            round=state.round_id,
+            shard=closing.shard_id,
+            status=closing.status,
+            reason=closing.reason,
+            answered=len(closing.answered),
+        )
+        if closing.status == "labelled":
+            if self.settings.strategy == "semantic":
+                await self._label_shard(state, closing.shard_id, closing.answered)
+            else:
+                await self._aggregate_adapters(state, closing.answered)
+        state.finish(closing.shard_id, closing.status)
+
+    async def _label_shard(self, state: RoundState, shard_id: int, answered: Sequence[str]) -> None:
+        row = next(c for c in self.store.closings(state.round_id) if c.shard_id == shard_id)
+        if row.labels is None:
+            body, agreement = await self._run_consensus(state, shard_id, answered)
+            self.store.save_labels(state.round_id, shard_id, body, agreement)
+        else:
+            body = row.labels  # decided before a restart: publish exactly that
+        await self._publish_to_members(state, body, "pseudo_labels")
+
+    async def _run_consensus(
+        self, state: RoundState, shard_id: int, answered: Sequence[str]
+    ) -> tuple[bytes, dict[str, float]]:
+        assert self.strategy is not None
+        prompt_ids = state.shards[shard_id].prompt_ids
+        candidates = self._candidates(state.round_id, shard_id, prompt_ids, set(answered))
+        started = time.perf_counter()
+        result = await asyncio.to_thread(self.strategy.decide, candidates)
+        self._consensus_seconds += time.perf_counter() - started
+        labels = [
+            Label(
+                prompt_id=d.prompt_id,
+                text=d.label,
+                confidence=max(-1.0, min(1.0, d.confidence)),
+                support=d.support,
+                source=d.source or COORDINATOR_USER,
+            )
+            for d in result.decisions
+            if d.label is not None
+        ]
+        message = PseudoLabels(
+            federation=self.settings.federation,
+            round_id=state.round_id,
+            message_id=f"{self.settings.federation}.r{state.round_id}.s{shard_id}.labels",
+            participant_id=COORDINATOR_USER,
+            shard_id=shard_id,
+            labels=labels,
+            abstained=[d.prompt_id for d in result.decisions if d.label is None],
+        )
+        log.info(
+            "consensus",
+            round=state.round_id,
+            shard=shard_id,
+            labelled=len(message.labels),
+            abstained=len(message.abstained),
+        )
+        return encode(message), {p: float(a) for p, a in result.agreement.items()}
+
+    def _candidates(
+        self, round_id: int, shard_id: int, prompt_ids: Sequence[str], answered: set[str]
+    ) -> dict[str, list[Candidate]]:
+        candidates: dict[str, list[Candidate]] = {pid: [] for pid in prompt_ids}
+        fresh: dict[str, set[str]] = {pid: set() for pid in prompt_ids}
+        for batch_row in self.store.batches(round_id, shard_id):
+            if batch_row.late or batch_row.participant_id not in answered:
+                continue
+            batch = decode_generation(batch_row.body)
+            for answer in batch.answers:
+                if answer.prompt_id in candidates:
+                    candidates[answer.prompt_id].append(Candidate(batch.participant_id, answer.text))
+                    fresh[answer.prompt_id].add(batch.participant_id)
+        if self.settings.round.late_policy == "carry" and round_id > 1:
+            weight = self.settings.round.staleness_weight
+            for batch_row in self.store.batches(round_id - 1):
+                if not batch_row.late:
+                    continue
+                batch = decode_generation(batch_row.body)
+                for answer in batch.answers:
+                    if answer.prompt_id in candidates and batch.participant_id not in fresh[answer.prompt_id]:
+                        candidates[answer.prompt_id].append(
+                            Candidate(batch.participant_id, answer.text, weight)
+                        )
+        return candidates
+
+    async def _aggregate_adapters(self, state: RoundState, answered: Sequence[str]) -> None:
+        updates = []
+        for participant_id, body in self.store.adapters(state.round_id):
+            if participant_id in answered:
+                update = decode_control(body)
+                assert isinstance(update, AdapterUpdate)
+                state_dict = {k: v.float().numpy() for k, v in tensors_from_wire(update.tensors).items()}
+                updates.append((state_dict, update.num_samples))
+        averaged = await asyncio.to_thread(average_adapters, updates)
+        import torch  # the FedAvg baseline alone needs torch here
+
+        message = AggregatedAdapter(
+            federation=self.settings.federation,
+            round_id=state.round_id,
+            message_id=f"{self.settings.federation}.r{state.round_id}.adapter",
+            participant_id=COORDINATOR_USER,
+            tensors=tensors_to_wire({k: torch.from_numpy(v) for k, v in averaged.items()}),
+            contributors=sorted(answered),
+        )
+        await self._publish_to_members(state, encode(message), "aggregated_adapter")
+
+    async def _publish_to_members(self, state: RoundState, body: bytes, kind: str) -> None:
+        """Send to everyone expected or active now (stragglers too, so they catch up)."""
+        message: Message = decode_reply(body)
+        recipients = sorted(set(state.expected) | set(self.active_members()))
+        await self._declare_participants(recipients)
+        for participant_id in recipients:
+            key = f"{message.message_id}@{participant_id}"
+            if self.store.was_published(key):
+                continue
+            try:
+                await self.transport.publish(
+                    DIRECT_EXCHANGE,
+                    reply_key(participant_id),
+                    body,
+                    message_id=message.message_id,
+                    timeout=self.settings.publish_timeout_seconds,
+                )
+            except Unroutable:
+                log.warning("no_reply_queue", round=state.round_id, participant=participant_id, kind=kind)
+                continue
+            self.store.record_publication(key, state.round_id, [participant_id], kind, len(body))
+
+    async def _close_round(self, state: RoundState) -> None:
+        closings = self.store.closings(state.round_id)
+        outcomes = [
+            ShardOutcome(
+                shard_id=c.shard_id,
+                status=c.status,
+                reason=c.reason[:256],
+                answered=list(c.answered),
+                labelled=self._count_labels(c.labels)[0],
+                abstained=self._count_labels(c.labels)[1],
+            )
+            for c in closings
+        ]
+        agreement = mean_agreement([c.agreement or {} for c in closings])
+        now = self.clock()
+        summary = RoundClosed(
+            federation=self.settings.federation,
+            round_id=state.round_id,
+            message_id=f"{self.settings.federation}.r{state.round_id}.closed",
+            participant_id=COORDINATOR_USER,
+            shards=outcomes,
+            answered=sorted(state.answered_all_shards()),
+            late=sorted(state.late),
+            missing=sorted(state.missing()),
+            agreement=agreement,
+            bytes_received=self.store.traffic(state.round_id, "in"),
+            bytes_sent=self.store.traffic(state.round_id, "out"),
+            opened_unix=state.opened_at,
+            closed_unix=now,
+            consensus_seconds=self._consensus_seconds,
+        )
+        body = encode(summary)
+        if not self.store.was_published(summary.message_id):
+            await self.transport.publish(
+                ANNOUNCE_EXCHANGE,
+                "",
+                body,
+                message_id=summary.message_id,
+                timeout=self.settings.publish_timeout_seconds,
+            )
+            self.store.record_publication(summary.message_id, state.round_id, [], "round_closed", len(body))
+        self.store.close_round(state.round_id, now, body)
+        self.closed_rounds.append(summary)
+        self._consensus_seconds = 0.0
+        log.info(
+            "round_closed",
+            round=state.round_id,
+            answered=len(summary.answered),
+            late=summary.late,
+            missing=summary.missing,
+            failed_shards=[o.shard_id for o in outcomes if o.status == "failed"],
+        )
+
+    @staticmethod
+    def _count_labels(body: bytes | None) -> tuple[int, int]:
+        if body is None:
+            return 0, 0
+        message = decode_reply(body)
+        assert isinstance(message, PseudoLabels)
+        return len(message.labels), len(message.abstained)
+
+    # -- restart -----------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Rebuild the open round, if any, from the store after a restart."""
+        row = self.store.open_round()
+        if row is None:
+            return
+        opened = decode_reply(row.announcement)
+        assert isinstance(opened, RoundOpened)
+        state = self._round_state(opened)
+        for shard_id, participant_id, arrived, late in self.store.received(row.round_id):
+            if late:
+                state.late.setdefault(participant_id, set()).add(shard_id)
+            else:
+                state.record(shard_id, participant_id, arrived)
+        for closing in self.store.closings(row.round_id):
+            state.restore_closing(closing.shard_id, closing.answered, closing.reason)
+        self.round = state
+        self._pending_announcement = None if row.announced else row
+        log.info("round_resumed", round=row.round_id, closings=len(self.store.closings(row.round_id)))
+
+    async def _resume_announcement(self) -> None:
+        """A crash between storing a round and announcing it: announce it now."""
+        row = self._pending_announcement
+        if row is not None:
+            opened = decode_reply(row.announcement)
+            await self._announce(row.round_id, row.announcement, opened.message_id, row.expected)
+            self._pending_announcement = None
+
+    # -- intake ------------------------------------------------------------
+
+    async def _on_generation(self, delivery: Delivery) -> None:
+        try:
+            batch = decode_generation(delivery.body)
+        except SchemaError as e:
+            await self._reject(delivery, f"schema {e}")
+            return
+        problem = identity_problem(delivery, batch, self.settings.federation) or self._batch_problem(
+            delivery, batch
+        )
+        if problem is not None:
+            await self._reject(delivery, problem, batch)
+            return
+        state = self.round
+        assert state is not None  # _batch_problem ensures an open round
+        now = self.clock()
+        acceptance = state.record(batch.shard_id, batch.participant_id, now)
+        if acceptance in (Acceptance.UNKNOWN_SHARD, Acceptance.NOT_EXPECTED):
+            await self._reject(
+                delivery, f"{acceptance.value}: shard {batch.shard_id} of round {batch.round_id}", batch
+            )
+            return
+        late = acceptance is Acceptance.LATE
+        stored = self.store.add_batch(
+            message_id=batch.message_id,
+            round_id=batch.round_id,
+            shard_id=batch.shard_id,
+            participant_id=batch.participant_id,
+            received_unix=now,
+            late=late,
+            body=delivery.body,
+        )
+        self.store.touch_member(batch.participant_id, now)
+        await delivery.ack()
+        if not stored or acceptance is Acceptance.DUPLICATE:
+            self.counters.duplicates += 1
+        elif late:
+            self.counters.late += 1
+            log.info(
+                "late_batch", round=batch.round_id, shard=batch.shard_id, participant=batch.participant_id
+            )
+        else:
+            self.counters.accepted += 1
+            self._wake.set()
+
+    def _batch_problem(self, delivery: Delivery, batch: GenerationBatch) -> str | None:
+        if shard_of_routing_key(delivery.routing_key) != batch.shard_id:
+            return f"routing key {delivery.routing_key!r} does not match shard_id {batch.shard_id}"
+        state = self.round
+        if state is None or batch.round_id != state.round_id:
+            current = "none" if state is None else str(state.round_id)
+            return f"round {batch.round_id} is not open (open round: {current})"
+        shard = state.shards.get(batch.shard_id)
+        if shard is None:
+            return f"unknown_shard: round {batch.round_id} has no shard {batch.shard_id}"
+        asked = set(shard.prompt_ids)
+        given = [a.prompt_id for a in batch.answers]
+        if len(set(given)) != len(given):
+            return "answers repeat a prompt_id"
+        unknown = set(given) - asked
+        if unknown:
+            return f"answers name prompts not in shard {batch.shard_id}: {sorted(unknown)[:3]}"
+        return None
+
+    async def _on_control(self, delivery: Delivery) -> None:
+        try:
+            message = decode_control(delivery.body)
+        except SchemaError as e:
+            await self._reject(delivery, f"schema {e}")
+            return
+        problem = identity_problem(delivery, message, self.settings.federation)
+        if problem is not None:
+            await self._reject(delivery, problem, message)
+            return
+        now = self.clock()
+        pid = message.participant_id
+        if isinstance(message, Join):
+            await self._declare_participants([pid])
+            self.store.upsert_member(pid, message.model_id, message.can_train, now)
+            log.info("member_joined", participant=pid, model=message.model_id, round=message.round_id)
+            self._wake.set()
+        elif isinstance(message, Heartbeat):
+            self.store.touch_member(pid, now)
+        elif isinstance(message, ParticipantReport):
+            self.store.add_report(message.message_id, message.round_id, pid, dict(message.metrics))
+            self.store.touch_member(pid, now)
+        elif isinstance(message, AdapterUpdate):
+            problem = await self._take_adapter(message, delivery.body, now)
+            if problem is not None:
+                await self._reject(delivery, problem, message)
+                return
+        await delivery.ack()
+
+    async def _take_adapter(self, update: AdapterUpdate, body: bytes, now: float) -> str | None:
+        state = self.round
+        if self.settings.strategy != "fedavg":
+            return "adapter updates are only taken in a fedavg federation"
+        if state is None or update.round_id != state.round_id:
+            return f"round {update.round_id} is not open"
+        acceptance = state.record(FEDAVG_SHARD, update.participant_id, now)
+        if acceptance is Acceptance.NOT_EXPECTED:
+            return f"not_expected: participant {update.participant_id!r} is not in round {update.round_id}"
+        if acceptance is Acceptance.ACCEPTED:
+            self.store.add_adapter(update.message_id, update.round_id, update.participant_id, body)
+            self._wake.set()
+        return None
+
+    async def _reject(self, delivery: Delivery, reason: str, message: Message | None = None) -> None:
+        self.counters.reject(reason)
+        log.warning(
+            "rejected",
+            reason=reason,
+            round=None if message is None else message.round_id,
+            shard=getattr(message, "shard_id", None),
+            participant=None if message is None else message.participant_id,
+            user_id=delivery.user_id,
+            routing_key=delivery.routing_key,
+        )
+        await delivery.dead_letter(reason[:1024])
+
+    async def _declare_participants(self, participant_ids: Sequence[str]) -> None:
+        new = [p for p in participant_ids if p not in self._declared_participants]
+        if new:
+            await self.transport.declare(participant_topology(new))
+            self._declared_participants.update(new)
+
+
+def mean_agreement(per_shard: Sequence[dict[str, float]]) -> dict[str, float]:
+    totals: dict[str, list[float]] = {}
+    for agreement in per_shard:
+        for participant_id, value in agreement.items():
+            totals.setdefault(participant_id, []).append(value)
+    return {p: round(sum(v) / len(v), 6) for p, v in sorted(totals.items())}

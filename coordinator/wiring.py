@@ -1,0 +1,35 @@
+"""Build the consensus strategy and embedder a settings file asks for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coordinator.consensus import ConsensusSettings, ConsensusStrategy, ExactConsensus, HnswConsensus
+from coordinator.embedding import CachedEmbedder, Embedder, HashingEmbedder, SentenceEmbedder
+from coordinator.settings import ConsensusSettingsTable, CoordinatorSettings
+
+
+def build_embedder(table: ConsensusSettingsTable) -> Embedder:
+    if table.embedder == "hashing":
+        inner: Embedder = HashingEmbedder()
+    elif table.embedder == "minilm":
+        inner = SentenceEmbedder(batch_size=table.embed_batch_size)
+    else:
+        inner = SentenceEmbedder(Path(table.embedder), batch_size=table.embed_batch_size)
+    return CachedEmbedder(inner, max_entries=table.cache_entries) if table.cache_entries else inner
+
+
+def build_strategy(
+    settings: CoordinatorSettings, embedder: Embedder | None = None
+) -> ConsensusStrategy | None:
+    """The consensus strategy for a semantic federation; None for FedAvg (no text to agree on)."""
+    if settings.strategy != "semantic":
+        return None
+    table = settings.consensus
+    consensus = ConsensusSettings(
+        neighbours=table.neighbours, min_confidence=table.min_confidence, min_answers=table.min_answers
+    )
+    chosen = embedder or build_embedder(table)
+    if table.index == "exact":
+        return ExactConsensus(chosen, consensus)
+    return HnswConsensus(chosen, consensus)

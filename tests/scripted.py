@@ -1,0 +1,108 @@
+"""Scripted participants: real transport clients that answer with canned text, no models.
+
+They speak the wire protocol exactly as a real participant does (join, answer
+each RoundOpened shard by shard, collect PseudoLabels and RoundClosed), so the
+coordinator can be tested end to end on either transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from broker.topology import UP_EXCHANGE, control_key, generation_key, reply_queue
+from broker.transport import Delivery, Subscription, Transport
+from schemas import (
+    Answer,
+    GenerationBatch,
+    Join,
+    PseudoLabels,
+    RoundClosed,
+    RoundOpened,
+    decode_reply,
+    encode,
+    new_message_id,
+)
+
+AnswerFn = Callable[[str, str], str]  # (participant, prompt_id) -> answer text
+
+
+@dataclass
+class ScriptedParticipant:
+    participant_id: str
+    transport: Transport
+    answer: AnswerFn
+    federation: str = "test"
+    delay: float = 0.0  # seconds to wait before answering each round
+    opened: list[RoundOpened] = field(default_factory=list)
+    labels: dict[tuple[int, int], PseudoLabels] = field(default_factory=dict)
+    label_deliveries: int = 0
+    closed: list[RoundClosed] = field(default_factory=list)
+    _subscription: Subscription | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def join(self) -> None:
+        self._subscription = await self.transport.consume(reply_queue(self.participant_id), self._on_reply)
+        message = Join(
+            federation=self.federation,
+            round_id=0,
+            message_id=new_message_id(),
+            participant_id=self.participant_id,
+            model_id="scripted",
+        )
+        await self.transport.publish(
+            UP_EXCHANGE, control_key(self.participant_id), encode(message), message_id=message.message_id
+        )
+
+    async def _on_reply(self, delivery: Delivery) -> None:
+        message = decode_reply(delivery.body)
+        if isinstance(message, RoundOpened):
+            if all(o.round_id != message.round_id for o in self.opened):
+                self.opened.append(message)
+                task = asyncio.create_task(self._answer(message))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        elif isinstance(message, PseudoLabels):
+            self.label_deliveries += 1
+            self.labels[(message.round_id, message.shard_id)] = message
+        elif isinstance(message, RoundClosed):
+            self.closed.append(message)
+        await delivery.ack()
+
+    async def _answer(self, opened: RoundOpened) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        for shard in opened.shards:
+            batch = GenerationBatch(
+                federation=self.federation,
+                round_id=opened.round_id,
+                message_id=new_message_id(),
+                participant_id=self.participant_id,
+                shard_id=shard.shard_id,
+                model_id="scripted",
+                answers=[
+                    Answer(prompt_id=p.prompt_id, text=self.answer(self.participant_id, p.prompt_id))
+                    for p in shard.prompts
+                ],
+            )
+            await self.transport.publish(
+                UP_EXCHANGE,
+                generation_key(shard.shard_id, self.participant_id),
+                encode(batch),
+                message_id=batch.message_id,
+            )
+
+    async def leave(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._subscription is not None:
+            await self._subscription.cancel()
+
+
+def consensus_answers(participant_id: str, prompt_id: str) -> str:
+    """Most participants agree on a paraphrase family; 'mallory' answers nonsense."""
+    if participant_id == "mallory":
+        return f"purple zebra {prompt_id} xylophone quantum banana"
+    variants = ["The answer to {p} is the standard one.", "For {p}, the answer is the standard one."]
+    return variants[hash(participant_id) % 2].format(p=prompt_id)

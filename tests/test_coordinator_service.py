@@ -1,0 +1,226 @@
+"""The coordinator service end to end with scripted participants (no models)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from scripted import ScriptedParticipant, consensus_answers
+
+from broker.memory import MemoryBroker
+from broker.topology import (
+    COORDINATOR_USER,
+    DEAD_LETTER_QUEUE,
+    UP_EXCHANGE,
+    full_topology,
+    generation_key,
+)
+from broker.transport import REASON_HEADER, Delivery
+from coordinator.embedding import HashingEmbedder
+from coordinator.prompts import load_prompts
+from coordinator.service import Coordinator
+from coordinator.settings import load_coordinator_settings
+from coordinator.store import CoordinatorStore
+from coordinator.wiring import build_strategy
+from schemas import Answer, GenerationBatch, encode, new_message_id
+
+
+def write_config(tmp_path: Path, **round_overrides: object) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "\n".join(json.dumps({"prompt_id": f"q{i}", "prompt": f"Question {i}?"}) for i in range(12)) + "\n"
+    )
+    rounds = {
+        "rounds": 1,
+        "prompts_per_round": 6,
+        "shards": 3,
+        "quorum": 3,
+        "min_participants": 5,
+        "deadline_seconds": 3.0,
+        "grace_seconds": 0.2,
+    } | round_overrides
+    lines = [
+        'federation = "test"',
+        'prompts_path = "prompts.jsonl"',
+        'state_path = "state.sqlite3"',
+        "[round]",
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in rounds.items()]
+    lines += ["[consensus]", 'embedder = "hashing"', "min_confidence = 0.3"]
+    config = tmp_path / "coordinator.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def make_coordinator(config: Path, broker: MemoryBroker) -> Coordinator:
+    settings = load_coordinator_settings(config, env={})
+    return Coordinator(
+        settings,
+        broker.connect(COORDINATOR_USER),
+        CoordinatorStore(settings.state_path),
+        load_prompts(Path(settings.prompts_path)),
+        build_strategy(settings, HashingEmbedder()),
+    )
+
+
+async def run_with_participants(
+    coordinator: Coordinator, participants: list[ScriptedParticipant], timeout: float = 20.0
+) -> None:
+    await coordinator.start()
+    for participant in participants:
+        await participant.join()
+    await asyncio.wait_for(coordinator.drive(), timeout)
+    await asyncio.sleep(0.05)  # let the last replies land
+    await coordinator.stop_intake()
+
+
+async def test_round_closes_on_time_with_a_straggler(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    coordinator = make_coordinator(write_config(tmp_path, grace_seconds=0.3), broker)
+    names = ["alice", "bob", "carol", "dave", "erin"]
+    broker.declare(full_topology(names, shards=3))
+    participants = [
+        ScriptedParticipant(n, broker.connect(n), consensus_answers, delay=5.0 if n == "erin" else 0.0)
+        for n in names
+    ]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await run_with_participants(coordinator, participants)
+    assert loop.time() - started < 3.0  # quorum + grace, well before the deadline
+    (summary,) = coordinator.closed_rounds
+    assert summary.answered == ["alice", "bob", "carol", "dave"]
+    assert summary.missing == ["erin"]
+    assert all(o.status == "labelled" for o in summary.shards)
+    assert sum(o.labelled for o in summary.shards) == 6  # every prompt labelled
+    for participant in participants:  # the straggler gets the labels too
+        assert len(participant.labels) == 3
+        assert participant.closed and participant.closed[0].round_id == 1
+    assert summary.bytes_received.keys() == {"alice", "bob", "carol", "dave"}
+    assert all(v > 0 for v in summary.bytes_sent.values())
+
+
+async def test_outlier_never_labels_and_ranks_last(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    coordinator = make_coordinator(write_config(tmp_path, min_participants=4, quorum=4), broker)
+    names = ["alice", "bob", "carol", "mallory"]
+    broker.declare(full_topology(names, shards=3))
+    participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
+    await run_with_participants(coordinator, participants)
+    (summary,) = coordinator.closed_rounds
+    labels = [label for p in participants[:1] for m in p.labels.values() for label in m.labels]
+    assert labels and all(label.source != "mallory" for label in labels)
+    assert min(summary.agreement, key=lambda p: summary.agreement[p]) == "mallory"
+
+
+async def test_bad_generations_are_dead_lettered_with_reasons(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    coordinator = make_coordinator(write_config(tmp_path, min_participants=1, quorum=1, rounds=1), broker)
+    broker.declare(full_topology(["alice", "mallory"], shards=3))
+    dead: list[Delivery] = []
+
+    async def collect(delivery: Delivery) -> None:
+        dead.append(delivery)
+
+    await broker.connect("inspector").consume(DEAD_LETTER_QUEUE, collect)
+    await coordinator.start()
+    alice = ScriptedParticipant("alice", broker.connect("alice"), consensus_answers, delay=0.5)
+    await alice.join()
+    drive = asyncio.create_task(coordinator.drive())
+    await asyncio.sleep(0.1)
+    assert coordinator.round is not None
+    shard = coordinator.round.shards[0]
+    mallory = broker.connect("mallory")
+
+    def batch(participant: str, **changes: object) -> bytes:
+        fields: dict[str, object] = {
+            "federation": "test",
+            "round_id": 1,
+            "message_id": new_message_id(),
+            "participant_id": participant,
+            "shard_id": 0,
+            "model_id": "x",
+            "answers": [Answer(prompt_id=shard.prompt_ids[0], text="hi")],
+        }
+        return encode(GenerationBatch(**(fields | changes)))  # type: ignore[arg-type]
+
+    bad = [
+        (generation_key(0, "mallory"), b"\x93garbage", "schema malformed"),
+        (generation_key(0, "alice"), batch("alice"), "does not match participant_id"),  # forged identity
+        (generation_key(0, "mallory"), batch("mallory", round_id=9), "round 9 is not open"),
+        (generation_key(0, "mallory"), batch("mallory", federation="other"), "federation"),
+        (generation_key(1, "mallory"), batch("mallory"), "does not match shard_id"),
+        (
+            generation_key(0, "mallory"),
+            batch("mallory", answers=[Answer(prompt_id="zzz", text="x")]),
+            "not in shard",
+        ),
+        (generation_key(0, "mallory"), batch("mallory"), "not_expected"),
+    ]
+    for key, body, _ in bad:
+        await mallory.publish(UP_EXCHANGE, key, body, message_id=new_message_id())
+    await asyncio.wait_for(drive, 10.0)
+    await coordinator.stop_intake()
+    reasons = [str(d.headers[REASON_HEADER]) for d in dead]
+    assert len(reasons) == len(bad)
+    for (_, _, expected), reason in zip(bad, reasons, strict=True):
+        assert expected in reason
+    assert coordinator.counters.dead_lettered == len(bad)
+    (summary,) = coordinator.closed_rounds
+    assert summary.answered == ["alice"]  # good traffic undisturbed
+
+
+async def test_restart_mid_round_finishes_with_the_same_labels(tmp_path: Path) -> None:
+    names = ["alice", "bob", "carol"]
+    # reference run, no crash
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    broker = MemoryBroker()
+    broker.declare(full_topology(names, shards=3))
+    reference = make_coordinator(write_config(reference_dir, min_participants=3, quorum=3), broker)
+    clean = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
+    await run_with_participants(reference, clean)
+
+    crash_dir = tmp_path / "crash"
+    crash_dir.mkdir()
+    config = write_config(crash_dir, min_participants=3, quorum=3)
+    broker = MemoryBroker()
+    broker.declare(full_topology(names, shards=3))
+    first = make_coordinator(config, broker)
+    await first.start()
+    participants = [
+        ScriptedParticipant(n, broker.connect(n), consensus_answers, delay=0.0 if n != "carol" else 0.5)
+        for n in names
+    ]
+    for participant in participants:
+        await participant.join()
+    drive = asyncio.create_task(first.drive())
+    await asyncio.sleep(0.2)  # round open, alice and bob answered, carol not yet
+    drive.cancel()  # the crash: no clean shutdown
+    await first.transport.close()
+    first.store.close()
+    assert first.closed_rounds == []
+
+    second = make_coordinator(config, broker)
+    await second.start()
+    await asyncio.wait_for(second.drive(), 10.0)
+    await asyncio.sleep(0.05)
+    await second.stop_intake()
+    assert len(second.closed_rounds) == 1
+    for before, after in zip(clean, participants, strict=True):
+        assert {k: v.labels for k, v in before.labels.items()} == {
+            k: v.labels for k, v in after.labels.items()
+        }
+        assert after.label_deliveries == len(after.labels)  # no label published twice
+
+
+def test_settings_errors_are_clear(tmp_path: Path) -> None:
+    from coordinator.settings import SettingsError
+
+    config = write_config(tmp_path)
+    config.write_text(config.read_text() + "typo_key = 1\n")
+    with pytest.raises(SettingsError, match="typo_key"):
+        load_coordinator_settings(config, env={})
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_coordinator_settings(tmp_path / "nope.toml", env={})
