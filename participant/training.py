@@ -1,0 +1,317 @@
+"""LoRA fine-tuning as a plain loop: encode, batch, forward, masked weighted loss, step.
+
+The loss covers response tokens only: prompt and padding positions carry the label -100. Each example's
+mean token loss is scaled by its `weight`, so a pseudo-label can count in proportion to its confidence.
+Runs are seeded: the same model, data and settings give the same adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import structlog
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from participant.data import Example
+from participant.models import (
+    LocalModel,
+    ModelError,
+    progress_bar,
+    prompt_token_ids,
+    render_response,
+    write_directory_atomically,
+)
+
+log = structlog.get_logger()
+
+IGNORE_INDEX = -100  # the label torch's cross-entropy skips
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+# Attention projections to adapt when the settings name none; other architectures get "all-linear".
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | Literal["all-linear"] | None = None  # None: per architecture
+    epochs: int = 1
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    max_length: int = 256
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = [
+            name
+            for name, ok in [
+                ("rank", self.rank >= 1),
+                ("alpha", self.alpha >= 1),
+                ("dropout", 0.0 <= self.dropout < 1.0),
+                ("epochs", self.epochs >= 1),
+                ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate)),
+                ("batch_size", self.batch_size >= 1),
+                ("max_length", self.max_length >= 2),
+                ("max_grad_norm", self.max_grad_norm > 0),
+            ]
+            if not ok
+        ]
+        if problems:
+            raise ModelError(f"invalid training settings: {', '.join(problems)} out of range ({self})")
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    samples: int  # examples processed, every epoch counted
+    steps: int
+    response_tokens: int  # tokens the loss was computed on, every epoch counted
+    mean_loss: float  # mean of the per-step weighted losses
+    final_loss: float  # the last step's
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    input_ids: list[int]
+    prompt_length: int  # the first `prompt_length` ids are context, not trained on
+    weight: float
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # [batch, time], right-padded
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # input ids, with IGNORE_INDEX over prompt and padding
+    weights: torch.Tensor  # [batch]
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------
+
+
+def has_lora(lm: LocalModel) -> bool:
+    return isinstance(lm.model, PeftModel)
+
+
+def attach_lora(lm: LocalModel, settings: TrainSettings) -> None:
+    """Wrap `lm.model` with a fresh LoRA adapter, in place; only the adapter's weights stay trainable."""
+    if has_lora(lm):
+        raise ModelError(f"{lm.model_id} already has a LoRA adapter")
+    model_type = str(getattr(lm.model.config, "model_type", ""))
+    targets = settings.target_modules or DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets) if isinstance(targets, tuple) else targets,
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # the adapter's initial weights are part of a repeatable run
+        lm.model = get_peft_model(lm.model, config)
+    lm.model.eval()
+
+
+def adapter_state(lm: LocalModel) -> dict[str, torch.Tensor]:
+    """The adapter's weights by name, detached CPU copies (what the FedAvg baseline ships)."""
+    _require_lora(lm)
+    return {
+        name: tensor.detach().cpu().clone() for name, tensor in get_peft_model_state_dict(lm.model).items()
+    }
+
+
+def load_adapter_state(lm: LocalModel, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite the adapter's weights; names and shapes must match this model's adapter exactly."""
+    _require_lora(lm)
+    expected = get_peft_model_state_dict(lm.model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelError(
+            f"adapter state does not fit {lm.model_id}: missing {missing[:3]}, unexpected {unexpected[:3]} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ModelError(
+                f"adapter tensor {name} has shape {tuple(tensor.shape)}, {lm.model_id} needs "
+                f"{tuple(expected[name].shape)}"
+            )
+    set_peft_model_state_dict(lm.model, state)
+
+
+def save_adapter(lm: LocalModel, path: Path) -> None:
+    """Write the adapter (config + safetensors) to `path`, replacing it atomically."""
+    _require_lora(lm)
+    write_directory_atomically(Path(path), lambda staging: lm.model.save_pretrained(staging))
+
+
+def load_adapter(lm: LocalModel, path: Path) -> None:
+    """Load an adapter saved by `save_adapter`: into the attached adapter, or attach it if there is none."""
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG_FILE).is_file() or not (path / ADAPTER_WEIGHTS_FILE).is_file():
+        raise ModelError(f"{path} holds no saved adapter ({ADAPTER_CONFIG_FILE} + {ADAPTER_WEIGHTS_FILE})")
+    if has_lora(lm):
+        load_adapter_state(lm, load_file(path / ADAPTER_WEIGHTS_FILE))
+    else:
+        lm.model = PeftModel.from_pretrained(lm.model, path, is_trainable=True)
+        lm.model.eval()
+
+
+def _require_lora(lm: LocalModel) -> None:
+    if not has_lora(lm):
+        raise ModelError(f"{lm.model_id} has no LoRA adapter: call attach_lora first")
+
+
+# ---- encoding and batching -----------------------------------------------------------------------
+
+
+def encode_example(lm: LocalModel, example: Example, max_length: int) -> EncodedExample:
+    """Prompt ids (formatted exactly as for generation) followed by response ids ending the turn."""
+    prompt_ids = prompt_token_ids(lm, example.prompt)
+    response_text = render_response(lm, example.prompt, example.response)
+    response_ids = list(lm.tokenizer(response_text, add_special_tokens=False)["input_ids"])
+    if not lm.has_chat_template and lm.tokenizer.eos_token_id is not None:
+        response_ids.append(int(lm.tokenizer.eos_token_id))
+    prompt_ids, response_ids = _fit_to_length(prompt_ids, response_ids, max_length)
+    return EncodedExample(prompt_ids + response_ids, len(prompt_ids), example.weight)
+
+
+def _fit_to_length(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut to `max_length`: the response keeps at least half the room, the prompt keeps its end."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response
+    response = response[: max(max_length - len(prompt), max_length // 2)]
+    keep = max_length - len(response)
+    return prompt[len(prompt) - keep :], response
+
+
+def build_batch(examples: Sequence[EncodedExample], pad_token_id: int) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = torch.tensor(example.input_ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, example.prompt_length : len(ids)] = ids[example.prompt_length :]
+    weights = torch.tensor([e.weight for e in examples], dtype=torch.float32)
+    return Batch(input_ids, attention_mask, labels, weights)
+
+
+def per_example_loss(lm: LocalModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token loss over each example's response tokens, and how many tokens each had."""
+    logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    targets = batch.labels[:, 1:]  # position t predicts token t + 1
+    token_loss = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    return token_loss.sum(dim=1) / counts.clamp(min=1), counts
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def finetune(
+    lm: LocalModel, examples: Sequence[Example], settings: TrainSettings, progress: bool = False
+) -> TrainStats:
+    """Train the LoRA adapter (attached first if missing) on `examples`; the base weights stay frozen."""
+    if not has_lora(lm):
+        attach_lora(lm, settings)
+    if not examples:
+        return TrainStats(samples=0, steps=0, response_tokens=0, mean_loss=0.0, final_loss=0.0, seconds=0.0)
+    encoded = [encode_example(lm, example, settings.max_length) for example in examples]
+    pad_token_id = _pad_token_id(lm)
+    trainable = [p for p in lm.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    shuffler = torch.Generator().manual_seed(settings.seed)
+    steps_per_epoch = math.ceil(len(encoded) / settings.batch_size)
+    losses: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+    with (
+        torch.random.fork_rng(devices=[]),
+        progress_bar(progress, settings.epochs * steps_per_epoch, "fine-tuning") as advance,
+    ):
+        torch.manual_seed(settings.seed)  # dropout masks repeat run to run
+        lm.model.train()
+        for _epoch in range(settings.epochs):
+            order = torch.randperm(len(encoded), generator=shuffler).tolist()
+            for start in range(0, len(order), settings.batch_size):
+                batch = build_batch(
+                    [encoded[i] for i in order[start : start + settings.batch_size]], pad_token_id
+                )
+                example_losses, counts = per_example_loss(lm, batch)
+                # Divide by the batch size, not the weight sum: a low-confidence batch should move less.
+                loss = (example_losses * batch.weights).sum() / len(example_losses)
+                torch.autograd.backward(loss)
+                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                tokens += int(counts.sum())
+                advance(f"loss {losses[-1]:.3f}")
+        lm.model.eval()
+    stats = TrainStats(
+        samples=len(encoded) * settings.epochs,
+        steps=len(losses),
+        response_tokens=tokens,
+        mean_loss=sum(losses) / len(losses),
+        final_loss=losses[-1],
+        seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "fine-tuned",
+        model=lm.model_id,
+        samples=stats.samples,
+        steps=stats.steps,
+        loss=round(stats.mean_loss, 4),
+    )
+    return stats
+
+
+@torch.inference_mode()
+def mean_response_loss(
+    lm: LocalModel, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
+) -> float:
+    """Mean loss per response token (weights ignored), with the model in eval mode."""
+    if not examples:
+        raise ModelError("mean_response_loss needs at least one example")
+    encoded = [encode_example(lm, example, max_length) for example in examples]
+    lm.model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = build_batch(encoded[start : start + batch_size], _pad_token_id(lm))
+        example_losses, counts = per_example_loss(lm, batch)
+        total_loss += float((example_losses * counts).sum())
+        total_tokens += int(counts.sum())
+    return total_loss / max(total_tokens, 1)
+
+
+def _pad_token_id(lm: LocalModel) -> int:
+    # Padding is masked out of attention and loss, so any id works; prefer the tokenizer's own.
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    return int(pad) if pad is not None else 0
