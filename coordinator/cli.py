@@ -1,0 +1,129 @@
+"""`chorus-coordinator`: run the coordinator service, or show its state."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from broker.connect import open_transport
+from coordinator.logs import configure_logging
+from coordinator.prompts import load_prompts
+from coordinator.service import Coordinator
+from coordinator.settings import CoordinatorSettings, load_coordinator_settings
+from coordinator.store import CoordinatorStore
+from coordinator.wiring import build_strategy
+from schemas.codec import decode_reply
+from schemas.errors import ChorusError
+from schemas.messages import RoundClosed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chorus-coordinator", description="The Chorus coordinator: rounds, consensus, pseudo-labels."
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run rounds against a broker until done or SIGTERM")
+    run.add_argument("--config", type=Path, required=True, help="coordinator TOML settings file")
+    run.add_argument("--broker", help="broker URL (amqp://user:pass@host:port/vhost); overrides the file")
+    run.add_argument("--rounds", type=int, help="number of rounds to run (0 = until stopped)")
+    status = commands.add_parser("status", help="rounds and shards from the state database, as a table")
+    status.add_argument("--config", type=Path, help="settings file naming the state database")
+    status.add_argument("--state", type=Path, help="the state database itself")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        if args.command == "run":
+            settings = load_coordinator_settings(args.config, broker_url=args.broker)
+            if args.rounds is not None:
+                settings = _with_rounds(settings, args.rounds)
+            asyncio.run(run_coordinator(settings))
+        else:
+            print_status(_state_path(args))
+    except ChorusError as e:
+        print(f"chorus-coordinator: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _with_rounds(settings: CoordinatorSettings, rounds: int) -> CoordinatorSettings:
+    import msgspec
+
+    return msgspec.structs.replace(settings, round=msgspec.structs.replace(settings.round, rounds=rounds))
+
+
+def _state_path(args: argparse.Namespace) -> Path:
+    if args.state is not None:
+        return Path(args.state)
+    if args.config is not None:
+        return Path(load_coordinator_settings(args.config).state_path)
+    raise ChorusError("give --state DB or --config FILE")
+
+
+async def run_coordinator(settings: CoordinatorSettings) -> None:
+    """Run until the configured rounds are done; SIGTERM/SIGINT stop intake and finish the step."""
+    if settings.broker_url.startswith("memory:"):
+        raise ChorusError(
+            "the coordinator alone cannot use the in-memory broker (participants could not reach it); "
+            "give --broker amqp://..., or use chorus-run for an embedded federation"
+        )
+    store = CoordinatorStore(settings.state_path)
+    strategy = build_strategy(settings)
+    try:
+        async with open_transport(settings.broker_url, connection_name="chorus-coordinator") as transport:
+            coordinator = Coordinator(
+                settings, transport, store, load_prompts(Path(settings.prompts_path)), strategy
+            )
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, coordinator.request_stop)
+            await coordinator.run()
+    finally:
+        store.close()
+
+
+def print_status(state_path: Path) -> None:
+    if not state_path.is_file():
+        raise ChorusError(f"no state database at {state_path}; has the coordinator run yet?")
+    store = CoordinatorStore(state_path)
+    try:
+        rows = [("round", "status", "shard", "outcome", "answered", "labelled", "reason")]
+        for round_row in store.rounds():
+            summary = None if round_row.summary is None else decode_reply(round_row.summary)
+            closings = {c.shard_id: c for c in store.closings(round_row.round_id)}
+            outcomes = {o.shard_id: o for o in summary.shards} if isinstance(summary, RoundClosed) else {}
+            if not closings:
+                rows.append((str(round_row.round_id), round_row.status, "-", "open", "-", "-", ""))
+            for shard_id, closing in sorted(closings.items()):
+                labelled = outcomes[shard_id].labelled if shard_id in outcomes else "-"
+                rows.append(
+                    (
+                        str(round_row.round_id),
+                        round_row.status,
+                        str(shard_id),
+                        closing.status,
+                        str(len(closing.answered)),
+                        str(labelled),
+                        closing.reason,
+                    )
+                )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        members = store.members()
+        print(f"\n{len(members)} members: " + ", ".join(m.participant_id for m in members))
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
