@@ -1,0 +1,1 @@
+"""Benchmarks and the experiment harness: task builders, the communication calculator."""
