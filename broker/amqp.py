@@ -343,7 +343,7 @@ class AmqpTransport:
                     self._dead_letter_exchange, self._dead_letter_routing_key, copy, DEFAULT_PUBLISH_TIMEOUT
                 )
             except BrokerError as e:
-                self._dead_letter_refused = isinstance(e, _PermissionDenied)
+                self._dead_letter_refused = isinstance(e, AccessRefused)
                 log.warning(
                     "cannot publish to the dead-letter exchange; rejecting so the queue dead-letters it",
                     reason=reason,
@@ -356,7 +356,7 @@ class AmqpTransport:
         await message.nack(requeue=False)
 
 
-class _PermissionDenied(BrokerError):
+class AccessRefused(BrokerError):
     """The broker refused an operation for lack of permission."""
 
 
@@ -402,7 +402,7 @@ class _ConfirmedPublisher:
                 ) from e
             except aiormq.exceptions.ChannelAccessRefused as e:
                 await self._forget_channel()
-                raise _PermissionDenied(
+                raise AccessRefused(
                     f"user {self._transport.user!r} may not publish to {exchange!r} with routing key "
                     f"{routing_key!r}: check its write and topic permissions (rabbitmqctl list_permissions, "
                     "list_topic_permissions)"

@@ -1,0 +1,186 @@
+"""`chorus-broker`: run a local RabbitMQ node for Chorus (tests, the demo, one-machine rounds).
+
+    chorus-broker up [--dir D] [--port P] [--shards N] [--participants a,b]
+    chorus-broker status [--dir D]
+    chorus-broker add-participant NAME [--password-file F] [--dir D]
+    chorus-broker down [--dir D]
+
+`up` prints the coordinator's AMQP URL on the first line of stdout, so
+`URL=$(chorus-broker up | head -n1)` works; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from broker.errors import BrokerError
+from broker.local_node import LocalNode, UsageError
+
+DEFAULT_DIR = Path(os.environ.get("CHORUS_BROKER_DIR", ".chorus/rabbitmq"))
+EXIT_NOT_RUNNING = 3  # like `systemctl status` for a stopped service
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    try:
+        result: int = args.run(args)
+        return result
+    except UsageError as e:
+        print(f"chorus-broker: error: {e}", file=sys.stderr)
+        return 2
+    except BrokerError as e:
+        print(f"chorus-broker: failed: {e}", file=sys.stderr)
+        return 1
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Console lines on a terminal, JSON lines otherwise; always on stderr (stdout carries URLs)."""
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chorus-broker",
+        description="Run a local RabbitMQ node with the Chorus topology, users and permissions.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up",
+        help="start the node in the background and print the coordinator's AMQP URL",
+        description="Start (or restart) the node kept in --dir; prints the coordinator URL first, "
+        "then one 'NAME URL' line per new participant (their passwords are shown only here).",
+    )
+    _add_dir(up)
+    up.add_argument("--port", type=int, help="AMQP port (default: a free one, remembered in the dir)")
+    up.add_argument("--dist-port", type=int, help="Erlang distribution port (default: a free one)")
+    up.add_argument("--shards", type=_positive, help="generation shard queues (default 4)")
+    up.add_argument("--vhost", help="virtual host (default chorus)")
+    up.add_argument(
+        "--participants", type=_names, default=[], help="comma-separated participant ids to create"
+    )
+    up.set_defaults(run=_up)
+
+    down = commands.add_parser("down", help="stop the node", description="Stop the node kept in --dir.")
+    _add_dir(down)
+    down.set_defaults(run=_down)
+
+    status = commands.add_parser(
+        "status",
+        help="say whether the node runs, and its URL",
+        description=f"Print the node's state; exit code 0 when it runs, {EXIT_NOT_RUNNING} when it does not.",
+    )
+    _add_dir(status)
+    status.set_defaults(run=_status)
+
+    add = commands.add_parser(
+        "add-participant",
+        help="create a participant user with least privilege, and its reply queue",
+        description="Create participant NAME: it may publish only generations/control under its own id "
+        "and read only its own reply queue. The password is printed once unless --password-file gives it.",
+    )
+    add.add_argument("name", metavar="NAME", help="participant id (letters, digits, '_' or '-')")
+    add.add_argument("--password-file", type=Path, help="read the password from this file instead")
+    _add_dir(add)
+    add.set_defaults(run=_add_participant)
+    return parser
+
+
+def _add_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DIR,
+        help=f"node data directory (default {DEFAULT_DIR}, $CHORUS_BROKER_DIR)",
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _up(args: argparse.Namespace) -> int:
+    node = LocalNode(args.dir, port=args.port, dist_port=args.dist_port, vhost=args.vhost, shards=args.shards)
+    if not node.is_running():
+        node.start()
+    print(node.coordinator_url)
+    for name in args.participants:
+        if name in node.state.participants:
+            print(f"{name} (exists; password unchanged)")
+            continue
+        password = node.add_participant(name)
+        print(f"{name} {node.url_for(name, password)}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    node = LocalNode.existing(args.dir)
+    node.stop()
+    print(f"stopped {node.state.nodename}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    node = LocalNode.existing(args.dir)
+    status = node.status()
+    state = f"running, pid {status.pid}" if status.running else "stopped"
+    print(f"node:         {status.nodename} ({state})")
+    print(f"url:          {node.coordinator_url}")
+    print(f"data dir:     {status.data_dir}")
+    print(f"participants: {', '.join(status.participants) or '-'}")
+    return 0 if status.running else EXIT_NOT_RUNNING
+
+
+def _add_participant(args: argparse.Namespace) -> int:
+    node = LocalNode.existing(args.dir)
+    if not node.is_running():
+        raise UsageError(f"the broker in {args.dir} is not running; run: chorus-broker up --dir {args.dir}")
+    password = _read_password(args.password_file) if args.password_file else None
+    chosen = node.add_participant(args.name, password)
+    # A generated password is shown this once; one read from a file stays there.
+    print(f"{args.name} {node.url_for(args.name, '***' if password else chosen)}")
+    return 0
+
+
+def _read_password(path: Path) -> str:
+    try:
+        password = path.read_text().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read the password file {path}: {e.strerror}") from e
+    if not password:
+        raise UsageError(f"the password file {path} is empty")
+    return password
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

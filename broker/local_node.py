@@ -1,0 +1,733 @@
+"""A local RabbitMQ node from the Debian package, run as an ordinary process.
+
+Everything the node writes lives in one data directory: its config, the
+definitions it loads at boot, its Mnesia/quorum data, logs, and `HOME` (the
+Erlang cookie). RabbitMQ 3.10.8 silently ignores a definitions file it cannot
+parse, so every start ends by *checking* with rabbitmqctl that the vhost,
+exchanges, queues, bindings and permissions are really there.
+
+    node = LocalNode(Path(".chorus/rabbitmq"))
+    node.start()                       # free ports picked, state kept in node.json
+    node.coordinator_url               # amqp://coordinator:...@127.0.0.1:PORT/chorus
+    node.add_participant("alice")      # -> generated password
+    node.stop()
+
+`python -m broker.local_node --write-definitions deploy/rabbitmq/definitions.json`
+regenerates the checked-in definitions file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import structlog
+
+from broker import topology
+from broker.amqp import queue_arguments
+from broker.errors import BrokerError
+from broker.transport import Topology
+
+log = structlog.get_logger(__name__)
+
+RABBITMQ_BIN = Path(os.environ.get("CHORUS_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
+RABBITMQ_VERSION = "3.10.8"
+DEFAULT_VHOST = "chorus"
+DEFAULT_HOST = "127.0.0.1"
+STATE_FILE = "node.json"
+# Only for the checked-in deploy/rabbitmq/definitions.json: change it before exposing a broker.
+DEV_COORDINATOR_PASSWORD = "chorus-dev-password"
+_DEV_SALT = b"chrs"
+PARTICIPANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
+# Idle Erlang schedulers otherwise busy-wait, which starves everything else on a small machine.
+_ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none"
+
+
+class NodeError(BrokerError):
+    """The local node could not be started, stopped or changed; the message says what to do."""
+
+
+class UsageError(NodeError):
+    """The request itself is wrong (bad id, options that contradict the data dir, busy port...)."""
+
+
+class RabbitMQMissing(UsageError):
+    pass
+
+
+class PortInUse(UsageError):
+    pass
+
+
+class NodeVerificationError(NodeError):
+    """The node runs, but the definitions it should have loaded are not (all) there."""
+
+
+# ---------------------------------------------------------------------------
+# Definitions: users, permissions and topology as RabbitMQ's JSON document
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopicGrant:
+    exchange: str
+    write: str
+    read: str
+
+
+@dataclass(frozen=True)
+class UserGrant:
+    """A user, its password hash and its rights on one vhost."""
+
+    name: str
+    password_hash: str
+    configure: str
+    write: str
+    read: str
+    topic: tuple[TopicGrant, ...] = ()
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """RabbitMQ's `rabbit_password_hashing_sha256`: base64(salt + sha256(salt + password))."""
+    salt = secrets.token_bytes(4) if salt is None else salt
+    digest = hashlib.sha256(salt + password.encode()).digest()
+    return base64.b64encode(salt + digest).decode()
+
+
+def coordinator_grant(password: str, salt: bytes | None = None) -> UserGrant:
+    return UserGrant(topology.COORDINATOR_USER, hash_password(password, salt), ".*", ".*", ".*")
+
+
+def participant_grant(name: str, password: str) -> UserGrant:
+    """Least privilege: configure nothing, publish only under its own id, read only its replies."""
+    check_participant_id(name)
+    return UserGrant(
+        name=name,
+        password_hash=hash_password(password),
+        configure="^$",
+        write=f"^{re.escape(topology.UP_EXCHANGE)}$",
+        read=f"^{re.escape(topology.reply_queue(name))}$",
+        topic=(TopicGrant(topology.UP_EXCHANGE, topology.participant_topic_pattern(name), "^$"),),
+    )
+
+
+def check_participant_id(name: str) -> None:
+    if not PARTICIPANT_ID.match(name):
+        raise UsageError(f"participant id {name!r} must be 1-64 letters, digits, '_' or '-'")
+    if name == topology.COORDINATOR_USER:
+        raise UsageError(f"{name!r} is the coordinator's user, not a participant id")
+
+
+def definitions(topo: Topology, vhost: str, users: Sequence[UserGrant]) -> dict[str, Any]:
+    """The definitions document RabbitMQ imports (at boot, or with `rabbitmqctl import_definitions`)."""
+    return {
+        "rabbit_version": RABBITMQ_VERSION,
+        "rabbitmq_version": RABBITMQ_VERSION,
+        "users": [
+            {
+                "name": user.name,
+                "password_hash": user.password_hash,
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": [],
+                "limits": {},
+            }
+            for user in users
+        ],
+        "vhosts": [{"name": vhost}],
+        "permissions": [
+            {"user": u.name, "vhost": vhost, "configure": u.configure, "write": u.write, "read": u.read}
+            for u in users
+        ],
+        "topic_permissions": [
+            {"user": u.name, "vhost": vhost, "exchange": t.exchange, "write": t.write, "read": t.read}
+            for u in users
+            for t in u.topic
+        ],
+        "parameters": [],
+        "global_parameters": [],
+        "policies": [],
+        "queues": [
+            {
+                "name": q.name,
+                "vhost": vhost,
+                "durable": True,
+                "auto_delete": False,
+                "arguments": queue_arguments(q),
+            }
+            for q in topo.queues
+        ],
+        "exchanges": [
+            {
+                "name": e.name,
+                "vhost": vhost,
+                "type": e.type,
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+            for e in topo.exchanges
+        ],
+        "bindings": [
+            {
+                "source": b.exchange,
+                "vhost": vhost,
+                "destination": b.queue,
+                "destination_type": "queue",
+                "routing_key": b.routing_key,
+                "arguments": {},
+            }
+            for b in topo.bindings
+        ],
+    }
+
+
+def checked_in_definitions() -> dict[str, Any]:
+    """What deploy/rabbitmq/definitions.json holds: core topology, the coordinator with the dev password."""
+    coordinator = coordinator_grant(DEV_COORDINATOR_PASSWORD, salt=_DEV_SALT)
+    return definitions(topology.core_topology(), DEFAULT_VHOST, [coordinator])
+
+
+def render_definitions(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Verification: what rabbitmqctl lists against what should be there
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Listings:
+    """rabbitmqctl's answers, parsed from its JSON formatter."""
+
+    vhosts: list[dict[str, Any]]
+    exchanges: list[dict[str, Any]]
+    queues: list[dict[str, Any]]
+    bindings: list[dict[str, Any]]
+    permissions: list[dict[str, Any]]
+    topic_permissions: list[dict[str, Any]]
+
+
+def find_problems(topo: Topology, vhost: str, users: Sequence[UserGrant], found: Listings) -> list[str]:
+    """Everything expected but missing or different; empty when the node is as it should be."""
+    problems: list[str] = []
+    if vhost not in {v["name"] for v in found.vhosts}:
+        return [f"vhost {vhost!r} does not exist"]
+    exchanges = {e["name"]: e["type"] for e in found.exchanges}
+    for exchange in topo.exchanges:
+        if exchanges.get(exchange.name) != exchange.type:
+            problems.append(f"{exchange.type} exchange {exchange.name!r} is missing")
+    queues = {q["name"]: q.get("type") for q in found.queues}
+    for queue in topo.queues:
+        if queue.name not in queues:
+            problems.append(f"queue {queue.name!r} is missing")
+        elif queue.quorum and queues[queue.name] != "quorum":
+            problems.append(f"queue {queue.name!r} is {queues[queue.name]}, not quorum")
+    bindings = {(b["source_name"], b["destination_name"], b["routing_key"]) for b in found.bindings}
+    for binding in topo.bindings:
+        if (binding.exchange, binding.queue, binding.routing_key) not in bindings:
+            problems.append(
+                f"binding {binding.exchange} -[{binding.routing_key}]-> {binding.queue} is missing"
+            )
+    permissions = {p["user"]: (p["configure"], p["write"], p["read"]) for p in found.permissions}
+    topic = {(p["user"], p["exchange"]): (p["write"], p["read"]) for p in found.topic_permissions}
+    for user in users:
+        if permissions.get(user.name) != (user.configure, user.write, user.read):
+            problems.append(f"user {user.name!r} lacks its permissions on vhost {vhost!r}")
+        for grant in user.topic:
+            if topic.get((user.name, grant.exchange)) != (grant.write, grant.read):
+                problems.append(f"user {user.name!r} lacks its topic permission on {grant.exchange!r}")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# The node
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class NodeState:
+    """What a node's data directory remembers between runs (node.json, readable by its owner only)."""
+
+    nodename: str
+    port: int
+    dist_port: int
+    host: str = DEFAULT_HOST
+    vhost: str = DEFAULT_VHOST
+    shards: int = topology.DEFAULT_SHARDS
+    delivery_limit: int = topology.DEFAULT_DELIVERY_LIMIT
+    coordinator_password: str = ""
+    participants: list[str] = field(default_factory=list)
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    running: bool
+    nodename: str
+    pid: int | None
+    port: int
+    vhost: str
+    data_dir: Path
+    participants: tuple[str, ...]
+
+
+class LocalNode:
+    """One RabbitMQ node whose every file lives under `data_dir`.
+
+    A data directory that held a node before keeps its node name, ports, vhost,
+    shards and coordinator password (node.json); passing different ones is an error.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        dist_port: int | None = None,
+        vhost: str | None = None,
+        shards: int | None = None,
+        delivery_limit: int | None = None,
+        host: str = DEFAULT_HOST,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self._process: subprocess.Popen[bytes] | None = None
+        previous = _load_state(self.data_dir / STATE_FILE)
+        if previous is None:
+            self.state = NodeState(
+                nodename=f"chorus-{secrets.token_hex(4)}@localhost",
+                port=port or _free_port(host),
+                dist_port=dist_port or _free_port("0.0.0.0"),
+                host=host,
+                vhost=vhost or DEFAULT_VHOST,
+                shards=shards or topology.DEFAULT_SHARDS,
+                delivery_limit=delivery_limit or topology.DEFAULT_DELIVERY_LIMIT,
+                coordinator_password=secrets.token_urlsafe(18),
+            )
+        else:
+            self.state = previous
+            _check_same("port", port, previous.port, self.data_dir)
+            _check_same("dist port", dist_port, previous.dist_port, self.data_dir)
+            _check_same("vhost", vhost, previous.vhost, self.data_dir)
+            _check_same("shards", shards, previous.shards, self.data_dir)
+            _check_same("delivery limit", delivery_limit, previous.delivery_limit, self.data_dir)
+
+    @classmethod
+    def existing(cls, data_dir: Path) -> LocalNode:
+        """The node a previous `start` set up in `data_dir` (for `down`/`status` from another process)."""
+        if not (data_dir / STATE_FILE).is_file():
+            raise UsageError(f"no broker was started in {data_dir} (no {STATE_FILE}); run: chorus-broker up")
+        return cls(data_dir)
+
+    # -- URLs --------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self.state.port
+
+    @property
+    def vhost(self) -> str:
+        return self.state.vhost
+
+    @property
+    def coordinator_url(self) -> str:
+        return self.url_for(topology.COORDINATOR_USER, self.state.coordinator_password)
+
+    def url_for(self, user: str, password: str, vhost: str | None = None) -> str:
+        return (
+            f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{self.state.host}:{self.state.port}/"
+            f"{quote(vhost or self.state.vhost, safe='')}"
+        )
+
+    def topology(self, participants: Iterable[str] = ()) -> Topology:
+        return topology.full_topology(participants, self.state.shards, self.state.delivery_limit)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Boot the node, load the definitions, and check they took. Returns once it serves AMQP."""
+        _require_rabbitmq()
+        if self.is_running():
+            raise UsageError(f"the node in {self.data_dir} is already running (pid {self.state.pid})")
+        for name, port, host in (
+            ("AMQP", self.state.port, self.state.host),
+            ("distribution", self.state.dist_port, "0.0.0.0"),
+        ):
+            if not _port_is_free(host, port):
+                raise PortInUse(
+                    f"{name} port {port} is already in use (another broker?); stop it, "
+                    "or pick another port with --port / a new --dir"
+                )
+        self._write_files()
+        output = open(self._log_dir / "node.out", "ab")  # noqa: SIM115 - handed to the child process
+        with output:
+            self._process = subprocess.Popen(
+                [str(RABBITMQ_BIN / "rabbitmq-server")],
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: kill() takes the whole node, nothing else
+            )
+        self.state.pid = self._process.pid
+        _save_state(self.data_dir / STATE_FILE, self.state)
+        log.info(
+            "starting rabbitmq", node=self.state.nodename, port=self.state.port, data_dir=str(self.data_dir)
+        )
+        try:
+            self._wait_until_serving(timeout)
+            self.verify()
+        except BaseException:
+            self.kill()
+            raise
+        log.info("rabbitmq is up", node=self.state.nodename, url=self.url_for("coordinator", "***"))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop gracefully (rabbitmqctl stop); SIGKILL if it does not go in time."""
+        if not self.is_running():
+            self._forget_pid()
+            return
+        try:
+            self._ctl("stop", timeout=timeout)
+        except NodeError as e:
+            log.warning("graceful stop failed; killing", error=str(e))
+        if not self._wait_for_exit(timeout):
+            self.kill()
+            return
+        self._forget_pid()
+
+    def kill(self) -> None:
+        """SIGKILL the node's process group, as a crash would. `start()` brings it back on the same ports."""
+        pid = self.state.pid
+        if pid is not None and _is_our_node(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            self._wait_for_exit(10.0)
+        self._forget_pid()
+
+    def is_running(self) -> bool:
+        pid = self.state.pid
+        if pid is None:
+            return False
+        if self._process is not None and self._process.pid == pid:
+            return self._process.poll() is None
+        return _is_our_node(pid)
+
+    def status(self) -> NodeStatus:
+        return NodeStatus(
+            running=self.is_running(),
+            nodename=self.state.nodename,
+            pid=self.state.pid,
+            port=self.state.port,
+            vhost=self.state.vhost,
+            data_dir=self.data_dir,
+            participants=tuple(self.state.participants),
+        )
+
+    # -- users -------------------------------------------------------------
+
+    def add_participant(self, name: str, password: str | None = None) -> str:
+        """Create a least-privilege user, its reply queue and bindings; returns its password."""
+        check_participant_id(name)
+        password = password or secrets.token_urlsafe(18)
+        grant = participant_grant(name, password)
+        topo = topology.participant_topology([name], self.state.delivery_limit)
+        self._import(definitions(topo, self.state.vhost, [grant]))
+        problems = find_problems(topo, self.state.vhost, [grant], self._listings(self.state.vhost))
+        if problems:
+            raise NodeVerificationError(f"participant {name!r} was not set up: " + "; ".join(problems))
+        if name not in self.state.participants:
+            self.state.participants.append(name)
+            _save_state(self.data_dir / STATE_FILE, self.state)
+        log.info("participant added", participant=name, vhost=self.state.vhost)
+        return password
+
+    def add_vhost(self, vhost: str) -> str:
+        """A fresh vhost with the Chorus topology and the coordinator on it; returns its coordinator URL.
+
+        For tests that want a broker nobody else publishes to.
+        """
+        topo = topology.core_topology(self.state.shards, self.state.delivery_limit)
+        grant = coordinator_grant(self.state.coordinator_password)
+        self._import(definitions(topo, vhost, [grant]))
+        return self.url_for(topology.COORDINATOR_USER, self.state.coordinator_password, vhost)
+
+    def verify(self) -> None:
+        """Check the vhost, topology and permissions exist (3.10.8 skips an unparsable definitions file)."""
+        grants = [coordinator_grant(self.state.coordinator_password)]
+        grants += [participant_grant(name, "unused") for name in self.state.participants]
+        topo = self.topology(self.state.participants)
+        problems = find_problems(topo, self.state.vhost, grants, self._listings(self.state.vhost))
+        if problems:
+            raise NodeVerificationError(
+                "RabbitMQ started but did not load its definitions ("
+                + "; ".join(problems)
+                + f"). RabbitMQ 3.10.8 silently skips a definitions file it cannot parse: check "
+                f"{self.data_dir / 'definitions.json'} and the log in {self._log_dir}"
+            )
+
+    # -- internals ---------------------------------------------------------
+
+    @property
+    def _log_dir(self) -> Path:
+        return self.data_dir / "log"
+
+    def _write_files(self) -> None:
+        for sub in ("home", "mnesia", "log"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        core = topology.core_topology(self.state.shards, self.state.delivery_limit)
+        document = definitions(core, self.state.vhost, [coordinator_grant(self.state.coordinator_password)])
+        _write_private(self.data_dir / "definitions.json", render_definitions(document))
+        (self.data_dir / "rabbitmq.conf").write_text(self._config())
+        (self.data_dir / "enabled_plugins").write_text("[].\n")
+        (self.data_dir / "rabbitmq-env.conf").write_text(
+            "# empty: keeps /etc/rabbitmq/rabbitmq-env.conf out\n"
+        )
+
+    def _config(self) -> str:
+        return (
+            "# Generated by broker.local_node for this data directory.\n"
+            f"load_definitions = {self.data_dir / 'definitions.json'}\n"
+            f"default_vhost = {self.state.vhost}\n"
+            f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n"
+            "log.console = false\n"
+            "log.file.level = info\n"
+        )
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env.update(
+            HOME=str(self.data_dir / "home"),
+            RABBITMQ_NODENAME=self.state.nodename,
+            RABBITMQ_NODE_IP_ADDRESS=self.state.host,
+            RABBITMQ_NODE_PORT=str(self.state.port),
+            RABBITMQ_DIST_PORT=str(self.state.dist_port),
+            RABBITMQ_MNESIA_BASE=str(self.data_dir / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self._log_dir),
+            RABBITMQ_CONFIG_FILE=str(self.data_dir / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.data_dir / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.data_dir / "enabled_plugins"),
+            RABBITMQ_CONF_ENV_FILE=str(self.data_dir / "rabbitmq-env.conf"),
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=_ERL_ARGS,
+        )
+        return env
+
+    def _wait_until_serving(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not _port_accepts(self.state.host, self.state.port):
+            if self._process is not None and self._process.poll() is not None:
+                raise self._startup_failure()
+            if time.monotonic() > deadline:
+                raise NodeError(
+                    f"RabbitMQ did not open port {self.state.port} in {timeout:.0f}s; see {self._log_dir}"
+                )
+            time.sleep(0.2)
+        self._ctl(
+            "await_startup", "--timeout", str(max(1, int(deadline - time.monotonic()))), timeout=timeout
+        )
+
+    def _startup_failure(self) -> NodeError:
+        tail = _tail(self._log_dir / "node.out") + _tail(self._log_dir / f"{self.state.nodename}.log")
+        if "eaddrinuse" in tail:
+            ports = f"{self.state.port} or {self.state.dist_port}"
+            return PortInUse(
+                f"RabbitMQ could not listen: port {ports} is already in use; pick another --port"
+            )
+        return NodeError(f"RabbitMQ exited during start-up; last log lines:\n{tail[-2000:]}")
+
+    def _wait_for_exit(self, timeout: float) -> bool:
+        pid = self.state.pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.pid == pid:
+                if self._process.poll() is not None:
+                    return True
+            elif pid is None or not _pid_alive(pid):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _forget_pid(self) -> None:
+        self._process = None
+        if self.state.pid is not None:
+            self.state.pid = None
+            _save_state(self.data_dir / STATE_FILE, self.state)
+
+    def _ctl(self, *args: str, timeout: float = 30.0, stdin: str | None = None) -> str:
+        command = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.state.nodename, "-q", *args]
+        try:
+            done = subprocess.run(
+                command,
+                env=self._env(),
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise NodeError(f"rabbitmqctl {args[0]} did not answer in {timeout:.0f}s") from e
+        if done.returncode != 0:
+            raise NodeError(f"rabbitmqctl {' '.join(args)} failed: {(done.stderr or done.stdout).strip()}")
+        return done.stdout
+
+    def _ctl_json_many(self, commands: Sequence[Sequence[str]]) -> list[list[dict[str, Any]]]:
+        """Run several listing commands side by side (each rabbitmqctl boots its own Erlang VM)."""
+        base = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.state.nodename, "-q"]
+        processes = [
+            subprocess.Popen(
+                [*base, *args, "--formatter", "json"],
+                env=self._env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for args in commands
+        ]
+        results: list[list[dict[str, Any]]] = []
+        for args, process in zip(commands, processes, strict=True):
+            out, err = process.communicate(timeout=60)
+            if process.returncode != 0:
+                raise NodeError(f"rabbitmqctl {' '.join(args)} failed: {(err or out).strip()}")
+            results.append(json.loads(out) if out.strip() else [])
+        return results
+
+    def _listings(self, vhost: str) -> Listings:
+        vhosts, exchanges, queues, bindings, permissions, topic = self._ctl_json_many(
+            [
+                ["list_vhosts", "name"],
+                ["list_exchanges", "-p", vhost, "name", "type"],
+                ["list_queues", "-p", vhost, "name", "type"],
+                ["list_bindings", "-p", vhost, "source_name", "destination_name", "routing_key"],
+                ["list_permissions", "-p", vhost],
+                ["list_topic_permissions", "-p", vhost],
+            ]
+        )
+        return Listings(vhosts, exchanges, queues, bindings, permissions, topic)
+
+    def _import(self, document: dict[str, Any]) -> None:
+        self._ctl("import_definitions", "--format", "json", stdin=json.dumps(document))
+
+
+def _check_same(what: str, given: object, kept: object, data_dir: Path) -> None:
+    if given is not None and given != kept:
+        raise UsageError(
+            f"the broker in {data_dir} was set up with {what} {kept}, not {given}; "
+            "leave the option out or use another --dir"
+        )
+
+
+def _require_rabbitmq() -> None:
+    if not (RABBITMQ_BIN / "rabbitmq-server").is_file() or shutil.which("erl") is None:
+        raise RabbitMQMissing(
+            f"RabbitMQ is not installed ({RABBITMQ_BIN / 'rabbitmq-server'} or erl missing); "
+            "run: apt-get install -y rabbitmq-server"
+        )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # a just-killed node's TIME_WAIT is not "in use"
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def _port_accepts(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_our_node(pid: int) -> bool:
+    """Whether `pid` is still a rabbitmq-server (and not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    zombie = stat.rpartition(")")[2].split()[0] == "Z"
+    return not zombie and b"rabbitmq-server" in cmdline
+
+
+def _tail(path: Path, size: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return ""
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_text(text)
+
+
+def _load_state(path: Path) -> NodeState | None:
+    if not path.is_file():
+        return None
+    try:
+        return NodeState(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path} is not a Chorus broker state file ({e}); use another --dir") from e
+
+
+def _save_state(path: Path, state: NodeState) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, json.dumps(asdict(state), indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.local_node",
+        description="Regenerate deploy/rabbitmq/definitions.json from broker.topology.",
+    )
+    parser.add_argument("--write-definitions", metavar="PATH", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.write_definitions.write_text(render_definitions(checked_in_definitions()))
+    print(f"wrote {args.write_definitions}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
