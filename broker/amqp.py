@@ -63,6 +63,7 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPConnectionError,
     ConnectionError,
 )
+_DECLARE_HINT = "; only the coordinator declares topology, participants configure nothing"
 _CHANNEL_GONE: tuple[type[BaseException], ...] = (*_CONNECTION_LOST, aiormq.exceptions.ChannelClosed)
 
 
@@ -217,27 +218,30 @@ class AmqpTransport:
                 await self._guard(
                     underlay.exchange_declare(exchange.name, exchange_type=exchange.type, durable=True),
                     f"declare exchange {exchange.name!r}",
+                    _DECLARE_HINT,
                 )
             for queue in topology.queues:
                 await self._guard(
                     underlay.queue_declare(queue.name, durable=True, arguments=dict(queue_arguments(queue))),
                     f"declare queue {queue.name!r}",
+                    _DECLARE_HINT,
                 )
             for binding in topology.bindings:
                 await self._guard(
                     underlay.queue_bind(binding.queue, binding.exchange, routing_key=binding.routing_key),
                     f"bind queue {binding.queue!r} to {binding.exchange!r} with {binding.routing_key!r}",
+                    _DECLARE_HINT,
                 )
         finally:
             await _close_quietly(channel)
 
-    async def _guard(self, operation: Any, what: str) -> Any:
+    async def _guard(self, operation: Any, what: str, hint: str = "") -> Any:
         try:
             return await operation
         except aiormq.exceptions.ChannelAccessRefused as e:
-            raise BrokerError(
-                f"user {self.user!r} may not {what} at {self._where}: it needs configure rights "
-                f"(rabbitmqctl list_permissions); only the coordinator declares topology"
+            raise AccessRefused(
+                f"user {self.user!r} may not {what} at {self._where}; check its permissions "
+                f"(rabbitmqctl list_permissions -p VHOST){hint}"
             ) from e
         except aiormq.exceptions.ChannelPreconditionFailed as e:
             raise BrokerError(
@@ -285,7 +289,7 @@ class AmqpTransport:
             await channel.set_qos(prefetch_count=prefetch, global_=False)
             amqp_queue = await self._guard(channel.declare_queue(queue, passive=True), f"consume {queue!r}")
             subscription = AmqpSubscription(self, channel, amqp_queue, handler)
-            await subscription.start()
+            await self._guard(subscription.start(), f"consume from {queue!r}")
         except BaseException:
             await _close_quietly(channel)
             raise

@@ -129,17 +129,42 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _up(args: argparse.Namespace) -> int:
-    node = LocalNode(args.dir, port=args.port, dist_port=args.dist_port, vhost=args.vhost, shards=args.shards)
+def bring_up(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    dist_port: int | None = None,
+    vhost: str | None = None,
+    shards: int | None = None,
+    participants: Sequence[str] = (),
+) -> tuple[LocalNode, dict[str, str]]:
+    """What `chorus-broker up` does: start the node unless it runs, add new participants.
+
+    Returns the node and the passwords of the participants it created.
+    """
+    node = LocalNode(data_dir, port=port, dist_port=dist_port, vhost=vhost, shards=shards)
     if not node.is_running():
         node.start()
+    new = [name for name in participants if name not in node.state.participants]
+    passwords = node.add_participants(dict.fromkeys(new)) if new else {}
+    return node, passwords
+
+
+def _up(args: argparse.Namespace) -> int:
+    node, passwords = bring_up(
+        args.dir,
+        port=args.port,
+        dist_port=args.dist_port,
+        vhost=args.vhost,
+        shards=args.shards,
+        participants=args.participants,
+    )
     print(node.coordinator_url)
     for name in args.participants:
-        if name in node.state.participants:
-            print(f"{name} (exists; password unchanged)")
-            continue
-        password = node.add_participant(name)
-        print(f"{name} {node.url_for(name, password)}")
+        if name in passwords:
+            print(f"{name} {node.url_for(name, passwords[name])}")
+        else:
+            print(f"{name} {node.display_url(name)} (exists; password unchanged)")
     return 0
 
 
@@ -168,7 +193,7 @@ def _add_participant(args: argparse.Namespace) -> int:
     password = _read_password(args.password_file) if args.password_file else None
     chosen = node.add_participant(args.name, password)
     # A generated password is shown this once; one read from a file stays there.
-    print(f"{args.name} {node.url_for(args.name, '***' if password else chosen)}")
+    print(f"{args.name} {node.display_url(args.name) if password else node.url_for(args.name, chosen)}")
     return 0
 
 

@@ -32,7 +32,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,10 +353,15 @@ class LocalNode:
         return self.url_for(topology.COORDINATOR_USER, self.state.coordinator_password)
 
     def url_for(self, user: str, password: str, vhost: str | None = None) -> str:
-        return (
-            f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{self.state.host}:{self.state.port}/"
-            f"{quote(vhost or self.state.vhost, safe='')}"
-        )
+        return self._url(user, quote(password, safe=""), vhost)
+
+    def display_url(self, user: str = topology.COORDINATOR_USER) -> str:
+        """The URL with the password masked, for logs and status lines."""
+        return self._url(user, "***")
+
+    def _url(self, user: str, quoted_password: str, vhost: str | None = None) -> str:
+        where = f"{self.state.host}:{self.state.port}/{quote(vhost or self.state.vhost, safe='')}"
+        return f"amqp://{quote(user, safe='')}:{quoted_password}@{where}"
 
     def topology(self, participants: Iterable[str] = ()) -> Topology:
         return topology.full_topology(participants, self.state.shards, self.state.delivery_limit)
@@ -399,7 +404,7 @@ class LocalNode:
         except BaseException:
             self.kill()
             raise
-        log.info("rabbitmq is up", node=self.state.nodename, url=self.url_for("coordinator", "***"))
+        log.info("rabbitmq is up", node=self.state.nodename, url=self.display_url())
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully (rabbitmqctl stop); SIGKILL if it does not go in time."""
@@ -447,19 +452,21 @@ class LocalNode:
 
     def add_participant(self, name: str, password: str | None = None) -> str:
         """Create a least-privilege user, its reply queue and bindings; returns its password."""
-        check_participant_id(name)
-        password = password or secrets.token_urlsafe(18)
-        grant = participant_grant(name, password)
-        topo = topology.participant_topology([name], self.state.delivery_limit)
-        self._import(definitions(topo, self.state.vhost, [grant]))
-        problems = find_problems(topo, self.state.vhost, [grant], self._listings(self.state.vhost))
+        return self.add_participants({name: password})[name]
+
+    def add_participants(self, passwords: Mapping[str, str | None]) -> dict[str, str]:
+        """`add_participant` for several at once (one import, one check); a None password is generated."""
+        chosen = {name: password or secrets.token_urlsafe(18) for name, password in passwords.items()}
+        grants = [participant_grant(name, password) for name, password in chosen.items()]
+        topo = topology.participant_topology(chosen, self.state.delivery_limit)
+        self._import(definitions(topo, self.state.vhost, grants))
+        problems = find_problems(topo, self.state.vhost, grants, self._listings(self.state.vhost, full=False))
         if problems:
-            raise NodeVerificationError(f"participant {name!r} was not set up: " + "; ".join(problems))
-        if name not in self.state.participants:
-            self.state.participants.append(name)
-            _save_state(self.data_dir / STATE_FILE, self.state)
-        log.info("participant added", participant=name, vhost=self.state.vhost)
-        return password
+            raise NodeVerificationError("participants were not set up: " + "; ".join(problems))
+        self.state.participants += [name for name in chosen if name not in self.state.participants]
+        _save_state(self.data_dir / STATE_FILE, self.state)
+        log.info("participants added", participants=sorted(chosen), vhost=self.state.vhost)
+        return chosen
 
     def add_vhost(self, vhost: str) -> str:
         """A fresh vhost with the Chorus topology and the coordinator on it; returns its coordinator URL.
@@ -611,17 +618,19 @@ class LocalNode:
             results.append(json.loads(out) if out.strip() else [])
         return results
 
-    def _listings(self, vhost: str) -> Listings:
-        vhosts, exchanges, queues, bindings, permissions, topic = self._ctl_json_many(
-            [
-                ["list_vhosts", "name"],
-                ["list_exchanges", "-p", vhost, "name", "type"],
-                ["list_queues", "-p", vhost, "name", "type"],
-                ["list_bindings", "-p", vhost, "source_name", "destination_name", "routing_key"],
-                ["list_permissions", "-p", vhost],
-                ["list_topic_permissions", "-p", vhost],
-            ]
-        )
+    def _listings(self, vhost: str, *, full: bool = True) -> Listings:
+        """What the node has; `full=False` skips vhosts and exchanges (participants add neither)."""
+        commands = [
+            ["list_queues", "-p", vhost, "name", "type"],
+            ["list_bindings", "-p", vhost, "source_name", "destination_name", "routing_key"],
+            ["list_permissions", "-p", vhost],
+            ["list_topic_permissions", "-p", vhost],
+        ]
+        if full:
+            commands += [["list_vhosts", "name"], ["list_exchanges", "-p", vhost, "name", "type"]]
+        answers = self._ctl_json_many(commands)
+        queues, bindings, permissions, topic = answers[:4]
+        vhosts, exchanges = answers[4:] if full else ([{"name": vhost}], [])
         return Listings(vhosts, exchanges, queues, bindings, permissions, topic)
 
     def _import(self, document: dict[str, Any]) -> None:
