@@ -1,0 +1,403 @@
+"""One behavioural suite for both transports: the in-memory broker must act like RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+
+import pytest
+from conftest import TransportFactory, eventually
+
+from broker import topology
+from broker.connect import open_transport
+from broker.errors import BrokerError, PublishTimeout, TopologyMissing, Unroutable
+from broker.local_node import LocalNode
+from broker.memory import binding_matches
+from broker.transport import (
+    ORIGINAL_EXCHANGE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+    REASON_HEADER,
+    Delivery,
+)
+
+GEN = topology.generation_key
+
+
+class Inbox:
+    """A handler that records deliveries (and acks them by returning)."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+
+    async def __call__(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+
+    @property
+    def ids(self) -> list[str | None]:
+        return [d.message_id for d in self.deliveries]
+
+
+async def test_round_trip_keeps_body_ids_user_and_routing_key(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    coordinator = await f.connect()
+    await coordinator.declare(f.topology())
+    inbox = Inbox()
+    await coordinator.consume(f.name(topology.shard_queue(1)), inbox)
+
+    await coordinator.publish(
+        f.name(topology.UP_EXCHANGE),
+        GEN(1, "alice"),
+        b"\x81\xa4kind",
+        message_id="m-1",
+        headers={"x-round": 3},
+    )
+
+    await eventually(lambda: len(inbox.deliveries) == 1)
+    delivery = inbox.deliveries[0]
+    assert delivery.body == b"\x81\xa4kind"
+    assert delivery.message_id == "m-1"
+    assert delivery.user_id == topology.COORDINATOR_USER
+    assert delivery.exchange == f.name(topology.UP_EXCHANGE)
+    assert delivery.routing_key == "gen.1.alice"
+    assert delivery.headers["x-round"] == 3
+    assert delivery.redelivered is False
+    assert delivery.timestamp is not None
+    # Returning without settling acked it: nothing is left and nothing comes back.
+    await eventually(lambda: delivery.settled)
+    await asyncio.sleep(0.1)
+    assert len(inbox.deliveries) == 1
+    assert await f.depth(coordinator, f.name(topology.shard_queue(1))) == 0
+
+
+async def test_generation_reaches_only_its_shard_queue(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology(shards=3, participants=("alice",)))
+    for shard in (0, 2, 2):
+        await transport.publish(
+            f.name(topology.UP_EXCHANGE), GEN(shard, "alice"), b"g", message_id=f"g{shard}"
+        )
+    await transport.publish(f.name(topology.UP_EXCHANGE), topology.control_key("alice"), b"c", message_id="c")
+    await transport.publish(
+        f.name(topology.DIRECT_EXCHANGE), topology.reply_key("alice"), b"r", message_id="r"
+    )
+
+    depths = {
+        name: await f.depth(transport, f.name(name))
+        for name in (
+            topology.shard_queue(0),
+            topology.shard_queue(1),
+            topology.shard_queue(2),
+            topology.CONTROL_QUEUE,
+            topology.reply_queue("alice"),
+        )
+    }
+    assert depths == {
+        "chorus.gen.0": 1,
+        "chorus.gen.1": 0,
+        "chorus.gen.2": 2,
+        "chorus.control": 1,
+        "chorus.reply.alice": 1,
+    }
+
+
+async def test_announcement_fans_out_to_every_reply_queue(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology(participants=("alice", "bob")))
+    await transport.publish(f.name(topology.ANNOUNCE_EXCHANGE), "", b"round opened", message_id="a1")
+    assert await f.depth(transport, f.name(topology.reply_queue("alice"))) == 1
+    assert await f.depth(transport, f.name(topology.reply_queue("bob"))) == 1
+
+
+async def test_unroutable_publish_raises(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology(shards=2))
+    with pytest.raises(Unroutable):
+        await transport.publish(f.name(topology.UP_EXCHANGE), GEN(7, "alice"), b"x", message_id="lost")
+    with pytest.raises(Unroutable):
+        await transport.publish(
+            f.name(topology.DIRECT_EXCHANGE), topology.reply_key("nobody"), b"x", message_id="l2"
+        )
+    # The transport stays usable after a return.
+    await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"x", message_id="kept")
+    assert await f.depth(transport, f.name(topology.shard_queue(0))) == 1
+
+
+async def test_missing_exchange_and_queue_are_errors(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    with pytest.raises(BrokerError):
+        await transport.publish(f.name("no.such.exchange"), "k", b"x", message_id="x")
+    with pytest.raises(TopologyMissing):
+        await transport.consume(f.name("no.such.queue"), Inbox())
+    # Still usable afterwards (a 404 closes an AMQP channel; it must not be the one we publish on).
+    await transport.declare(f.topology())
+    await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "a"), b"x", message_id="after")
+
+
+async def test_requeued_message_comes_back_redelivered(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology())
+    seen: list[Delivery] = []
+
+    async def requeue_first(delivery: Delivery) -> None:
+        seen.append(delivery)
+        if len(seen) == 1:
+            await delivery.requeue()
+
+    await transport.consume(f.name(topology.shard_queue(0)), requeue_first)
+    await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"x", message_id="again")
+    await eventually(lambda: len(seen) == 2)
+    assert [d.redelivered for d in seen] == [False, True]
+    assert {d.message_id for d in seen} == {"again"}
+
+
+async def test_failing_handler_ends_in_dead_letter_queue_after_delivery_limit(
+    transport_factory: TransportFactory,
+) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology(delivery_limit=2))
+    attempts: list[Delivery] = []
+
+    async def always_fails(delivery: Delivery) -> None:
+        attempts.append(delivery)
+        raise RuntimeError("poison")
+
+    await transport.consume(f.name(topology.shard_queue(0)), always_fails)
+    await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "mallory"), b"poison", message_id="p1")
+
+    dead = Inbox()
+    await transport.consume(f.name(topology.DEAD_LETTER_QUEUE), dead)
+    await eventually(lambda: len(dead.deliveries) == 1)
+    # Quorum queues dead-letter once the failed deliveries exceed the limit: limit + 1 attempts.
+    assert len(attempts) == 3
+    assert [d.redelivered for d in attempts] == [False, True, True]
+    letter = dead.deliveries[0]
+    assert letter.message_id == "p1"
+    assert letter.body == b"poison"
+    assert letter.headers[REASON_HEADER] == "delivery_limit"
+    assert letter.headers[ORIGINAL_EXCHANGE_HEADER] == f.name(topology.UP_EXCHANGE)
+    assert letter.headers[ORIGINAL_ROUTING_KEY_HEADER] == "gen.0.mallory"
+
+
+async def test_dead_letter_with_reason(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology())
+
+    async def reject(delivery: Delivery) -> None:
+        await delivery.dead_letter("schema: unknown_kind")
+
+    await transport.consume(f.name(topology.shard_queue(1)), reject)
+    await transport.publish(f.name(topology.UP_EXCHANGE), GEN(1, "bob"), b"junk", message_id="j1")
+
+    dead = Inbox()
+    await transport.consume(f.name(topology.DEAD_LETTER_QUEUE), dead)
+    await eventually(lambda: len(dead.deliveries) == 1)
+    letter = dead.deliveries[0]
+    assert letter.message_id == "j1"
+    assert letter.body == b"junk"
+    assert letter.headers[REASON_HEADER] == "schema: unknown_kind"
+    assert letter.headers[ORIGINAL_EXCHANGE_HEADER] == f.name(topology.UP_EXCHANGE)
+    assert letter.headers[ORIGINAL_ROUTING_KEY_HEADER] == "gen.1.bob"
+    assert letter.headers["x-chorus-user-id"] == topology.COORDINATOR_USER
+    assert await f.depth(transport, f.name(topology.shard_queue(1))) == 0
+
+
+async def test_duplicates_are_delivered_and_share_their_message_id(
+    transport_factory: TransportFactory,
+) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology())
+    inbox = Inbox()
+    await transport.consume(f.name(topology.shard_queue(0)), inbox)
+    for _ in range(2):  # a republish after a lost confirm looks exactly like this
+        await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"same", message_id="dup")
+    await eventually(lambda: len(inbox.deliveries) == 2)
+    assert inbox.ids == ["dup", "dup"]
+
+
+async def test_prefetch_bounds_unsettled_deliveries(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology())
+    release = asyncio.Event()
+    in_flight = 0
+    peak = 0
+    done: list[str | None] = []
+
+    async def slow(delivery: Delivery) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await release.wait()
+        in_flight -= 1
+        done.append(delivery.message_id)
+
+    for i in range(10):
+        await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"x", message_id=f"m{i}")
+    await transport.consume(f.name(topology.shard_queue(0)), slow, prefetch=3)
+    await eventually(lambda: in_flight == 3)
+    await asyncio.sleep(0.2)  # give the broker every chance to overshoot
+    assert peak == 3
+    release.set()
+    await eventually(lambda: len(done) == 10)
+    assert peak == 3
+
+
+async def test_consumers_of_one_queue_share_the_work(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology())
+    got: dict[str, list[str | None]] = {"a": [], "b": []}
+
+    def worker(name: str):  # type: ignore[no-untyped-def]
+        async def handle(delivery: Delivery) -> None:
+            await asyncio.sleep(0.01)
+            got[name].append(delivery.message_id)
+
+        return handle
+
+    await transport.consume(f.name(topology.shard_queue(0)), worker("a"), prefetch=1)
+    await transport.consume(f.name(topology.shard_queue(0)), worker("b"), prefetch=1)
+    for i in range(20):
+        await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "p"), b"x", message_id=f"w{i}")
+    await eventually(lambda: len(got["a"]) + len(got["b"]) == 20)
+    assert len(got["a"]) >= 5 and len(got["b"]) >= 5, got
+
+
+async def test_close_gives_unsettled_deliveries_back_as_redelivered(
+    transport_factory: TransportFactory,
+) -> None:
+    f = transport_factory
+    first = await f.connect()
+    await first.declare(f.topology())
+    started = asyncio.Event()
+
+    async def stuck(delivery: Delivery) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    await first.consume(f.name(topology.shard_queue(0)), stuck)
+    await first.publish(f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"x", message_id="held")
+    await asyncio.wait_for(started.wait(), 10)
+    await first.close()
+
+    second = await f.connect()
+    inbox = Inbox()
+    await second.consume(f.name(topology.shard_queue(0)), inbox)
+    await eventually(lambda: len(inbox.deliveries) == 1)
+    assert inbox.deliveries[0].message_id == "held"
+    assert inbox.deliveries[0].redelivered is True
+
+
+async def test_cancel_lets_running_handlers_finish_and_ack(transport_factory: TransportFactory) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    await transport.declare(f.topology())
+    started = asyncio.Event()
+    finished: list[str | None] = []
+
+    async def slowish(delivery: Delivery) -> None:
+        started.set()
+        await asyncio.sleep(0.2)
+        finished.append(delivery.message_id)
+
+    subscription = await transport.consume(f.name(topology.shard_queue(0)), slowish, prefetch=1)
+    await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "a"), b"x", message_id="one")
+    await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "a"), b"x", message_id="two")
+    await asyncio.wait_for(started.wait(), 10)
+    await subscription.cancel()
+    assert finished == ["one"]
+    # The second was never delivered to the cancelled consumer: it waits in the queue.
+    assert await f.depth(transport, f.name(topology.shard_queue(0))) == 1
+
+
+@pytest.mark.amqp
+async def test_participant_user_id_comes_from_the_login(rabbit_node: LocalNode) -> None:
+    name = f"uid-{secrets.token_hex(3)}"
+    password = rabbit_node.add_participant(name)
+    inbox = Inbox()
+    async with open_transport(rabbit_node.coordinator_url) as coordinator:
+        await coordinator.consume(topology.CONTROL_QUEUE, inbox)
+        async with open_transport(rabbit_node.url_for(name, password)) as participant:
+            assert participant.user == name
+            await participant.publish(
+                topology.UP_EXCHANGE, topology.control_key(name), b"hi", message_id="u1"
+            )
+        await eventually(lambda: "u1" in inbox.ids)
+    delivery = next(d for d in inbox.deliveries if d.message_id == "u1")
+    assert delivery.user_id == name
+
+
+@pytest.mark.amqp
+@pytest.mark.slow
+async def test_consumer_survives_broker_kill_and_loses_no_confirmed_message(rabbit_node: LocalNode) -> None:
+    f = TransportFactory("amqp", rabbit_node)
+    try:
+        await _kill_and_restart_mid_stream(f, rabbit_node)
+    finally:
+        await f.close()
+
+
+async def _kill_and_restart_mid_stream(f: TransportFactory, node: LocalNode) -> None:
+    publisher = await f.connect()
+    consumer = await f.connect()
+    await publisher.declare(f.topology())
+    received: set[str | None] = set()
+
+    async def handler(delivery: Delivery) -> None:
+        received.add(delivery.message_id)
+
+    await consumer.consume(f.name(topology.shard_queue(0)), handler)
+    confirmed: list[str] = []
+
+    async def publish(i: int, timeout: float) -> None:
+        with contextlib.suppress(PublishTimeout):
+            await publisher.publish(
+                f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"x", message_id=f"k{i}", timeout=timeout
+            )
+            confirmed.append(f"k{i}")
+
+    for i in range(20):
+        await publish(i, 5.0)
+    await eventually(lambda: len(received) == 20)
+
+    node.kill()
+    # Publishes made while the broker is down wait for the reconnect, then get confirmed.
+    during = [asyncio.create_task(publish(i, 60.0)) for i in range(20, 30)]
+    await asyncio.to_thread(node.start)
+    await asyncio.gather(*during)
+    for i in range(30, 40):
+        await publish(i, 20.0)
+
+    assert len(confirmed) == 40
+    # The consumer was restored by the robust connection and gets every confirmed message.
+    await eventually(lambda: set(confirmed) <= received, timeout=30.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "pattern", "key", "matches"),
+    [
+        ("topic", "gen.1.*", "gen.1.alice", True),
+        ("topic", "gen.1.*", "gen.10.alice", False),
+        ("topic", "gen.1.*", "gen.1.alice.x", False),
+        ("topic", "gen.#", "gen", True),
+        ("topic", "gen.#", "gen.1.alice", True),
+        ("topic", "#.alice", "gen.1.alice", True),
+        ("topic", "#", "", True),
+        ("topic", "*", "", False),
+        ("topic", "ctl.*", "ctl.", True),
+        ("direct", "reply.a", "reply.a", True),
+        ("direct", "reply.a", "reply.b", False),
+        ("fanout", "", "anything", True),
+    ],
+)
+def test_memory_binding_matches_like_rabbitmq(kind: str, pattern: str, key: str, matches: bool) -> None:
+    assert binding_matches(kind, pattern, key) is matches  # type: ignore[arg-type]
