@@ -29,6 +29,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
@@ -389,6 +390,7 @@ class _ConfirmedPublisher:
             ) from e
 
     async def _publish_until_done(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+        interrupted = False
         while True:
             target = await self._exchange(exchange)
             try:
@@ -421,8 +423,20 @@ class _ConfirmedPublisher:
                 raise BrokerError(f"RabbitMQ refused the publish: {e}") from e
             except _CHANNEL_GONE as e:
                 # A reconnect is under way (or another publish closed the channel): wait and try again.
-                log.info("publish interrupted, retrying", purpose=self._purpose, error=repr(e))
-                await asyncio.sleep(PUBLISH_RETRY_DELAY)
+                (log.debug if interrupted else log.info)(
+                    "publish interrupted, retrying once reconnected",
+                    purpose=self._purpose,
+                    message_id=message.message_id,
+                    error=repr(e),
+                )
+                interrupted = True
+                await self._wait_until_ready()
+
+    async def _wait_until_ready(self) -> None:
+        channel = self._channel
+        await asyncio.sleep(PUBLISH_RETRY_DELAY)
+        if isinstance(channel, AbstractRobustChannel):
+            await channel.ready()  # returns once the robust connection has restored the channel
 
     async def _exchange(self, name: str) -> AbstractExchange:
         async with self._lock:
