@@ -395,6 +395,45 @@ def test_hnsw_agrees_with_exact_on_hashed_text_at_scale() -> None:
     assert hnsw == exact
 
 
+def _interleaved_shard(seed: int) -> tuple[Answers, TableEmbedder]:
+    """Ten prompts whose answers all come from one shared cloud, so an unfiltered search mixes prompts."""
+    rng = np.random.default_rng(seed)
+    centre = rng.standard_normal(16)
+    table: dict[str, npt.NDArray[np.float64]] = {}
+    answers: Answers = {}
+    for prompt in range(10):
+        found = []
+        for answer in range(25):
+            vector = centre + 1.2 * rng.standard_normal(16)
+            text = f"q{prompt}-a{answer}"
+            table[text] = vector / np.linalg.norm(vector)
+            found.append(Candidate(f"p{answer:02d}", text))
+        answers[f"q{prompt}"] = found
+    return answers, TableEmbedder(table)
+
+
+def test_hnsw_uses_the_filtered_search_when_prompts_overlap_and_still_agrees() -> None:
+    answers, embedder = _interleaved_shard(5)
+    settings = ConsensusSettings(min_confidence=0.0, outlier_similarity=-1.0)
+    hnsw = HnswConsensus(embedder, settings)
+    result = hnsw.decide(answers)
+    assert hnsw.filtered_queries > 0
+    assert result == ExactConsensus(embedder, settings).decide(answers)
+
+
+def test_hnsw_falls_back_to_exact_scoring_when_the_filtered_search_fails() -> None:
+    class FailingSearch(HnswConsensus):
+        def _filtered(self, *args: object, **kwargs: object) -> npt.NDArray[np.intp]:
+            raise RuntimeError("Cannot return the results in a contiguous 2D array")
+
+    answers, embedder = _interleaved_shard(6)
+    failing = FailingSearch(embedder, ConsensusSettings(min_confidence=0.0))
+    assert failing.decide(answers) == ExactConsensus(embedder, ConsensusSettings(min_confidence=0.0)).decide(
+        answers
+    )
+    assert failing.fallbacks > 0
+
+
 def test_settings_are_plain_comparable_data() -> None:
     settings = ConsensusSettings()
     assert dataclasses.replace(settings, neighbours=8) == settings
