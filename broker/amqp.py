@@ -181,9 +181,14 @@ class AmqpTransport:
                 "and that the user has permissions on the vhost (rabbitmqctl list_permissions -p VHOST)"
             ) from e
         except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as e:
+            tls = (
+                " For amqps, check the CA and client certificate files."
+                if self._url.startswith("amqps")
+                else ""
+            )
             raise BrokerError(
                 f"cannot connect to RabbitMQ at {self._where} ({type(e).__name__}: {e}); "
-                "is the broker running (chorus-broker status) and is the URL right?"
+                f"is the broker running (chorus-broker status) and is the URL right?{tls}"
             ) from e
         log.debug("connected", broker=self._where)
         return connection

@@ -37,6 +37,25 @@ def rabbit_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]
         node.stop(timeout=15.0)
 
 
+@pytest.fixture(scope="session")
+def rabbit_participants(rabbit_node: LocalNode) -> dict[str, str]:
+    """Participant users on the session node (one rabbitmqctl round for all): role -> name.
+
+    Roles: alice, bob, carol, dave. Their passwords are in `participant_passwords`.
+    """
+    names = {role: f"{role}-{secrets.token_hex(3)}" for role in ("alice", "bob", "carol", "dave")}
+    _PASSWORDS.update(rabbit_node.add_participants(dict.fromkeys(names.values())))
+    return names
+
+
+_PASSWORDS: dict[str, str] = {}
+
+
+def participant_url(node: LocalNode, name: str) -> str:
+    """The AMQP URL of a participant made by `rabbit_participants`."""
+    return node.url_for(name, _PASSWORDS[name])
+
+
 def isolated(topo: Topology, prefix: str) -> Topology:
     """The same topology with every exchange and queue name prefixed (routing keys unchanged)."""
 

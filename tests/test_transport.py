@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 
 import pytest
-from conftest import TransportFactory, eventually
+from conftest import TransportFactory, eventually, participant_url
 
 from broker import topology
 from broker.connect import open_transport
@@ -320,13 +319,14 @@ async def test_cancel_lets_running_handlers_finish_and_ack(transport_factory: Tr
 
 
 @pytest.mark.amqp
-async def test_participant_user_id_comes_from_the_login(rabbit_node: LocalNode) -> None:
-    name = f"uid-{secrets.token_hex(3)}"
-    password = rabbit_node.add_participant(name)
+async def test_participant_user_id_comes_from_the_login(
+    rabbit_node: LocalNode, rabbit_participants: dict[str, str]
+) -> None:
+    name = rabbit_participants["dave"]
     inbox = Inbox()
     async with open_transport(rabbit_node.coordinator_url) as coordinator:
         await coordinator.consume(topology.CONTROL_QUEUE, inbox)
-        async with open_transport(rabbit_node.url_for(name, password)) as participant:
+        async with open_transport(participant_url(rabbit_node, name)) as participant:
             assert participant.user == name
             await participant.publish(
                 topology.UP_EXCHANGE, topology.control_key(name), b"hi", message_id="u1"

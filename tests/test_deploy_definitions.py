@@ -1,0 +1,120 @@
+"""deploy/rabbitmq/definitions.json matches the code, and participants get only what they need."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from conftest import eventually, participant_url
+
+from broker import topology
+from broker.amqp import AccessRefused
+from broker.connect import open_transport
+from broker.errors import BrokerError
+from broker.local_node import (
+    DEV_COORDINATOR_PASSWORD,
+    LocalNode,
+    checked_in_definitions,
+    hash_password,
+    participant_grant,
+)
+from broker.transport import REASON_HEADER, Delivery
+
+DEFINITIONS = Path(__file__).resolve().parents[1] / "deploy" / "rabbitmq" / "definitions.json"
+
+
+def test_checked_in_definitions_match_the_topology() -> None:
+    assert json.loads(DEFINITIONS.read_text()) == checked_in_definitions(), (
+        "deploy/rabbitmq/definitions.json is stale; run: "
+        "python -m broker.local_node --write-definitions deploy/rabbitmq/definitions.json"
+    )
+
+
+def test_checked_in_definitions_declare_quorum_queues_that_dead_letter_at_least_once() -> None:
+    document = checked_in_definitions()
+    queues = {q["name"]: q["arguments"] for q in document["queues"]}
+    assert set(queues) == {q.name for q in topology.core_topology().queues}
+    work = queues[topology.shard_queue(0)]
+    assert work == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": topology.DEFAULT_DELIVERY_LIMIT,
+        "x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-routing-key": topology.DEAD_LETTER_KEY,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    assert queues[topology.DEAD_LETTER_QUEUE] == {"x-queue-type": "quorum"}
+
+
+def test_dev_password_hash_is_rabbitmq_sha256_with_its_salt() -> None:
+    (user,) = checked_in_definitions()["users"]
+    stored = user["password_hash"]
+    salt = base64.b64decode(stored)[:4]
+    assert hash_password(DEV_COORDINATOR_PASSWORD, salt) == stored
+
+
+def test_participant_grant_is_least_privilege() -> None:
+    grant = participant_grant("alice", "pw")
+    assert (grant.configure, grant.write, grant.read) == ("^$", r"^chorus\.up$", r"^chorus\.reply\.alice$")
+    (topic,) = grant.topic
+    assert topic.exchange == topology.UP_EXCHANGE
+    assert topic.write == topology.participant_topic_pattern("alice")
+    assert topic.read == "^$"
+
+
+@pytest.mark.amqp
+async def test_participant_cannot_impersonate_or_read_another_participant(
+    rabbit_node: LocalNode, rabbit_participants: dict[str, str]
+) -> None:
+    alice, bob = rabbit_participants["alice"], rabbit_participants["bob"]
+    async with open_transport(participant_url(rabbit_node, alice)) as as_alice:
+        # Its own keys are fine.
+        await as_alice.publish(topology.UP_EXCHANGE, topology.generation_key(0, alice), b"g", message_id="a0")
+        await as_alice.publish(topology.UP_EXCHANGE, topology.control_key(alice), b"c", message_id="a1")
+        # Another participant's key, or any other exchange, is refused.
+        with pytest.raises(AccessRefused):
+            await as_alice.publish(
+                topology.UP_EXCHANGE, topology.generation_key(0, bob), b"g", message_id="a2"
+            )
+        with pytest.raises(AccessRefused):
+            await as_alice.publish(topology.DIRECT_EXCHANGE, topology.reply_key(bob), b"r", message_id="a3")
+        # Reading another's replies, or configuring anything, is refused.
+        with pytest.raises(AccessRefused):
+            await as_alice.consume(topology.reply_queue(bob), _ignore)
+        with pytest.raises(BrokerError):
+            await as_alice.declare(topology.participant_topology(["mallory"]))
+        # After all that the connection still works, and its own reply queue is readable.
+        await as_alice.publish(topology.UP_EXCHANGE, topology.generation_key(1, alice), b"g", message_id="a4")
+        await as_alice.consume(topology.reply_queue(alice), _ignore)
+
+
+@pytest.mark.amqp
+async def test_participant_dead_letter_falls_back_to_the_queue(
+    rabbit_node: LocalNode, rabbit_participants: dict[str, str]
+) -> None:
+    name = rabbit_participants["carol"]
+    dead: list[Delivery] = []
+
+    async def collect(delivery: Delivery) -> None:
+        if delivery.headers.get("x-first-death-queue") == topology.reply_queue(name):
+            dead.append(delivery)
+
+    async with open_transport(rabbit_node.coordinator_url) as coordinator:
+        await coordinator.consume(topology.DEAD_LETTER_QUEUE, collect)
+        await coordinator.publish(topology.DIRECT_EXCHANGE, topology.reply_key(name), b"bad", message_id="d1")
+        async with open_transport(participant_url(rabbit_node, name)) as participant:
+
+            async def reject(delivery: Delivery) -> None:
+                await delivery.dead_letter("unreadable")
+
+            await participant.consume(topology.reply_queue(name), reject)
+            # A participant may not publish to the DLX: the queue dead-letters the message instead.
+            await eventually(lambda: len(dead) == 1)
+    assert dead[0].message_id == "d1"
+    assert dead[0].headers[REASON_HEADER] == "rejected"
+
+
+async def _ignore(delivery: Delivery) -> None:
+    return None
