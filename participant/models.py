@@ -213,7 +213,7 @@ def _convert_smollm2(package_dir: Path, target: Path) -> None:
     log.info("converted model", model=SMOLLM2_SPEC, seconds=round(time.perf_counter() - started, 2))
 
 
-def write_directory_atomically(target: Path, write: Callable[[Path], None]) -> None:
+def write_directory_atomically(target: Path, write: Callable[[Path], object]) -> None:
     """Run `write` into a staging directory beside `target`, then rename it into place.
 
     Readers see the old directory, or none, or the new one: never a half-written one.
@@ -294,7 +294,7 @@ def _byte_level_chat_tokenizer() -> PreTrainedTokenizerFast:
     """256 byte tokens (a BPE with no merges) plus ChatML specials; pad token deliberately distinct."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
     vocab = {token: i for i, token in enumerate(specials)}
-    for byte_symbol in pre_tokenizers.ByteLevel.alphabet():
+    for byte_symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: the set's order varies by call
         vocab.setdefault(byte_symbol, len(vocab))
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

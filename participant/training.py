@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -128,7 +130,7 @@ def attach_lora(lm: LocalModel, settings: TrainSettings) -> None:
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_peft_deprecation():
         torch.manual_seed(settings.seed)  # the adapter's initial weights are part of a repeatable run
         lm.model = get_peft_model(lm.model, config)
     lm.model.eval()
@@ -175,8 +177,17 @@ def load_adapter(lm: LocalModel, path: Path) -> None:
     if has_lora(lm):
         load_adapter_state(lm, load_file(path / ADAPTER_WEIGHTS_FILE))
     else:
-        lm.model = PeftModel.from_pretrained(lm.model, path, is_trainable=True)
+        with _quiet_peft_deprecation():
+            lm.model = PeftModel.from_pretrained(lm.model, path, is_trainable=True)
         lm.model.eval()
+
+
+@contextmanager
+def _quiet_peft_deprecation() -> Iterator[None]:
+    # peft calls a transformers method that transformers has deprecated; nothing for us to change.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _require_lora(lm: LocalModel) -> None:
