@@ -216,6 +216,8 @@ def _prepare(answers: Mapping[str, Sequence[Candidate]]) -> tuple[list[_Prompt],
 
 
 def _embed(embedder: Embedder, texts: list[str]) -> FloatArray:
+    if not texts:
+        return np.zeros((0, embedder.dim), dtype=np.float64)
     vectors = np.asarray(embedder.embed(texts), dtype=np.float64)
     if vectors.shape != (len(texts), embedder.dim):
         raise ConsensusError(
@@ -278,9 +280,7 @@ def _nearness_key(pools: _Pools, known: npt.NDArray[np.bool_], levels: FloatArra
     return np.where(known, key, np.iinfo(np.int64).min)
 
 
-def _winner(
-    prompt: _Prompt, density: FloatArray, closest: FloatArray, outlier_similarity: float
-) -> int | None:
+def _winner(density: FloatArray, closest: FloatArray, outlier_similarity: float) -> int | None:
     """The densest non-outlier answer; ties go to the earliest in canonical order (lower participant id)."""
     allowed = closest >= outlier_similarity
     if not allowed.any():
@@ -305,7 +305,7 @@ def _decide_prompt(
             prompt.prompt_id, f"usable answers: {usable}{detail}; min_answers is {settings.min_answers}"
         ), None
     density, closest = _densities(pools, prompt.weights, settings.neighbours)
-    winner = _winner(prompt, density, closest, settings.outlier_similarity)
+    winner = _winner(density, closest, settings.outlier_similarity)
     if winner is None:
         return _abstain(prompt.prompt_id, "every answer is an outlier: no two answers agree"), None
     label_row = int(prompt.rows[prompt.text_of[winner]])
