@@ -1,0 +1,102 @@
+"""What a participant must remember across a crash, in SQLite.
+
+Labels are applied (trained on) at most once: a round counts as applied once
+its checkpoint exists, and the checkpoint and the ledger row are written in
+that order, so a crash between them re-applies nothing already checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen (message_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS prompts (
+    round_id INTEGER NOT NULL, prompt_id TEXT NOT NULL, text TEXT NOT NULL,
+    PRIMARY KEY (round_id, prompt_id)
+);
+CREATE TABLE IF NOT EXISTS labels (
+    round_id INTEGER NOT NULL, prompt_id TEXT NOT NULL, text TEXT NOT NULL, confidence REAL NOT NULL,
+    PRIMARY KEY (round_id, prompt_id)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY,
+    answered INTEGER NOT NULL DEFAULT 0,
+    applied INTEGER NOT NULL DEFAULT 0,
+    metrics TEXT
+);
+"""
+
+
+class ParticipantLedger:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def first_sight(self, message_id: str) -> bool:
+        """Record a message id; False if it was seen before (a redelivery or duplicate)."""
+        cursor = self._db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (message_id,))
+        return cursor.rowcount == 1
+
+    def forget(self, message_id: str) -> None:
+        """Undo `first_sight` when handling failed, so the redelivery is processed."""
+        self._db.execute("DELETE FROM seen WHERE message_id = ?", (message_id,))
+
+    def save_prompts(self, round_id: int, prompts: list[tuple[str, str]]) -> None:
+        self._db.execute("BEGIN")
+        self._db.executemany(
+            "INSERT OR IGNORE INTO prompts VALUES (?, ?, ?)", [(round_id, pid, text) for pid, text in prompts]
+        )
+        self._db.execute("INSERT OR IGNORE INTO rounds (round_id) VALUES (?)", (round_id,))
+        self._db.execute("COMMIT")
+
+    def save_labels(self, round_id: int, labels: list[tuple[str, str, float]]) -> None:
+        self._db.executemany(
+            "INSERT OR IGNORE INTO labels VALUES (?, ?, ?, ?)", [(round_id, p, t, c) for p, t, c in labels]
+        )
+
+    def labelled_examples(self, round_id: int) -> list[tuple[str, str, float]]:
+        """(prompt text, label text, confidence) for every label of the round whose prompt we know."""
+        rows = self._db.execute(
+            "SELECT p.text, l.text, l.confidence FROM labels l JOIN prompts p "
+            "ON p.round_id = l.round_id AND p.prompt_id = l.prompt_id "
+            "WHERE l.round_id = ? ORDER BY l.prompt_id",
+            (round_id,),
+        )
+        return [(p, t, float(c)) for p, t, c in rows]
+
+    def mark_answered(self, round_id: int) -> None:
+        self._db.execute(
+            "INSERT INTO rounds (round_id, answered) VALUES (?, 1) "
+            "ON CONFLICT (round_id) DO UPDATE SET answered = 1",
+            (round_id,),
+        )
+
+    def was_answered(self, round_id: int) -> bool:
+        row = self._db.execute("SELECT answered FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
+        return bool(row and row[0])
+
+    def mark_applied(self, round_id: int, metrics: dict[str, float]) -> None:
+        self._db.execute(
+            "INSERT INTO rounds (round_id, applied, metrics) VALUES (?, 1, ?) "
+            "ON CONFLICT (round_id) DO UPDATE SET applied = 1, metrics = excluded.metrics",
+            (round_id, json.dumps(metrics, sort_keys=True)),
+        )
+
+    def was_applied(self, round_id: int) -> bool:
+        row = self._db.execute("SELECT applied FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
+        return bool(row and row[0])
+
+    def last_applied_round(self) -> int:
+        (value,) = self._db.execute(
+            "SELECT coalesce(max(round_id), 0) FROM rounds WHERE applied = 1"
+        ).fetchone()
+        return int(value)

@@ -1,0 +1,342 @@
+"""The participant service: answers rounds, learns from pseudo-labels, reports.
+
+Handles its reply queue in order: RoundOpened -> generate and publish one
+GenerationBatch per shard; PseudoLabels -> keep the labels; RoundClosed ->
+train on labels mixed with private data, checkpoint, evaluate, report.
+FedAvg rounds: train locally, upload the adapter, load the average.
+Torch work runs in a worker thread, so heartbeats and acks keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from broker.topology import UP_EXCHANGE, control_key, generation_key, reply_queue
+from broker.transport import Delivery, Subscription, Transport
+from participant.data import Example
+from participant.evaluation import Embedder
+from participant.learner import Learner
+from participant.ledger import ParticipantLedger
+from participant.settings import ParticipantSettings
+from schemas.codec import decode_reply, encode
+from schemas.errors import SchemaError
+from schemas.messages import (
+    AdapterUpdate,
+    AggregatedAdapter,
+    GenerationBatch,
+    Heartbeat,
+    Join,
+    Message,
+    ParticipantReport,
+    PseudoLabels,
+    RoundClosed,
+    RoundOpened,
+    new_message_id,
+)
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^round-(\d+)$")
+
+
+class Participant:
+    def __init__(
+        self,
+        settings: ParticipantSettings,
+        transport: Transport,
+        learner: Learner,
+        *,
+        private_train: Sequence[Example] = (),
+        test: Sequence[Example] = (),
+        embed: Embedder | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.learner = learner
+        self.private_train = list(private_train)
+        self.test = list(test)
+        self.embed = embed
+        self.clock = clock
+        self.state_dir = Path(settings.state_dir)
+        self.ledger = ParticipantLedger(self.state_dir / "participant.sqlite3")
+        self.rounds_done: list[int] = []  # rounds whose labels (or adapter) were applied in this process
+        self.reports: list[ParticipantReport] = []
+        self.round_seen = asyncio.Event()
+        self._model_lock = asyncio.Lock()  # one torch job at a time: generation and training share weights
+        self._subscription: Subscription | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    @property
+    def pid(self) -> str:
+        return self.settings.participant_id
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore the last checkpoint, warm up on private data if new, subscribe, join."""
+        restored = await asyncio.to_thread(self._restore_checkpoint)
+        if (
+            restored is None
+            and self.learner.can_train
+            and self.private_train
+            and self.settings.train.warmup_epochs
+        ):
+            await self._warm_up()
+        self._subscription = await self.transport.consume(reply_queue(self.pid), self._on_reply, prefetch=16)
+        await self._publish_control(
+            Join(
+                federation=self.settings.federation,
+                round_id=self.ledger.last_applied_round(),
+                message_id=new_message_id(),
+                participant_id=self.pid,
+                model_id=self.learner.model_id[:256],
+                can_train=self.learner.can_train,
+            )
+        )
+        self._heartbeat = asyncio.create_task(self._beat())
+        log.info(
+            "participant_joined", participant=self.pid, model=self.learner.model_id, restored_round=restored
+        )
+
+    async def stop(self) -> None:
+        """Stop intake; a delivery being handled finishes first (it holds the model lock)."""
+        self._stopping.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._subscription is not None:
+            await self._subscription.cancel()
+        async with self._model_lock:
+            self.ledger.close()
+
+    async def run_until(self, rounds: int | None = None) -> None:
+        """Serve until `rounds` rounds were applied in this process, or until stopped."""
+        await self.start()
+        try:
+            while not self._stopping.is_set():
+                if rounds is not None and len(self.rounds_done) >= rounds:
+                    return
+                self.round_seen.clear()
+                stop = asyncio.create_task(self._stopping.wait())
+                seen = asyncio.create_task(self.round_seen.wait())
+                await asyncio.wait({stop, seen}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                seen.cancel()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            await self._publish_control(
+                Heartbeat(
+                    federation=self.settings.federation,
+                    round_id=self.ledger.last_applied_round(),
+                    message_id=new_message_id(),
+                    participant_id=self.pid,
+                    sent_unix=self.clock(),
+                )
+            )
+
+    # -- checkpoints -------------------------------------------------------
+
+    def _checkpoint_dir(self, round_id: int) -> Path:
+        return self.state_dir / "checkpoints" / f"round-{round_id}"
+
+    def _restore_checkpoint(self) -> int | None:
+        """Load the newest checkpoint; its round counts as applied even if the ledger missed it."""
+        root = self.state_dir / "checkpoints"
+        rounds = (
+            sorted(int(m.group(1)) for p in root.glob("round-*") if (m := CHECKPOINT_PATTERN.match(p.name)))
+            if root.is_dir()
+            else []
+        )
+        for round_id in reversed(rounds):
+            if self.learner.load_checkpoint(self._checkpoint_dir(round_id)):
+                if round_id and not self.ledger.was_applied(round_id):
+                    self.ledger.mark_applied(round_id, {})
+                return round_id
+        return None
+
+    async def _warm_up(self) -> None:
+        async with self._model_lock:
+            settings = self.settings.train
+            examples = self.private_train * settings.warmup_epochs
+            stats = await asyncio.to_thread(self.learner.train, examples)
+            await asyncio.to_thread(self.learner.save_checkpoint, self._checkpoint_dir(0))
+        log.info("warm_up", participant=self.pid, samples=getattr(stats, "samples", 0))
+
+    # -- replies -----------------------------------------------------------
+
+    async def _on_reply(self, delivery: Delivery) -> None:
+        try:
+            message = decode_reply(delivery.body)
+        except SchemaError as e:
+            log.warning("bad_reply", participant=self.pid, reason=str(e))
+            await delivery.dead_letter(f"participant {self.pid}: {e}")
+            return
+        if not self.ledger.first_sight(f"{message.message_id}@{message.round_id}"):
+            await delivery.ack()  # a redelivery of something already handled
+            return
+        try:
+            await self._handle(message)
+        except BaseException:
+            self.ledger.forget(f"{message.message_id}@{message.round_id}")
+            raise
+        await delivery.ack()
+
+    async def _handle(self, message: Message) -> None:
+        if isinstance(message, RoundOpened):
+            if self.pid not in message.expected:
+                log.info("round_skipped", round=message.round_id, participant=self.pid, reason="not expected")
+                return
+            if message.strategy == "fedavg":
+                await self._fedavg_train_and_upload(message)
+            else:
+                await self._answer(message)
+            self.round_seen.set()
+        elif isinstance(message, PseudoLabels):
+            self.ledger.save_labels(
+                message.round_id,
+                [(label.prompt_id, label.text, label.confidence) for label in message.labels],
+            )
+        elif isinstance(message, RoundClosed):
+            await self._apply_labels(message)
+        elif isinstance(message, AggregatedAdapter):
+            await self._apply_adapter(message)
+
+    async def _answer(self, opened: RoundOpened) -> None:
+        prompts = [(p.prompt_id, p.text) for shard in opened.shards for p in shard.prompts]
+        self.ledger.save_prompts(opened.round_id, prompts)
+        if self.ledger.was_answered(opened.round_id):
+            return
+        started = time.perf_counter()
+        async with self._model_lock:
+            answers = await asyncio.to_thread(self.learner.generate, prompts, opened.generation)
+        by_prompt = {a.prompt_id: a for a in answers}
+        for shard in opened.shards:
+            batch = GenerationBatch(
+                federation=self.settings.federation,
+                round_id=opened.round_id,
+                # stable per (round, shard, participant): a republish after a crash is a duplicate
+                message_id=f"{self.pid}.r{opened.round_id}.s{shard.shard_id}.gen",
+                participant_id=self.pid,
+                shard_id=shard.shard_id,
+                model_id=self.learner.model_id[:256],
+                answers=[
+                    by_prompt[p.prompt_id].to_answer() for p in shard.prompts if p.prompt_id in by_prompt
+                ],
+            )
+            await self.transport.publish(
+                UP_EXCHANGE,
+                generation_key(shard.shard_id, self.pid),
+                encode(batch),
+                message_id=batch.message_id,
+            )
+        self.ledger.mark_answered(opened.round_id)
+        log.info(
+            "round_answered",
+            round=opened.round_id,
+            participant=self.pid,
+            prompts=len(prompts),
+            seconds=round(time.perf_counter() - started, 2),
+        )
+
+    def _training_mix(self, round_id: int) -> list[Example]:
+        settings = self.settings.train
+        weighted = settings.label_weighting == "confidence"
+        examples = [
+            Example(prompt=prompt, response=text, weight=max(0.0, confidence) if weighted else 1.0)
+            for prompt, text, confidence in self.ledger.labelled_examples(round_id)
+        ]
+        private = list(self.private_train)
+        random.Random(f"{settings.seed}:{round_id}").shuffle(private)
+        return examples + private[: settings.private_examples_per_round]
+
+    async def _apply_labels(self, closed: RoundClosed) -> None:
+        round_id = closed.round_id
+        if self.ledger.was_applied(round_id):
+            return
+        examples = self._training_mix(round_id)
+        train_seconds, samples = 0.0, 0
+        if self.learner.can_train and examples:
+            started = time.perf_counter()
+            async with self._model_lock:
+                stats = await asyncio.to_thread(self.learner.train, examples)
+                await asyncio.to_thread(self.learner.save_checkpoint, self._checkpoint_dir(round_id))
+            train_seconds, samples = time.perf_counter() - started, getattr(stats, "samples", len(examples))
+        await self._finish_round(round_id, samples, train_seconds)
+
+    async def _fedavg_train_and_upload(self, opened: RoundOpened) -> None:
+        from coordinator.fedavg import tensors_to_wire  # the baseline alone needs tensor conversion
+
+        if self.ledger.was_answered(opened.round_id):
+            return
+        state_of = getattr(self.learner, "adapter_state", None)
+        if state_of is None or not self.learner.can_train:
+            log.warning("fedavg_unsupported", round=opened.round_id, participant=self.pid)
+            return
+        private = self._training_mix(opened.round_id)
+        async with self._model_lock:
+            await asyncio.to_thread(self.learner.train, private)
+            state = await asyncio.to_thread(state_of)
+        update = AdapterUpdate(
+            federation=self.settings.federation,
+            round_id=opened.round_id,
+            message_id=f"{self.pid}.r{opened.round_id}.adapter",
+            participant_id=self.pid,
+            tensors=tensors_to_wire(state),
+            num_samples=max(1, len(private)),
+        )
+        await self._publish_control(update)
+        self.ledger.mark_answered(opened.round_id)
+
+    async def _apply_adapter(self, message: AggregatedAdapter) -> None:
+        from coordinator.fedavg import tensors_from_wire
+
+        if self.ledger.was_applied(message.round_id):
+            return
+        load = getattr(self.learner, "load_adapter_state", None)
+        if load is None:
+            return
+        async with self._model_lock:
+            await asyncio.to_thread(load, tensors_from_wire(message.tensors))
+            await asyncio.to_thread(self.learner.save_checkpoint, self._checkpoint_dir(message.round_id))
+        await self._finish_round(message.round_id, 0, 0.0)
+
+    async def _finish_round(self, round_id: int, samples: int, train_seconds: float) -> None:
+        metrics: dict[str, float] = {}
+        if self.settings.evaluate and self.test and self.embed is not None:
+            async with self._model_lock:
+                metrics = await asyncio.to_thread(self.learner.evaluate, self.test, self.embed, None)
+        self.ledger.mark_applied(round_id, metrics)
+        report = ParticipantReport(
+            federation=self.settings.federation,
+            round_id=round_id,
+            message_id=f"{self.pid}.r{round_id}.report",
+            participant_id=self.pid,
+            metrics={k: float(v) for k, v in metrics.items()},
+            train_samples=samples,
+            train_seconds=train_seconds,
+        )
+        await self._publish_control(report)
+        self.reports.append(report)
+        self.rounds_done.append(round_id)
+        self.round_seen.set()
+        log.info("round_applied", round=round_id, participant=self.pid, samples=samples, **metrics)
+
+    async def _publish_control(self, message: Message) -> None:
+        await self.transport.publish(
+            UP_EXCHANGE, control_key(self.pid), encode(message), message_id=message.message_id
+        )

@@ -1,0 +1,74 @@
+"""Typed participant settings: a TOML file, environment overrides, validated on load."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from coordinator.settings import SettingsError, convert, read_toml
+from schemas.messages import Id
+
+__all__ = ["ParticipantSettings", "SettingsError", "TrainTable", "load_participant_settings"]
+
+
+class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    rank: Annotated[int, Meta(ge=1, le=1024)] = 8
+    alpha: Annotated[int, Meta(ge=1)] = 16
+    dropout: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.05
+    target_modules: list[str] | Literal["all-linear"] | None = None  # None: q/v (per architecture)
+    epochs: Annotated[int, Meta(ge=1)] = 1
+    warmup_epochs: Annotated[int, Meta(ge=0)] = 1  # local epochs on private data before round 1
+    learning_rate: Annotated[float, Meta(gt=0.0)] = 2e-4
+    batch_size: Annotated[int, Meta(ge=1)] = 8
+    max_length: Annotated[int, Meta(ge=8)] = 256
+    seed: int = 0
+    private_examples_per_round: Annotated[int, Meta(ge=0)] = 64  # mixed with each round's labels
+    label_weighting: Literal["uniform", "confidence"] = "confidence"
+
+
+class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    federation: Id = "chorus"
+    participant_id: Id
+    broker_url: str = "memory://"
+    model: str = "smollm2-135m-instruct"  # a registry name, or a local Hugging Face model directory
+    command: list[str] | None = None  # a generate-only black box: prompt on stdin, answer on stdout
+    command_timeout_seconds: Annotated[float, Meta(gt=0.0)] = 120.0
+    cache_dir: str | None = None  # converted models; default ~/.cache/chorus/models
+    state_dir: str = "participant-state"  # checkpoints and the applied-message ledger
+    private_data: str | None = None  # JSONL {prompt, response}; none for a generate-only participant
+    test_data: str | None = None  # JSONL held out for evaluation; default: split from private_data
+    test_fraction: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.2
+    generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
+    heartbeat_seconds: Annotated[float, Meta(gt=0.0)] = 15.0
+    evaluate: bool = True
+    progress: bool = True
+    train: TrainTable = TrainTable()
+
+
+ENV_OVERRIDES = {"CHORUS_BROKER_URL": "broker_url", "CHORUS_FEDERATION": "federation"}
+PATH_KEYS = ("cache_dir", "state_dir", "private_data", "test_data")
+
+
+def load_participant_settings(
+    path: Path, env: Mapping[str, str] | None = None, **overrides: object
+) -> ParticipantSettings:
+    """Read `path`, apply environment then keyword overrides; relative paths are against the file's folder."""
+    raw = read_toml(path)
+    for variable, key in ENV_OVERRIDES.items():
+        value = (os.environ if env is None else env).get(variable)
+        if value:
+            raw[key] = value
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for key in PATH_KEYS:
+        given = raw.get(key)
+        if isinstance(given, str):
+            raw[key] = str((path.parent / given).resolve())
+    model = raw.get("model")
+    if isinstance(model, str) and (model.startswith(".") or "/" in model):
+        raw["model"] = str((path.parent / model).resolve())
+    return convert(raw, ParticipantSettings, path)

@@ -1,0 +1,56 @@
+"""Build a participant's learner and data from its settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from participant.data import Example, load_jsonl, train_test_split
+from participant.learner import CommandLearner, Learner, LoraLearner
+from participant.models import load_model
+from participant.settings import ParticipantSettings
+from participant.training import TrainSettings
+
+
+def train_settings(settings: ParticipantSettings) -> TrainSettings:
+    table = settings.train
+    targets = table.target_modules
+    return TrainSettings(
+        rank=table.rank,
+        alpha=table.alpha,
+        dropout=table.dropout,
+        target_modules=tuple(targets) if isinstance(targets, list) else targets,
+        epochs=table.epochs,
+        learning_rate=table.learning_rate,
+        batch_size=table.batch_size,
+        max_length=table.max_length,
+        seed=table.seed,
+    )
+
+
+def build_learner(settings: ParticipantSettings) -> Learner:
+    if settings.command:
+        return CommandLearner(
+            settings.command,
+            model_id=Path(settings.command[0]).name,
+            timeout_s=settings.command_timeout_seconds,
+        )
+    cache = Path(settings.cache_dir) if settings.cache_dir else None
+    return LoraLearner(
+        load_model(settings.model, cache_dir=cache),
+        train_settings(settings),
+        batch_size=settings.generation_batch_size,
+        progress=settings.progress,
+    )
+
+
+def load_data(settings: ParticipantSettings) -> tuple[list[Example], list[Example]]:
+    """(private training examples, held-out test examples)."""
+    train: list[Example] = []
+    test: list[Example] = []
+    if settings.private_data:
+        train = load_jsonl(Path(settings.private_data))
+        if not settings.test_data:
+            train, test = train_test_split(train, settings.test_fraction, seed=settings.train.seed)
+    if settings.test_data:
+        test = load_jsonl(Path(settings.test_data))
+    return train, test
