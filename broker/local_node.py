@@ -391,6 +391,7 @@ class LocalNode:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
                 start_new_session=True,  # its own process group: kill() takes the whole node, nothing else
             )
         self.state.pid = self._process.pid
@@ -535,6 +536,7 @@ class LocalNode:
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.data_dir / "enabled_plugins"),
             RABBITMQ_CONF_ENV_FILE=str(self.data_dir / "rabbitmq-env.conf"),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=_ERL_ARGS,
+            ERL_CRASH_DUMP=str(self._log_dir / "erl_crash.dump"),
         )
         return env
 
@@ -554,7 +556,7 @@ class LocalNode:
 
     def _startup_failure(self) -> NodeError:
         tail = _tail(self._log_dir / "node.out") + _tail(self._log_dir / f"{self.state.nodename}.log")
-        if "eaddrinuse" in tail:
+        if "eaddrinuse" in tail or "dist_port_already_used" in tail:
             ports = f"{self.state.port} or {self.state.dist_port}"
             return PortInUse(
                 f"RabbitMQ could not listen: port {ports} is already in use; pick another --port"
@@ -568,7 +570,7 @@ class LocalNode:
             if self._process is not None and self._process.pid == pid:
                 if self._process.poll() is not None:
                     return True
-            elif pid is None or not _pid_alive(pid):
+            elif pid is None or not _is_our_node(pid):  # a zombie counts as gone
                 return True
             time.sleep(0.1)
         return False
@@ -585,6 +587,7 @@ class LocalNode:
             done = subprocess.run(
                 command,
                 env=self._env(),
+                cwd=self.data_dir,  # where an Erlang crash dump would land
                 input=stdin,
                 capture_output=True,
                 text=True,
@@ -604,6 +607,7 @@ class LocalNode:
             subprocess.Popen(
                 [*base, *args, "--formatter", "json"],
                 env=self._env(),
+                cwd=self.data_dir,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -677,16 +681,6 @@ def _port_accepts(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_our_node(pid: int) -> bool:

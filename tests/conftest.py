@@ -19,7 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import structlog
 
+from broker import cli
 from broker import topology as chorus
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
@@ -34,7 +36,10 @@ def rabbit_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]
     try:
         yield node
     finally:
-        node.stop(timeout=15.0)
+        # Stopped the way `chorus-broker down` stops it (which checks that command too).
+        assert cli.main(["down", "--dir", str(node.data_dir)]) == 0
+        structlog.reset_defaults()
+        assert not node.is_running()
 
 
 @pytest.fixture(scope="session")
