@@ -186,6 +186,11 @@ class Participant:
             log.warning("bad_reply", participant=self.pid, reason=str(e))
             await delivery.dead_letter(f"participant {self.pid}: {e}")
             return
+        if message.federation != self.settings.federation:
+            await delivery.dead_letter(
+                f"participant {self.pid}: federation {message.federation!r} is not ours"
+            )
+            return
         if not self.ledger.first_sight(f"{message.message_id}@{message.round_id}"):
             await delivery.ack()  # a redelivery of something already handled
             return
