@@ -108,6 +108,8 @@ class ConsensusSettings:
       wrong one.
     - HNSW: M 16 and ef_construction 100 build a shard's index quickly; query ef 64 (raised to at least
       neighbours + 1) keeps recall on same-prompt neighbours essentially exact at the sizes of a round.
+      `hnsw_filter_min_texts` 1024: below it, neighbours the unfiltered search missed are found by a
+      brute-force scan of the prompt instead of hnswlib's much slower filtered search.
     """
 
     neighbours: int = 8
@@ -119,6 +121,7 @@ class ConsensusSettings:
     hnsw_ef_construction: int = 100
     hnsw_ef: int = 64
     hnsw_seed: int = 100
+    hnsw_filter_min_texts: int = 1_024
 
     def __post_init__(self) -> None:
         problems = [
@@ -128,6 +131,7 @@ class ConsensusSettings:
             *_at_least("hnsw_ef_construction", self.hnsw_ef_construction, 1),
             *_at_least("hnsw_ef", self.hnsw_ef, 1),
             *_at_least("hnsw_seed", self.hnsw_seed, 0),
+            *_at_least("hnsw_filter_min_texts", self.hnsw_filter_min_texts, 0),
             *_cosine("min_confidence", self.min_confidence),
             *_cosine("outlier_similarity", self.outlier_similarity),
             *_cosine("support_similarity", self.support_similarity),
@@ -397,36 +401,53 @@ class HnswConsensus(_MedoidConsensus):
     with the exact arithmetic, so any difference from `ExactConsensus` comes only from a neighbour the
     index missed.
 
-    Search runs in two passes, because hnswlib's `filter=` is a Python callable that it calls, under
-    the GIL, for every node it visits (several hundred per query; measured 3-5x slower than an
-    unfiltered query, and slower still with more threads). Pass one: a single unfiltered batch query
-    for all texts of the shard, asking for twice what is needed, keeping same-prompt hits in order.
-    Answers of one prompt sit together in embedding space, so that usually suffices. Pass two, only
-    for the texts still short: per prompt, one query with `filter=` restricted to that prompt's label
-    range. `filtered_queries` counts those texts; `fallbacks` counts prompts for which even the
-    filtered search could not return enough neighbours (a graph too sparse) and exact scoring ran.
+    A prompt with at most neighbours + 1 distinct texts needs no search (all its texts are
+    neighbours): it is scored exactly and left out of the index. The others are searched in two
+    passes, because hnswlib's `filter=` is a Python callable that it calls, under the GIL, for every
+    node it visits (several hundred per query here; 3-5x slower than an unfiltered query, and slower
+    still with more threads). Pass one: one unfiltered batch query for every text of the shard,
+    asking for twice the neighbours needed, keeping the same-prompt hits in order; a prompt's answers
+    sit together in embedding space, so that usually suffices. Pass two, only for the texts still
+    short (typically answers far from the rest of their prompt):
+
+    - in a prompt with fewer than `hnsw_filter_min_texts` distinct texts, a brute-force scan of the
+      prompt's texts (`scanned_queries` counts them). A filter that admits a few dozen labels of a
+      large index makes hnswlib visit much of the graph, a Python call per node: measured ~2 ms per
+      query in a 2,500-text index, against microseconds for the scan;
+    - in larger prompts, one hnswlib query per prompt with `filter=` restricted to the prompt's label
+      range (`filtered_queries` counts them).
+
+    `fallbacks` counts prompts for which even the filtered search could not return enough neighbours
+    (a graph too sparse) and exact scoring ran instead.
     """
 
     name = "hnsw"
 
     def __init__(self, embedder: Embedder, settings: ConsensusSettings | None = None) -> None:
         super().__init__(embedder, settings)
+        self.scanned_queries = 0
         self.filtered_queries = 0
         self.fallbacks = 0
 
     def _pools(self, prompts: list[_Prompt], vectors: FloatArray) -> list[_Pools]:
-        if not prompts:
-            return []
+        needs_search = {prompt.prompt_id for prompt in prompts if prompt.texts > self.settings.neighbours + 1}
+        pools = {p.prompt_id: _all_pairs(p, vectors) for p in prompts if p.prompt_id not in needs_search}
+        searched = [prompt for prompt in prompts if prompt.prompt_id in needs_search]
+        if searched:
+            pools.update(self._searched_pools(searched, vectors))
+        return [pools[prompt.prompt_id] for prompt in prompts]
+
+    def _searched_pools(self, prompts: list[_Prompt], vectors: FloatArray) -> dict[str, _Pools]:
         block = np.concatenate([vectors[prompt.rows] for prompt in prompts]).astype(np.float32)
         starts = np.cumsum([0] + [prompt.texts for prompt in prompts])[:-1].tolist()
         index = self._build_index(block)
         nearest = self._unfiltered(index, block)
-        return [
-            self._prompt_pools(
-                index, block, prompt, int(start), nearest[start : start + prompt.texts], vectors
+        return {
+            prompt.prompt_id: self._prompt_pools(
+                index, block, prompt, start, nearest[start : start + prompt.texts], vectors
             )
             for prompt, start in zip(prompts, starts, strict=True)
-        ]
+        }
 
     def _build_index(self, block: npt.NDArray[np.float32]) -> hnswlib.Index:
         index = hnswlib.Index(space="ip", dim=block.shape[1])  # rows are unit length: ip is cosine
@@ -461,18 +482,23 @@ class HnswConsensus(_MedoidConsensus):
         nearest: IndexArray,
         vectors: FloatArray,
     ) -> _Pools:
-        wanted = min(self.settings.neighbours + 1, prompt.texts)
+        wanted = self.settings.neighbours + 1  # less than prompt.texts: smaller prompts are not searched
         end = start + prompt.texts
         same_prompt = (nearest >= start) & (nearest < end)
-        found = np.zeros((prompt.texts, wanted), dtype=np.intp)
+        found = np.full((prompt.texts, wanted + 1), -1, dtype=np.intp)  # -1: no text
         complete = same_prompt.sum(axis=1) >= wanted
         if complete.any():
             first_same = np.argsort(~same_prompt[complete], axis=1, kind="stable")[:, :wanted]
-            found[complete] = np.take_along_axis(nearest[complete], first_same, axis=1) - start
+            found[complete, :wanted] = np.take_along_axis(nearest[complete], first_same, axis=1) - start
         short = np.flatnonzero(~complete)
-        if len(short):
+        if len(short) and prompt.texts < self.settings.hnsw_filter_min_texts:
+            self.scanned_queries += len(short)
+            found[short] = _scan_nearest(block[start:end], short, wanted + 1)
+        elif len(short):
             try:
-                found[short] = self._filtered(index, block[start + short], start, end, wanted) - start
+                found[short, :wanted] = (
+                    self._filtered(index, block[start + short], start, end, wanted) - start
+                )
             except RuntimeError:  # hnswlib: "Cannot return the results in a contiguous 2D array"
                 self.fallbacks += 1
                 return _all_pairs(prompt, vectors)
@@ -482,11 +508,24 @@ class HnswConsensus(_MedoidConsensus):
         self, index: hnswlib.Index, queries: npt.NDArray[np.float32], start: int, end: int, wanted: int
     ) -> IndexArray:
         self.filtered_queries += len(queries)
+        # hnswlib's filtered search stops only once it holds `ef` allowed labels: an ef above the
+        # prompt's size would make it walk the whole graph.
+        index.set_ef(max(wanted, min(self.settings.hnsw_ef, end - start - 1)))
         # A closure: measured faster under hnswlib than the C-level range(start, end).__contains__.
         labels, _ = index.knn_query(
             queries, k=wanted, num_threads=1, filter=lambda label: start <= label < end
         )
         return np.asarray(labels, dtype=np.intp)
+
+
+def _scan_nearest(prompt_block: npt.NDArray[np.float32], rows: IndexArray, count: int) -> IndexArray:
+    """The `count` texts of a prompt nearest to each of `rows` (the row itself included), by brute force.
+
+    `count` is one more than needed: the spare absorbs float32 near-ties at the boundary.
+    """
+    similarities = prompt_block[rows] @ prompt_block.T
+    nearest: IndexArray = np.argpartition(-similarities, count - 1, axis=1)[:, :count]
+    return nearest
 
 
 def _pools_from_found(prompt: _Prompt, found: IndexArray, vectors: FloatArray) -> _Pools:

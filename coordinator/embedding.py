@@ -92,12 +92,13 @@ class SentenceEmbedder:
         if not (directory / "modules.json").is_file() and not (directory / "config.json").is_file():
             raise EmbeddingError(f"no sentence-transformers model in {directory}: {_INSTALL_HINT}")
         self._model = _load_sentence_transformer(directory)
-        dim = self._model.get_embedding_dimension()
-        if not isinstance(dim, int) or dim < 1:
+        dim = _embedding_dimension(self._model)
+        if dim is None:
             raise EmbeddingError(f"model in {directory} does not report an embedding dimension")
         self._dim: int = dim
+        # The offline package keeps its model in a folder called "model": name it after the package.
         self._name = (
-            f"sentence-transformers:{directory.name if directory.name != 'model' else directory.parent.name}"
+            f"sentence-transformers:{directory.parent.name if directory.name == 'model' else directory.name}"
         )
         self._batch_size = batch_size
         # torch modules are not documented as thread-safe for concurrent forward passes.
@@ -126,6 +127,13 @@ class SentenceEmbedder:
         vectors = np.ascontiguousarray(raw, dtype=np.float32)
         _check_output(vectors, len(texts), self._dim, self._name)
         return vectors
+
+
+def _embedding_dimension(model: Any) -> int | None:
+    # Newer sentence-transformers name it get_embedding_dimension; older releases only have the long name.
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = getter()
+    return dim if isinstance(dim, int) and dim > 0 else None
 
 
 def _load_sentence_transformer(directory: Path) -> Any:

@@ -412,12 +412,18 @@ def _interleaved_shard(seed: int) -> tuple[Answers, TableEmbedder]:
     return answers, TableEmbedder(table)
 
 
-def test_hnsw_uses_the_filtered_search_when_prompts_overlap_and_still_agrees() -> None:
+@pytest.mark.parametrize("filter_min_texts", [0, 1_024])
+def test_hnsw_second_pass_when_prompts_overlap_still_agrees(filter_min_texts: int) -> None:
     answers, embedder = _interleaved_shard(5)
-    settings = ConsensusSettings(min_confidence=0.0, outlier_similarity=-1.0)
+    settings = ConsensusSettings(
+        min_confidence=0.0, outlier_similarity=-1.0, hnsw_filter_min_texts=filter_min_texts
+    )
     hnsw = HnswConsensus(embedder, settings)
     result = hnsw.decide(answers)
-    assert hnsw.filtered_queries > 0
+    if filter_min_texts == 0:
+        assert hnsw.filtered_queries > 0 and hnsw.scanned_queries == 0  # hnswlib's filter= ran
+    else:
+        assert hnsw.scanned_queries > 0 and hnsw.filtered_queries == 0  # the brute-force scan ran
     assert result == ExactConsensus(embedder, settings).decide(answers)
 
 
@@ -427,10 +433,9 @@ def test_hnsw_falls_back_to_exact_scoring_when_the_filtered_search_fails() -> No
             raise RuntimeError("Cannot return the results in a contiguous 2D array")
 
     answers, embedder = _interleaved_shard(6)
-    failing = FailingSearch(embedder, ConsensusSettings(min_confidence=0.0))
-    assert failing.decide(answers) == ExactConsensus(embedder, ConsensusSettings(min_confidence=0.0)).decide(
-        answers
-    )
+    settings = ConsensusSettings(min_confidence=0.0, hnsw_filter_min_texts=0)
+    failing = FailingSearch(embedder, settings)
+    assert failing.decide(answers) == ExactConsensus(embedder, settings).decide(answers)
     assert failing.fallbacks > 0
 
 
