@@ -483,7 +483,7 @@ class AmqpSubscription:
         self._queue = queue
         self._handler = handler
         self._tag: str | None = None
-        self._running: set[asyncio.Task[Any]] = set()
+        self._running: set[asyncio.Task[None]] = set()
         self._stopped = False
 
     async def start(self) -> None:
@@ -506,18 +506,28 @@ class AmqpSubscription:
             self._transport._subscriptions.remove(self)
 
     async def abort(self) -> None:
+        """Close now: running handlers are cancelled and the broker requeues what they held."""
         self._stopped = True
+        current = asyncio.current_task()
+        pending = [task for task in self._running if task is not current]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         await _close_quietly(self._channel)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._running.add(task)
-        try:
-            await self._handle(message)
-        finally:
-            if task is not None:
-                self._running.discard(task)
+        # aiormq cancels its per-delivery tasks when the connection drops; the handler runs in a task of
+        # our own so that it finishes its work (its late ack is then logged, and the broker redelivers).
+        task = asyncio.get_running_loop().create_task(self._handle(message))
+        self._running.add(task)
+        task.add_done_callback(self._handler_done)
+        await asyncio.shield(task)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("settling a delivery failed", queue=self._queue.name, exc_info=task.exception())
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         delivery = Delivery(

@@ -479,6 +479,10 @@ class LocalNode:
         self._import(definitions(topo, vhost, [grant]))
         return self.url_for(topology.COORDINATOR_USER, self.state.coordinator_password, vhost)
 
+    def close_all_connections(self, explanation: str = "closed by broker.local_node") -> None:
+        """Make the broker drop every client connection on the vhost, as a network failure would."""
+        self._ctl("close_all_connections", "-p", self.state.vhost, explanation)
+
     def verify(self) -> None:
         """Check the vhost, topology and permissions exist (3.10.8 skips an unparsable definitions file)."""
         grants = [coordinator_grant(self.state.coordinator_password)]

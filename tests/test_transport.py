@@ -356,6 +356,8 @@ async def _kill_and_restart_mid_stream(f: TransportFactory, node: LocalNode) -> 
         received.add(delivery.message_id)
 
     await consumer.consume(f.name(topology.shard_queue(0)), handler)
+    held = HeldDelivery()
+    await consumer.consume(f.name(topology.shard_queue(1)), held)
     confirmed: list[str] = []
 
     async def publish(i: int, timeout: float) -> None:
@@ -367,19 +369,71 @@ async def _kill_and_restart_mid_stream(f: TransportFactory, node: LocalNode) -> 
 
     for i in range(20):
         await publish(i, 5.0)
-    await eventually(lambda: len(received) == 20)
+    await publisher.publish(f.name(topology.UP_EXCHANGE), GEN(1, "alice"), b"h", message_id="held")
+    await eventually(lambda: len(received) == 20 and len(held.seen) == 1)
 
     node.kill()
+    with pytest.raises(PublishTimeout):
+        await publisher.publish(
+            f.name(topology.UP_EXCHANGE), GEN(0, "a"), b"x", message_id="late", timeout=0.5
+        )
     # Publishes made while the broker is down wait for the reconnect, then get confirmed.
     during = [asyncio.create_task(publish(i, 60.0)) for i in range(20, 30)]
     await asyncio.to_thread(node.start)
+    held.release.set()  # its ack goes to a channel that died with the broker: logged, not raised
     await asyncio.gather(*during)
     for i in range(30, 40):
         await publish(i, 20.0)
 
     assert len(confirmed) == 40
-    # The consumer was restored by the robust connection and gets every confirmed message.
+    # The consumer was restored by the robust connection and gets every confirmed message,
     await eventually(lambda: set(confirmed) <= received, timeout=30.0)
+    # and the delivery that could not be acked comes back, redelivered.
+    await eventually(lambda: len(held.seen) == 2, timeout=30.0)
+    assert [d.redelivered for d in held.seen] == [False, True]
+    assert held.errors == []
+
+
+class HeldDelivery:
+    """A handler that holds its first delivery until released, then acks it."""
+
+    def __init__(self) -> None:
+        self.seen: list[Delivery] = []
+        self.errors: list[BaseException] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, delivery: Delivery) -> None:
+        self.seen.append(delivery)
+        if len(self.seen) == 1:
+            await self.release.wait()
+        try:
+            await delivery.ack()
+        except BaseException as e:  # the test asserts that nothing escapes a late ack
+            self.errors.append(e)
+            raise
+
+
+@pytest.mark.amqp
+async def test_consumer_resumes_after_the_broker_drops_connections(rabbit_node: LocalNode) -> None:
+    f = TransportFactory("amqp", rabbit_node)
+    try:
+        transport = await f.connect()
+        await transport.declare(f.topology())
+        held = HeldDelivery()
+        await transport.consume(f.name(topology.shard_queue(0)), held)
+        await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"x", message_id="first")
+        await eventually(lambda: len(held.seen) == 1)
+
+        await asyncio.to_thread(rabbit_node.close_all_connections, "test: network failure")
+        held.release.set()
+        # The broker requeued the unacked delivery; the restored consumer gets it again.
+        await eventually(lambda: len(held.seen) == 2, timeout=20.0)
+        assert held.seen[1].message_id == "first" and held.seen[1].redelivered
+        await transport.publish(f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"x", message_id="second")
+        await eventually(lambda: [d.message_id for d in held.seen][-1] == "second", timeout=20.0)
+        assert held.errors == []
+    finally:
+        await f.close()
 
 
 @pytest.mark.parametrize(
