@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.chorus-installed
 RABBITMQ_SERVER := /usr/lib/rabbitmq/bin/rabbitmq-server
-PACKAGES := schemas broker coordinator participant
+PACKAGES := schemas broker coordinator participant federation
+BROKER ?= memory
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -42,6 +43,11 @@ test: setup rabbitmq lint
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not amqp and not slow"
+
+# A 3-participant SmolLM2 federation on the stdlib-docstring task (under 10 min on 2 CPU cores).
+# make demo BROKER=local runs it over a local RabbitMQ node instead of the embedded broker.
+demo: setup $(if $(filter local,$(BROKER)),rabbitmq)
+	$(VENV)/bin/chorus-run examples/demo.toml --broker $(BROKER) --results results/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,160 @@
+"""The typed run configuration of `chorus-run`: one TOML file describes a whole federation.
+
+    federation = "demo"
+    rounds = 3
+    [task]                      # generate the stdlib-docstring task into the results dir
+    families = ["text", "data", "math"]
+    [generation]                # the coordinator's generation parameters, also used for evaluation
+    max_new_tokens = 32
+    [coordinator]               # coordinator settings (inline); or: coordinator = "coordinator.toml"
+    [coordinator.round]
+    prompts_per_round = 12
+    [[participants]]
+    id = "p00"
+    model = "smollm2-135m-instruct"
+
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from coordinator.settings import CoordinatorSettings, SettingsError, read_toml
+from participant.settings import TrainTable
+from schemas.messages import GenerationParams, Id
+
+__all__ = ["ParticipantEntry", "RunConfig", "RunConfigError", "TaskTable", "load_run_config"]
+
+
+class RunConfigError(SettingsError):
+    """The `chorus-run` configuration is missing, unreadable or invalid."""
+
+
+class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class TaskTable(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The stdlib-docstring benchmark (`bench.stdlib_data`), generated into `<results>/data`."""
+
+    families: list[str] | None = None  # names from bench.stdlib_data.DEFAULT_FAMILIES; default all
+    modules: list[str] | None = None  # or explicit modules, each optionally "module:family"
+    seed: int = 0
+    split: Literal["family", "dirichlet"] = "family"
+    alpha: Annotated[float, Meta(gt=0.0)] = 0.5
+    home_share: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.8
+    public_fraction: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.3
+    test_fraction: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.15
+    # Caps keep a CPU run short; 0 means "all of them".
+    max_public: Annotated[int, Meta(ge=0)] = 0
+    max_train: Annotated[int, Meta(ge=0)] = 0  # per participant
+    max_test: Annotated[int, Meta(ge=0)] = 0  # the global test set every participant is scored on
+
+
+class ParticipantEntry(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: Id
+    model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct, tiny-llama, tiny-gpt2, or a HF dir
+    train_data: str | None = None  # JSONL {prompt, response}; default: the generated task's share
+    test_data: str | None = None  # default: the generated task's global test set
+    broker_url: str | None = None  # --broker amqp://...: this participant's own URL (its user)
+    generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
+    train: TrainTable | None = None  # default: the run's [train] table
+
+
+class RunConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    federation: Id = "chorus-run"
+    rounds: Annotated[int, Meta(ge=1, le=10_000)] = 3
+    prompts_path: str | None = None  # public prompts; default: the generated task's
+    embedder: str = "minilm"  # scores answers, and builds consensus unless [coordinator.consensus] says
+    serialize_compute: bool = True  # one participant uses the CPU at a time (faster on few cores)
+    torch_threads: Annotated[int, Meta(ge=0)] = 0  # 0: torch's default
+    task: TaskTable | None = None
+    generation: GenerationParams = GenerationParams()
+    train: TrainTable = TrainTable()
+    coordinator: dict[str, object] | str = {}
+    participants: Annotated[list[ParticipantEntry], Meta(min_length=1)]
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    path: Path
+    run: RunConfig
+    coordinator_raw: dict[str, object]  # coordinator table, paths resolved against its file
+
+
+def load_run_config(path: Path) -> LoadedConfig:
+    """Read and validate a run config; relative paths are resolved against the file's folder."""
+    try:
+        raw = read_toml(path)
+    except SettingsError as e:
+        raise RunConfigError(str(e)) from e
+    try:
+        run = msgspec.convert(raw, RunConfig)
+    except msgspec.ValidationError as e:
+        raise RunConfigError(f"{path}: {e}") from e
+    base = path.parent
+    coordinator_raw = _coordinator_table(run.coordinator, base)
+    entries = [_resolved_entry(entry, base) for entry in run.participants]
+    ids = [entry.id for entry in entries]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise RunConfigError(f"{path}: participant ids must be unique; repeated: {', '.join(duplicates)}")
+    if "COORDINATOR" in {i.upper() for i in ids} or "coordinator" in ids:
+        raise RunConfigError(f"{path}: 'coordinator' is reserved; pick another participant id")
+    prompts = _resolve(run.prompts_path, base)
+    if run.task is None:
+        missing = [e.id for e in entries if e.train_data is None or e.test_data is None]
+        if prompts is None or missing:
+            raise RunConfigError(
+                f"{path}: without a [task] table, give prompts_path and each participant's train_data and "
+                f"test_data (missing for: {', '.join(missing) or 'prompts_path'}); or add [task] to "
+                "generate the stdlib-docstring benchmark"
+            )
+    run = msgspec.structs.replace(run, participants=entries, prompts_path=prompts)
+    for key in ("federation", "prompts_path"):
+        if key in coordinator_raw:
+            raise RunConfigError(
+                f"{path}: set {key!r} at the top of the run config, not in the coordinator table"
+            )
+    _check_coordinator(coordinator_raw, path)
+    return LoadedConfig(path=path.resolve(), run=run, coordinator_raw=coordinator_raw)
+
+
+def _coordinator_table(given: dict[str, object] | str, base: Path) -> dict[str, object]:
+    if isinstance(given, str):
+        file = (base / given).resolve()
+        try:
+            return read_toml(file)
+        except SettingsError as e:
+            raise RunConfigError(f"coordinator settings: {e}") from e
+    return dict(given)
+
+
+def _check_coordinator(raw: dict[str, object], path: Path) -> None:
+    """Validate the coordinator table now, so a typo fails before any model loads."""
+    try:
+        msgspec.convert({**raw, "prompts_path": "-"}, CoordinatorSettings)
+    except msgspec.ValidationError as e:
+        raise RunConfigError(f"{path}: [coordinator] {e}") from e
+
+
+def _resolve(value: str | None, base: Path) -> str | None:
+    return None if value is None else str((base / value).resolve())
+
+
+def _resolved_entry(entry: ParticipantEntry, base: Path) -> ParticipantEntry:
+    model = entry.model
+    if model.startswith(".") or "/" in model:
+        model = str((base / model).resolve())
+    return msgspec.structs.replace(
+        entry,
+        model=model,
+        train_data=_resolve(entry.train_data, base),
+        test_data=_resolve(entry.test_data, base),
+    )
