@@ -169,6 +169,7 @@ VARIANTS = {
     "fast (M 8, efC 32, ef 16)": ConsensusSettings(
         min_confidence=0.3, hnsw_m=8, hnsw_ef_construction=32, hnsw_ef=16
     ),
+    "default, filter= always": ConsensusSettings(min_confidence=0.3, hnsw_filter_min_texts=0),
 }
 
 

@@ -15,10 +15,11 @@ answer, the semantic medoid, never a blend. Then:
 - ties go to the lower participant id, then the lower text, so that the result is reproducible.
 
 `ExactConsensus` computes all pairwise similarities per prompt (the reference). `HnswConsensus` finds
-each answer's neighbours with one hnswlib index per shard and a per-prompt filter, and then scores the
-neighbours it found with the very same arithmetic, so the two agree whenever the index finds the true
-nearest neighbours. Similarities are computed in float64 and rounded to 1e-9 so that both strategies
-see bit-identical numbers, and sums use `math.fsum` so that their order does not matter.
+each answer's neighbours with one hnswlib index per shard, restricted to the answer's prompt, and then
+scores the neighbours it found with the very same arithmetic, so the two agree whenever the index
+finds the true nearest neighbours. Similarities are computed in float64 from the float32 embeddings
+and rounded to 1e-9, so that both strategies see the same numbers although they reach them by
+different BLAS paths; sums use `math.fsum`, exact and independent of order.
 """
 
 from __future__ import annotations
