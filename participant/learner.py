@@ -91,7 +91,11 @@ class Learner(Protocol):
 
 
 class LoraLearner:
-    """A local causal LM with LoRA; the adapter is attached at construction, so FedAvg can read it at once."""
+    """A local causal LM with LoRA; the adapter is attached at construction, so FedAvg can read it at once.
+
+    Not thread-safe: generation and training share the model and seed torch's global RNG, so run one call
+    at a time (e.g. on a single worker thread, off the event loop).
+    """
 
     can_train = True
 
