@@ -469,15 +469,28 @@ class LocalNode:
         log.info("participants added", participants=sorted(chosen), vhost=self.state.vhost)
         return chosen
 
-    def add_vhost(self, vhost: str) -> str:
-        """A fresh vhost with the Chorus topology and the coordinator on it; returns its coordinator URL.
+    def add_vhost(self, vhost: str, participants: Iterable[str] = ()) -> dict[str, str]:
+        """Another vhost with the full Chorus topology, for tests that want a broker of their own.
 
-        For tests that want a broker nobody else publishes to.
+        Returns user -> AMQP URL on that vhost: the coordinator, and each participant
+        with a new password (users are node-wide: an existing participant's password changes).
         """
-        topo = topology.core_topology(self.state.shards, self.state.delivery_limit)
-        grant = coordinator_grant(self.state.coordinator_password)
-        self._import(definitions(topo, vhost, [grant]))
-        return self.url_for(topology.COORDINATOR_USER, self.state.coordinator_password, vhost)
+        names = list(participants)
+        passwords = {name: secrets.token_urlsafe(18) for name in names}
+        grants = [coordinator_grant(self.state.coordinator_password)]
+        grants += [participant_grant(name, passwords[name]) for name in names]
+        topo = topology.full_topology(names, self.state.shards, self.state.delivery_limit)
+        self._import(definitions(topo, vhost, grants))
+        problems = find_problems(topo, vhost, grants, self._listings(vhost))
+        if problems:
+            raise NodeVerificationError(f"vhost {vhost!r} was not set up: " + "; ".join(problems))
+        urls = {
+            topology.COORDINATOR_USER: self.url_for(
+                topology.COORDINATOR_USER, self.state.coordinator_password, vhost
+            )
+        }
+        urls.update({name: self.url_for(name, password, vhost) for name, password in passwords.items()})
+        return urls
 
     def close_all_connections(self, explanation: str = "closed by broker.local_node") -> None:
         """Make the broker drop every client connection on the vhost, as a network failure would."""

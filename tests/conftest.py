@@ -56,6 +56,22 @@ def rabbit_participants(rabbit_node: LocalNode) -> dict[str, str]:
 _PASSWORDS: dict[str, str] = {}
 
 
+@pytest.fixture
+def rabbit_vhost(rabbit_node: LocalNode) -> Callable[..., dict[str, str]]:
+    """A factory for a fresh vhost on the session node with the real Chorus names.
+
+    `rabbit_vhost(participants=("alice", "bob"))` returns user -> AMQP URL on the new
+    vhost (`coordinator` and each participant). For service tests that need the
+    exact `chorus.*` names and must not see other tests' messages. About a few
+    seconds each (rabbitmqctl import and check).
+    """
+
+    def make(participants: tuple[str, ...] = ()) -> dict[str, str]:
+        return rabbit_node.add_vhost(f"test-{secrets.token_hex(4)}", participants)
+
+    return make
+
+
 def participant_url(node: LocalNode, name: str) -> str:
     """The AMQP URL of a participant made by `rabbit_participants`."""
     return node.url_for(name, _PASSWORDS[name])

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import TransportFactory, eventually, participant_url
 
 from broker import topology
+from broker.amqp import AmqpTransport
 from broker.connect import open_transport
 from broker.errors import BrokerError, PublishTimeout, TopologyMissing, Unroutable
 from broker.local_node import LocalNode
-from broker.memory import binding_matches
+from broker.memory import MemoryBroker, MemoryTransport, binding_matches
 from broker.transport import (
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
@@ -434,6 +437,49 @@ async def test_consumer_resumes_after_the_broker_drops_connections(rabbit_node: 
         assert held.errors == []
     finally:
         await f.close()
+
+
+@pytest.mark.amqp
+async def test_fresh_vhost_has_the_real_topology_and_isolates_tests(
+    rabbit_vhost: Callable[..., dict[str, str]],
+) -> None:
+    urls = rabbit_vhost(participants=("frank",))
+    async with open_transport(urls["coordinator"]) as coordinator, open_transport(urls["frank"]) as frank:
+        await frank.publish(topology.UP_EXCHANGE, GEN(3, "frank"), b"g", message_id="f1")
+        assert await coordinator.queue_depth(topology.shard_queue(3)) == 1  # type: ignore[attr-defined]
+        inbox = Inbox()
+        await frank.consume(topology.reply_queue("frank"), inbox)
+        await coordinator.publish(
+            topology.DIRECT_EXCHANGE, topology.reply_key("frank"), b"r", message_id="r1"
+        )
+        await eventually(lambda: inbox.ids == ["r1"])
+
+
+def test_open_transport_rejects_what_it_cannot_open(tmp_path: Path) -> None:
+    with pytest.raises(BrokerError, match="needs the MemoryBroker"):
+        open_transport("memory://alice")
+    with pytest.raises(BrokerError, match="needs a user"):
+        open_transport("memory://", memory_broker=MemoryBroker())
+    with pytest.raises(BrokerError, match="has no user"):
+        open_transport("amqp://localhost:5672/chorus")
+    with pytest.raises(BrokerError, match="does not match"):
+        open_transport("amqp://alice:pw@localhost/chorus", user="bob")
+    with pytest.raises(BrokerError, match="use amqps://"):
+        open_transport("amqp://alice:pw@localhost/chorus", ca_file=tmp_path / "ca.pem")
+    with pytest.raises(BrokerError, match="does not exist"):
+        open_transport("amqps://alice:pw@localhost/chorus", ca_file=tmp_path / "ca.pem")
+    with pytest.raises(BrokerError, match="unsupported"):
+        open_transport("http://alice:pw@localhost/")
+
+
+def test_open_transport_picks_the_implementation(tmp_path: Path) -> None:
+    memory = open_transport("memory://alice", memory_broker=MemoryBroker())
+    assert isinstance(memory, MemoryTransport) and memory.user == "alice"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until connecting")
+    amqps = open_transport("amqps://bob:pw@broker.example:5671/chorus", ca_file=ca)
+    assert isinstance(amqps, AmqpTransport) and amqps.user == "bob"
+    assert f"cafile={ca}".replace("/", "%2F") in amqps._url
 
 
 @pytest.mark.parametrize(
