@@ -11,6 +11,7 @@ from pathlib import Path
 from broker.connect import open_transport
 from coordinator.logs import configure_logging
 from coordinator.prompts import load_prompts
+from coordinator.recording import with_recording
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings, load_coordinator_settings
 from coordinator.store import CoordinatorStore
@@ -79,7 +80,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
     store = CoordinatorStore(settings.state_path)
     strategy = build_strategy(settings)
     try:
-        async with open_transport(settings.broker_url, connection_name="chorus-coordinator") as transport:
+        connection = open_transport(settings.broker_url, connection_name="chorus-coordinator")
+        async with with_recording(connection, settings) as transport:
             coordinator = Coordinator(
                 settings, transport, store, load_prompts(Path(settings.prompts_path)), strategy
             )

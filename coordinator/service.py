@@ -30,19 +30,19 @@ from broker.transport import Delivery, Subscription, Transport
 from coordinator.consensus import Candidate, ConsensusStrategy
 from coordinator.fedavg import average_adapters, tensors_from_wire, tensors_to_wire
 from coordinator.identity import identity_problem, shard_of_routing_key
+from coordinator.labelling import pseudo_labels_message, shard_candidates
 from coordinator.prompts import PromptSampler, PublicPrompt, split_into_shards
 from coordinator.rounds import Acceptance, RoundState, ShardClosing, resolve_quorum
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import CoordinatorStore, RoundRow
 from schemas.codec import decode_control, decode_generation, decode_reply, encode
-from schemas.errors import SchemaError
+from schemas.errors import ChorusError, SchemaError
 from schemas.messages import (
     AdapterUpdate,
     AggregatedAdapter,
     GenerationBatch,
     Heartbeat,
     Join,
-    Label,
     Message,
     ParticipantReport,
     PseudoLabels,
@@ -296,26 +296,7 @@ class Coordinator:
         started = time.perf_counter()
         result = await asyncio.to_thread(self.strategy.decide, candidates)
         self._consensus_seconds += time.perf_counter() - started
-        labels = [
-            Label(
-                prompt_id=d.prompt_id,
-                text=d.label,
-                confidence=max(-1.0, min(1.0, d.confidence)),
-                support=d.support,
-                source=d.source or COORDINATOR_USER,
-            )
-            for d in result.decisions
-            if d.label is not None
-        ]
-        message = PseudoLabels(
-            federation=self.settings.federation,
-            round_id=state.round_id,
-            message_id=f"{self.settings.federation}.r{state.round_id}.s{shard_id}.labels",
-            participant_id=COORDINATOR_USER,
-            shard_id=shard_id,
-            labels=labels,
-            abstained=[d.prompt_id for d in result.decisions if d.label is None],
-        )
+        message = pseudo_labels_message(self.settings.federation, state.round_id, shard_id, result)
         log.info(
             "consensus",
             round=state.round_id,
@@ -328,28 +309,15 @@ class Coordinator:
     def _candidates(
         self, round_id: int, shard_id: int, prompt_ids: Sequence[str], answered: set[str]
     ) -> dict[str, list[Candidate]]:
-        candidates: dict[str, list[Candidate]] = {pid: [] for pid in prompt_ids}
-        fresh: dict[str, set[str]] = {pid: set() for pid in prompt_ids}
-        for batch_row in self.store.batches(round_id, shard_id):
-            if batch_row.late or batch_row.participant_id not in answered:
-                continue
-            batch = decode_generation(batch_row.body)
-            for answer in batch.answers:
-                if answer.prompt_id in candidates:
-                    candidates[answer.prompt_id].append(Candidate(batch.participant_id, answer.text))
-                    fresh[answer.prompt_id].add(batch.participant_id)
+        fresh = [
+            decode_generation(row.body)
+            for row in self.store.batches(round_id, shard_id)
+            if not row.late and row.participant_id in answered
+        ]
+        carried = []
         if self.settings.round.late_policy == "carry" and round_id > 1:
-            weight = self.settings.round.staleness_weight
-            for batch_row in self.store.batches(round_id - 1):
-                if not batch_row.late:
-                    continue
-                batch = decode_generation(batch_row.body)
-                for answer in batch.answers:
-                    if answer.prompt_id in candidates and batch.participant_id not in fresh[answer.prompt_id]:
-                        candidates[answer.prompt_id].append(
-                            Candidate(batch.participant_id, answer.text, weight)
-                        )
-        return candidates
+            carried = [decode_generation(row.body) for row in self.store.batches(round_id - 1) if row.late]
+        return shard_candidates(prompt_ids, fresh, carried, self.settings.round.staleness_weight)
 
     async def _aggregate_adapters(self, state: RoundState, answered: Sequence[str]) -> None:
         updates = []
@@ -470,8 +438,10 @@ class Coordinator:
                 state.late.setdefault(participant_id, set()).add(shard_id)
             else:
                 state.record(shard_id, participant_id, arrived)
+        for participant_id, _ in self.store.adapters(row.round_id):
+            state.record(FEDAVG_SHARD, participant_id, row.opened_unix)
         for closing in self.store.closings(row.round_id):
-            state.restore_closing(closing.shard_id, closing.answered, closing.reason)
+            state.restore_closing(closing.shard_id, closing.status, closing.answered, closing.reason)
         self.round = state
         self._pending_announcement = None if row.announced else row
         log.info("round_resumed", round=row.round_id, closings=len(self.store.closings(row.round_id)))
@@ -584,6 +554,13 @@ class Coordinator:
             return "adapter updates are only taken in a fedavg federation"
         if state is None or update.round_id != state.round_id:
             return f"round {update.round_id} is not open"
+        try:
+            shapes = {k: tuple(v.shape) for k, v in tensors_from_wire(update.tensors).items()}
+        except ChorusError as e:
+            return f"bad adapter tensors: {e}"
+        expected_shapes = self._adapter_shapes(state.round_id)
+        if expected_shapes is not None and shapes != expected_shapes:
+            return "adapter tensors differ in names or shapes from those already received this round"
         acceptance = state.record(FEDAVG_SHARD, update.participant_id, now)
         if acceptance is Acceptance.NOT_EXPECTED:
             return f"not_expected: participant {update.participant_id!r} is not in round {update.round_id}"
@@ -591,6 +568,15 @@ class Coordinator:
             self.store.add_adapter(update.message_id, update.round_id, update.participant_id, body)
             self._wake.set()
         return None
+
+    def _adapter_shapes(self, round_id: int) -> dict[str, tuple[int, ...]] | None:
+        """Names and shapes of the first adapter stored this round, which every other must match."""
+        stored = self.store.adapters(round_id)
+        if not stored:
+            return None
+        first = decode_control(stored[0][1])
+        assert isinstance(first, AdapterUpdate)
+        return {t.name: tuple(t.shape) for t in first.tensors}
 
     async def _reject(self, delivery: Delivery, reason: str, message: Message | None = None) -> None:
         self.counters.reject(reason)

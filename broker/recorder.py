@@ -1,0 +1,377 @@
+"""Record every message a connection receives or publishes, as a transport decorator.
+
+`RecordingTransport(inner, recorder)` is a `Transport`: publishes and consumed deliveries pass
+through to `inner` unchanged, and each one is appended to the `Recorder`'s log (format:
+`broker.record_format`). A received message is written when it is settled, with how (ack, requeue,
+dead_letter and the reason), so rejected messages are in the log with their reasons; one whose
+consumer goes away before settling is written as `abandoned`.
+
+Frames are written to the file together at the end of each event-loop turn (one write for all the
+messages of that turn; at once when no loop is running). Files rotate once they reach
+`rotate_bytes`. `fsync`: `never` (a crash of the process loses at most the current turn's frames,
+a crash of the machine what the OS had not written yet), `rotate` (also fsync each file when it is
+closed), `always` (write and fsync every frame at once: durable, and a disk flush per message on
+the event loop).
+
+Recording never takes the service down: if writing fails (disk full...), the recorder logs the
+error once, stops recording and counts what it dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Literal
+
+import structlog
+
+from broker.record_format import FORMAT_VERSION, LOG_SUFFIX, FramePacker, Settlement
+from broker.transport import (
+    DEFAULT_PREFETCH,
+    DEFAULT_PUBLISH_TIMEOUT,
+    Delivery,
+    Handler,
+    Headers,
+    Subscription,
+    Topology,
+    Transport,
+)
+
+log = structlog.get_logger(__name__)
+
+FsyncPolicy = Literal["never", "rotate", "always"]
+DEFAULT_ROTATE_BYTES = 256 * 1024 * 1024
+
+
+class Recorder:
+    """Appends frames to `directory/<federation>.<session>.<index>.chorus-log`, rotating by size.
+
+    Not thread-safe: use it from one event loop. `settings` (plain data) goes into every file's
+    header so that a replay can use what the recorded service ran with.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        federation: str,
+        settings: Mapping[str, Any],
+        rotate_bytes: int = DEFAULT_ROTATE_BYTES,
+        fsync: FsyncPolicy = "rotate",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if rotate_bytes < 1:
+            raise ValueError(f"rotate_bytes must be positive, got {rotate_bytes}")
+        self.directory = directory
+        self.federation = federation
+        self.settings = dict(settings)
+        self.rotate_bytes = rotate_bytes
+        self.fsync = fsync
+        self.clock = clock
+        self.files: list[Path] = []
+        self.frames = 0
+        self.bytes_written = 0
+        self.dropped = 0
+        self._packer = FramePacker()
+        self._file: BinaryIO | None = None
+        self._file_bytes = 0
+        self._pending = bytearray()  # frames of this event-loop turn, not yet written
+        self._pending_frames = 0
+        self._flush_scheduled = False
+        self._session = ""
+        self._session_started = 0.0
+        self._failed = False
+
+    def __enter__(self) -> Recorder:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None
+
+    def open(self) -> None:
+        """Start a session: a new first file with its header. Opening an open recorder is a no-op."""
+        if self._file is not None:
+            return
+        self._session_started = self.clock()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._session_started))
+        self._session = f"{stamp}-{secrets.token_hex(3)}"
+        self._failed = False
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._start_file(0)
+        except OSError as e:
+            self._fail(e)
+
+    def close(self) -> None:
+        """Write what is pending, fsync unless the policy is `never`, and close the current file."""
+        self.flush()
+        if self._file is None:
+            return
+        handle, self._file = self._file, None
+        try:
+            if self.fsync != "never":
+                os.fsync(handle.fileno())
+            handle.close()
+        except OSError as e:
+            self._fail(e)
+
+    # -- frames ------------------------------------------------------------
+
+    def record_received(
+        self, delivery: Delivery, *, received_unix: float, settle: Settlement, reason: str = ""
+    ) -> None:
+        self._write(
+            {
+                "type": "message",
+                "t": received_unix,
+                "direction": "in",
+                "exchange": delivery.exchange,
+                "routing_key": delivery.routing_key,
+                "message_id": delivery.message_id,
+                "user_id": delivery.user_id,
+                "headers": dict(delivery.headers),
+                "body": delivery.body,
+                "redelivered": delivery.redelivered,
+                "settle": settle,
+                "reason": reason,
+            }
+        )
+
+    def record_published(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        user_id: str,
+        headers: Headers | None,
+        published_unix: float,
+        error: str = "",
+    ) -> None:
+        self._write(
+            {
+                "type": "message",
+                "t": published_unix,
+                "direction": "out",
+                "exchange": exchange,
+                "routing_key": routing_key,
+                "message_id": message_id,
+                "user_id": user_id,
+                "headers": dict(headers or {}),
+                "body": body,
+                "error": error,
+            }
+        )
+
+    def flush(self) -> None:
+        """Write the pending frames to the file (and fsync them under the `always` policy)."""
+        self._flush_scheduled = False
+        handle = self._file
+        if not self._pending or handle is None:
+            return
+        try:
+            written = handle.write(self._pending)
+            while written < len(self._pending):  # a short write: rare on regular files
+                written += handle.write(self._pending[written:])
+            if self.fsync == "always":
+                os.fsync(handle.fileno())
+        except OSError as e:
+            self.dropped += self._pending_frames
+            self._fail(e)
+            return
+        self.frames += self._pending_frames
+        self.bytes_written += len(self._pending)
+        self._pending.clear()
+        self._pending_frames = 0
+
+    def _write(self, fields: dict[str, Any]) -> None:
+        if self._file is None:
+            self.dropped += 1
+            return
+        frame = self._packer.pack(fields)
+        self._pending += frame
+        self._pending_frames += 1
+        self._file_bytes += len(frame)
+        if self._file_bytes >= self.rotate_bytes:
+            self._rotate()
+        elif self.fsync == "always" or not self._flush_later():
+            self.flush()
+
+    def _flush_later(self) -> bool:
+        """Flush at the end of this event-loop turn; False when no loop is running."""
+        if self._flush_scheduled:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        loop.call_soon(self.flush)
+        self._flush_scheduled = True
+        return True
+
+    # -- files -------------------------------------------------------------
+
+    def _start_file(self, index: int) -> None:
+        path = self.directory / f"{self.federation}.{self._session}.{index:05d}{LOG_SUFFIX}"
+        self._file = path.open("xb", buffering=0)  # unbuffered: `flush` decides when bytes go out
+        self._file_bytes = 0
+        self.files.append(path)
+        header = {
+            "type": "header",
+            "format": FORMAT_VERSION,
+            "federation": self.federation,
+            "session": self._session,
+            "session_started_unix": self._session_started,
+            "file_index": index,
+            "created_unix": self.clock(),
+            "settings": self.settings,
+        }
+        frame = self._packer.pack(header)
+        self._file.write(frame)
+        self._file_bytes += len(frame)
+        self.bytes_written += len(frame)
+
+    def _rotate(self) -> None:
+        index = len(self.files)
+        self.close()
+        if self._failed:
+            return
+        try:
+            self._start_file(index)
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, error: OSError) -> None:
+        self._pending.clear()
+        self._pending_frames = 0
+        if not self._failed:
+            log.error(
+                "recording_failed",
+                directory=str(self.directory),
+                error=str(error),
+                hint="recording stops; the service goes on",
+            )
+        self._failed = True
+        if self._file is not None:
+            handle, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                handle.close()
+
+
+class RecordingTransport:
+    """A `Transport` that records everything `inner` publishes and delivers; see the module doc.
+
+    As an async context manager it enters `inner` and opens the recorder, and on exit closes both.
+    """
+
+    def __init__(
+        self, inner: Transport, recorder: Recorder, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.inner = inner
+        self.recorder = recorder
+        self.user = inner.user
+        self._clock = clock
+
+    async def __aenter__(self) -> RecordingTransport:
+        await self.inner.__aenter__()
+        self.recorder.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.inner.__aexit__(exc_type, exc, tb)
+        finally:
+            self.recorder.close()
+
+    async def declare(self, topology: Topology) -> None:
+        await self.inner.declare(topology)
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Headers | None = None,
+        timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+    ) -> None:
+        started = self._clock()
+        try:
+            await self.inner.publish(
+                exchange, routing_key, body, message_id=message_id, headers=headers, timeout=timeout
+            )
+        except BaseException as e:
+            self.recorder.record_published(
+                exchange,
+                routing_key,
+                body,
+                message_id=message_id,
+                user_id=self.inner.user,
+                headers=headers,
+                published_unix=started,
+                error=f"{type(e).__name__}: {e}",
+            )
+            raise
+        self.recorder.record_published(
+            exchange,
+            routing_key,
+            body,
+            message_id=message_id,
+            user_id=self.inner.user,
+            headers=headers,
+            published_unix=started,
+        )
+
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int = DEFAULT_PREFETCH
+    ) -> Subscription:
+        return await self.inner.consume(queue, self._recording(handler), prefetch=prefetch)
+
+    async def close(self) -> None:
+        try:
+            await self.inner.close()
+        finally:
+            self.recorder.close()
+
+    def _recording(self, handler: Handler) -> Handler:
+        recorder, clock = self.recorder, self._clock
+
+        async def record_and_handle(delivery: Delivery) -> None:
+            received = clock()
+            inner_settle = delivery._settle
+            if inner_settle is not None:
+
+                async def settle(action: Literal["ack", "requeue", "dead_letter"], reason: str) -> None:
+                    # Written before the broker hears of it: frames follow the order of decisions.
+                    recorder.record_received(delivery, received_unix=received, settle=action, reason=reason)
+                    await inner_settle(action, reason)
+
+                delivery._settle = settle
+            try:
+                await handler(delivery)
+            except asyncio.CancelledError:
+                if not delivery.settled:
+                    recorder.record_received(delivery, received_unix=received, settle="abandoned")
+                raise
+
+        return record_and_handle

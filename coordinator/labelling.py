@@ -1,0 +1,72 @@
+"""From a shard's generation batches to its pseudo-labels message; pure, shared by service and replay.
+
+The coordinator service and `chorus-replay consensus` both call these two functions, so a replay
+builds exactly the candidates and the exact bytes the live coordinator would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from broker.topology import COORDINATOR_USER
+from coordinator.consensus import Candidate, ShardConsensus
+from schemas.messages import GenerationBatch, Label, PseudoLabels
+
+
+def shard_candidates(
+    prompt_ids: Sequence[str],
+    fresh: Iterable[GenerationBatch],
+    carried: Iterable[GenerationBatch] = (),
+    staleness_weight: float = 1.0,
+) -> dict[str, list[Candidate]]:
+    """Prompt id -> candidates of one shard.
+
+    `fresh`: the batches the shard closed with (non-late, from its answered set).
+    `carried`: late batches of the previous round (late_policy "carry"); their answers to this
+    shard's prompts count with `staleness_weight`, unless the same participant answered fresh.
+    Answers to prompts outside the shard are ignored.
+    """
+    candidates: dict[str, list[Candidate]] = {pid: [] for pid in prompt_ids}
+    fresh_sources: dict[str, set[str]] = {pid: set() for pid in prompt_ids}
+    for batch in fresh:
+        for answer in batch.answers:
+            if answer.prompt_id in candidates:
+                candidates[answer.prompt_id].append(Candidate(batch.participant_id, answer.text))
+                fresh_sources[answer.prompt_id].add(batch.participant_id)
+    for batch in carried:
+        for answer in batch.answers:
+            if answer.prompt_id in candidates and batch.participant_id not in fresh_sources[answer.prompt_id]:
+                candidates[answer.prompt_id].append(
+                    Candidate(batch.participant_id, answer.text, staleness_weight)
+                )
+    return candidates
+
+
+def labels_message_id(federation: str, round_id: int, shard_id: int) -> str:
+    return f"{federation}.r{round_id}.s{shard_id}.labels"
+
+
+def pseudo_labels_message(
+    federation: str, round_id: int, shard_id: int, result: ShardConsensus
+) -> PseudoLabels:
+    """The PseudoLabels message for one shard's consensus result (abstentions listed, not labelled)."""
+    labels = [
+        Label(
+            prompt_id=d.prompt_id,
+            text=d.label,
+            confidence=max(-1.0, min(1.0, d.confidence)),
+            support=d.support,
+            source=d.source or COORDINATOR_USER,
+        )
+        for d in result.decisions
+        if d.label is not None
+    ]
+    return PseudoLabels(
+        federation=federation,
+        round_id=round_id,
+        message_id=labels_message_id(federation, round_id, shard_id),
+        participant_id=COORDINATOR_USER,
+        shard_id=shard_id,
+        labels=labels,
+        abstained=[d.prompt_id for d in result.decisions if d.label is None],
+    )

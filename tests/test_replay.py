@@ -1,0 +1,229 @@
+"""chorus-replay: a recorded federation replays offline to the published labels, and drives a coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack  # type: ignore[import-untyped]
+import msgspec
+import pytest
+import structlog
+from recorded import NAMES, SHARDS, RecordedRun, coordinator_for, published_labels, record_federation
+
+from broker.memory import MemoryBroker
+from broker.topology import full_topology
+from coordinator.embedding import HashingEmbedder
+from coordinator.replay import ReplayError, interpret, load_log
+from coordinator.replay_cli import main
+from coordinator.replay_consensus import ConsensusOverrides, replay_consensus, replay_settings
+from coordinator.replay_publish import amqp_connector, load_credentials, plan_republish, republish
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """`main()` points structlog at the captured stderr; put the configuration back afterwards."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> RecordedRun:
+    return asyncio.run(record_federation(tmp_path_factory.mktemp("federation")))
+
+
+def frame_offsets(path: Path) -> list[int]:
+    """Byte offset of every frame of a log file, found independently of the reader under test."""
+    unpacker = msgpack.Unpacker(io.BytesIO(path.read_bytes()), raw=False)
+    offsets = [0]
+    for _ in unpacker:
+        offsets.append(unpacker.tell())
+    return offsets[:-1]
+
+
+def only_file(records: Path) -> Path:
+    (path,) = sorted(records.iterdir())
+    return path
+
+
+def test_offline_replay_gives_the_published_labels_byte_for_byte(recorded: RecordedRun) -> None:
+    log = load_log([recorded.records])
+    assert log.damage == () and log.settings is not None
+    assert log.settings.broker_url == "amqp://coordinator:***@localhost:5672/chorus"  # no password kept
+    replay = replay_consensus(interpret(log), log.settings, embedder=HashingEmbedder())
+    assert len(replay.shards) == 2 * SHARDS
+    assert {(s.round_id, s.shard_id): s.replayed for s in replay.shards} == recorded.labels
+    assert all(s.identical for s in replay.shards) and replay.changes == ()
+
+
+def test_cli_replay_is_deterministic_and_writes_comparable_bytes(
+    recorded: RecordedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["consensus", str(recorded.records), "--write", str(tmp_path), "--check"]) == 0
+    first = capsys.readouterr().out
+    assert main(["consensus", str(recorded.records), "--index", "exact"]) == 0
+    assert main(["consensus", str(recorded.records)]) == 0
+    again = capsys.readouterr().out.split("consensus replay with index=hnsw")[1]
+    assert first.split("consensus replay with index=hnsw")[1] == again  # same log, same settings, same text
+    assert "prompts changed: 0 of 12" in first
+    for (round_id, shard_id), body in recorded.labels.items():
+        name = f"test.r{round_id}.s{shard_id}.labels.msgpack"
+        assert (tmp_path / "replayed" / name).read_bytes() == body
+        assert (tmp_path / "recorded" / name).read_bytes() == body
+
+
+def test_another_threshold_reports_which_prompts_changed(
+    recorded: RecordedRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = load_log([recorded.records])
+    assert log.settings is not None
+    strict = replay_settings(log.settings, ConsensusOverrides(min_confidence=0.8))
+    replay = replay_consensus(interpret(log), strict, embedder=HashingEmbedder())
+    changed = replay.changes
+    assert 0 < len(changed) < replay.prompts
+    assert all(c.recorded is not None and c.replayed is None for c in changed)
+    assert all("below min_confidence 0.8" in c.replayed_abstain_reason for c in changed)
+
+    assert main(["consensus", str(recorded.records), "--min-confidence", "0.8", "--check"]) == 1
+    out = capsys.readouterr().out
+    assert f"prompts changed: {len(changed)} of 12" in out
+    for change in changed:
+        assert f"round {change.round_id} shard {change.shard_id} prompt {change.prompt_id}" in out
+        assert change.recorded is not None and json.dumps(change.recorded.text) in out
+
+
+def test_quorum_override_re_decides_answered_sets_from_arrival_times(recorded: RecordedRun) -> None:
+    log = load_log([recorded.records])
+    assert log.settings is not None
+    everyone = replay_settings(log.settings, ConsensusOverrides(quorum=1.0))  # a fraction: all five
+    replay = replay_consensus(interpret(log), everyone, embedder=HashingEmbedder())
+    assert all(s.answered == tuple(NAMES) and s.identical for s in replay.shards)
+    with pytest.raises(ReplayError, match="quorum"):
+        replay_settings(log.settings, ConsensusOverrides(quorum=-1))
+
+
+def test_inspect_lists_rounds_participants_and_rejections_with_reasons(
+    recorded: RecordedRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(recorded.records), "--strict"]) == 0
+    out = capsys.readouterr().out
+    assert "rejected messages: 2" in out
+    assert "user_id 'mallory' does not match participant_id 'alice'" in out
+    assert "schema malformed" in out
+    mallory = next(line for line in out.splitlines() if line.strip().startswith("mallory"))
+    assert mallory.split()[:2] == ["mallory", "2"]
+    rounds = [line.split() for line in out.splitlines() if line.strip()[:2] in ("1 ", "2 ")]
+    assert [row[:3] for row in rounds[:2]] == [["1", "5", "5"], ["2", "5", "5"]]
+
+
+async def test_republished_log_drives_a_fresh_coordinator_to_the_same_labels(tmp_path: Path) -> None:
+    # Participants answer 0.3 s after each announcement, so that at the recorded pace a fresh
+    # coordinator has opened each round before its batches arrive.
+    original = await record_federation(tmp_path / "original", delay=0.3)
+    plan = plan_republish(interpret(load_log([original.records])))
+    assert plan.skipped == {"malformed": 1}
+    assert plan.users == sorted([*NAMES, "mallory"])  # the forgery goes out as mallory, as recorded
+
+    settings = original.settings
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    broker = MemoryBroker()
+    broker.declare(full_topology([*NAMES, "mallory"], shards=SHARDS))
+    settings = msgspec.structs.replace(
+        settings,
+        state_path=str(fresh_dir / "state.sqlite3"),
+        recording=msgspec.structs.replace(settings.recording, directory=str(fresh_dir / "records")),
+    )
+    coordinator = coordinator_for(settings, broker)
+    async with coordinator.transport:
+        await coordinator.start()
+        drive = asyncio.create_task(coordinator.drive())
+        report = await republish(plan, broker.connect, speed=1.0)
+        await asyncio.wait_for(drive, 20.0)
+        await coordinator.stop_intake()
+    assert report.published == len(plan.messages) and not report.failed
+    assert published_labels(coordinator) == original.labels
+    assert coordinator.counters.dead_lettered == 1  # the forgery, rejected again
+    coordinator.store.close()
+
+
+def test_truncated_log_is_read_up_to_the_cut(
+    recorded: RecordedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / only_file(recorded.records).name
+    data = only_file(recorded.records).read_bytes()
+    offsets = frame_offsets(only_file(recorded.records))
+    path.write_bytes(data[:-5])
+    log = load_log([path])
+    (damage,) = log.damage
+    assert damage.offset == offsets[-1] and "truncated" in damage.problem
+    assert len(log.frames) == len(offsets) - 2  # all but the header and the cut frame
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"byte {offsets[-1]}: the file ends inside this frame (truncated)" in out
+    assert main(["inspect", str(path), "--strict"]) == 1
+    assert main(["consensus", str(path)]) == 0  # what survives still replays
+    assert f"bad frame at byte {offsets[-1]}" in capsys.readouterr().err
+
+
+def test_corrupted_frame_stops_the_file_there(
+    recorded: RecordedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = only_file(recorded.records)
+    offsets = frame_offsets(source)
+    damaged = bytearray(source.read_bytes())
+    bad = 20
+    damaged[(offsets[bad] + offsets[bad + 1]) // 2] ^= 0x20
+    path = tmp_path / source.name
+    path.write_bytes(bytes(damaged))
+    log = load_log([path])
+    (damage,) = log.damage
+    assert damage.offset == offsets[bad] and "corrupt" in damage.problem
+    assert len(log.frames) == bad - 1
+    assert main(["consensus", str(path), "--strict"]) == 1
+    captured = capsys.readouterr()
+    assert f"bad frame at byte {offsets[bad]}" in captured.err and "checksum mismatch" in captured.err
+
+    path.write_bytes(b"\xc1" + source.read_bytes())  # not even msgpack from the first byte
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "no readable record log" in err and "bad frame at byte 0: not msgpack" in err
+
+
+async def test_rotated_files_replay_as_one(tmp_path: Path) -> None:
+    run = await record_federation(tmp_path, rotate_bytes=4096)
+    files = sorted(run.records.iterdir())
+    assert len(files) >= 4
+    log = load_log(list(reversed(files)))  # given in any order, read in recorded order
+    assert [f.header.file_index for f in log.files if f.header] == list(range(len(files)))
+    assert log.notes == () and log.damage == ()
+    replay = replay_consensus(interpret(log), log.settings or run.settings, embedder=HashingEmbedder())
+    assert {(s.round_id, s.shard_id): s.replayed for s in replay.shards} == run.labels
+
+    shutil.move(str(files[1]), str(tmp_path / "aside"))  # a file lost from the middle
+    assert "files 1..1 are missing" in load_log([run.records]).notes[0]
+
+
+def test_publish_checks_identity_options_up_front(tmp_path: Path) -> None:
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(json.dumps({"alice": "pw"}))
+    passwords = load_credentials(credentials)
+    with pytest.raises(ReplayError, match="no password for bob"):
+        amqp_connector("amqp://localhost:5672/chorus", passwords, ["alice", "bob"])
+    with pytest.raises(ReplayError, match="without a user"):
+        amqp_connector("amqp://admin:pw@localhost:5672/chorus", passwords, ["alice"])
+    with pytest.raises(ReplayError, match="in-process"):
+        amqp_connector("memory://", passwords, ["alice"])
+    credentials.write_text("[1, 2]")
+    with pytest.raises(ReplayError, match="expected a JSON object"):
+        load_credentials(credentials)
+
+
+def test_missing_log_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(tmp_path / "nope.chorus-log")]) == 2
+    assert "does not exist" in capsys.readouterr().err
