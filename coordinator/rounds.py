@@ -85,6 +85,7 @@ class RoundState:
         self.grace_seconds = grace_seconds
         self.shards = {sid: ShardState(sid, tuple(pids)) for sid, pids in shards.items()}
         self.late: dict[str, set[int]] = {}  # participant -> shards it answered too late
+        self._restored: list[ShardClosing] = []  # closings decided before a restart, to finish again
 
     # -- intake ------------------------------------------------------------
 
@@ -109,8 +110,8 @@ class RoundState:
     # -- closing -----------------------------------------------------------
 
     def due(self, now: float) -> list[ShardClosing]:
-        """Shards that stop taking answers now. Each is returned once."""
-        closings = []
+        """Shards that stop taking answers now, and closings restored after a restart; each returned once."""
+        closings, self._restored = self._restored, []
         for shard in self.shards.values():
             if shard.status != "open":
                 continue
@@ -143,12 +144,15 @@ class RoundState:
         if reason is not None:
             shard.reason = reason
 
-    def restore_closing(self, shard_id: int, answered: Iterable[str], reason: str) -> None:
-        """Re-enter a persisted 'closing' decision after a restart."""
+    def restore_closing(
+        self, shard_id: int, status: Literal["labelled", "failed"], answered: Iterable[str], reason: str
+    ) -> None:
+        """Re-enter a persisted closing decision after a restart; the next `due()` returns it to finish."""
         shard = self.shards[shard_id]
         shard.status = "closing"
         shard.reason = reason
         shard.closed_with = tuple(sorted(answered))
+        self._restored.append(ShardClosing(shard_id, status, reason, shard.closed_with))
 
     def next_wakeup(self) -> float | None:
         """The earliest time at which `due()` could return something new, if any shard is open."""

@@ -41,14 +41,14 @@ class ParticipantLedger:
     def close(self) -> None:
         self._db.close()
 
-    def first_sight(self, message_id: str) -> bool:
-        """Record a message id; False if it was seen before (a redelivery or duplicate)."""
-        cursor = self._db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (message_id,))
-        return cursor.rowcount == 1
+    def was_handled(self, message_id: str) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM seen WHERE message_id = ?", (message_id,)).fetchone() is not None
+        )
 
-    def forget(self, message_id: str) -> None:
-        """Undo `first_sight` when handling failed, so the redelivery is processed."""
-        self._db.execute("DELETE FROM seen WHERE message_id = ?", (message_id,))
+    def mark_handled(self, message_id: str) -> None:
+        """Record a message whose effect is persisted; a redelivery of it is then acked and skipped."""
+        self._db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (message_id,))
 
     def save_prompts(self, round_id: int, prompts: list[tuple[str, str]]) -> None:
         self._db.execute("BEGIN")

@@ -191,14 +191,14 @@ class Participant:
                 f"participant {self.pid}: federation {message.federation!r} is not ours"
             )
             return
-        if not self.ledger.first_sight(f"{message.message_id}@{message.round_id}"):
+        key = f"{message.message_id}@{message.round_id}"
+        if self.ledger.was_handled(key):
             await delivery.ack()  # a redelivery of something already handled
             return
-        try:
-            await self._handle(message)
-        except BaseException:
-            self.ledger.forget(f"{message.message_id}@{message.round_id}")
-            raise
+        # Handlers are idempotent (answered/applied flags, stable message ids), so a crash
+        # anywhere before mark_handled just means the redelivery does the work again.
+        await self._handle(message)
+        self.ledger.mark_handled(key)
         await delivery.ack()
 
     async def _handle(self, message: Message) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scripted import ScriptedParticipant, consensus_answers
@@ -224,3 +225,43 @@ def test_settings_errors_are_clear(tmp_path: Path) -> None:
         load_coordinator_settings(config, env={})
     with pytest.raises(SettingsError, match="does not exist"):
         load_coordinator_settings(tmp_path / "nope.toml", env={})
+
+
+async def test_crash_while_publishing_labels_resumes_without_duplicates(tmp_path: Path) -> None:
+    names = ["alice", "bob", "carol"]
+    config = write_config(tmp_path, min_participants=3, quorum=3)
+    broker = MemoryBroker()
+    broker.declare(full_topology(names, shards=3))
+    first = make_coordinator(config, broker)
+    participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
+    publish = first.transport.publish
+    label_publishes = 0
+
+    async def crash_on_fourth_label(exchange: str, routing_key: str, body: bytes, **kwargs: Any) -> None:
+        nonlocal label_publishes
+        if routing_key.startswith("reply."):
+            label_publishes += 1
+            if label_publishes == 4:  # shard 0 went to all three, shard 1 to one: then the process dies
+                raise RuntimeError("killed while publishing")
+        await publish(exchange, routing_key, body, **kwargs)
+
+    first.transport.publish = crash_on_fourth_label  # type: ignore[method-assign]
+    await first.start()
+    for participant in participants:
+        await participant.join()
+    with pytest.raises(RuntimeError, match="killed"):
+        await asyncio.wait_for(first.drive(), 10.0)
+    await first.transport.close()
+    first.store.close()
+    assert first.closed_rounds == []
+
+    second = make_coordinator(config, broker)
+    await second.start()
+    await asyncio.wait_for(second.drive(), 10.0)
+    await asyncio.sleep(0.05)
+    await second.stop_intake()
+    (summary,) = second.closed_rounds
+    assert summary.answered == names
+    for participant in participants:
+        assert len(participant.labels) == 3
+        assert participant.label_deliveries == 3  # the labels published before the crash were not re-sent

@@ -98,9 +98,14 @@ def test_finish_before_due_is_refused() -> None:
 def test_restore_closing_freezes_the_answer_set() -> None:
     state = make_round()
     answer_all(state, "abcde", 0, 101.0)
-    state.restore_closing(0, ["a", "b", "c"], "quorum")
-    assert state.due(200.0)[0].shard_id == 1  # shard 0 is not closed again
-    assert state.shards[0].closed_with == ("a", "b", "c")
+    state.restore_closing(0, "labelled", ["a", "b", "c"], "quorum")
+    restored, fresh = state.due(200.0)
+    assert (restored.shard_id, restored.status, restored.answered) == (0, "labelled", ("a", "b", "c"))
+    assert fresh.shard_id == 1
+    assert state.due(200.0) == []  # each returned once
+    state.finish(0, "labelled")
+    state.finish(1, "failed")
+    assert state.is_finished
 
 
 def test_next_wakeup_is_none_when_nothing_is_open() -> None:
