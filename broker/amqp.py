@@ -256,6 +256,8 @@ class AmqpTransport:
             ) from e
         except aiormq.exceptions.ChannelNotFoundEntity as e:
             raise TopologyMissing(f"cannot {what}: {e}; declare the topology first") from e
+        except _CHANNEL_GONE as e:
+            raise BrokerError(f"lost the connection to {self._where} while trying to {what}; retry") from e
 
     # -- publishing --------------------------------------------------------
 
@@ -304,11 +306,12 @@ class AmqpTransport:
 
     async def queue_depth(self, queue: str) -> int:
         """Messages ready in `queue` (not counting unacked ones), from a passive declare."""
-        await self._check_queue_exists(queue)
         channel = await self._channel()
         try:
             underlay = await channel.get_underlay_channel()
-            declared = await underlay.queue_declare(queue, passive=True)
+            declared = await self._guard(
+                underlay.queue_declare(queue, passive=True), f"inspect queue {queue!r}"
+            )
             return int(declared.message_count or 0)
         finally:
             await _close_quietly(channel)
