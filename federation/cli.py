@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import TextIO
 
 import structlog
 
-from federation.config import load_run_config
+from federation.config import RunConfigError, load_run_config
 from federation.report import Reporter
 from federation.runner import FederationRun, RunOptions, check_options
 from schemas.errors import ChorusError
@@ -73,13 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chorus-run: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     results.mkdir(parents=True, exist_ok=True)
-    with (results / LOG_FILE).open("w", encoding="utf-8") as log_file:
+    _quiet_library_progress_bars()
+    with (results / LOG_FILE).open("w", encoding="utf-8", buffering=1) as log_file:
         configure_file_logging(log_file, args.log_level)
         reporter = Reporter(results.resolve(), [p.id for p in config.run.participants])
         run = FederationRun(config, options, reporter)
         error: str | None = None
+        exit_code = EXIT_FAILED
         try:
             asyncio.run(_run_with_signals(run))
+        except RunConfigError as e:  # found while preparing the run (data, brokers): the config's fault
+            error, exit_code = str(e), EXIT_USAGE
         except ChorusError as e:
             error = str(e)
         except (KeyboardInterrupt, asyncio.CancelledError):
@@ -93,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if error is not None:
         print(f"chorus-run: error: {error} (log: {results / LOG_FILE})", file=sys.stderr)
-        return EXIT_FAILED
+        return exit_code
     return EXIT_INTERRUPTED if run.interrupted else 0
 
 
@@ -120,7 +125,16 @@ async def _run_with_signals(run: FederationRun) -> None:
             loop.remove_signal_handler(signum)
 
 
-def configure_file_logging(file: IO[str], level: str) -> None:
+def _quiet_library_progress_bars() -> None:
+    """transformers' and the hub's tqdm bars ("Loading weights") would tear through the table."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    transformers_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+
+
+def configure_file_logging(file: TextIO, level: str) -> None:
     """structlog (and stdlib logging, and warnings) as JSON lines into the run's log file."""
     numeric = getattr(logging, level.upper(), logging.INFO)
     structlog.configure(

@@ -108,6 +108,14 @@ def load_run_config(path: Path) -> LoadedConfig:
     if "COORDINATOR" in {i.upper() for i in ids} or "coordinator" in ids:
         raise RunConfigError(f"{path}: 'coordinator' is reserved; pick another participant id")
     prompts = _resolve(run.prompts_path, base)
+    if run.task is not None and run.task.families:
+        from bench.stdlib_data import DEFAULT_FAMILIES
+
+        unknown = sorted(set(run.task.families) - set(DEFAULT_FAMILIES))
+        if unknown:
+            raise RunConfigError(
+                f"{path}: [task] unknown families {unknown}; choose from {sorted(DEFAULT_FAMILIES)}"
+            )
     if run.task is None:
         missing = [e.id for e in entries if e.train_data is None or e.test_data is None]
         if prompts is None or missing:

@@ -246,7 +246,9 @@ class Reporter:
 
     # -- the end ----------------------------------------------------------------------------------
 
-    def finish(self, *, rounds_wanted: int, interrupted: bool, error: str | None, extra: dict[str, Any]) -> Path:
+    def finish(
+        self, *, rounds_wanted: int, interrupted: bool, error: str | None, extra: dict[str, Any]
+    ) -> Path:
         self.stop_status()
         wall = time.perf_counter() - self.started
         if self.rounds_started is not None:

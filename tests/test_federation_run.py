@@ -1,0 +1,136 @@
+"""`chorus-run`: a whole federation in one process, its results directory, Ctrl-C, and config errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from broker.local_node import LocalNode
+from federation import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "examples" / "tiny.toml"
+PLOTS = ("scores.png", "bytes.png", "agreement.png")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    handlers = logging.getLogger().handlers[:]
+    yield
+    structlog.reset_defaults()
+    logging.getLogger().handlers = handlers
+    logging.captureWarnings(False)
+
+
+def read_rounds(results: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines() if line]
+
+
+def assert_results(results: Path, rounds: int) -> dict[str, object]:
+    lines = read_rounds(results)
+    assert [line["round_id"] for line in lines] == list(range(1, rounds + 1))
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["rounds_completed"] == rounds
+    for plot in PLOTS:
+        assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (results / "run.log").stat().st_size > 0  # log lines went to the file, not the table
+    return dict(summary)
+
+
+def test_tiny_federation_runs_on_the_memory_broker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results"
+    assert cli.main([str(TINY), "--results", str(results)]) == 0
+    summary = assert_results(results, rounds=2)
+    assert summary["interrupted"] is False and summary["error"] is None
+    participants = summary["participants"]
+    assert isinstance(participants, dict) and set(participants) == {"llama", "gpt2"}
+    first = read_rounds(results)[0]
+    rows = first["participants"]
+    assert isinstance(rows, list)
+    for row in rows:
+        assert row["status"] == "answered"
+        assert row["rouge_l"] is not None and row["bytes_up"] > 0 and row["bytes_down"] > 0
+    assert (results / "data" / "public_prompts.jsonl").is_file()  # the task was generated at start
+    out = capsys.readouterr().out
+    assert "all rounds" in out and str(results / "scores.png") in out
+    assert '"event"' not in out  # structlog lines are in run.log
+
+
+def test_sigint_mid_run_leaves_the_finished_rounds(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [sys.executable, "-m", "federation.cli", str(TINY), "--results", str(results), "--rounds", "50"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((results / "rounds.jsonl").is_file() and read_rounds(results)):
+            assert process.poll() is None, process.communicate()[0].decode()
+            assert time.monotonic() < deadline, "no round finished in time"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output.decode()
+    done = len(read_rounds(results))
+    assert 1 <= done < 50
+    summary = assert_results(results, rounds=done)
+    assert summary["interrupted"] is True
+    assert b"interrupted" in output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('federation = "x"\n', "participants"),
+        ('[[participants]]\nid = "a"\nmodle = "tiny-gpt2"\n', "modle"),
+        ('[task]\nfamilies = ["nope"]\n[[participants]]\nid = "a"\n', "unknown families"),
+        ('[task]\n[[participants]]\nid = "a"\n[[participants]]\nid = "a"\n', "unique"),
+        ('[[participants]]\nid = "a"\n', "without a [task] table"),
+        ('[task]\n[coordinator.round]\nshards = 0\n[[participants]]\nid = "a"\n', "[coordinator]"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_config_errors_are_clear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    assert cli.main([str(config), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chorus-run: error:") and message in err
+
+
+def test_missing_config_and_bad_broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([str(tmp_path / "absent.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main([str(TINY), "--results", str(tmp_path / "r"), "--broker", "kafka://x"]) == 2
+    assert "--broker must be memory, local or amqp://" in capsys.readouterr().err
+
+
+@pytest.mark.amqp
+def test_tiny_federation_runs_over_rabbitmq(rabbit_node: LocalNode, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    argv = [str(TINY), "--results", str(results), "--broker", rabbit_node.coordinator_url]
+    argv += ["--broker-dir", str(rabbit_node.data_dir), "--rounds", "1"]
+    assert cli.main(argv) == 0
+    summary = assert_results(results, rounds=1)
+    assert str(summary["broker"]).startswith("RabbitMQ at amqp://coordinator:***@")
