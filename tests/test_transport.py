@@ -455,6 +455,16 @@ async def test_fresh_vhost_has_the_real_topology_and_isolates_tests(
         await eventually(lambda: inbox.ids == ["r1"])
 
 
+@pytest.mark.amqp
+async def test_connection_errors_say_what_to_check(rabbit_node: LocalNode, unused_tcp_port: int) -> None:
+    with pytest.raises(BrokerError, match="refused the login"):
+        async with open_transport(rabbit_node.url_for("coordinator", "wrong password")):
+            pass
+    with pytest.raises(BrokerError, match="is the broker running"):
+        async with open_transport(f"amqp://coordinator:pw@127.0.0.1:{unused_tcp_port}/chorus"):
+            pass
+
+
 def test_open_transport_rejects_what_it_cannot_open(tmp_path: Path) -> None:
     with pytest.raises(BrokerError, match="needs the MemoryBroker"):
         open_transport("memory://alice")
