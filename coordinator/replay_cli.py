@@ -15,7 +15,13 @@ from coordinator.labelling import labels_message_id
 from coordinator.logs import configure_logging
 from coordinator.replay import RecordedLog, ReplayError, interpret, load_log
 from coordinator.replay_consensus import ConsensusOverrides, replay_consensus, replay_settings
-from coordinator.replay_publish import amqp_connector, load_credentials, plan_republish, republish
+from coordinator.replay_publish import (
+    DEFAULT_ROUND_TIMEOUT,
+    amqp_connector,
+    load_credentials,
+    plan_republish,
+    republish,
+)
 from coordinator.replay_report import consensus_text, damage_lines, inspect_text, republish_text
 from schemas.errors import ChorusError
 
@@ -59,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--speed", type=float, default=1.0, help="N times the recorded pace; 0 = as fast as possible"
     )
     publish.add_argument("--acked-only", action="store_true", help="skip messages the coordinator rejected")
+    publish.add_argument(
+        "--follow-rounds",
+        action="store_true",
+        help="hold each round's answers until the coordinator announces that round (reads one reply queue)",
+    )
+    publish.add_argument(
+        "--round-timeout", type=float, default=DEFAULT_ROUND_TIMEOUT, help="seconds to wait for a round"
+    )
     return parser
 
 
@@ -142,7 +156,15 @@ def run_publish(log: RecordedLog, args: argparse.Namespace) -> int:
     plan = plan_republish(interpret(log), acked_only=args.acked_only)
     passwords = {} if args.credentials is None else load_credentials(args.credentials)
     connect = amqp_connector(args.broker, passwords, plan.users)
-    report = asyncio.run(republish(plan, connect, speed=args.speed))
+    report = asyncio.run(
+        republish(
+            plan,
+            connect,
+            speed=args.speed,
+            follow_rounds=args.follow_rounds,
+            round_timeout=args.round_timeout,
+        )
+    )
     sys.stdout.write(republish_text(plan, report))
     return 2 if report.failed else 0
 

@@ -6,6 +6,12 @@ its recorded exchange, routing key, message id and body, at the recorded pace di
 (`speed` 0: as fast as possible). Headers the broker or the coordinator added (`x-...`: delivery
 counts, dead-letter reasons) are not sent again.
 
+The coordinator being driven must start from an empty state (its round numbers must match the
+recorded ones) and use the recorded federation name and prompt settings. With `follow_rounds`,
+each round's answers wait until that coordinator has announced the round (read from one
+participant's reply queue), so a coordinator slower than the recorded one is not fed answers for
+a round it has not opened yet.
+
 Identity: the coordinator rejects a message whose AMQP `user_id` is not the participant it claims
 to come from, and the broker stamps `user_id` from the login. So each message is published through
 a connection logged in as its recorded `user_id`: `connect(user)` opens those transports (for
@@ -20,7 +26,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -29,12 +35,17 @@ import structlog
 
 from broker.connect import AMQP_SCHEMES, open_transport
 from broker.errors import BrokerError
-from broker.transport import HeaderValue, Transport
+from broker.topology import reply_queue
+from broker.transport import Delivery, HeaderValue, Transport
 from coordinator.replay import Recording, ReplayError
+from schemas.codec import decode_reply
+from schemas.errors import SchemaError
+from schemas.messages import AdapterUpdate, GenerationBatch, RoundOpened
 
 log = structlog.get_logger(__name__)
 
 Connect = Callable[[str], Transport]
+DEFAULT_ROUND_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class Republish:
     message_id: str
     body: bytes
     headers: Mapping[str, HeaderValue]
+    needs_round: int | None = None  # a round answer (batch, adapter): only useful once that round is open
 
 
 @dataclass(frozen=True)
@@ -57,13 +69,50 @@ class RepublishPlan:
     def users(self) -> list[str]:
         return sorted({m.user_id for m in self.messages})
 
+    @property
+    def busiest_user(self) -> str:
+        """The login that sent the most round answers: surely a participant with a reply queue."""
+        counts: dict[str, int] = {}
+        for message in self.messages:
+            counts[message.user_id] = counts.get(message.user_id, 0) + (message.needs_round is not None)
+        return max(sorted(counts), key=lambda user: counts[user])
+
 
 @dataclass
 class RepublishReport:
     published: int = 0
     by_user: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)  # error -> how many
+    waited_for_rounds: float = 0.0  # seconds spent waiting for rounds to open (follow_rounds)
+    rounds_not_opened: list[int] = field(default_factory=list)  # followed, but never announced in time
     seconds: float = 0.0
+
+
+class RoundWatcher:
+    """Reads one participant's reply queue and notes each round the coordinator opens."""
+
+    def __init__(self) -> None:
+        self._opened: dict[int, asyncio.Event] = {}
+
+    def _event(self, round_id: int) -> asyncio.Event:
+        return self._opened.setdefault(round_id, asyncio.Event())
+
+    async def on_reply(self, delivery: Delivery) -> None:
+        try:
+            message = decode_reply(delivery.body)
+        except SchemaError:
+            message = None
+        if isinstance(message, RoundOpened):
+            self._event(message.round_id).set()
+        await delivery.ack()
+
+    async def wait(self, round_id: int, timeout: float) -> bool:
+        """True once round `round_id` is open; False if it is not announced within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._event(round_id).wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 def plan_republish(recording: Recording, *, acked_only: bool = False) -> RepublishPlan:
@@ -97,6 +146,11 @@ def plan_republish(recording: Recording, *, acked_only: bool = False) -> Republi
                     message_id=message_id,
                     body=frame.body,
                     headers=_sendable_headers(frame.headers),
+                    needs_round=(
+                        item.message.round_id
+                        if isinstance(item.message, GenerationBatch | AdapterUpdate)
+                        else None
+                    ),
                 )
             )
     return RepublishPlan(messages=tuple(chosen), skipped=skipped)
@@ -115,10 +169,17 @@ async def republish(
     connect: Connect,
     *,
     speed: float = 1.0,
+    follow_rounds: bool = False,
+    round_timeout: float = DEFAULT_ROUND_TIMEOUT,
     clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> RepublishReport:
-    """Publish the plan, each message as its recorded user, at the recorded pace / `speed`."""
+    """Publish the plan, each message as its recorded user, at the recorded pace / `speed`.
+
+    `follow_rounds`: before a round's first answer, wait (up to `round_timeout` seconds) until the
+    coordinator announces that round, read from the reply queue of the plan's busiest participant;
+    the schedule after it shifts by the time waited. Without it, a coordinator slower than the
+    recorded one to open a round rejects the answers that arrive too early ("round N is not open").
+    """
     if speed < 0:
         raise ReplayError(f"speed must be 0 (as fast as possible) or positive, got {speed}")
     report = RepublishReport()
@@ -126,37 +187,54 @@ async def republish(
         return report
     started = clock()
     first = plan.messages[0].t
+    shift = 0.0  # seconds the schedule moved while waiting for rounds
+    opened: set[int] = set()
     async with contextlib.AsyncExitStack() as stack:
         transports: dict[str, Transport] = {}
         for user in plan.users:
             transports[user] = await stack.enter_async_context(connect(user))
+        watcher = RoundWatcher()
+        if follow_rounds:
+            watching = plan.busiest_user
+            await transports[watching].consume(reply_queue(watching), watcher.on_reply)
         for message in plan.messages:
+            round_id = message.needs_round
+            if follow_rounds and round_id is not None and round_id not in opened:
+                waited = clock()
+                if not await watcher.wait(round_id, round_timeout):
+                    report.rounds_not_opened.append(round_id)
+                    log.warning("round_not_opened", round=round_id, waited_seconds=round_timeout)
+                opened.add(round_id)
+                report.waited_for_rounds += clock() - waited
+                if speed > 0:  # the answers of the round go out from now, still at the recorded pace
+                    shift = max(shift, clock() - started - (message.t - first) / speed)
             if speed > 0:
-                delay = started + (message.t - first) / speed - clock()
+                delay = started + shift + (message.t - first) / speed - clock()
                 if delay > 0:
-                    await sleep(delay)
-            try:
-                await transports[message.user_id].publish(
-                    message.exchange,
-                    message.routing_key,
-                    message.body,
-                    message_id=message.message_id,
-                    headers=message.headers or None,
-                )
-            except BrokerError as e:
-                why = type(e).__name__
-                report.failed[why] = report.failed.get(why, 0) + 1
-                log.warning(
-                    "republish_failed",
-                    message_id=message.message_id,
-                    routing_key=message.routing_key,
-                    error=str(e),
-                )
-                continue
-            report.published += 1
-            report.by_user[message.user_id] = report.by_user.get(message.user_id, 0) + 1
+                    await asyncio.sleep(delay)
+            await _publish_one(transports[message.user_id], message, report)
     report.seconds = clock() - started
     return report
+
+
+async def _publish_one(transport: Transport, message: Republish, report: RepublishReport) -> None:
+    try:
+        await transport.publish(
+            message.exchange,
+            message.routing_key,
+            message.body,
+            message_id=message.message_id,
+            headers=message.headers or None,
+        )
+    except BrokerError as e:
+        why = type(e).__name__
+        report.failed[why] = report.failed.get(why, 0) + 1
+        log.warning(
+            "republish_failed", message_id=message.message_id, routing_key=message.routing_key, error=str(e)
+        )
+        return
+    report.published += 1
+    report.by_user[message.user_id] = report.by_user.get(message.user_id, 0) + 1
 
 
 # ---- connecting as each participant ------------------------------------------

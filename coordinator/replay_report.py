@@ -263,6 +263,10 @@ def republish_text(plan: RepublishPlan, report: RepublishReport) -> str:
         lines.append("skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(plan.skipped.items())))
     if report.failed:
         lines.append("failed: " + ", ".join(f"{n} {why}" for why, n in sorted(report.failed.items())))
+    if report.waited_for_rounds:
+        lines.append(f"waited {report.waited_for_rounds:.2f}s for the coordinator to open rounds")
+    if report.rounds_not_opened:
+        lines.append("rounds never announced in time: " + ", ".join(map(str, report.rounds_not_opened)))
     rows = [("user_id", "published")] + [(u, str(n)) for u, n in sorted(report.by_user.items())]
     lines += table(rows)
     return "\n".join(lines) + "\n"

@@ -146,6 +146,7 @@ async def send_bad_traffic(broker: MemoryBroker, coordinator: Coordinator) -> No
     await mallory.publish(
         UP_EXCHANGE, generation_key(0, "mallory"), b"\x93garbage", message_id=new_message_id()
     )
+    # Under her own routing key (RabbitMQ's topic permission would refuse another), claiming to be alice.
     await mallory.publish(
-        UP_EXCHANGE, generation_key(0, "alice"), encode(forged), message_id=forged.message_id
+        UP_EXCHANGE, generation_key(0, "mallory"), encode(forged), message_id=forged.message_id
     )

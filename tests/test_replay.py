@@ -6,8 +6,11 @@ import asyncio
 import io
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import msgpack  # type: ignore[import-untyped]
 import msgspec
@@ -15,13 +18,24 @@ import pytest
 import structlog
 from recorded import NAMES, SHARDS, RecordedRun, coordinator_for, published_labels, record_federation
 
+from broker.amqp import AmqpTransport
 from broker.memory import MemoryBroker
-from broker.topology import full_topology
+from broker.topology import COORDINATOR_USER, full_topology
 from coordinator.embedding import HashingEmbedder
+from coordinator.prompts import load_prompts
 from coordinator.replay import ReplayError, interpret, load_log
 from coordinator.replay_cli import main
 from coordinator.replay_consensus import ConsensusOverrides, replay_consensus, replay_settings
-from coordinator.replay_publish import amqp_connector, load_credentials, plan_republish, republish
+from coordinator.replay_publish import (
+    RepublishReport,
+    amqp_connector,
+    load_credentials,
+    plan_republish,
+    republish,
+)
+from coordinator.service import Coordinator
+from coordinator.store import CoordinatorStore
+from coordinator.wiring import build_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +135,38 @@ def test_inspect_lists_rounds_participants_and_rejections_with_reasons(
     assert [row[:3] for row in rounds[:2]] == [["1", "5", "5"], ["2", "5", "5"]]
 
 
+@dataclass
+class FreshRun:
+    labels: dict[tuple[int, int], bytes]
+    dead_lettered: int
+    report: RepublishReport
+
+
+async def drive_fresh_coordinator(
+    original: RecordedRun, tmp_path: Path, **republish_options: Any
+) -> FreshRun:
+    """A new coordinator (empty state, the recorded settings) fed by `republish` on a memory broker."""
+    broker = MemoryBroker()
+    broker.declare(full_topology([*NAMES, "mallory"], shards=SHARDS))
+    settings = msgspec.structs.replace(
+        original.settings,
+        state_path=str(tmp_path / "fresh.sqlite3"),
+        recording=msgspec.structs.replace(original.settings.recording, directory=str(tmp_path / "fresh")),
+    )
+    coordinator = coordinator_for(settings, broker)
+    plan = plan_republish(interpret(load_log([original.records])))
+    async with coordinator.transport:
+        await coordinator.start()
+        drive = asyncio.create_task(coordinator.drive())
+        report = await republish(plan, broker.connect, **republish_options)
+        await asyncio.wait_for(drive, 20.0)
+        await coordinator.stop_intake()
+    labels = published_labels(coordinator)
+    coordinator.store.close()
+    assert report.published == len(plan.messages) and not report.failed
+    return FreshRun(labels, coordinator.counters.dead_lettered, report)
+
+
 async def test_republished_log_drives_a_fresh_coordinator_to_the_same_labels(tmp_path: Path) -> None:
     # Participants answer 0.3 s after each announcement, so that at the recorded pace a fresh
     # coordinator has opened each round before its batches arrive.
@@ -128,28 +174,20 @@ async def test_republished_log_drives_a_fresh_coordinator_to_the_same_labels(tmp
     plan = plan_republish(interpret(load_log([original.records])))
     assert plan.skipped == {"malformed": 1}
     assert plan.users == sorted([*NAMES, "mallory"])  # the forgery goes out as mallory, as recorded
+    fresh = await drive_fresh_coordinator(original, tmp_path, speed=1.0)
+    assert fresh.labels == original.labels
+    assert fresh.dead_lettered == 1  # the forgery, rejected again
+    fresh_log = load_log([tmp_path / "fresh"])  # the fresh coordinator's own recording
+    replay = replay_consensus(interpret(fresh_log), original.settings, embedder=HashingEmbedder())
+    assert all(s.identical for s in replay.shards) and len(replay.shards) == 2 * SHARDS
 
-    settings = original.settings
-    fresh_dir = tmp_path / "fresh"
-    fresh_dir.mkdir()
-    broker = MemoryBroker()
-    broker.declare(full_topology([*NAMES, "mallory"], shards=SHARDS))
-    settings = msgspec.structs.replace(
-        settings,
-        state_path=str(fresh_dir / "state.sqlite3"),
-        recording=msgspec.structs.replace(settings.recording, directory=str(fresh_dir / "records")),
-    )
-    coordinator = coordinator_for(settings, broker)
-    async with coordinator.transport:
-        await coordinator.start()
-        drive = asyncio.create_task(coordinator.drive())
-        report = await republish(plan, broker.connect, speed=1.0)
-        await asyncio.wait_for(drive, 20.0)
-        await coordinator.stop_intake()
-    assert report.published == len(plan.messages) and not report.failed
-    assert published_labels(coordinator) == original.labels
-    assert coordinator.counters.dead_lettered == 1  # the forgery, rejected again
-    coordinator.store.close()
+
+async def test_following_rounds_lets_a_replay_run_flat_out(recorded: RecordedRun, tmp_path: Path) -> None:
+    # At full speed the batches would reach the coordinator before it opens their round; following
+    # the announcements holds each round's answers until then.
+    fresh = await drive_fresh_coordinator(recorded, tmp_path, speed=0, follow_rounds=True)
+    assert fresh.labels == recorded.labels
+    assert fresh.report.rounds_not_opened == [] and fresh.dead_lettered == 1
 
 
 def test_truncated_log_is_read_up_to_the_cut(
@@ -227,3 +265,52 @@ def test_publish_checks_identity_options_up_front(tmp_path: Path) -> None:
 def test_missing_log_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(tmp_path / "nope.chorus-log")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.amqp
+async def test_republished_log_drives_a_coordinator_on_rabbitmq(
+    tmp_path: Path, rabbit_vhost: Callable[..., dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`chorus-replay publish` end to end: each participant's messages through its own login."""
+    original = await record_federation(tmp_path / "original", delay=0.3)
+    plan = plan_republish(interpret(load_log([original.records])))
+    urls = rabbit_vhost(participants=tuple(plan.users))
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(
+        json.dumps({user: unquote(urlsplit(url).password or "") for user, url in urls.items()})
+    )
+    parts = urlsplit(urls[COORDINATOR_USER])
+    broker_url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # no user in it
+
+    settings = msgspec.structs.replace(
+        original.settings,
+        state_path=str(tmp_path / "fresh.sqlite3"),
+        recording=msgspec.structs.replace(original.settings.recording, enabled=False),
+    )
+    async with AmqpTransport(urls[COORDINATOR_USER], connection_name="test replay coordinator") as transport:
+        coordinator = Coordinator(
+            settings,
+            transport,
+            CoordinatorStore(settings.state_path),
+            load_prompts(Path(settings.prompts_path)),
+            build_strategy(settings, HashingEmbedder()),
+        )
+        await coordinator.start()
+        drive = asyncio.create_task(coordinator.drive())
+        arguments = [
+            "publish",
+            str(original.records),
+            "--broker",
+            broker_url,
+            "--credentials",
+            str(credentials),
+        ]
+        status = await asyncio.to_thread(main, [*arguments, "--speed", "2", "--follow-rounds"])
+        await asyncio.wait_for(drive, 30.0)
+        await coordinator.stop_intake()
+    assert status == 0
+    out = capsys.readouterr().out
+    assert f"published {len(plan.messages)} of {len(plan.messages)} messages" in out and "1 malformed" in out
+    assert published_labels(coordinator) == original.labels
+    assert coordinator.counters.dead_lettered == 1  # mallory's forgery: the broker stamped user_id=mallory
+    coordinator.store.close()
