@@ -274,6 +274,25 @@ class AmqpTransport:
         message = self._message(body, message_id, dict(headers or {}))
         await self._publisher.publish(exchange, routing_key, message, timeout)
 
+    async def publish_with_user_id_for_tests(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        user_id: str | None,
+        timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+    ) -> None:
+        """TEST ONLY: publish with any `user_id` property, or none (`None`), as a hostile client could.
+
+        Services never call this; `publish` always stamps the login. The security tests use it to show
+        that RabbitMQ refuses a forged `user_id` and that the coordinator dead-letters a missing one.
+        """
+        message = self._message(body, message_id, {})
+        message.user_id = user_id
+        await self._publisher.publish(exchange, routing_key, message, timeout)
+
     def _message(self, body: bytes, message_id: str | None, headers: dict[str, Any]) -> aio_pika.Message:
         return aio_pika.Message(
             body,
