@@ -29,7 +29,7 @@ def build_strategy(
     consensus = ConsensusSettings(
         neighbours=table.neighbours, min_confidence=table.min_confidence, min_answers=table.min_answers
     )
-    chosen = embedder or build_embedder(table)
+    chosen = embedder if embedder is not None else build_embedder(table)  # a CachedEmbedder has __len__
     if table.index == "exact":
         return ExactConsensus(chosen, consensus)
     return HnswConsensus(chosen, consensus)
