@@ -61,6 +61,8 @@ class Row:
     labelled_pct: float
     exact_seconds_per_shard: float
     hnsw_seconds_per_shard: float
+    exact_cpu_seconds_per_shard: float
+    hnsw_cpu_seconds_per_shard: float
     hnsw_scanned_query_pct: float
     hnsw_filtered_query_pct: float
     hnsw_fallbacks: int
@@ -92,10 +94,11 @@ def random_shard(
 
 def timed(
     strategy: ExactConsensus | HnswConsensus, answers: dict[str, list[Candidate]]
-) -> tuple[ShardConsensus, float]:
-    started = time.perf_counter()
+) -> tuple[ShardConsensus, float, float]:
+    """The result, wall seconds and CPU seconds (the latter robust on a shared, loaded machine)."""
+    started, started_cpu = time.perf_counter(), time.process_time()
     result = strategy.decide(answers)
-    return result, time.perf_counter() - started
+    return result, time.perf_counter() - started, time.process_time() - started_cpu
 
 
 def run_scenario(scenario: Scenario, variant: str, settings: ConsensusSettings, seed: int) -> Row:
@@ -103,13 +106,17 @@ def run_scenario(scenario: Scenario, variant: str, settings: ConsensusSettings, 
     same = identical = labelled = prompts = fallbacks = scanned = filtered = texts = 0
     exact_times: list[float] = []
     hnsw_times: list[float] = []
+    exact_cpu: list[float] = []
+    hnsw_cpu: list[float] = []
     for _ in range(scenario.shards):
         answers, embedder = random_shard(rng, scenario)
-        exact, exact_seconds = timed(ExactConsensus(embedder, settings), answers)
+        exact, exact_seconds, exact_cpu_seconds = timed(ExactConsensus(embedder, settings), answers)
         hnsw_strategy = HnswConsensus(embedder, settings)
-        hnsw, hnsw_seconds = timed(hnsw_strategy, answers)
+        hnsw, hnsw_seconds, hnsw_cpu_seconds = timed(hnsw_strategy, answers)
         exact_times.append(exact_seconds)
         hnsw_times.append(hnsw_seconds)
+        exact_cpu.append(exact_cpu_seconds)
+        hnsw_cpu.append(hnsw_cpu_seconds)
         fallbacks += hnsw_strategy.fallbacks
         scanned += hnsw_strategy.scanned_queries
         filtered += hnsw_strategy.filtered_queries
@@ -128,13 +135,16 @@ def run_scenario(scenario: Scenario, variant: str, settings: ConsensusSettings, 
         labelled_pct=100.0 * labelled / prompts,
         exact_seconds_per_shard=statistics.median(exact_times),
         hnsw_seconds_per_shard=statistics.median(hnsw_times),
+        exact_cpu_seconds_per_shard=statistics.median(exact_cpu),
+        hnsw_cpu_seconds_per_shard=statistics.median(hnsw_cpu),
         hnsw_scanned_query_pct=100.0 * scanned / texts,
         hnsw_filtered_query_pct=100.0 * filtered / texts,
         hnsw_fallbacks=fallbacks,
     )
 
 
-def minilm_sentences_per_second(count: int = 512) -> float:
+def minilm_sentences_per_second(count: int = 512) -> dict[str, float]:
+    """Sentences per wall second and per CPU second (torch may use every core)."""
     from coordinator.embedding import SentenceEmbedder
 
     embedder = SentenceEmbedder()
@@ -142,9 +152,12 @@ def minilm_sentences_per_second(count: int = 512) -> float:
         f"Answer {i}: the result depends on factor {i % 17} and on the season {i % 4}." for i in range(count)
     ]
     embedder.embed(sentences[:64])  # warm-up
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     embedder.embed(sentences)
-    return count / (time.perf_counter() - started)
+    return {
+        "per_wall_second": count / (time.perf_counter() - started),
+        "per_cpu_second": count / (time.process_time() - started_cpu),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -173,7 +186,7 @@ VARIANTS = {
 }
 
 
-def markdown(rows: Sequence[Row], about: Mapping[str, Any], minilm: float | None) -> str:
+def markdown(rows: Sequence[Row], about: Mapping[str, Any], minilm: Mapping[str, float] | None) -> str:
     lines = [
         "# HNSW vs exact consensus",
         "",
@@ -182,17 +195,18 @@ def markdown(rows: Sequence[Row], about: Mapping[str, Any], minilm: float | None
         + f"; 1-minute load average at start {about['load_average_1m_at_start']:.1f} (shared machine).",
         "",
         "Synthetic 384-d answers around 1-4 topics per prompt, 10% repeated texts, 10% stale (weight 0.5);",
-        "neighbours 8, min_confidence 0.3. Times are the median per shard of consensus alone (no model).",
+        "neighbours 8, min_confidence 0.3. Times: median per shard of consensus alone (no model), in CPU",
+        "seconds (wall seconds in the JSON; on a loaded shared machine CPU time is the steadier measure).",
         "",
         "| answers/prompt | HNSW settings | prompts | same label | identical decision | labelled"
-        " | exact s/shard | HNSW s/shard | scanned | filtered | fallbacks |",
+        " | exact CPU s/shard | HNSW CPU s/shard | scanned | filtered | fallbacks |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.answers_per_prompt} | {r.hnsw_variant} | {r.prompts} | {r.same_label_pct:.1f}% "
-            f"| {r.identical_decision_pct:.1f}% | {r.labelled_pct:.0f}% | {r.exact_seconds_per_shard:.3f} "
-            f"| {r.hnsw_seconds_per_shard:.3f} | {r.hnsw_scanned_query_pct:.1f}% "
+            f"| {r.identical_decision_pct:.1f}% | {r.labelled_pct:.0f}% "
+            f"| {r.exact_cpu_seconds_per_shard:.3f} | {r.hnsw_cpu_seconds_per_shard:.3f} | {r.hnsw_scanned_query_pct:.1f}% "
             f"| {r.hnsw_filtered_query_pct:.1f}% | {r.hnsw_fallbacks} |"
         )
     lines += [
@@ -204,7 +218,11 @@ def markdown(rows: Sequence[Row], about: Mapping[str, Any], minilm: float | None
         "strategy is O(n²) in time and memory per prompt; HNSW pays an index build per shard call.",
     ]
     if minilm is not None:
-        lines += ["", f"MiniLM (all-MiniLM-L6-v2, CPU, batch 64): {minilm:.0f} sentences/s."]
+        lines += [
+            "",
+            f"MiniLM (all-MiniLM-L6-v2, CPU, batch 64): {minilm['per_wall_second']:.0f} sentences per wall"
+            f" second, {minilm['per_cpu_second']:.0f} per CPU second.",
+        ]
     return "\n".join(lines) + "\n"
 
 
