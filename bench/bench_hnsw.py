@@ -206,8 +206,8 @@ def markdown(rows: Sequence[Row], about: Mapping[str, Any], minilm: Mapping[str,
         lines.append(
             f"| {r.answers_per_prompt} | {r.hnsw_variant} | {r.prompts} | {r.same_label_pct:.1f}% "
             f"| {r.identical_decision_pct:.1f}% | {r.labelled_pct:.0f}% "
-            f"| {r.exact_cpu_seconds_per_shard:.3f} | {r.hnsw_cpu_seconds_per_shard:.3f} | {r.hnsw_scanned_query_pct:.1f}% "
-            f"| {r.hnsw_filtered_query_pct:.1f}% | {r.hnsw_fallbacks} |"
+            f"| {r.exact_cpu_seconds_per_shard:.3f} | {r.hnsw_cpu_seconds_per_shard:.3f} "
+            f"| {r.hnsw_scanned_query_pct:.1f}% | {r.hnsw_filtered_query_pct:.1f}% | {r.hnsw_fallbacks} |"
         )
     lines += [
         "",
