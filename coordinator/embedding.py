@@ -174,7 +174,9 @@ class CachedEmbedder:
     def name(self) -> str:
         return self._inner.name
 
-    def __len__(self) -> int:
+    @property
+    def entries(self) -> int:
+        """How many embeddings the cache holds. (Not __len__: an empty cache must still be truthy.)"""
         return len(self._entries)
 
     def embed(self, texts: Sequence[str]) -> Embeddings:

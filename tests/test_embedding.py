@@ -85,11 +85,12 @@ def test_minilm_puts_paraphrases_closer_than_unrelated_sentences(minilm: Sentenc
 
 
 def test_minilm_is_deterministic_and_batch_independent(minilm: SentenceEmbedder) -> None:
-    texts = [f"sentence number {i} about topic {i % 3}" for i in range(70)]  # more than one batch of 64
-    together = minilm.embed(texts)
-    alone = minilm.embed(texts[65:66])
-    np.testing.assert_allclose(together[65], alone[0], atol=1e-5)
-    np.testing.assert_array_equal(minilm.embed(texts), together)
+    small_batches = SentenceEmbedder(batch_size=4)
+    texts = [f"sentence number {i} about topic {i % 3}" for i in range(10)]  # three batches of at most 4
+    together = small_batches.embed(texts)
+    np.testing.assert_allclose(together[9], minilm.embed(texts[9:10])[0], atol=1e-5)
+    np.testing.assert_allclose(together, minilm.embed(texts), atol=1e-5)
+    np.testing.assert_array_equal(small_batches.embed(texts), together)
 
 
 def test_missing_model_directory_says_how_to_install(tmp_path: Path) -> None:
@@ -126,7 +127,7 @@ def test_cache_evicts_least_recently_used() -> None:
     cached.embed(["one", "two"])
     cached.embed(["one"])  # "one" is now the most recent
     cached.embed(["three"])  # evicts "two"
-    assert len(cached) == 2
+    assert cached.entries == 2
     cached.embed(["one", "two"])
     assert counting.embedded == ["one", "two", "three", "two"]
 
@@ -138,6 +139,7 @@ def test_cache_returns_independent_arrays_and_passes_through_metadata() -> None:
     got[0] = 0.0  # callers may scribble on the result without corrupting the cache
     np.testing.assert_array_equal(cached.embed(["x"]), inner.embed(["x"]))
     assert (cached.dim, cached.name) == (inner.dim, inner.name)
+    assert CachedEmbedder(inner)  # empty, yet truthy: `embedder or default()` must keep it
     assert cached.embed([]).shape == (0, 32)
     with pytest.raises(EmbeddingError):
         CachedEmbedder(inner, max_entries=0)
@@ -167,7 +169,7 @@ def test_cache_is_consistent_under_threads() -> None:
     for thread in threads:
         thread.join()
     assert failures == []
-    assert len(cached) <= 50
+    assert cached.entries <= 50
 
 
 # ---- hashing ---------------------------------------------------------------
