@@ -44,6 +44,10 @@ test: setup rabbitmq lint
 test-fast: setup
 	$(PY) -m pytest -q -m "not amqp and not slow"
 
+# Long fault and load runs: a 3-node cluster losing a node, 100 concurrent participants.
+soak: setup rabbitmq
+	$(PY) -m pytest -q -m soak
+
 # A 3-participant SmolLM2 federation on the stdlib-docstring task (under 10 min on 2 CPU cores).
 # make demo BROKER=local runs it over a local RabbitMQ node instead of the embedded broker.
 demo: setup $(if $(filter local,$(BROKER)),rabbitmq)

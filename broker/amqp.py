@@ -211,7 +211,11 @@ class AmqpTransport:
         try:
             return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
         except _CONNECTION_LOST as e:
-            raise BrokerError(f"cannot open a channel to {self._where}: {e}") from e
+            raise ChannelUnavailable(f"cannot open a channel to {self._where}: {e}") from e
+        except asyncio.CancelledError as e:
+            if not _rpc_cancelled_by_connection_loss():
+                raise
+            raise ChannelUnavailable(f"lost the connection to {self._where} while opening a channel") from e
 
     # -- topology ----------------------------------------------------------
 
@@ -392,6 +396,28 @@ class AccessRefused(BrokerError):
     """The broker refused an operation for lack of permission."""
 
 
+class ChannelUnavailable(BrokerError):
+    """No channel could be opened because the connection is down (a robust one is reconnecting)."""
+
+
+# A publish that fails with one of these is retried once the connection is back (until its timeout).
+_PUBLISH_INTERRUPTED: tuple[type[BaseException], ...] = (
+    *_CHANNEL_GONE,
+    ChannelUnavailable,
+    asyncio.CancelledError,
+)
+
+
+def _rpc_cancelled_by_connection_loss() -> bool:
+    """Whether a CancelledError came from aiormq dropping a pending RPC as its connection closed.
+
+    aiormq cancels the futures of RPCs in flight (channel open, declare, publish) when the
+    connection dies; that is a lost connection, not a cancellation of the task awaiting it.
+    """
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
+
+
 class _ConfirmedPublisher:
     """One channel with publisher confirms and returns-as-errors, reopened as needed."""
 
@@ -419,8 +445,8 @@ class _ConfirmedPublisher:
     async def _publish_until_done(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
         interrupted = False
         while True:
-            target = await self._exchange(exchange)
             try:
+                target = await self._exchange(exchange)
                 await target.publish(message, routing_key, mandatory=True)
                 return
             except aiormq.exceptions.PublishError as e:
@@ -448,7 +474,9 @@ class _ConfirmedPublisher:
             except aiormq.exceptions.ChannelPreconditionFailed as e:
                 await self._forget_channel()
                 raise BrokerError(f"RabbitMQ refused the publish: {e}") from e
-            except _CHANNEL_GONE as e:
+            except _PUBLISH_INTERRUPTED as e:
+                if isinstance(e, asyncio.CancelledError) and not _rpc_cancelled_by_connection_loss():
+                    raise
                 # A reconnect is under way (or another publish closed the channel): wait and try again.
                 (log.debug if interrupted else log.info)(
                     "publish interrupted, retrying once reconnected",

@@ -1,0 +1,158 @@
+"""Shared pieces of the fault tests: gated scripted participants, a coordinator at a URL, a reference run.
+
+A fault test runs one round over RabbitMQ while something breaks, then checks
+three things against what a fault-free run produces from the same inputs:
+the round closed with everyone answered, every generation a participant saw
+confirmed is in the coordinator's store, and the pseudo-labels are identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scripted import ScriptedParticipant, consensus_answers
+from test_coordinator_service import make_coordinator as memory_coordinator
+from test_coordinator_service import write_config
+
+from broker.amqp import AmqpTransport
+from broker.memory import MemoryBroker
+from broker.topology import UP_EXCHANGE, full_topology, generation_key
+from coordinator.embedding import HashingEmbedder
+from coordinator.prompts import load_prompts
+from coordinator.service import Coordinator
+from coordinator.settings import load_coordinator_settings
+from coordinator.store import CoordinatorStore
+from coordinator.wiring import build_strategy
+from schemas import Answer, GenerationBatch, RoundOpened, encode, new_message_id
+
+FEDERATION = "faults"
+SHARDS = 3
+# Long enough to ride out a broker restart or a stalled link (each publish waits for its confirm).
+PUBLISH_TIMEOUT = 90.0
+
+LabelKey = tuple[int, int]  # (round, shard)
+LabelTable = dict[LabelKey, list[tuple[str, str, float]]]
+
+
+def round_config(directory: Path, participants: int, **overrides: object) -> Path:
+    """One semantic round of 6 prompts in 3 shards that waits for all `participants` (deadline 120 s)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, object] = {
+        "min_participants": participants,
+        "quorum": participants,
+        "deadline_seconds": 120.0,
+        "grace_seconds": 0.0,
+    }
+    config = write_config(directory, **(settings | overrides))
+    text = config.read_text().replace('federation = "test"', f'federation = "{FEDERATION}"')
+    config.write_text(f"publish_timeout_seconds = {PUBLISH_TIMEOUT}\n" + text)
+    return config
+
+
+async def coordinator_at(url: str, config: Path, name: str = "test coordinator") -> Coordinator:
+    settings = load_coordinator_settings(config, env={})
+    transport = AmqpTransport(url, connection_name=name)
+    await transport.__aenter__()
+    return Coordinator(
+        settings,
+        transport,
+        CoordinatorStore(settings.state_path),
+        load_prompts(Path(settings.prompts_path)),
+        build_strategy(settings, HashingEmbedder()),
+    )
+
+
+@dataclass
+class GatedParticipant(ScriptedParticipant):
+    """Publishes its first `hold_after` shards at once, the rest once `gate` is set; records confirms."""
+
+    gate: asyncio.Event | None = None
+    hold_after: int = 0
+    confirmed: list[tuple[int, int, str]] = field(default_factory=list)  # (round, shard, participant)
+    publish_timeout: float = PUBLISH_TIMEOUT
+
+    async def _answer(self, opened: RoundOpened) -> None:
+        for index, shard in enumerate(opened.shards):
+            if self.gate is not None and index == self.hold_after:
+                await self.gate.wait()
+            batch = GenerationBatch(
+                federation=self.federation,
+                round_id=opened.round_id,
+                message_id=new_message_id(),
+                participant_id=self.participant_id,
+                shard_id=shard.shard_id,
+                model_id="scripted",
+                answers=[
+                    Answer(prompt_id=p.prompt_id, text=self.answer(self.participant_id, p.prompt_id))
+                    for p in shard.prompts
+                ],
+            )
+            await self.transport.publish(
+                UP_EXCHANGE,
+                generation_key(shard.shard_id, self.participant_id),
+                encode(batch),
+                message_id=batch.message_id,
+                timeout=self.publish_timeout,
+            )
+            self.confirmed.append((opened.round_id, shard.shard_id, self.participant_id))
+
+
+async def gated_at(
+    url: str, name: str, gate: asyncio.Event | None = None, hold_after: int = 0
+) -> GatedParticipant:
+    transport = AmqpTransport(url, connection_name=f"test {name}")
+    await transport.__aenter__()
+    return GatedParticipant(
+        name, transport, consensus_answers, federation=FEDERATION, gate=gate, hold_after=hold_after
+    )
+
+
+def label_table(participant: ScriptedParticipant) -> LabelTable:
+    return {
+        key: [(label.prompt_id, label.text, round(label.confidence, 6)) for label in message.labels]
+        for key, message in participant.labels.items()
+    }
+
+
+async def reference_labels(directory: Path, names: list[str], **overrides: object) -> LabelTable:
+    """The labels a fault-free run on the embedded broker gives for the same inputs."""
+    broker = MemoryBroker()
+    broker.declare(full_topology(names, SHARDS))
+    coordinator = memory_coordinator(round_config(directory, len(names), **overrides), broker)
+    participants = [
+        ScriptedParticipant(n, broker.connect(n), consensus_answers, federation=FEDERATION) for n in names
+    ]
+    await coordinator.start()
+    for participant in participants:
+        await participant.join()
+    await asyncio.wait_for(coordinator.drive(), 30)
+    for _ in range(100):
+        if all(len(p.labels) == SHARDS for p in participants):
+            break
+        await asyncio.sleep(0.02)
+    await coordinator.stop_intake()
+    tables = [label_table(p) for p in participants]
+    assert all(t == tables[0] for t in tables), "the reference run gave participants different labels"
+    assert len(tables[0]) == SHARDS
+    coordinator.store.close()
+    return tables[0]
+
+
+def stored_batches(coordinator: Coordinator, round_id: int) -> set[tuple[int, int, str]]:
+    return {(b.round_id, b.shard_id, b.participant_id) for b in coordinator.store.batches(round_id)}
+
+
+async def close_all(coordinator: Coordinator | None, participants: list[GatedParticipant]) -> None:
+    """Tear down whatever a test opened, even when it failed halfway (bounded in time)."""
+    for participant in participants:
+        with contextlib.suppress(Exception, asyncio.CancelledError):  # best effort: the test may have failed
+            await asyncio.wait_for(participant.leave(), 10)
+        await participant.transport.close()
+    if coordinator is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(coordinator.stop_intake(), 10)
+        await coordinator.transport.close()
+        coordinator.store.close()

@@ -1,0 +1,57 @@
+"""A round on a three-node RabbitMQ cluster survives losing the node that leads its quorum queues."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster import LocalCluster
+from fault_helpers import SHARDS, close_all
+from test_faults import NAMES, check_round, run_round_with_fault
+
+from broker.topology import reply_queue, shard_queue
+
+pytestmark = [pytest.mark.amqp, pytest.mark.soak]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, dict[str, str]]]:
+    cluster = LocalCluster(tmp_path / "cluster")
+    try:
+        passwords = cluster.start(NAMES)
+        yield cluster, passwords
+    finally:
+        cluster.stop()
+        assert not any(node.is_running() for node in cluster.nodes)
+
+
+async def test_round_survives_losing_the_quorum_leader_node(
+    tmp_path: Path, cluster: tuple[LocalCluster, dict[str, str]]
+) -> None:
+    nodes, passwords = cluster
+    doomed, serving = nodes.nodes[0], nodes.nodes[1]
+    everyone = {n.state.nodename for n in nodes.nodes}
+    watched = {shard_queue(s) for s in range(SHARDS)} | {reply_queue(n) for n in NAMES}
+    before = {q["name"]: q for q in nodes.quorum_queues(serving) if q["name"] in watched}
+    assert before.keys() == watched
+    for queue in before.values():
+        assert set(queue["members"]) == everyone  # replicated on all three nodes
+        assert queue["leader"] == doomed.state.nodename  # and led by the node about to die
+
+    # Every client talks to the second node; the first one holds the leaders and gets SIGKILLed.
+    urls = {"coordinator": nodes.coordinator_url(serving)}
+    urls |= {name: serving.url_for(name, passwords[name]) for name in NAMES}
+
+    def kill() -> None:
+        doomed.kill()
+        assert not doomed.is_running()
+
+    coordinator, participants = await run_round_with_fault(tmp_path, urls, kill)
+    try:
+        await check_round(tmp_path, coordinator, participants)
+        after = {q["name"]: q for q in nodes.quorum_queues(serving) if q["name"] in watched}
+        for queue in after.values():
+            assert queue["leader"] != doomed.state.nodename  # a surviving member took over
+    finally:
+        await close_all(coordinator, participants)
