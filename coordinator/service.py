@@ -28,7 +28,7 @@ from broker.topology import (
 )
 from broker.transport import Delivery, Subscription, Transport
 from coordinator.consensus import Candidate, ConsensusStrategy
-from coordinator.fedavg import average_adapters, tensors_from_wire, tensors_to_wire
+from coordinator.fedavg import average_wire, tensors_from_wire
 from coordinator.identity import identity_problem, shard_of_routing_key
 from coordinator.labelling import pseudo_labels_message, shard_candidates
 from coordinator.prompts import PromptSampler, PublicPrompt, split_into_shards
@@ -325,17 +325,14 @@ class Coordinator:
             if participant_id in answered:
                 update = decode_control(body)
                 assert isinstance(update, AdapterUpdate)
-                state_dict = {k: v.float().numpy() for k, v in tensors_from_wire(update.tensors).items()}
-                updates.append((state_dict, update.num_samples))
-        averaged = await asyncio.to_thread(average_adapters, updates)
-        import torch  # the FedAvg baseline alone needs torch here
-
+                updates.append((update.tensors, update.num_samples))
+        averaged = await asyncio.to_thread(average_wire, updates)  # keeps the participants' dtype
         message = AggregatedAdapter(
             federation=self.settings.federation,
             round_id=state.round_id,
             message_id=f"{self.settings.federation}.r{state.round_id}.adapter",
             participant_id=COORDINATOR_USER,
-            tensors=tensors_to_wire({k: torch.from_numpy(v) for k, v in averaged.items()}),
+            tensors=averaged,
             contributors=sorted(answered),
         )
         await self._publish_to_members(state, encode(message), "aggregated_adapter")

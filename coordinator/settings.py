@@ -43,7 +43,7 @@ class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_f
     index: Literal["hnsw", "exact"] = "hnsw"
     neighbours: Annotated[int, Meta(ge=1, le=1_000)] = 8
     min_confidence: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.5
-    min_answers: Annotated[int, Meta(ge=1)] = 2
+    min_answers: Annotated[int, Meta(ge=2)] = 2  # confidence needs at least one other answer
     embedder: str = "minilm"  # "minilm", "hashing", or a local sentence-transformers directory
     embed_batch_size: Annotated[int, Meta(ge=1, le=4_096)] = 64
     cache_entries: Annotated[int, Meta(ge=0)] = 200_000

@@ -74,6 +74,7 @@ class Participant:
         self._subscription: Subscription | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._fedavg_rounds: set[int] = set()
 
     @property
     def pid(self) -> str:
@@ -91,7 +92,9 @@ class Participant:
             and self.settings.train.warmup_epochs
         ):
             await self._warm_up()
-        self._subscription = await self.transport.consume(reply_queue(self.pid), self._on_reply, prefetch=16)
+        # prefetch 1: replies are handled strictly in order, one at a time (a RoundClosed must not
+        # race the PseudoLabels or AggregatedAdapter before it).
+        self._subscription = await self.transport.consume(reply_queue(self.pid), self._on_reply, prefetch=1)
         await self._publish_control(
             Join(
                 federation=self.settings.federation,
@@ -207,6 +210,7 @@ class Participant:
                 log.info("round_skipped", round=message.round_id, participant=self.pid, reason="not expected")
                 return
             if message.strategy == "fedavg":
+                self._fedavg_rounds.add(message.round_id)
                 await self._fedavg_train_and_upload(message)
             else:
                 await self._answer(message)
@@ -217,7 +221,10 @@ class Participant:
                 [(label.prompt_id, label.text, label.confidence) for label in message.labels],
             )
         elif isinstance(message, RoundClosed):
-            await self._apply_labels(message)
+            if message.round_id in self._fedavg_rounds:
+                await self._finish_round(message.round_id, 0, 0.0)  # no average came: keep the local adapter
+            else:
+                await self._apply_labels(message)
         elif isinstance(message, AggregatedAdapter):
             await self._apply_adapter(message)
 
@@ -321,6 +328,8 @@ class Participant:
         await self._finish_round(message.round_id, 0, 0.0)
 
     async def _finish_round(self, round_id: int, samples: int, train_seconds: float) -> None:
+        if self.ledger.was_applied(round_id):
+            return
         metrics: dict[str, float] = {}
         if self.settings.evaluate and self.test and self.embed is not None:
             async with self._model_lock:

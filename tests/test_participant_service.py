@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, full_topology
 from coordinator.embedding import HashingEmbedder
@@ -147,3 +149,29 @@ async def test_killed_participant_resumes_from_checkpoint_and_applies_missed_lab
     assert [r.round_id for r in restarted.reports] == [1, 2]
     assert [s.answered for s in coordinator.closed_rounds] == [["gpt2", "llama"], ["gpt2", "llama"]]
     assert (tmp_path / "gpt2" / "checkpoints" / "round-0").is_dir()  # the warm-up it resumed from
+
+
+async def test_fedavg_round_averages_adapters_of_the_same_architecture(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    broker.declare(full_topology(["one", "two"], shards=2))
+    config = coordinator_config(tmp_path, rounds=1)
+    config.write_text(config.read_text().replace('federation = "t"', 'federation = "t"\nstrategy = "fedavg"'))
+    coordinator = make_coordinator(config, broker)
+    one = make_participant(broker, tmp_path, "one", "tiny-llama")
+    two = make_participant(broker, tmp_path, "two", "tiny-llama")
+    # different local data, so the two adapters differ before averaging
+    two.private_train = [Example(prompt=e.prompt, response=e.response.upper()) for e in PRIVATE]
+    await coordinator.start()
+    runs = [asyncio.create_task(p.run_until(rounds=1)) for p in (one, two)]
+    await asyncio.wait_for(coordinator.drive(), 120)
+    await asyncio.wait_for(asyncio.gather(*runs), 120)
+    await coordinator.stop_intake()
+    (summary,) = coordinator.closed_rounds
+    assert summary.answered == ["one", "two"]
+    assert summary.bytes_received["one"] > 1000  # adapter tensors crossed the wire
+    state_one = one.learner.adapter_state()  # type: ignore[attr-defined]
+    state_two = two.learner.adapter_state()  # type: ignore[attr-defined]
+    assert state_one.keys() == state_two.keys()
+    for name in state_one:  # both now hold the same averaged adapter
+        assert torch.equal(state_one[name], state_two[name])
+    assert [r.round_id for r in one.reports] == [1]
