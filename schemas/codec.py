@@ -66,6 +66,10 @@ class Codec(Generic[M]):
             message: M = self._decoder.decode(body)
         except msgspec.DecodeError as e:
             raise self._explain(body, e) from e
+        except UnicodeDecodeError as e:  # msgspec raises it, not DecodeError, for a bad str payload
+            raise _bad_utf8(e) from e
+        except RecursionError as e:  # msgspec's guard on nesting depth
+            raise _too_deep() from e
         if message.schema_version not in SUPPORTED_VERSIONS:
             raise SchemaError(
                 "unsupported_version",
@@ -78,6 +82,10 @@ class Codec(Generic[M]):
             raw = msgspec.msgpack.decode(body)
         except msgspec.DecodeError as e:
             return SchemaError("malformed", f"not valid msgpack ({e})")
+        except UnicodeDecodeError as e:
+            return _bad_utf8(e)
+        except RecursionError:
+            return _too_deep()
         if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str):
             return SchemaError("not_a_message", "expected a msgpack map with a string `kind`")
         version = raw.get("schema_version", SCHEMA_VERSION)
@@ -95,6 +103,14 @@ class Codec(Generic[M]):
         if "length" in text and ("<=" in text or "too" in text.lower()):
             return SchemaError("too_large", text)
         return SchemaError("invalid", text)
+
+
+def _bad_utf8(error: UnicodeDecodeError) -> SchemaError:
+    return SchemaError("malformed", f"a string is not valid UTF-8 ({error})")
+
+
+def _too_deep() -> SchemaError:
+    return SchemaError("too_large", "msgpack nested deeper than the decoder allows")
 
 
 _generation_codec: Codec[GenerationBatch] = Codec(GENERATION_MESSAGES)  # type: ignore[arg-type]
