@@ -376,20 +376,35 @@ class AmqpTransport:
             copy = self._message(message.body, message.message_id, headers)
             try:
                 await self._dead_letter_publisher.publish(
-                    self._dead_letter_exchange, self._dead_letter_routing_key, copy, DEFAULT_PUBLISH_TIMEOUT
+                    self._dead_letter_exchange, self._dead_letter_routing_key, copy, DEAD_LETTER_COPY_TIMEOUT
                 )
-            except BrokerError as e:
-                self._dead_letter_refused = isinstance(e, AccessRefused)
+            except AccessRefused as e:
+                self._dead_letter_refused = True
                 log.warning(
-                    "cannot publish to the dead-letter exchange; rejecting so the queue dead-letters it",
+                    "may not publish to the dead-letter exchange; rejecting so the queue dead-letters it",
                     reason=reason,
                     message_id=delivery.message_id,
                     error=str(e),
                 )
+            except BrokerError as e:
+                # Transient (timeout, reconnect): requeue, so the redelivery is judged again and its
+                # copy carries the reason; the queue's delivery limit still bounds the retries.
+                log.warning(
+                    "dead-letter copy not confirmed; requeueing to try again",
+                    reason=reason,
+                    message_id=delivery.message_id,
+                    error=str(e),
+                )
+                await message.nack(requeue=True)
+                return
             else:
                 await message.ack()
                 return
         await message.nack(requeue=False)
+
+
+# Confirms can lag when many handlers dead-letter at once on a busy machine; a copy is worth waiting for.
+DEAD_LETTER_COPY_TIMEOUT = 30.0
 
 
 class AccessRefused(BrokerError):
