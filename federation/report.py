@@ -349,7 +349,7 @@ def write_plots(records: Sequence[RoundRecord], results: Path) -> dict[str, str]
     written["scores"] = PLOT_FILES["scores"]
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
     width = 0.8 / max(1, 2 * len(ids))
     for i, pid in enumerate(ids):
         up = [v / 1024 for v in series("bytes_up", pid)]
@@ -366,8 +366,8 @@ def write_plots(records: Sequence[RoundRecord], results: Path) -> dict[str, str]
     ax.set(title="bytes per round per participant", xlabel="round", ylabel="KiB")
     ax.set_xticks(rounds)
     ax.grid(axis="y", alpha=0.3)
-    if ids:
-        ax.legend(ncols=max(1, len(ids)), fontsize="small")
+    if ids:  # below the axes: bars reach the top
+        ax.legend(ncols=max(1, len(ids)), fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15))
     else:
         empty(ax)
     fig.savefig(results / PLOT_FILES["bytes"], dpi=110)
