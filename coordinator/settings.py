@@ -83,20 +83,36 @@ def load_coordinator_settings(
     path: Path, env: Mapping[str, str] | None = None, **overrides: object
 ) -> CoordinatorSettings:
     """Read `path`, apply environment then keyword overrides, resolve paths against the file's folder."""
-    raw = read_toml(path)
-    for variable, key in ENV_OVERRIDES.items():
-        value = (os.environ if env is None else env).get(variable)
-        if value:
-            raw[key] = value
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("prompts_path", "state_path"):
-        given = raw.get(key)
-        if isinstance(given, str):
-            raw[key] = str((path.parent / given).resolve())
+    raw = read_settings(path, ENV_OVERRIDES, ("prompts_path", "state_path"), env, overrides)
     recording = raw.get("recording")
     if isinstance(recording, dict) and isinstance(recording.get("directory"), str):
         recording["directory"] = str((path.parent / recording["directory"]).resolve())
     return convert(raw, CoordinatorSettings, path)
+
+
+def read_settings(
+    path: Path,
+    env_overrides: Mapping[str, str],
+    path_keys: tuple[str, ...],
+    env: Mapping[str, str] | None,
+    overrides: Mapping[str, object],
+) -> dict[str, object]:
+    """A settings file's top-level table after environment and keyword overrides.
+
+    `env_overrides` maps environment variables to keys; keyword overrides given as None are
+    ignored; relative paths under `path_keys` are resolved against the file's folder.
+    """
+    raw = read_toml(path)
+    for variable, key in env_overrides.items():
+        value = (os.environ if env is None else env).get(variable)
+        if value:
+            raw[key] = value
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for key in path_keys:
+        given = raw.get(key)
+        if isinstance(given, str):
+            raw[key] = str((path.parent / given).resolve())
+    return raw
 
 
 def read_toml(path: Path) -> dict[str, object]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -10,7 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from coordinator.settings import SettingsError, convert, read_toml
+from coordinator.settings import SettingsError, convert, read_settings
 from schemas.messages import Id
 
 __all__ = ["ParticipantSettings", "SettingsError", "TrainTable", "load_participant_settings"]
@@ -58,16 +57,7 @@ def load_participant_settings(
     path: Path, env: Mapping[str, str] | None = None, **overrides: object
 ) -> ParticipantSettings:
     """Read `path`, apply environment then keyword overrides; relative paths are against the file's folder."""
-    raw = read_toml(path)
-    for variable, key in ENV_OVERRIDES.items():
-        value = (os.environ if env is None else env).get(variable)
-        if value:
-            raw[key] = value
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    for key in PATH_KEYS:
-        given = raw.get(key)
-        if isinstance(given, str):
-            raw[key] = str((path.parent / given).resolve())
+    raw = read_settings(path, ENV_OVERRIDES, PATH_KEYS, env, overrides)
     model = raw.get("model")
     if isinstance(model, str) and (model.startswith(".") or "/" in model):
         raw["model"] = str((path.parent / model).resolve())
