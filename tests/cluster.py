@@ -6,8 +6,9 @@ node's HOME before it boots) and the second and third join the first with
 `rabbitmqctl join_cluster`. The first node boots with the Chorus definitions,
 so its quorum queues start with one member; `rabbitmq-queues grow` then adds
 the other two nodes to every quorum queue (queues declared later get all three
-by default). Users, vhosts and permissions are cluster-wide, so every node
-takes the first node's coordinator password.
+by default). Users, vhosts and permissions are cluster-wide, and every node
+re-imports its definitions file at boot, so every node gets the first node's
+coordinator password.
 
 A test helper, not product code: a production cluster is deployed (see
 deploy/rabbitmq), not launched from Python.
@@ -44,6 +45,8 @@ class LocalCluster:
             cookie.chmod(0o400)
         self.first.start()
         for node in self.nodes[1:]:
+            # Each node re-imports its definitions file on every boot, cluster-wide: they must agree.
+            node.state.coordinator_password = self.first.state.coordinator_password
             node.start()
             node._ctl("stop_app")
             node._ctl("reset")

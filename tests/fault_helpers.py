@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from test_coordinator_service import make_coordinator as memory_coordinator
 from test_coordinator_service import write_config
 
 from broker.amqp import AmqpTransport
+from broker.errors import BrokerError, PublishTimeout
 from broker.memory import MemoryBroker
 from broker.topology import UP_EXCHANGE, full_topology, generation_key
 from coordinator.embedding import HashingEmbedder
@@ -32,6 +34,7 @@ FEDERATION = "faults"
 SHARDS = 3
 # Long enough to ride out a broker restart or a stalled link (each publish waits for its confirm).
 PUBLISH_TIMEOUT = 90.0
+ATTEMPT = 20.0  # one publish's wait for its confirm before the message is published again
 
 LabelKey = tuple[int, int]  # (round, shard)
 LabelTable = dict[LabelKey, list[tuple[str, str, float]]]
@@ -73,6 +76,7 @@ class GatedParticipant(ScriptedParticipant):
     hold_after: int = 0
     confirmed: list[tuple[int, int, str]] = field(default_factory=list)  # (round, shard, participant)
     publish_timeout: float = PUBLISH_TIMEOUT
+    republished: int = 0  # publishes repeated after a confirm did not come in time
 
     async def _answer(self, opened: RoundOpened) -> None:
         for index, shard in enumerate(opened.shards):
@@ -90,14 +94,28 @@ class GatedParticipant(ScriptedParticipant):
                     for p in shard.prompts
                 ],
             )
-            await self.transport.publish(
-                UP_EXCHANGE,
-                generation_key(shard.shard_id, self.participant_id),
-                encode(batch),
-                message_id=batch.message_id,
-                timeout=self.publish_timeout,
-            )
+            await self._publish_until_confirmed(generation_key(shard.shard_id, self.participant_id), batch)
             self.confirmed.append((opened.round_id, shard.shard_id, self.participant_id))
+
+    async def _publish_until_confirmed(self, routing_key: str, batch: GenerationBatch) -> None:
+        """Publish; when no confirm comes in time, publish the same message again (as the participant
+        service does through redelivery of its RoundOpened): the coordinator dedupes by message id."""
+        deadline = time.monotonic() + self.publish_timeout
+        while True:
+            try:
+                await self.transport.publish(
+                    UP_EXCHANGE, routing_key, encode(batch), message_id=batch.message_id, timeout=ATTEMPT
+                )
+                return
+            except BrokerError as e:
+                # No confirm in time, or a nack (a quorum queue electing a new leader refuses the
+                # publish); anything else (unroutable, refused access) is not worth repeating.
+                if not isinstance(e, PublishTimeout) and type(e) is not BrokerError:
+                    raise
+                self.republished += 1
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
 
 async def gated_at(
