@@ -12,7 +12,7 @@ from test_faults import NAMES, check_round, run_round_with_fault
 
 from broker.topology import reply_queue, shard_queue
 
-pytestmark = [pytest.mark.amqp, pytest.mark.soak]
+pytestmark = [pytest.mark.amqp, pytest.mark.soak, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
