@@ -1,6 +1,7 @@
 """`chorus-broker`: run a local RabbitMQ node for Chorus (tests, the demo, one-machine rounds).
 
-    chorus-broker up [--dir D] [--port P] [--shards N] [--participants a,b]
+    chorus-broker up [--dir D] [--port P] [--shards N] [--participants a,b] [--tls-dir T]
+    chorus-broker dev-certs T [--clients a,b]
     chorus-broker status [--dir D]
     chorus-broker add-participant NAME [--password-file F] [--dir D]
     chorus-broker down [--dir D]
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import structlog
 
+from broker import topology
 from broker.errors import BrokerError
 from broker.local_node import LocalNode, UsageError
+from broker.tls import TlsError, TlsFiles, add_client_cert, make_dev_certs, with_client_files
 
 DEFAULT_DIR = Path(os.environ.get("CHORUS_BROKER_DIR", ".chorus/rabbitmq"))
 EXIT_NOT_RUNNING = 3  # like `systemctl status` for a stopped service
@@ -82,7 +85,25 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--participants", type=_names, default=[], help="comma-separated participant ids to create"
     )
+    up.add_argument(
+        "--tls-dir",
+        type=Path,
+        help="AMQP over TLS only, client certificates required: DIR holds ca.pem, server.pem, server.key "
+        "(remembered in the dir; URLs carry DIR/USER.pem and DIR/USER.key when they exist)",
+    )
     up.set_defaults(run=_up)
+
+    certs = commands.add_parser(
+        "dev-certs",
+        help="make a throwaway CA, a server certificate for localhost and client certificates",
+        description="Write ca.pem/ca.key, server.pem/server.key (localhost, 127.0.0.1) and USER.pem/USER.key "
+        "for the coordinator and each --clients name into DIR, for `up --tls-dir DIR`; where DIR has a CA "
+        "already, only adds the --clients certificates. For tests and one-machine demos only: the CA's key "
+        "lies next to it.",
+    )
+    certs.add_argument("tls_dir", metavar="DIR", type=Path)
+    certs.add_argument("--clients", type=_names, default=[], help="comma-separated participant ids")
+    certs.set_defaults(run=_dev_certs)
 
     down = commands.add_parser("down", help="stop the node", description="Stop the node kept in --dir.")
     _add_dir(down)
@@ -137,12 +158,14 @@ def bring_up(
     vhost: str | None = None,
     shards: int | None = None,
     participants: Sequence[str] = (),
+    tls_dir: Path | None = None,
 ) -> tuple[LocalNode, dict[str, str]]:
     """What `chorus-broker up` does: start the node unless it runs, add new participants.
 
     Returns the node and the passwords of the participants it created.
     """
-    node = LocalNode(data_dir, port=port, dist_port=dist_port, vhost=vhost, shards=shards)
+    tls = _server_files(tls_dir) if tls_dir is not None else None
+    node = LocalNode(data_dir, port=port, dist_port=dist_port, vhost=vhost, shards=shards, tls=tls)
     if not node.is_running():
         node.start()
     new = [name for name in participants if name not in node.state.participants]
@@ -158,13 +181,44 @@ def _up(args: argparse.Namespace) -> int:
         vhost=args.vhost,
         shards=args.shards,
         participants=args.participants,
+        tls_dir=args.tls_dir,
     )
-    print(node.coordinator_url)
+    print(_with_certificate(node, node.coordinator_url, topology.COORDINATOR_USER))
     for name in args.participants:
         if name in passwords:
-            print(f"{name} {node.url_for(name, passwords[name])}")
+            print(f"{name} {_with_certificate(node, node.url_for(name, passwords[name]), name)}")
         else:
             print(f"{name} {node.display_url(name)} (exists; password unchanged)")
+    return 0
+
+
+def _server_files(tls_dir: Path) -> TlsFiles:
+    try:
+        return TlsFiles.in_dir(tls_dir)
+    except TlsError as e:
+        raise UsageError(f"{e}; make development ones with: chorus-broker dev-certs {tls_dir}") from e
+
+
+def _with_certificate(node: LocalNode, url: str, user: str) -> str:
+    """On a TLS node, `url` with the CA and USER.pem/USER.key from its TLS dir, where that user has them."""
+    if not node.state.tls:
+        return url
+    try:
+        return with_client_files(url, TlsFiles.in_dir(Path(node.state.tls["ca_file"]).parent, user))
+    except TlsError:
+        return url
+
+
+def _dev_certs(args: argparse.Namespace) -> int:
+    """A new CA and server certificate; where DIR has a CA already, only the client certificates asked for."""
+    if (args.tls_dir / "ca.key").is_file():
+        clients = {name: add_client_cert(args.tls_dir, name) for name in args.clients}
+    else:
+        certs = make_dev_certs(args.tls_dir, clients=[topology.COORDINATOR_USER, *args.clients])
+        print(f"ca {certs.ca_file}\nserver {certs.server.cert_file}")
+        clients = certs.clients
+    for name, files in clients.items():
+        print(f"{name} {files.cert_file}")
     return 0
 
 
@@ -180,7 +234,7 @@ def _status(args: argparse.Namespace) -> int:
     status = node.status()
     state = f"running, pid {status.pid}" if status.running else "stopped"
     print(f"node:         {status.nodename} ({state})")
-    print(f"url:          {node.coordinator_url}")
+    print(f"url:          {_with_certificate(node, node.coordinator_url, topology.COORDINATOR_USER)}")
     print(f"data dir:     {status.data_dir}")
     print(f"participants: {', '.join(status.participants) or '-'}")
     return 0 if status.running else EXIT_NOT_RUNNING
