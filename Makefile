@@ -53,5 +53,10 @@ soak: setup rabbitmq
 demo: setup $(if $(filter local,$(BROKER)),rabbitmq)
 	$(VENV)/bin/chorus-run examples/demo.toml --broker $(BROKER) --results results/demo
 
+# Quality and communication against baselines (local-only, semantic, FedAvg-LoRA, centralized,
+# heterogeneous) on one budget: bench/results/quality.{json,md,png} (about 20-35 min on 2 CPU cores).
+bench-quality: setup
+	$(PY) -m bench.quality bench/quality.toml --heterogeneous examples/heterogeneous.toml --out bench/results
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
