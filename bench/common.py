@@ -1,0 +1,79 @@
+"""Shared by the benchmarks: the machine description and writing results (JSON + Markdown)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+RESULTS = Path(__file__).parent / "results"
+T = TypeVar("T")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """Platform, CPU model and count, memory, Python, torch, RabbitMQ, and the load average now."""
+    memory_mib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            memory_mib = int(line.split()[1]) // 1024
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    from broker.local_node import RABBITMQ_VERSION
+
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_mib": memory_mib,
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "rabbitmq": RABBITMQ_VERSION,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def machine_line(host: dict[str, Any]) -> str:
+    return (
+        f"Machine: {host['platform']}; {host['cpus']} × {host['cpu']}; {host['memory_mib']} MiB; "
+        f"Python {host['python']}; torch {host['torch']}; RabbitMQ {host['rabbitmq']}; "
+        f"load average at start {host['load_average_at_start']} (shared, noisy machine)."
+    )
+
+
+def timed(function: Callable[[], T]) -> tuple[T, float, float]:
+    """The result, wall seconds and CPU seconds of this process (all threads)."""
+    started, started_cpu = time.perf_counter(), time.process_time()
+    result = function()
+    return result, time.perf_counter() - started, time.process_time() - started_cpu
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_results(name: str, report: dict[str, Any], markdown: str, out: Path = RESULTS) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
