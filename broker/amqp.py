@@ -453,12 +453,13 @@ class _ConfirmedPublisher:
             raise PublishTimeout(
                 f"RabbitMQ did not confirm message {message.message_id} to {exchange!r}/{routing_key!r} "
                 f"within {timeout:.1f}s ({self._transport._where}); it may or may not be stored. "
-                "Is the broker up (chorus-broker status)? Republishing is safe: consumers dedupe by "
-                "message_id"
+                "Is the broker up (chorus-broker status), and are its queues below their length limits? "
+                "Republishing is safe: consumers dedupe by message_id"
             ) from e
 
     async def _publish_until_done(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
         interrupted = False
+        nacks = 0
         while True:
             try:
                 target = await self._exchange(exchange)
@@ -469,11 +470,19 @@ class _ConfirmedPublisher:
                     f"no queue is bound to exchange {exchange!r} for routing key {routing_key!r}; "
                     "the message was not stored"
                 ) from e
-            except aiormq.exceptions.DeliveryError as e:
-                raise BrokerError(
-                    f"RabbitMQ refused message {message.message_id} on {exchange!r}/{routing_key!r} "
-                    "(nack): a target queue is full or unavailable; retry later"
-                ) from e
+            except aiormq.exceptions.DeliveryError:
+                # A nack: a full queue (reject-publish) or a quorum queue that lost its leader. Both
+                # pass; a fresh channel picks up the new leader. The caller's timeout bounds the retries.
+                nacks += 1
+                (log.debug if nacks > 1 else log.info)(
+                    "publish nacked, retrying on a fresh channel",
+                    purpose=self._purpose,
+                    message_id=message.message_id,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                )
+                await self._forget_channel()
+                await asyncio.sleep(min(2.0, PUBLISH_RETRY_DELAY * 2**nacks))
             except aiormq.exceptions.ChannelAccessRefused as e:
                 await self._forget_channel()
                 raise AccessRefused(
