@@ -669,6 +669,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = machine()
     loaded = load_run_config(args.config)
     rounds = loaded.run.rounds
+    if loaded.run.torch_threads:  # chorus-run sets it for its runs; the plain loops need it too
+        import torch
+
+        torch.set_num_threads(loaded.run.torch_threads)
     results: dict[str, MethodResult] = {}
     for method in methods:
         print(f"== {LABELS[method]} ==", flush=True)
