@@ -212,6 +212,12 @@ class AmqpTransport:
             return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
         except _CONNECTION_LOST as e:
             raise ChannelUnavailable(f"cannot open a channel to {self._where}: {e}") from e
+        except RuntimeError as e:
+            # aiormq's way of saying the underlying connection is already closed (the broker went
+            # away and the robust connection has not swapped in a new one yet).
+            if "closed" not in str(e):
+                raise
+            raise ChannelUnavailable(f"the connection to {self._where} is closed; reconnecting") from e
         except asyncio.CancelledError as e:
             if not _rpc_cancelled_by_connection_loss():
                 raise
