@@ -35,6 +35,7 @@ from broker.amqp import AmqpTransport
 from broker.cli import bring_up
 from broker.topology import UP_EXCHANGE, control_key, generation_key, reply_queue
 from broker.transport import Delivery
+from coordinator.logs import configure_logging
 from schemas import (
     Answer,
     GenerationBatch,
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.participants, args.prompts, args.shards = 20, 200, 4
+    configure_logging("warning")
     host = machine()
     names = [f"sc{i:03d}" for i in range(args.participants)]
     with tempfile.TemporaryDirectory(prefix="chorus-scale-") as tmp:
