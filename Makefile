@@ -44,6 +44,16 @@ test: setup rabbitmq lint
 test-fast: setup
 	$(PY) -m pytest -q -m "not amqp and not slow"
 
+# Performance, each ratio measured side by side in one run: coordinator ingest vs a bare consumer, embedding,
+# HNSW vs exact, 200 participants x 2,000 prompts, participant vs plain loops -> bench/results/*.{json,md}.
+# make bench BENCH_ARGS=--quick for a smoke run.
+bench: setup rabbitmq
+	$(PY) -m bench.bench_ingest $(BENCH_ARGS)
+	$(PY) -m bench.bench_embedding $(BENCH_ARGS)
+	$(PY) -m bench.bench_hnsw $(BENCH_ARGS)
+	$(PY) -m bench.bench_scale $(BENCH_ARGS)
+	$(PY) -m bench.bench_participant $(BENCH_ARGS)
+
 # Long fault and load runs: a 3-node cluster losing a node, 100 concurrent participants.
 soak: setup rabbitmq
 	$(PY) -m pytest -q -m soak

@@ -119,9 +119,9 @@ def timed(function: Callable[[], int]) -> tuple[int, float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--reps", type=int, default=2, help="pairs of each measurement")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)

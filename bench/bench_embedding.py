@@ -1,0 +1,258 @@
+"""Embedding throughput: sentence-transformers' default `encode` vs the coordinator's pipeline.
+
+    .venv/bin/python -m bench.bench_embedding [--quick]
+
+The answer set is realistic: for each public prompt of the stdlib docstring task
+(`bench.stdlib_data.build_task`) ten simulated participants answer with the reference (several of them
+verbatim: greedy decoding repeats itself across participants), a word dropped or swapped, a truncation,
+a paraphrase, or another prompt's reference (wrong). Measured side by side, alternating, in one run:
+- `default`: `SentenceTransformer.encode(texts)` with its defaults (batch 32), fp32;
+- `minilm`: the coordinator's `SentenceEmbedder` (batch 64) behind a fresh `CachedEmbedder`;
+- `minilm-int8`: `QuantizedSentenceEmbedder` (int8 dynamic quantization of the Linear layers), raw and
+  behind a fresh `CachedEmbedder`.
+"raw" embeds the distinct texts only (no duplicate to exploit); "workload" embeds every answer of the
+round, duplicates included, as a shard's consensus does. Label agreement: HNSW consensus (the coordinator's
+default settings) on the same answers with fp32 and with int8 embeddings; the share of prompts whose
+decision (label text, or abstention) is the same. Writes bench/results/embedding.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import machine, machine_line, table, write_results
+from bench.stdlib_data import Example, build_task
+from coordinator.consensus import Candidate, ConsensusSettings, HnswConsensus
+from coordinator.embedding import CachedEmbedder, Embedder, SentenceEmbedder, default_model_dir
+
+PARTICIPANTS = 10
+SHARD = 25  # prompts per consensus call, as a coordinator shard
+
+
+class QuantizedSentenceEmbedder(SentenceEmbedder):
+    """MiniLM with int8 dynamic quantization (per-channel weight scales) of its Linear layers, except each
+    layer's feed-forward output projection (BERT's activation outliers: quantizing it too moved the
+    embeddings noticeably more). Candidate backend, kept in the benchmark until it passes the label check.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        import warnings
+
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        chosen = {
+            name: per_channel_dynamic_qconfig
+            for name, module in self._model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and not (name.endswith("output.dense") and "attention" not in name)
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization warns that it moves to torchao
+            self._model = quantize_dynamic(self._model, chosen, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+
+
+def perturb(text: str, rng: random.Random) -> str:
+    words = text.split()
+    if len(words) < 4:
+        return text + " (see the documentation)"
+    i = rng.randrange(1, len(words) - 1)
+    if rng.random() < 0.5:
+        del words[i]
+    else:
+        words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words)
+
+
+def paraphrase(text: str, rng: random.Random) -> str:
+    lead = rng.choice(["In short: ", "It does this: ", "Basically, it will ", "This function: "])
+    body = text[0].lower() + text[1:] if lead.endswith("will ") else text
+    return lead + body
+
+
+def truncate(text: str) -> str:
+    words = text.split()
+    return " ".join(words[: max(3, int(len(words) * 0.6))])
+
+
+def workload(
+    examples: Sequence[Example], seed: int = 0
+) -> tuple[dict[str, list[Candidate]], dict[tuple[str, str], bool]]:
+    """Prompt id -> ten participants' answers (duplicates across participants), and for each
+    (prompt, text) whether it is a variant of that prompt's own reference (True) or a wrong answer."""
+    rng = random.Random(seed)
+    out: dict[str, list[Candidate]] = {}
+    own: dict[tuple[str, str], bool] = {}
+    for example in examples:
+        ref = example.reference
+        others = [e.reference for e in rng.sample(list(examples), 4) if e.prompt_id != example.prompt_id]
+        verbatim = rng.randint(1, 4)
+        texts = [ref] * verbatim
+        texts += [perturb(ref, rng) for _ in range(rng.randint(1, 3))]
+        texts += [truncate(ref), paraphrase(ref, rng)]
+        wrong = others[: rng.randint(1, 3)]
+        while len(texts) + len(wrong) < PARTICIPANTS:
+            texts.append(rng.choice([ref, perturb(ref, rng)]))
+        for text in texts:
+            own[(example.prompt_id, text)] = True
+        for text in wrong:
+            own.setdefault((example.prompt_id, text), False)
+        texts = (texts + wrong)[:PARTICIPANTS]
+        rng.shuffle(texts)
+        out[example.prompt_id] = [Candidate(f"p{i}", text) for i, text in enumerate(texts)]
+    return out, own
+
+
+def timed(function: Callable[[], object]) -> tuple[float, float]:
+    started, cpu = time.perf_counter(), time.process_time()
+    function()
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def decisions(embedder: Embedder, answers: dict[str, list[Candidate]]) -> dict[str, str | None]:
+    strategy = HnswConsensus(embedder, ConsensusSettings())
+    ids = sorted(answers)
+    out: dict[str, str | None] = {}
+    for start in range(0, len(ids), SHARD):
+        result = strategy.decide({p: answers[p] for p in ids[start : start + SHARD]})
+        out.update({d.prompt_id: d.label for d in result.decisions})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.reps = 40, 1
+    host = machine()
+    from sentence_transformers import SentenceTransformer
+
+    task = build_task()
+    examples = (task.public + task.test)[: args.prompts]
+    answers, own = workload(examples)
+    texts = [c.text for found in answers.values() for c in found]
+    distinct = sorted(set(texts), key=texts.index)
+    default_model = SentenceTransformer(str(default_model_dir()), device="cpu", local_files_only=True)
+    fp32 = SentenceEmbedder()
+    int8 = QuantizedSentenceEmbedder()
+    for warm in (lambda: default_model.encode(distinct[:32]), lambda: fp32.embed(distinct[:32])):
+        warm()
+    int8.embed(distinct[:32])
+
+    runs: dict[str, Callable[[], object]] = {
+        "default encode, raw": lambda: default_model.encode(distinct),
+        "default encode, workload": lambda: default_model.encode(texts),
+        "minilm pipeline, raw": lambda: fp32.embed(distinct),
+        "minilm pipeline, workload": lambda: CachedEmbedder(fp32).embed(texts),
+        "minilm-int8 pipeline, raw": lambda: int8.embed(distinct),
+        "minilm-int8 pipeline, workload": lambda: CachedEmbedder(int8).embed(texts),
+    }
+    sizes = {name: len(distinct) if name.endswith("raw") else len(texts) for name in runs}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    names = list(runs)
+    for rep in range(args.reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            times[name].append(timed(runs[name]))
+            wall = times[name][-1][0]
+            print(f"rep {rep} {name:32s} {sizes[name] / wall:8.1f} sentences/s")
+
+    rows: dict[str, dict[str, float]] = {}
+    for name in names:
+        wall = statistics.median(t[0] for t in times[name])
+        cpu = statistics.median(t[1] for t in times[name])
+        rows[name] = {
+            "sentences": sizes[name],
+            "sentences_per_second": round(sizes[name] / wall, 1),
+            "sentences_per_cpu_second": round(sizes[name] / cpu, 1),
+        }
+
+    # Speed-ups per repetition (each against the default run of the same repetition), then the median.
+    def ratio(name: str, base: str) -> float:
+        return round(
+            statistics.median(
+                (sizes[name] / t[0]) / (sizes[base] / b[0])
+                for t, b in zip(times[name], times[base], strict=True)
+            ),
+            2,
+        )
+
+    speedups = {
+        name: ratio(name, "default encode, raw" if name.endswith("raw") else "default encode, workload")
+        for name in names
+    }
+
+    reference = decisions(CachedEmbedder(fp32), answers)
+    quantized = decisions(CachedEmbedder(int8), answers)
+    same = sum(reference[p] == quantized[p] for p in reference)
+    agreement = 100.0 * same / len(reference)
+
+    def verdict(prompt_id: str, label: str | None) -> str:
+        return "abstain" if label is None else "own" if own[(prompt_id, label)] else "wrong"
+
+    same_kind = sum(verdict(p, reference[p]) == verdict(p, quantized[p]) for p in reference)
+    kind_agreement = 100.0 * same_kind / len(reference)
+    wrong_fp32 = sum(verdict(p, reference[p]) == "wrong" for p in reference)
+    labelled = 100.0 * sum(v is not None for v in reference.values()) / len(reference)
+    cosines = np.sum(fp32.embed(distinct) * int8.embed(distinct), axis=1)
+
+    best_workload = speedups["minilm-int8 pipeline, workload"]
+    report: dict[str, Any] = {
+        "machine": host,
+        "config": vars(args) | {"participants": PARTICIPANTS, "torch_threads": torch.get_num_threads()},
+        "answers": len(texts),
+        "distinct_answers": len(distinct),
+        "rows": rows,
+        "speedup_vs_default": speedups,
+        "label_agreement_int8_vs_fp32_pct": round(agreement, 2),
+        "label_kind_agreement_int8_vs_fp32_pct": round(kind_agreement, 2),
+        "fp32_labels_from_a_wrong_answer": wrong_fp32,
+        "labelled_pct_fp32": round(labelled, 1),
+        "cosine_int8_vs_fp32": {"min": float(cosines.min()), "mean": float(cosines.mean())},
+        "repetitions": {name: [[round(w, 3), round(c, 3)] for w, c in times[name]] for name in names},
+    }
+    columns = ("sentences", "sentences_per_second", "sentences_per_cpu_second")
+    table_rows = [[name, *(rows[name][k] for k in columns), speedups[name]] for name in names]
+    met = best_workload >= 5.0 and agreement >= 99.0
+    lines = [
+        "# Embedding: sentence-transformers' default encode vs the coordinator's pipeline",
+        "",
+        machine_line(host),
+        "",
+        f"{len(examples)} stdlib-docstring prompts × {PARTICIPANTS} simulated answers = {len(texts)} "
+        "answers, "
+        f"{len(distinct)} distinct (references verbatim, perturbed, truncated, paraphrased, other prompts'). "
+        f"{args.reps} alternating repetitions, medians; torch threads {torch.get_num_threads()}.",
+        "",
+        *table(["embedder", "texts", "sentences/s", "sentences/CPU-s", "× default"], table_rows),
+        "",
+        f"Consensus label unchanged, int8 vs fp32 (HNSW, default settings, shards of {SHARD}): "
+        f"**{agreement:.1f}%** of {len(reference)} prompts (fp32 labels {labelled:.0f}% of them); "
+        f"cosine int8·fp32 min {cosines.min():.3f}, mean {cosines.mean():.4f}. "
+        f"Same kind of decision (a variant of the prompt's own reference / a wrong answer / abstain): "
+        f"{kind_agreement:.1f}% (fp32 picked a wrong answer on {wrong_fp32}).",
+        f"Target ≥5× the default with ≥99% labels unchanged: {'met' if met else 'not met'} "
+        f"(workload {best_workload}×, raw {speedups['minilm-int8 pipeline, raw']}×).",
+        "",
+        "Regenerate: `.venv/bin/python -m bench.bench_embedding` (`--quick` for a smoke run).",
+    ]
+    markdown = "\n".join(lines) + "\n"
+    print(markdown)
+    if not args.no_write:
+        write_results("embedding", report, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
