@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from participant.generation import GeneratedAnswer, generate_answers
 from participant.models import load_model, max_positions, prompt_token_ids
@@ -19,6 +22,15 @@ PROMPTS = [
     ("long-2", "Write one sentence about a cat who sits on a warm mat by the fire in winter."),
 ]
 GREEDY = GenerationParams(max_new_tokens=10)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    # Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost 5x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])
