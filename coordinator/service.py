@@ -246,6 +246,9 @@ class Coordinator:
     async def _advance_round(self) -> None:
         state = self.round
         assert state is not None
+        # The engine counts a batch as answered before its group commit lands; a shard must not
+        # close over a batch that is not in the store yet, so commit what intake holds first.
+        self._commit_group()
         for closing in state.due(self.clock()):
             await self._close_shard(state, closing)
         if state.is_finished:
@@ -538,7 +541,13 @@ class Coordinator:
         if count > seen and count < GROUP_COMMIT_MAX and loop.time() - since < GROUP_COMMIT_WAIT:
             loop.call_later(GROUP_COMMIT_PAUSE, self._commit_pending_writes, count, since)
             return
+        self._commit_group()
+
+    def _commit_group(self) -> None:
+        """Commit every pending intake write now (a no-op when none is pending)."""
         group, self._pending_writes = self._pending_writes, []
+        if not group:
+            return
         try:
             with self.store.transaction():
                 results = [write() for write, _ in group]

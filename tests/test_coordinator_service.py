@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +266,39 @@ async def test_crash_while_publishing_labels_resumes_without_duplicates(tmp_path
     for participant in participants:
         assert len(participant.labels) == 3
         assert participant.label_deliveries == 3  # the labels published before the crash were not re-sent
+
+
+async def test_a_shard_never_closes_over_a_batch_still_waiting_for_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coordinator.service as service
+
+    monkeypatch.setattr(service, "GROUP_COMMIT_PAUSE", 30.0)  # intake writes stay pending
+    monkeypatch.setattr(service, "GROUP_COMMIT_WAIT", 60.0)
+    broker = MemoryBroker()
+    names = ["alice", "bob"]
+    broker.declare(full_topology(names, shards=3))
+    coordinator = make_coordinator(write_config(tmp_path, min_participants=2, quorum=2, shards=1), broker)
+    await coordinator.start()
+    participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
+    for participant in participants:
+        await participant.join()
+    await coordinator._open_round()
+    state = coordinator.round
+    assert state is not None
+    await eventually_true(lambda: len(coordinator._pending_writes) == 2)  # both recorded, neither committed
+    assert coordinator.store.batches(1) == []
+    await coordinator._advance_round()  # closes the shard ("all answered")
+    (closing,) = coordinator.store.closings(1)
+    assert closing.answered == ("alice", "bob")
+    assert {b.participant_id for b in coordinator.store.batches(1)} == {"alice", "bob"}
+    assert sum(o.labelled for o in coordinator.closed_rounds[0].shards) == 6  # both answers were counted
+    await coordinator.stop_intake()
+
+
+async def eventually_true(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
