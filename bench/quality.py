@@ -30,11 +30,8 @@ import asyncio
 import dataclasses
 import gc
 import hashlib
-import importlib.metadata
 import json
 import logging
-import os
-import platform
 import random
 import sys
 import time
@@ -45,6 +42,7 @@ from typing import Any
 
 import structlog
 
+from bench.common import machine
 from coordinator.settings import ConsensusSettingsTable
 from coordinator.store import CoordinatorStore
 from coordinator.wiring import build_embedder
@@ -426,28 +424,6 @@ def comm_cross_check(loaded: LoadedConfig) -> dict[str, Any]:
 
 
 # ---- report ---------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """Platform, CPU model and count, memory, Python, torch, and the load average at start."""
-    memory_mib = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            memory_mib = int(line.split()[1]) // 1024
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "memory_mib": memory_mib,
-        "python": platform.python_version(),
-        "torch": importlib.metadata.version("torch"),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def machine_line(host: dict[str, Any]) -> str:
