@@ -316,11 +316,15 @@ class RecordingTransport:
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
     ) -> None:
         started = self._clock()
+        error = ""
         try:
             await self.inner.publish(
                 exchange, routing_key, body, message_id=message_id, headers=headers, timeout=timeout
             )
         except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
             self.recorder.record_published(
                 exchange,
                 routing_key,
@@ -329,18 +333,8 @@ class RecordingTransport:
                 user_id=self.inner.user,
                 headers=headers,
                 published_unix=started,
-                error=f"{type(e).__name__}: {e}",
+                error=error,
             )
-            raise
-        self.recorder.record_published(
-            exchange,
-            routing_key,
-            body,
-            message_id=message_id,
-            user_id=self.inner.user,
-            headers=headers,
-            published_unix=started,
-        )
 
     async def consume(
         self, queue: str, handler: Handler, *, prefetch: int = DEFAULT_PREFETCH

@@ -379,17 +379,19 @@ class Coordinator:
 
     async def _close_round(self, state: RoundState) -> None:
         closings = self.store.closings(state.round_id)
-        outcomes = [
-            ShardOutcome(
-                shard_id=c.shard_id,
-                status=c.status,
-                reason=c.reason[:256],
-                answered=list(c.answered),
-                labelled=self._count_labels(c.labels)[0],
-                abstained=self._count_labels(c.labels)[1],
+        outcomes = []
+        for c in closings:
+            labelled, abstained = self._count_labels(c.labels)
+            outcomes.append(
+                ShardOutcome(
+                    shard_id=c.shard_id,
+                    status=c.status,
+                    reason=c.reason[:256],
+                    answered=list(c.answered),
+                    labelled=labelled,
+                    abstained=abstained,
+                )
             )
-            for c in closings
-        ]
         agreement = mean_agreement([c.agreement or {} for c in closings])
         now = self.clock()
         summary = RoundClosed(
