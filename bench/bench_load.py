@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,9 +26,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.common import machine
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
-from broker.local_node import RABBITMQ_VERSION
 from broker.topology import UP_EXCHANGE, control_key, generation_key, reply_queue
 from broker.transport import Delivery
 from schemas import (
@@ -247,26 +246,6 @@ def _summarise(
         seconds_total=round(total, 1),
         connect_seconds=round(connect, 2),
     )
-
-
-def machine() -> dict[str, object]:
-    memory = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            memory = int(line.split()[1]) // 1024
-    cpu = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "memory_mib": memory,
-        "python": platform.python_version(),
-        "rabbitmq": RABBITMQ_VERSION,
-    }
 
 
 def render(result: LoadResult, host: dict[str, object]) -> str:
