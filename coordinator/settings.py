@@ -100,7 +100,8 @@ def read_settings(
     """A settings file's top-level table after environment and keyword overrides.
 
     `env_overrides` maps environment variables to keys; keyword overrides given as None are
-    ignored; relative paths under `path_keys` are resolved against the file's folder.
+    ignored; relative paths under `path_keys` are resolved against the file's folder, after
+    "{participant_id}" in them is replaced by the settings' participant id.
     """
     raw = read_toml(path)
     for variable, key in env_overrides.items():
@@ -108,9 +109,13 @@ def read_settings(
         if value:
             raw[key] = value
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    # One file can serve several participants: "{participant_id}" in a path names each its own.
+    participant_id = raw.get("participant_id")
     for key in path_keys:
         given = raw.get(key)
         if isinstance(given, str):
+            if isinstance(participant_id, str):
+                given = given.replace("{participant_id}", participant_id)
             raw[key] = str((path.parent / given).resolve())
     return raw
 

@@ -57,15 +57,7 @@ def load_participant_settings(
     path: Path, env: Mapping[str, str] | None = None, **overrides: object
 ) -> ParticipantSettings:
     """Read `path`, apply environment then keyword overrides; relative paths are against the file's folder."""
-    raw = read_settings(path, ENV_OVERRIDES, (), env, overrides)
-    # One file can serve several participants: "{participant_id}" in a path names each its own.
-    participant_id = raw.get("participant_id")
-    for key in PATH_KEYS:
-        given = raw.get(key)
-        if isinstance(given, str):
-            if isinstance(participant_id, str):
-                given = given.replace("{participant_id}", participant_id)
-            raw[key] = str((path.parent / given).resolve())
+    raw = read_settings(path, ENV_OVERRIDES, PATH_KEYS, env, overrides)
     model = raw.get("model")
     if isinstance(model, str) and (model.startswith(".") or "/" in model):
         raw["model"] = str((path.parent / model).resolve())
