@@ -27,6 +27,7 @@ from broker.topology import COORDINATOR_USER, full_topology
 from broker.transport import Transport
 from coordinator.embedding import Embedder
 from coordinator.prompts import load_prompts
+from coordinator.recording import with_recording
 from coordinator.service import Coordinator
 from coordinator.settings import ConsensusSettingsTable, CoordinatorSettings, SettingsError
 from coordinator.store import CoordinatorStore
@@ -218,7 +219,7 @@ def coordinator_settings(
     raw["consensus"] = consensus
     raw.setdefault("generation", msgspec.to_builtins(run.generation))
     raw.setdefault("roster", [p.id for p in run.participants])
-    recording = dict(raw.get("recording") or {"enabled": False})
+    recording = dict(raw.get("recording") or {})  # on by default, as for chorus-coordinator
     recording.setdefault("directory", str(results / "records"))
     raw["recording"] = recording
     raw.update(
@@ -424,7 +425,9 @@ class FederationRun:
             )
             prompts = load_prompts(data.prompts)
             async with contextlib.AsyncExitStack() as stack:
-                coordinator_transport = await stack.enter_async_context(plan.coordinator())
+                coordinator_transport = await stack.enter_async_context(
+                    with_recording(plan.coordinator(), settings)
+                )
                 self.coordinator = Coordinator(settings, coordinator_transport, store, prompts, strategy)
                 await self.coordinator.start()
                 for entry in self.config.run.participants:

@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from broker.local_node import LocalNode
+from coordinator import replay_cli
 from federation import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,10 @@ def test_tiny_federation_runs_on_the_memory_broker(
     out = capsys.readouterr().out
     assert "all rounds" in out and str(results / "scores.png") in out
     assert '"event"' not in out  # structlog lines are in run.log
+    # the coordinator recorded the federation, and the log replays to the published labels
+    logs = sorted((results / "records").glob("*.chorus-log"))
+    assert logs
+    assert replay_cli.main(["consensus", *map(str, logs), "--check"]) == 0
 
 
 def test_sigint_mid_run_leaves_the_finished_rounds(tmp_path: Path) -> None:
