@@ -25,7 +25,7 @@ import pstats
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,12 +56,16 @@ STANCES = [
 
 @dataclass
 class Rep:
+    """One drain. Times run from the first delivery handled; `setup_seconds` is what came before it
+    (subscribing, and for the coordinator declaring the topology and restoring the round)."""
+
     kind: str  # bare | coordinator | coordinator-cold
     batches: int
     generations: int
-    intake_seconds: float
-    end_to_end_seconds: float
-    cpu_seconds: float  # this process (consumer + consensus threads), during the drain
+    intake_seconds: float  # first delivery -> last ack
+    end_to_end_seconds: float  # first delivery -> last shard's pseudo-labels published
+    cpu_seconds: float  # this process (consumer + consensus threads), from the first delivery to the end
+    setup_seconds: float  # start of the drain -> first delivery
 
     @property
     def batches_per_second(self) -> float:
@@ -192,19 +196,21 @@ class Bench:
         await wait_until_queued(transport, self.args.shards, len(batches))
         coordinator.round = None
         generations = sum(len(s) for s in shards.values()) * len(self.names)
+        first = FirstDelivery()
+        coordinator._on_generation = first.wrap(coordinator._on_generation)  # type: ignore[method-assign]
         if self.profile is not None:
             self.profile.enable()
-        started, started_cpu = time.perf_counter(), time.process_time()
+        started = time.perf_counter()
         await coordinator.start()  # restores the open round from the store, then consumes
         driver = asyncio.create_task(coordinator.drive())
         while coordinator.counters.accepted < len(batches) and not driver.done():  # noqa: ASYNC110
             await asyncio.sleep(0.002)
-        intake = time.perf_counter() - started
-        if self.profile is not None:  # profiles the intake only
-            self.profile.disable()
+        intake = time.perf_counter() - first.at
         await asyncio.wait_for(driver, 300.0)
-        end = time.perf_counter() - started
-        cpu = time.process_time() - started_cpu
+        end = time.perf_counter() - first.at
+        cpu = time.process_time() - first.cpu
+        if self.profile is not None:
+            self.profile.disable()
         await coordinator.stop_intake()
         stored = len(coordinator.store.batches(1))
         closed = coordinator.closed_rounds[-1]
@@ -216,7 +222,7 @@ class Bench:
         if labelled == 0:
             raise RuntimeError("consensus labelled nothing")
         kind = "coordinator-cold" if cold else "coordinator"
-        return Rep(kind, len(batches), generations, intake, end, cpu)
+        return Rep(kind, len(batches), generations, intake, end, cpu, first.at - started)
 
     async def bare_rep(self) -> Rep:
         transport = AmqpTransport(self.coordinator_url, connection_name="bench bare")
@@ -238,23 +244,46 @@ class Bench:
             if seen == len(batches):
                 done.set()
 
-        started, started_cpu = time.perf_counter(), time.process_time()
-        subscriptions = [
-            await transport.consume(shard_queue(s), handler, prefetch=self.args.prefetch)
-            for s in range(self.args.shards)
-        ]
+        first = FirstDelivery()
+        started = time.perf_counter()
+        # Subscribed concurrently, as Coordinator.start() does.
+        subscriptions = await asyncio.gather(
+            *(
+                transport.consume(shard_queue(s), first.wrap(handler), prefetch=self.args.prefetch)
+                for s in range(self.args.shards)
+            )
+        )
         await asyncio.wait_for(done.wait(), 300.0)
-        elapsed = time.perf_counter() - started
-        cpu = time.process_time() - started_cpu
+        elapsed = time.perf_counter() - first.at
+        cpu = time.process_time() - first.cpu
         for subscription in subscriptions:
             await subscription.cancel()
         await transport.close()
         generations = sum(len(s) for s in shards.values()) * len(self.names)
-        return Rep("bare", len(batches), generations, elapsed, elapsed, cpu)
+        return Rep("bare", len(batches), generations, elapsed, elapsed, cpu, first.at - started)
+
+
+class FirstDelivery:
+    """When (wall and CPU clock) the first delivery reached a wrapped handler."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+        self.cpu = 0.0
+
+    def wrap(self, handler: Callable[[Delivery], Awaitable[None]]) -> Callable[[Delivery], Awaitable[None]]:
+        async def first_noted(delivery: Delivery) -> None:
+            if not self.at:
+                self.at, self.cpu = time.perf_counter(), time.process_time()
+            await handler(delivery)
+
+        return first_noted
 
 
 def report_rep(rep: Rep) -> None:
-    print(f"{rep.kind:18s} {rep.batches_per_second:8.1f} batches/s, to labels {rep.end_to_end_seconds:.2f}s")
+    print(
+        f"{rep.kind:18s} {rep.batches_per_second:8.1f} batches/s, to labels {rep.end_to_end_seconds:.3f}s, "
+        f"setup {rep.setup_seconds:.3f}s, CPU {rep.cpu_seconds:.3f}s"
+    )
 
 
 async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> list[Rep]:

@@ -128,14 +128,23 @@ class Coordinator:
         await self._declare_participants(self.settings.roster)
         self._restore()
         await self._resume_announcement()
+        # Subscribed concurrently: each consumer costs a few broker round trips, and one after another
+        # they would hold back intake (and a restarted coordinator) for the sum of them.
         prefetch = self.settings.prefetch
-        self._subscriptions.append(
-            await self.transport.consume(CONTROL_QUEUE, self._on_control, prefetch=prefetch)
+        queues = [(CONTROL_QUEUE, self._on_control)]
+        queues += [(shard_queue(shard), self._on_generation) for shard in range(rounds.shards)]
+        outcomes = await asyncio.gather(
+            *(self.transport.consume(queue, handler, prefetch=prefetch) for queue, handler in queues),
+            return_exceptions=True,
         )
-        for shard in range(rounds.shards):
-            self._subscriptions.append(
-                await self.transport.consume(shard_queue(shard), self._on_generation, prefetch=prefetch)
-            )
+        failure: BaseException | None = None
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+            else:
+                self._subscriptions.append(outcome)
+        if failure is not None:
+            raise failure
 
     async def stop_intake(self) -> None:
         subscriptions, self._subscriptions = self._subscriptions, []
@@ -249,8 +258,9 @@ class Coordinator:
         # The engine counts a batch as answered before its group commit lands; a shard must not
         # close over a batch that is not in the store yet, so commit what intake holds first.
         self._commit_group()
-        for closing in state.due(self.clock()):
-            await self._close_shard(state, closing)
+        closings = state.due(self.clock())
+        if closings:
+            await self._close_shards(state, closings)
         if state.is_finished:
             await self._close_round(state)
             self.round = None
@@ -268,52 +278,77 @@ class Coordinator:
 
     # -- closing shards ----------------------------------------------------
 
-    async def _close_shard(self, state: RoundState, closing: ShardClosing) -> None:
-        self.store.save_closing(
-            state.round_id, closing.shard_id, closing.status, closing.reason, closing.answered
-        )
-        log.info(
-            "shard_closing",
-            round=state.round_id,
-            shard=closing.shard_id,
-            status=closing.status,
-            reason=closing.reason,
-            answered=len(closing.answered),
-        )
-        if closing.status == "labelled":
-            if self.settings.strategy == "semantic":
-                await self._label_shard(state, closing.shard_id, closing.answered)
-            else:
-                await self._aggregate_adapters(state, closing.answered)
-        state.finish(closing.shard_id, closing.status)
+    async def _close_shards(self, state: RoundState, closings: Sequence[ShardClosing]) -> None:
+        """Close every shard that became due together: one transaction per step, not one per shard.
 
-    async def _label_shard(self, state: RoundState, shard_id: int, answered: Sequence[str]) -> None:
-        row = next(c for c in self.store.closings(state.round_id) if c.shard_id == shard_id)
-        if row.labels is None:
-            body, agreement = await self._run_consensus(state, shard_id, answered)
-            self.store.save_labels(state.round_id, shard_id, body, agreement)
+        Shards that stop taking answers at the same time (typically many, at the end of intake) have
+        their frozen answer sets stored in one transaction, their consensus run concurrently, their
+        labels stored in one transaction and published all at once, so closing twenty shards costs
+        about what closing one did.
+        """
+        with self.store.transaction():
+            for closing in closings:
+                self.store.save_closing(
+                    state.round_id, closing.shard_id, closing.status, closing.reason, closing.answered
+                )
+        for closing in closings:
+            log.info(
+                "shard_closing",
+                round=state.round_id,
+                shard=closing.shard_id,
+                status=closing.status,
+                reason=closing.reason,
+                answered=len(closing.answered),
+            )
+        labelled = [closing for closing in closings if closing.status == "labelled"]
+        if labelled and self.settings.strategy == "semantic":
+            await self._label_shards(state, labelled)
         else:
-            body = row.labels  # decided before a restart: publish exactly that
-        await self._publish_to_members(state, body, "pseudo_labels")
+            for closing in labelled:
+                await self._aggregate_adapters(state, closing.answered)
+        for closing in closings:
+            state.finish(closing.shard_id, closing.status)
+
+    async def _label_shards(self, state: RoundState, closings: Sequence[ShardClosing]) -> None:
+        stored = {row.shard_id: row.labels for row in self.store.closings(state.round_id)}
+        undecided = [c for c in closings if stored[c.shard_id] is None]  # the others: before a restart
+        if undecided:
+            decided = await self._run_consensus(state, undecided)
+            with self.store.transaction():
+                for closing, (body, agreement) in zip(undecided, decided, strict=True):
+                    self.store.save_labels(state.round_id, closing.shard_id, body, agreement)
+                    stored[closing.shard_id] = body
+        # Publish exactly what is stored: a decision made before a restart is re-sent as it was.
+        bodies = [stored[c.shard_id] for c in closings]
+        await self._publish_to_members(state, [b for b in bodies if b is not None], "pseudo_labels")
 
     async def _run_consensus(
-        self, state: RoundState, shard_id: int, answered: Sequence[str]
-    ) -> tuple[bytes, dict[str, float]]:
-        assert self.strategy is not None
-        prompt_ids = state.shards[shard_id].prompt_ids
-        candidates = self._candidates(state.round_id, shard_id, prompt_ids, set(answered))
+        self, state: RoundState, closings: Sequence[ShardClosing]
+    ) -> list[tuple[bytes, dict[str, float]]]:
+        """Consensus over each shard, one after another in one worker thread (the event loop keeps
+        taking deliveries meanwhile); per shard the encoded PseudoLabels and the agreement."""
+        strategy = self.strategy
+        assert strategy is not None
+        shards = [
+            self._candidates(state.round_id, c.shard_id, state.shards[c.shard_id].prompt_ids, set(c.answered))
+            for c in closings
+        ]
         started = time.perf_counter()
-        result = await asyncio.to_thread(self.strategy.decide, candidates)
+        results = await asyncio.to_thread(lambda: [strategy.decide(candidates) for candidates in shards])
         self._consensus_seconds += time.perf_counter() - started
-        message = pseudo_labels_message(self.settings.federation, state.round_id, shard_id, result)
-        log.info(
-            "consensus",
-            round=state.round_id,
-            shard=shard_id,
-            labelled=len(message.labels),
-            abstained=len(message.abstained),
-        )
-        return encode(message), {p: float(a) for p, a in result.agreement.items()}
+        decided = []
+        federation = self.settings.federation
+        for closing, result in zip(closings, results, strict=True):
+            message = pseudo_labels_message(federation, state.round_id, closing.shard_id, result)
+            log.info(
+                "consensus",
+                round=state.round_id,
+                shard=closing.shard_id,
+                labelled=len(message.labels),
+                abstained=len(message.abstained),
+            )
+            decided.append((encode(message), {p: float(a) for p, a in result.agreement.items()}))
+        return decided
 
     def _candidates(
         self, round_id: int, shard_id: int, prompt_ids: Sequence[str], answered: set[str]
@@ -344,35 +379,39 @@ class Coordinator:
             tensors=averaged,
             contributors=sorted(answered),
         )
-        await self._publish_to_members(state, encode(message), "aggregated_adapter")
+        await self._publish_to_members(state, [encode(message)], "aggregated_adapter")
 
-    async def _publish_to_members(self, state: RoundState, body: bytes, kind: str) -> None:
-        """Send to everyone expected or active now (stragglers too, so they catch up)."""
-        message: Message = decode_reply(body)
+    async def _publish_to_members(self, state: RoundState, bodies: Sequence[bytes], kind: str) -> None:
+        """Send each body to everyone expected or active now (stragglers too, so they catch up)."""
         recipients = sorted(set(state.expected) | set(self.active_members()))
         await self._declare_participants(recipients)
-        pending = [p for p in recipients if not self.store.was_published(f"{message.message_id}@{p}")]
+        pending: list[tuple[str, str, bytes]] = []  # (message id, participant, body)
+        for body in bodies:
+            message: Message = decode_reply(body)
+            for participant_id in recipients:
+                if not self.store.was_published(f"{message.message_id}@{participant_id}"):
+                    pending.append((message.message_id, participant_id, body))
 
-        async def publish(participant_id: str) -> None:
+        async def publish(message_id: str, participant_id: str, body: bytes) -> None:
             await self.transport.publish(
                 DIRECT_EXCHANGE,
                 reply_key(participant_id),
                 body,
-                message_id=message.message_id,
+                message_id=message_id,
                 timeout=self.settings.publish_timeout_seconds,
             )
 
         # Concurrently, each confirmed on its own; the confirmed ones are recorded in one transaction.
-        outcomes = await asyncio.gather(*(publish(p) for p in pending), return_exceptions=True)
+        outcomes = await asyncio.gather(*(publish(*p) for p in pending), return_exceptions=True)
         failure: BaseException | None = None
         with self.store.transaction():
-            for participant_id, outcome in zip(pending, outcomes, strict=True):
+            for (message_id, participant_id, body), outcome in zip(pending, outcomes, strict=True):
                 if isinstance(outcome, Unroutable):
                     log.warning("no_reply_queue", round=state.round_id, participant=participant_id, kind=kind)
                 elif isinstance(outcome, BaseException):
                     failure = failure or outcome
                 else:
-                    key = f"{message.message_id}@{participant_id}"
+                    key = f"{message_id}@{participant_id}"
                     self.store.record_publication(key, state.round_id, [participant_id], kind, len(body))
         if failure is not None:
             raise failure
