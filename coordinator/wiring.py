@@ -14,6 +14,10 @@ def build_embedder(table: ConsensusSettingsTable) -> Embedder:
         inner: Embedder = HashingEmbedder()
     elif table.embedder == "minilm":
         inner = SentenceEmbedder(batch_size=table.embed_batch_size)
+    elif table.embedder == "minilm-onnx":
+        from coordinator.embedding_onnx import OnnxEmbedder  # onnxruntime only when asked for
+
+        inner = OnnxEmbedder(batch_size=table.embed_batch_size)
     else:
         inner = SentenceEmbedder(Path(table.embedder), batch_size=table.embed_batch_size)
     return CachedEmbedder(inner, max_entries=table.cache_entries) if table.cache_entries else inner
