@@ -86,6 +86,11 @@ def default_model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def model_label(directory: Path) -> str:
+    """A model's name from its directory; the offline package keeps it in a folder called "model"."""
+    return directory.parent.name if directory.name == "model" else directory.name
+
+
 class SentenceEmbedder:
     """A sentence-transformers model on the CPU, loaded from a local directory only."""
 
@@ -100,10 +105,7 @@ class SentenceEmbedder:
         if dim is None:
             raise EmbeddingError(f"model in {directory} does not report an embedding dimension")
         self._dim: int = dim
-        # The offline package keeps its model in a folder called "model": name it after the package.
-        self._name = (
-            f"sentence-transformers:{directory.parent.name if directory.name == 'model' else directory.name}"
-        )
+        self._name = f"sentence-transformers:{model_label(directory)}"
         self._batch_size = batch_size
         # torch modules are not documented as thread-safe for concurrent forward passes.
         self._lock = threading.Lock()

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.embedding import EmbeddingError, Embeddings, default_model_dir
+from coordinator.embedding import EmbeddingError, Embeddings, default_model_dir, model_label
 
 CACHE_ENV = "CHORUS_CACHE_DIR"
 # Bump when the exported graph changes (inputs, pooling, fusion), so stale cache files are not reused.
@@ -78,11 +78,10 @@ class OnnxEmbedder:
         config = _read_json(directory / "config.json")
         self._lower_case = _check_layout(directory, config)
         self._max_length = _max_seq_length(directory, config)
-        self._dim = int(config["hidden_size"])
+        self.dim = int(config["hidden_size"])
         self._pad_id = int(config.get("pad_token_id") or 0)  # masked out: pooling and attention ignore it
         self._batch_size = batch_size
-        label = directory.parent.name if directory.name == "model" else directory.name
-        self._name = f"onnx{'-int8' if quantize else ''}:{label}"
+        self.name = f"onnx{'-int8' if quantize else ''}:{model_label(directory)}"
         self._tokenizer = _load_tokenizer(directory, self._max_length)
         self.path = exported_model(directory, onnx_cache_dir(cache_dir), quantize=quantize)
         options = ort.SessionOptions()
@@ -100,16 +99,8 @@ class OnnxEmbedder:
             ) from e
         self._wants_token_types = "token_type_ids" in {i.name for i in self._session.get_inputs()}
 
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def name(self) -> str:
-        return self._name
-
     def embed(self, texts: Sequence[str]) -> Embeddings:
-        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
         encoded = self._tokenizer.encode_batch([t.lower() if self._lower_case else t for t in texts])
@@ -171,8 +162,7 @@ def _cache_key(directory: Path) -> str:
         if path.is_file():
             stat = path.stat()
             digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}".encode())
-    label = directory.parent.name if directory.name == "model" else directory.name
-    return f"{label}-{digest.hexdigest()}"
+    return f"{model_label(directory)}-{digest.hexdigest()}"
 
 
 def _export(directory: Path, target: Path) -> None:
