@@ -26,7 +26,6 @@ import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -446,7 +445,7 @@ class _ConfirmedPublisher:
         self._transport = transport
         self._purpose = purpose
         self._channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
+        self._exchanges: set[str] = set()  # checked to exist, on the current channel
         self._lock = asyncio.Lock()
 
     async def publish(
@@ -468,8 +467,18 @@ class _ConfirmedPublisher:
         nacks = 0
         while True:
             try:
-                target = await self._exchange(exchange)
-                await target.publish(message, routing_key, mandatory=True)
+                channel = await self._channel_for(exchange)
+                # Straight to aiormq (what aio-pika's Exchange.publish does, less its per-call overhead);
+                # wait=False: the channel lock is not held until the frame is written, so concurrent
+                # publishes pipeline; the broker's confirm is still awaited.
+                await channel.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=message.properties,
+                    mandatory=True,
+                    wait=False,
+                )
                 return
             except aiormq.exceptions.PublishError as e:
                 raise Unroutable(
@@ -523,27 +532,34 @@ class _ConfirmedPublisher:
         if isinstance(channel, AbstractRobustChannel):
             await channel.ready()  # returns once the robust connection has restored the channel
 
-    async def _exchange(self, name: str) -> AbstractExchange:
+    async def _channel_for(self, exchange: str) -> aiormq.Channel:
+        """The confirming channel's current aiormq channel, once `exchange` is known to exist."""
+        channel = self._channel
+        if channel is None or exchange not in self._exchanges:
+            channel = await self._open_for(exchange)
+        if channel.is_closed:  # a reconnect is under way
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)  # its basic_publish takes wait=
+        return underlay
+
+    async def _open_for(self, exchange: str) -> AbstractChannel:
         async with self._lock:
             # A robust channel reopens itself after a reconnect; only an error we saw replaces it.
             if self._channel is None:
                 self._channel = await self._transport._channel(confirms=True)
-                self._exchanges = {}
-            exchange = self._exchanges.get(name)
-            if exchange is None:
-                if name == "":
-                    exchange = self._channel.default_exchange
-                else:
+                self._exchanges = set()
+            if exchange not in self._exchanges:
+                if exchange != "":
                     # Checked once on a throwaway channel, since a 404 would close this one.
-                    await self._transport._check_exchange_exists(name)
-                    exchange = await self._channel.get_exchange(name, ensure=False)
-                self._exchanges[name] = exchange
-            return exchange
+                    await self._transport._check_exchange_exists(exchange)
+                self._exchanges.add(exchange)
+            return self._channel
 
     async def _forget_channel(self) -> None:
         # The broker closed it with an error; a fresh one is opened for the next publish.
         channel, self._channel = self._channel, None
-        self._exchanges = {}
+        self._exchanges = set()
         if channel is not None:
             await _close_quietly(channel)
 
