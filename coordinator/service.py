@@ -107,6 +107,7 @@ class Coordinator:
         self._consensus_seconds = 0.0
         self._pending_announcement: RoundRow | None = None
         self._pending_writes: list[tuple[Callable[[], bool], asyncio.Future[bool]]] = []
+        self._committing: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -257,7 +258,7 @@ class Coordinator:
         assert state is not None
         # The engine counts a batch as answered before its group commit lands; a shard must not
         # close over a batch that is not in the store yet, so commit what intake holds first.
-        self._commit_group()
+        await self._commit_intake()
         closings = state.due(self.clock())
         if closings:
             await self._close_shards(state, closings)
@@ -570,36 +571,56 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._pending_writes.append((write, future))
-        if len(self._pending_writes) == 1:
+        if len(self._pending_writes) == 1 and self._committing is None:
             loop.call_later(GROUP_COMMIT_PAUSE, self._commit_pending_writes, 1, loop.time())
         return await future
 
     def _commit_pending_writes(self, seen: int, since: float) -> None:
         # While deliveries keep joining the group, wait a little longer (up to GROUP_COMMIT_WAIT in all);
         # then commit them all at once. An fsync costs milliseconds, far more than a delivery.
+        if self._committing is not None or not self._pending_writes:
+            return  # a commit under way takes the pending writes next, when it ends
         loop = asyncio.get_running_loop()
         count = len(self._pending_writes)
         if count > seen and count < GROUP_COMMIT_MAX and loop.time() - since < GROUP_COMMIT_WAIT:
             loop.call_later(GROUP_COMMIT_PAUSE, self._commit_pending_writes, count, since)
             return
-        self._commit_group()
+        self._start_commit()
 
-    def _commit_group(self) -> None:
-        """Commit every pending intake write now (a no-op when none is pending)."""
+    def _start_commit(self) -> asyncio.Task[None]:
         group, self._pending_writes = self._pending_writes, []
-        if not group:
-            return
+        self._committing = asyncio.get_running_loop().create_task(self._commit(group))
+        return self._committing
+
+    async def _commit(self, group: list[tuple[Callable[[], bool], asyncio.Future[bool]]]) -> None:
+        """Commit `group` in a worker thread, so that its fsync does not stall the event loop (which
+        meanwhile takes more deliveries: they form the next group, committed as soon as this one is)."""
         try:
-            with self.store.transaction():
-                results = [write() for write, _ in group]
+            results = await asyncio.to_thread(self._write_group, [write for write, _ in group])
+        except asyncio.CancelledError:
+            for _, future in group:
+                future.cancel()
+            raise
         except Exception as e:  # every write of the group rolled back: none of them is acked
             for _, future in group:
                 if not future.done():
                     future.set_exception(e)
-            return
-        for (_, future), result in zip(group, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        else:
+            for (_, future), result in zip(group, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        self._committing = None
+        if self._pending_writes:
+            self._start_commit()
+
+    def _write_group(self, writes: list[Callable[[], bool]]) -> list[bool]:
+        with self.store.transaction():
+            return [write() for write in writes]
+
+    async def _commit_intake(self) -> None:
+        """Commit every pending intake write now, and wait until nothing is pending or committing."""
+        while self._committing is not None or self._pending_writes:
+            await asyncio.shield(self._committing or self._start_commit())
 
     def _batch_problem(self, delivery: Delivery, batch: GenerationBatch) -> str | None:
         if shard_of_routing_key(delivery.routing_key) != batch.shard_id:

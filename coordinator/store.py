@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS members (
@@ -135,26 +136,35 @@ class CoordinatorStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._depth = 0
+        # The coordinator commits intake writes in a worker thread (the fsync off its event loop): a
+        # transaction holds this lock throughout, and a read takes it, so neither sees the other's half.
+        self._lock = threading.RLock()
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """Group writes; nested uses join the outer transaction."""
-        if self._depth == 0:
-            self._db.execute("BEGIN IMMEDIATE")
-        self._depth += 1
-        try:
-            yield
-        except BaseException:
+        """Group writes; nested uses (in the same thread) join the outer transaction."""
+        with self._lock:
+            if self._depth == 0:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._db.execute("ROLLBACK")
+                raise
             self._depth -= 1
             if self._depth == 0:
-                self._db.execute("ROLLBACK")
-            raise
-        self._depth -= 1
-        if self._depth == 0:
-            self._db.execute("COMMIT")
+                self._db.execute("COMMIT")
+
+    def _read(self, query: str, params: tuple[object, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(query, params).fetchall()
 
     # -- members -----------------------------------------------------------
 
@@ -175,7 +185,7 @@ class CoordinatorStore:
             )
 
     def members(self) -> list[Member]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT participant_id, model_id, can_train, last_seen_unix FROM members ORDER BY participant_id"
         )
         return [Member(p, m, bool(t), s) for p, m, t, s in rows]
@@ -211,7 +221,7 @@ class CoordinatorStore:
             )
 
     def rounds(self) -> list[RoundRow]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT round_id, status, opened_unix, deadline_unix, quorum, expected, announcement, "
             "announced, summary FROM rounds ORDER BY round_id"
         )
@@ -224,7 +234,7 @@ class CoordinatorStore:
         return open_rounds[-1] if open_rounds else None
 
     def last_round_id(self) -> int:
-        (value,) = self._db.execute("SELECT coalesce(max(round_id), 0) FROM rounds").fetchone()
+        ((value,),) = self._read("SELECT coalesce(max(round_id), 0) FROM rounds")
         return int(value)
 
     # -- batches -----------------------------------------------------------
@@ -257,12 +267,12 @@ class CoordinatorStore:
         if shard_id is not None:
             query += " AND shard_id = ?"
             params += (shard_id,)
-        rows = self._db.execute(query + " ORDER BY shard_id, participant_id", params)
+        rows = self._read(query + " ORDER BY shard_id, participant_id", params)
         return [BatchRow(r, s, p, bool(late), body) for r, s, p, late, body in rows]
 
     def received(self, round_id: int) -> list[tuple[int, str, float, bool]]:
         """(shard, participant, arrival time, late) of every batch of a round, in arrival order."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT shard_id, participant_id, received_unix, late FROM batches WHERE round_id = ? "
             "ORDER BY received_unix, rowid",
             (round_id,),
@@ -289,7 +299,7 @@ class CoordinatorStore:
             )
 
     def closings(self, round_id: int) -> list[ClosingRow]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT shard_id, status, reason, answered, labels, agreement FROM shard_closings "
             "WHERE round_id = ? ORDER BY shard_id",
             (round_id,),
@@ -302,8 +312,7 @@ class CoordinatorStore:
     # -- publications and traffic ------------------------------------------
 
     def was_published(self, message_id: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM publications WHERE message_id = ?", (message_id,)).fetchone()
-        return row is not None
+        return bool(self._read("SELECT 1 FROM publications WHERE message_id = ?", (message_id,)))
 
     def record_publication(
         self, message_id: str, round_id: int, recipients: Iterable[str], kind: str, nbytes: int
@@ -331,7 +340,7 @@ class CoordinatorStore:
         )
 
     def traffic(self, round_id: int, direction: str) -> dict[str, int]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT participant_id, bytes FROM traffic WHERE round_id = ? AND direction = ? "
             "ORDER BY participant_id",
             (round_id, direction),
@@ -353,9 +362,9 @@ class CoordinatorStore:
     def reports(self, round_id: int | None = None) -> list[tuple[int, str, dict[str, float]]]:
         query = "SELECT round_id, participant_id, metrics FROM reports"
         rows = (
-            self._db.execute(query + " ORDER BY round_id, participant_id")
+            self._read(query + " ORDER BY round_id, participant_id")
             if round_id is None
-            else self._db.execute(query + " WHERE round_id = ? ORDER BY participant_id", (round_id,))
+            else self._read(query + " WHERE round_id = ? ORDER BY participant_id", (round_id,))
         )
         return [(r, p, json.loads(m)) for r, p, m in rows]
 
@@ -371,7 +380,7 @@ class CoordinatorStore:
         return stored
 
     def adapters(self, round_id: int) -> list[tuple[str, bytes]]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT participant_id, body FROM adapters WHERE round_id = ? ORDER BY participant_id",
             (round_id,),
         )
