@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from bench.common import machine
 from coordinator.settings import ConsensusSettingsTable
 from coordinator.store import CoordinatorStore
 from coordinator.wiring import build_embedder
-from federation.config import LoadedConfig, load_run_config
+from federation.config import LoadedConfig, ParticipantEntry, load_run_config
 from federation.report import Reporter
 from federation.runner import DataPaths, FederationRun, RunOptions, participant_settings, prepare_data
 from participant.data import Example
@@ -65,6 +66,8 @@ LABELS = {
 }
 WORK = Path("results") / "quality"
 NAME = "quality"
+WARMUP_DIR = "warmup"  # under the local-only run: one adapter per participant, and a manifest
+WARMUP_MANIFEST = "manifest.json"
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -147,7 +150,11 @@ def with_coordinator(loaded: LoadedConfig, strategy: str, **round_overrides: obj
 
 
 def run_federated(
-    method: str, loaded: LoadedConfig, work: Path, rounds: int | None = None
+    method: str,
+    loaded: LoadedConfig,
+    work: Path,
+    rounds: int | None = None,
+    warm_start: dict[str, Path] | None = None,
 ) -> tuple[MethodResult, FederationRun]:
     """One chorus-run federation, as `chorus-run` runs it (log lines to `<work>/run.log`)."""
     from federation import cli
@@ -160,7 +167,8 @@ def run_federated(
     with (work / cli.LOG_FILE).open("w", encoding="utf-8", buffering=1) as log_file:
         cli.configure_file_logging(log_file, "info")
         reporter = Reporter(work.resolve(), ids)
-        run = FederationRun(loaded, RunOptions(results=work, rounds=rounds), reporter)
+        options = RunOptions(results=work, rounds=rounds, warm_start=warm_start or {})
+        run = FederationRun(loaded, options, reporter)
         try:
             asyncio.run(run.run())
         except ChorusError as e:
@@ -228,10 +236,13 @@ def _train_and_score(
     loaded: LoadedConfig,
     embed: Callable[[Sequence[str]], Any],
     score_warmup: bool,
+    save_warmup: Path | None = None,
 ) -> tuple[list[float | None], list[float | None], dict[str, float] | None]:
     generation = loaded.run.generation
     if warmup:
         learner.train(warmup)
+    if save_warmup is not None:
+        learner.save_checkpoint(save_warmup)
     after_warmup = learner.evaluate(test, embed, generation) if score_warmup else None
     rouge: list[float | None] = []
     similarity: list[float | None] = []
@@ -252,6 +263,7 @@ def run_local(loaded: LoadedConfig, work: Path, rounds: int, score_warmup: bool 
     data = prepare_data(loaded, work)
     embedder = build_embedder(ConsensusSettingsTable(embedder=loaded.run.embedder))
     result = _empty_result("local", loaded, rounds)
+    manifest: dict[str, Any] = {}
     for entry in loaded.run.participants:
         settings = participant_settings(loaded, entry, data, work)
         train, test = load_data(settings)
@@ -266,15 +278,43 @@ def run_local(loaded: LoadedConfig, work: Path, rounds: int, score_warmup: bool 
             loaded,
             embedder.embed,
             score_warmup,
+            save_warmup=work / WARMUP_DIR / entry.id,
         )
+        manifest[entry.id] = warmup_identity(loaded, entry)
         result.rouge_l[entry.id], result.embedding_similarity[entry.id] = rouge, similarity
         if warm is not None:
             result.warmup_rouge_l[entry.id] = round(warm["rouge_l"], 4)
             result.warmup_embedding_similarity[entry.id] = round(warm["embedding_similarity"], 4)
         del learner
         gc.collect()
+    (work / WARMUP_DIR / WARMUP_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _finish_plain(result, data, started)
     return result
+
+
+def warmup_identity(loaded: LoadedConfig, entry: ParticipantEntry) -> dict[str, Any]:
+    """What determines a participant's warm-up: its model, the task that generates its data, its budget."""
+    identity: dict[str, Any] = msgspec.to_builtins(
+        {"model": entry.model, "task": loaded.run.task, "train": entry.train or loaded.run.train}
+    )
+    return identity
+
+
+def shared_warmups(loaded: LoadedConfig, local_work: Path) -> dict[str, Path]:
+    """The local-only run's warm-up adapters that `loaded`'s participants would have trained identically.
+
+    Starting every federated method from these makes "every method starts from the same warm-up"
+    literally true, and saves each method the warm-up's training time.
+    """
+    manifest_path = local_work / WARMUP_DIR / WARMUP_MANIFEST
+    if not manifest_path.is_file():
+        return {}
+    manifest = json.loads(manifest_path.read_text())
+    return {
+        entry.id: local_work / WARMUP_DIR / entry.id
+        for entry in loaded.run.participants
+        if manifest.get(entry.id) == warmup_identity(loaded, entry)
+    }
 
 
 def run_centralized(loaded: LoadedConfig, work: Path, rounds: int) -> MethodResult:
@@ -515,8 +555,13 @@ def markdown(report: dict[str, Any], results: dict[str, MethodResult]) -> str:
     if local is not None and local.warmup_rouge_l:
         warm = sum(local.warmup_rouge_l.values()) / len(local.warmup_rouge_l)
         warm_sim = sum(local.warmup_embedding_similarity.values()) / len(local.warmup_embedding_similarity)
-        lines += ["", f"After the warm-up epoch alone (round 0, local-only): ROUGE-L {warm:.3f}, emb sim "
-                  f"{warm_sim:.3f}; every method starts from this warm-up."]  # fmt: skip
+        lines += ["", f"After the warm-up alone (round 0, local-only): ROUGE-L {warm:.3f}, emb sim "
+                  f"{warm_sim:.3f}. Local-only, semantic and FedAvg start from these very adapters "
+                  "(the federated runs load the local-only run's warm-up checkpoints); centralized warms "
+                  "up on the pooled data."]  # fmt: skip
+    noted = [f"- {LABELS.get(m, m)}: {note}" for m, r in results.items() for note in r.notes]
+    if noted:
+        lines += ["", "Notes:", "", *noted]
     lines += ["", "Per participant, after the last round (ROUGE-L / emb sim):", ""]
     per = []
     for method, result in results.items():
@@ -658,14 +703,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif method == "centralized":
             results[method] = run_centralized(loaded, work, rounds)
         else:
-            results[method], _ = run_federated(method, with_coordinator(loaded, method), work)
+            results[method] = _federated_from_shared_warmup(method, loaded, args.work, "local" in results)
         print(f"   {json.dumps(_brief(results[method]))}", flush=True)
     refusal: dict[str, Any] | None = None
     if args.heterogeneous is not None:
         het = load_run_config(args.heterogeneous)
         print(f"== {LABELS['heterogeneous']} ==", flush=True)
-        results["heterogeneous"], _ = run_federated(
-            "heterogeneous", with_coordinator(het, "semantic"), args.work / "heterogeneous"
+        results["heterogeneous"] = _federated_from_shared_warmup(
+            "heterogeneous", het, args.work, "local" in results, strategy="semantic"
         )
         print(f"   {json.dumps(_brief(results['heterogeneous']))}", flush=True)
         print("== FedAvg on the heterogeneous federation (1 round) ==", flush=True)
@@ -694,6 +739,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print((args.out / f"{NAME}.md").read_text(), flush=True)
     failed = [m for m, r in results.items() if r.error]
     return 1 if failed or not report["same_test_set"] else 0
+
+
+def _federated_from_shared_warmup(
+    method: str, loaded: LoadedConfig, work_root: Path, local_ran: bool, strategy: str | None = None
+) -> MethodResult:
+    """A chorus-run federation whose participants start from this invocation's local-only warm-ups."""
+    warm = shared_warmups(loaded, work_root / "local") if local_ran else {}
+    result, _ = run_federated(
+        method, with_coordinator(loaded, strategy or method), work_root / method, warm_start=warm
+    )
+    others = [p.id for p in loaded.run.participants if p.id not in warm]
+    result.notes.append(
+        f"started from the local-only run's warm-up adapters: {sorted(warm) or 'none'}"
+        + (f"; warmed up in the run: {others}" if others else "")
+    )
+    return result
 
 
 def _brief(result: MethodResult) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,9 @@ class RunOptions:
     broker: str = "memory"  # "memory", "local", or an amqp:// URL for the coordinator
     rounds: int | None = None  # overrides the config
     broker_dir: Path | None = None  # with amqp://: a chorus-broker node dir to create participant users in
+    # participant id -> an adapter checkpoint it starts from instead of warming up (bench/quality.py
+    # gives every method the same warm-up this way)
+    warm_start: Mapping[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -372,6 +375,12 @@ class FederationRun:
         results = self.options.results
         results.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(results / STATE_DIR, ignore_errors=True)  # a run starts fresh
+        unknown = sorted(set(self.options.warm_start) - {p.id for p in self.config.run.participants})
+        if unknown:
+            raise RunConfigError(f"warm_start names participants not in {self.config.path}: {unknown}")
+        for pid, checkpoint in self.options.warm_start.items():
+            # the participant restores its newest checkpoint on start; round 0 is the warm-up's
+            shutil.copytree(checkpoint, results / STATE_DIR / pid / "checkpoints" / "round-0")
         for stale in ("rounds.jsonl", "summary.json"):
             (results / stale).unlink(missing_ok=True)
         reporter = self.reporter

@@ -98,3 +98,21 @@ def test_quality_bench_runs_every_method_on_tiny_models(tmp_path: Path) -> None:
     assert refusal["aggregated_adapter_published"] is False
     assert refusal["round_1"]["shard_status"] == ["failed"]
     assert refusal["average_wire"].startswith("AggregationError")
+
+    # Local-only, semantic and FedAvg start from the very same warm-up adapters: the federated runs
+    # load the local-only run's checkpoints instead of training their own (heterogeneous: where the
+    # model and budget match).
+    work = tmp_path / "work"
+    for method, started in (("semantic", ["p0", "p1"]), ("fedavg", ["p0", "p1"]), ("heterogeneous", ["p0"])):
+        assert f"warm-up adapters: {started}" in " ".join(methods[method]["notes"]), method
+        for pid in started:
+            warm = work / "local" / "warmup" / pid
+            copied = work / method / "state" / pid / "checkpoints" / "round-0"
+            names = sorted(p.name for p in warm.iterdir())
+            assert names and names == sorted(p.name for p in copied.iterdir())
+            assert all((warm / n).read_bytes() == (copied / n).read_bytes() for n in names), (method, pid)
+    assert "warmed up in the run: ['p1']" in " ".join(methods["heterogeneous"]["notes"])
+    events = [json.loads(line) for line in (work / "heterogeneous" / "run.log").read_text().splitlines()]
+    joined = {e["participant"]: e["restored_round"] for e in events if e["event"] == "participant_joined"}
+    assert joined == {"p0": 0, "p1": None}  # p0 restored the shared warm-up; p1 trained its own
+    assert [e["participant"] for e in events if e["event"] == "warm_up"] == ["p1"]
