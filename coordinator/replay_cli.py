@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     consensus.add_argument(
         "--quorum", type=_quorum, metavar="Q", help="a count (3) or fraction (0.6); re-decides answered sets"
     )
-    consensus.add_argument("--embedder", metavar="minilm|hashing|DIR")
+    consensus.add_argument("--embedder", metavar="minilm-onnx|minilm|hashing|DIR")
     consensus.add_argument(
         "--write", type=Path, metavar="DIR", help="write recorded/ and replayed/ PseudoLabels bodies here"
     )
