@@ -34,7 +34,7 @@ from coordinator.labelling import pseudo_labels_message, shard_candidates
 from coordinator.prompts import PromptSampler, PublicPrompt, split_into_shards
 from coordinator.rounds import Acceptance, RoundState, ShardClosing, resolve_quorum
 from coordinator.settings import CoordinatorSettings
-from coordinator.store import CoordinatorStore, RoundRow
+from coordinator.store import CoordinatorStore, NewBatch, RoundRow
 from schemas.codec import decode_control, decode_generation, decode_reply, encode
 from schemas.errors import ChorusError, SchemaError
 from schemas.messages import (
@@ -106,7 +106,7 @@ class Coordinator:
         self._declared_participants: set[str] = set()
         self._consensus_seconds = 0.0
         self._pending_announcement: RoundRow | None = None
-        self._pending_writes: list[tuple[Callable[[], bool], asyncio.Future[bool]]] = []
+        self._pending_writes: list[tuple[NewBatch, asyncio.Future[bool]]] = []
         self._committing: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -536,20 +536,10 @@ class Coordinator:
             return
         late = acceptance is Acceptance.LATE
 
-        def store_batch() -> bool:
-            stored = self.store.add_batch(
-                message_id=batch.message_id,
-                round_id=batch.round_id,
-                shard_id=batch.shard_id,
-                participant_id=batch.participant_id,
-                received_unix=now,
-                late=late,
-                body=delivery.body,
-            )
-            self.store.touch_member(batch.participant_id, now)
-            return stored
-
-        stored = await self._group_commit(store_batch)
+        new = NewBatch(
+            batch.message_id, batch.round_id, batch.shard_id, batch.participant_id, now, late, delivery.body
+        )
+        stored = await self._group_commit(new)
         await delivery.ack()  # only once the transaction holding the batch has committed
         if not stored or acceptance is Acceptance.DUPLICATE:
             self.counters.duplicates += 1
@@ -562,8 +552,9 @@ class Coordinator:
             self.counters.accepted += 1
             self._wake.set()
 
-    async def _group_commit(self, write: Callable[[], bool]) -> bool:
-        """Run `write` in one SQLite transaction with the other intake writes of this event-loop turn.
+    async def _group_commit(self, write: NewBatch) -> bool:
+        """Store `write` (and touch its sender) in one SQLite transaction with the other intake writes
+        of this event-loop turn.
 
         Returns its result once that transaction has committed (one fsync for the whole group rather
         than two per batch); raises, and so leaves the delivery unacked, if the transaction failed.
@@ -592,11 +583,11 @@ class Coordinator:
         self._committing = asyncio.get_running_loop().create_task(self._commit(group))
         return self._committing
 
-    async def _commit(self, group: list[tuple[Callable[[], bool], asyncio.Future[bool]]]) -> None:
+    async def _commit(self, group: list[tuple[NewBatch, asyncio.Future[bool]]]) -> None:
         """Commit `group` in a worker thread, so that its fsync does not stall the event loop (which
         meanwhile takes more deliveries: they form the next group, committed as soon as this one is)."""
         try:
-            results = await asyncio.to_thread(self._write_group, [write for write, _ in group])
+            results = await asyncio.to_thread(self.store.add_batches, [write for write, _ in group])
         except asyncio.CancelledError:
             for _, future in group:
                 future.cancel()
@@ -612,10 +603,6 @@ class Coordinator:
         self._committing = None
         if self._pending_writes:
             self._start_commit()
-
-    def _write_group(self, writes: list[Callable[[], bool]]) -> list[bool]:
-        with self.store.transaction():
-            return [write() for write in writes]
 
     async def _commit_intake(self) -> None:
         """Commit every pending intake write now, and wait until nothing is pending or committing."""

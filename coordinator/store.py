@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS members (
@@ -115,6 +115,38 @@ class ClosingRow:
     answered: tuple[str, ...]
     labels: bytes | None
     agreement: dict[str, float] | None
+
+
+class NewBatch(NamedTuple):
+    """A batch to store, in the column order of the batches table."""
+
+    message_id: str
+    round_id: int
+    shard_id: int
+    participant_id: str
+    received_unix: float
+    late: bool
+    body: bytes
+
+
+_ADD_TRAFFIC = (  # format with the rows' placeholders
+    "INSERT INTO traffic VALUES {} ON CONFLICT (round_id, participant_id, direction) "
+    "DO UPDATE SET bytes = bytes + excluded.bytes"
+)
+_ROWS_PER_STATEMENT = 500  # at most 7 parameters each: well under SQLite's 32,766
+
+
+def _chunks(batches: Sequence[NewBatch]) -> Iterator[Sequence[NewBatch]]:
+    for start in range(0, len(batches), _ROWS_PER_STATEMENT):
+        yield batches[start : start + _ROWS_PER_STATEMENT]
+
+
+def _marks(rows: int, columns: int) -> str:
+    """`rows` parenthesised groups of `columns` placeholders (one bare group when columns is 1)."""
+    if columns == 1:
+        return ", ".join(["?"] * rows)
+    group = "(" + ", ".join(["?"] * columns) + ")"
+    return ", ".join([group] * rows)
 
 
 @dataclass(frozen=True)
@@ -261,6 +293,57 @@ class CoordinatorStore:
                 self._add_traffic(round_id, participant_id, "in", len(body))
         return stored
 
+    def add_batches(self, batches: Sequence[NewBatch]) -> list[bool]:
+        """Store many batches and touch their senders in one transaction, with a handful of statements.
+
+        Per batch, True if stored, False if its message or its (round, shard, participant) was already
+        stored (or came earlier in `batches`), as `add_batch` answers. One statement per step rather
+        than per batch, because the coordinator runs this in a worker thread, where every SQLite call
+        (every row stepped) hands the GIL to the event loop and waits to get it back.
+        """
+        stored: list[bool] = []
+        with self.transaction():
+            known_ids: set[str] = set()
+            known_slots: set[tuple[int, int, str]] = set()
+            for chunk in _chunks(batches):
+                rows = self._db.execute(
+                    "SELECT message_id, round_id, shard_id, participant_id FROM batches WHERE message_id IN "
+                    f"({_marks(len(chunk), 1)}) OR (round_id, shard_id, participant_id) IN "
+                    f"(VALUES {_marks(len(chunk), 3)})",
+                    [b.message_id for b in chunk] + [v for b in chunk for v in b[1:4]],
+                ).fetchall()
+                known_ids.update(r[0] for r in rows)
+                known_slots.update((r[1], r[2], r[3]) for r in rows)
+            fresh: list[NewBatch] = []
+            traffic: dict[tuple[int, str], int] = {}
+            seen: dict[str, float] = {}
+            for b in batches:
+                slot = (b.round_id, b.shard_id, b.participant_id)
+                new = b.message_id not in known_ids and slot not in known_slots
+                stored.append(new)
+                if new:
+                    known_ids.add(b.message_id)
+                    known_slots.add(slot)
+                    fresh.append(b)
+                    key = (b.round_id, b.participant_id)
+                    traffic[key] = traffic.get(key, 0) + len(b.body)
+                seen[b.participant_id] = max(b.received_unix, seen.get(b.participant_id, b.received_unix))
+            for chunk in _chunks(fresh):
+                self._db.execute(
+                    f"INSERT INTO batches VALUES {_marks(len(chunk), 7)}", [v for b in chunk for v in b]
+                )
+            if traffic:
+                self._db.execute(
+                    _ADD_TRAFFIC.format(_marks(len(traffic), 4)),
+                    [v for (r, p), n in traffic.items() for v in (r, p, "in", n)],
+                )
+            self._db.execute(
+                "UPDATE members SET last_seen_unix = max(last_seen_unix, touched.column2) "
+                f"FROM (VALUES {_marks(len(seen), 2)}) AS touched WHERE participant_id = touched.column1",
+                [v for item in seen.items() for v in item],
+            )
+        return stored
+
     def batches(self, round_id: int, shard_id: int | None = None) -> list[BatchRow]:
         query = "SELECT round_id, shard_id, participant_id, late, body FROM batches WHERE round_id = ?"
         params: tuple[int, ...] = (round_id,)
@@ -333,11 +416,7 @@ class CoordinatorStore:
             self._add_traffic(round_id, participant_id, direction, nbytes)
 
     def _add_traffic(self, round_id: int, participant_id: str, direction: str, nbytes: int) -> None:
-        self._db.execute(
-            "INSERT INTO traffic VALUES (?, ?, ?, ?) ON CONFLICT (round_id, participant_id, direction) "
-            "DO UPDATE SET bytes = bytes + excluded.bytes",
-            (round_id, participant_id, direction, nbytes),
-        )
+        self._db.execute(_ADD_TRAFFIC.format(_marks(1, 4)), (round_id, participant_id, direction, nbytes))
 
     def traffic(self, round_id: int, direction: str) -> dict[str, int]:
         rows = self._read(
