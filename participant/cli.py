@@ -49,12 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def apply_torch_threads(count: int) -> None:
+    """Pin torch's intra-op thread pool (process-wide) when the settings ask; 0 leaves torch's default."""
+    if count:
+        import torch
+
+        torch.set_num_threads(count)
+
+
 async def run_participant(settings: ParticipantSettings, rounds: int | None = None) -> None:
     if settings.broker_url.startswith("memory:"):
         raise ChorusError(
             "a participant alone cannot use the in-memory broker; give --broker amqp://..., "
             "or use chorus-run for an embedded federation"
         )
+    apply_torch_threads(settings.torch_threads)
     learner = await asyncio.to_thread(build_learner, settings)
     train, test = load_data(settings)
     embed = None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from participant.cli import apply_torch_threads
 from participant.settings import SettingsError, load_participant_settings
 
 
@@ -36,3 +37,22 @@ def test_environment_and_errors(tmp_path: Path) -> None:
         load_participant_settings(write(tmp_path, 'participant_id = "a.b"\n'), env={})
     with pytest.raises(SettingsError, match="unknown field"):
         load_participant_settings(write(tmp_path, 'participant_id = "a"\nmodle = "x"\n'), env={})
+
+
+def test_torch_threads_setting_pins_torch_and_zero_keeps_the_default(tmp_path: Path) -> None:
+    import torch
+
+    settings = load_participant_settings(write(tmp_path, 'participant_id = "a"\ntorch_threads = 1\n'), env={})
+    assert settings.torch_threads == 1
+    assert load_participant_settings(write(tmp_path, 'participant_id = "a"\n'), env={}).torch_threads == 0
+    with pytest.raises(SettingsError, match="torch_threads"):
+        load_participant_settings(write(tmp_path, 'participant_id = "a"\ntorch_threads = -1\n'), env={})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        apply_torch_threads(0)
+        assert torch.get_num_threads() == 2
+        apply_torch_threads(settings.torch_threads)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
