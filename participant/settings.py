@@ -44,7 +44,7 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     test_fraction: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.2
     generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
     # torch intra-op threads; 0 keeps torch's default (all cores). On a busy 2-core machine one thread
-    # generated 4-5x faster than two (README, "Performance").
+    # generated 4-5x faster than two.
     torch_threads: Annotated[int, Meta(ge=0, le=1_024)] = 0
     heartbeat_seconds: Annotated[float, Meta(gt=0.0)] = 15.0
     evaluate: bool = True
