@@ -93,7 +93,10 @@ _typed_fields = st.sampled_from(
 _required_fields = st.sampled_from(
     ["federation", "round_id", "message_id", "participant_id", "shard_id", "model_id", "answers"]
 )
-_bad_ids = st.one_of(st.just(""), st.tuples(texts, st.sampled_from(". /*"), texts).map("".join))
+# At most 64 characters (an Id's limit), so the id is refused for its characters, never for its length.
+_bad_ids = st.one_of(
+    st.just(""), st.tuples(texts, st.sampled_from(". /*"), texts).map(lambda t: t[0][:31] + t[1] + t[2][:32])
+)
 _id_fields = st.sampled_from(["federation", "participant_id"])
 _limited_fields = st.sampled_from(
     [
