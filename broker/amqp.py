@@ -8,14 +8,17 @@ The only module of Chorus that imports aio_pika. What it guarantees:
   refuse global QoS), and consuming only ever passively declares its queue;
 - the robust connection restores channels and consumers after a broker restart;
   deliveries from before the restart cannot be settled and are logged, not raised
-  (the broker redelivers them).
+  (the broker redelivers them);
+- acks that handlers of one consumer ask for in the same event-loop turn go out as few
+  frames as is safe (`_AckCoalescer`): one `basic.ack(multiple=True)` covers a run of
+  delivery tags only when every lower tag on that channel is settled or acked with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal
@@ -142,6 +145,9 @@ class AmqpTransport:
         self._dead_letter_refused = False
         self._subscriptions: list[AmqpSubscription] = []
         self._closed = False
+        # basic.ack frames written and deliveries they acked (for tests and benchmarks).
+        self.ack_frames = 0
+        self.acked = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -404,6 +410,8 @@ class AmqpTransport:
                 return
             else:
                 await message.ack()
+                self.ack_frames += 1
+                self.acked += 1
                 return
         await message.nack(requeue=False)
 
@@ -581,6 +589,7 @@ class AmqpSubscription:
         self._tag: str | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self._acks = _AckCoalescer(transport)
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message)
@@ -654,11 +663,14 @@ class AmqpSubscription:
         async def settle(action: Literal["ack", "requeue", "dead_letter"], reason: str) -> None:
             try:
                 if action == "ack":
-                    await message.ack()
-                elif action == "requeue":
+                    await self._acks.ack(message.channel, message.delivery_tag)
+                    return
+                channel = message.channel
+                if action == "requeue":
                     await message.nack(requeue=True)
                 else:
                     await self._transport._dead_letter(message, delivery, reason)
+                self._acks.settled(channel, message.delivery_tag)
             except _CHANNEL_GONE as e:
                 # The channel it came on is gone (reconnect or close); the broker redelivers it.
                 log.warning(
@@ -670,6 +682,108 @@ class AmqpSubscription:
                 )
 
         return settle
+
+
+class _ChannelTags:
+    """What is settled of one channel's deliveries: every tag up to `floor`, and `above` it."""
+
+    def __init__(self) -> None:
+        self.floor = 0
+        self.above: set[int] = set()
+
+    def settle(self, tags: Iterable[int]) -> None:
+        self.above.update(t for t in tags if t > self.floor)
+        while self.floor + 1 in self.above:
+            self.floor += 1
+            self.above.discard(self.floor)
+
+    def plan(self, tags: Sequence[int]) -> list[tuple[int, bool]]:
+        """Frames (delivery tag, multiple) that ack exactly `tags` (sorted, unsettled) and nothing else.
+
+        Delivery tags of a channel count up from 1, one per delivery, so a tag that is neither settled
+        nor in `tags` is a delivery still being handled (or not yet seen): a multiple-ack must stop
+        below it. The run of `tags` from the floor up takes one frame; any tag past a gap its own.
+        """
+        wanted = set(tags)
+        top = self.floor
+        while top + 1 in wanted or top + 1 in self.above:
+            top += 1
+        covered = [t for t in tags if t <= top]
+        frames: list[tuple[int, bool]] = []
+        if covered:
+            frames.append((covered[-1], len(covered) > 1))
+        frames.extend((t, False) for t in tags if t > top)
+        return frames
+
+
+class _AckCoalescer:
+    """Acks of one subscription's deliveries, written as few `basic.ack` frames as is safe.
+
+    An ack waits for the end of the current event-loop turn, so that the acks of handlers woken
+    together (the coordinator's intake group commit wakes a whole group at once) share frames; it
+    returns once its frame is written. Nacks and rejects go out at once, and are then noted as settled
+    so that later multiple-acks may cover their tags. Tags are per channel: after a reconnect the
+    robust channel has a new underlying channel whose tags start again from 1.
+    """
+
+    def __init__(self, transport: AmqpTransport) -> None:
+        self._transport = transport
+        self._tags: dict[aiormq.abc.AbstractChannel, _ChannelTags] = {}
+        self._pending: dict[aiormq.abc.AbstractChannel, dict[int, asyncio.Future[None]]] = {}
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def ack(self, channel: aiormq.abc.AbstractChannel, tag: int | None) -> None:
+        if tag is None:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(channel, {})[tag] = future
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        await future
+
+    def settled(self, channel: aiormq.abc.AbstractChannel, tag: int | None) -> None:
+        """`tag` was nacked or rejected (or acked other than through `ack`)."""
+        if tag is not None:
+            self._tags.setdefault(channel, _ChannelTags()).settle((tag,))
+
+    async def _flush(self) -> None:
+        # Runs from the loop turn after the first ack was asked for: by then every handler woken in
+        # that turn has asked for its own.
+        try:
+            while self._pending:
+                pending, self._pending = self._pending, {}
+                for channel, waiters in pending.items():
+                    await self._ack_on(channel, waiters)
+                for channel in [c for c in self._tags if c.is_closed and c not in self._pending]:
+                    del self._tags[channel]
+        finally:
+            self._flushing = None
+
+    async def _ack_on(
+        self, channel: aiormq.abc.AbstractChannel, waiters: dict[int, asyncio.Future[None]]
+    ) -> None:
+        tags = self._tags.setdefault(channel, _ChannelTags())
+        frames = tags.plan(sorted(waiters))
+        try:
+            for index, (tag, multiple) in enumerate(frames):
+                # Frames of a connection are written in order: waiting for the last one's drain is enough.
+                await channel.basic_ack(tag, multiple=multiple, wait=index == len(frames) - 1)
+                self._transport.ack_frames += 1
+        except BaseException as e:
+            for future in waiters.values():
+                if not future.done():
+                    if isinstance(e, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        tags.settle(waiters)
+        self._transport.acked += len(waiters)
+        for future in waiters.values():
+            if not future.done():
+                future.set_result(None)
 
 
 async def _close_quietly(channel: AbstractChannel) -> None:
