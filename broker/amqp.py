@@ -128,6 +128,7 @@ class AmqpTransport:
         reconnect_interval: float = DEFAULT_RECONNECT_INTERVAL,
         dead_letter_exchange: str = DEAD_LETTER_EXCHANGE,
         dead_letter_routing_key: str = DEAD_LETTER_KEY,
+        coalesce_acks: bool = True,
     ) -> None:
         self.user = unquote(urlsplit(url).username or "guest")
         self._url = url
@@ -145,6 +146,8 @@ class AmqpTransport:
         self._dead_letter_refused = False
         self._subscriptions: list[AmqpSubscription] = []
         self._closed = False
+        # False: one basic.ack frame per delivery, as before acks were coalesced (for comparisons).
+        self.coalesce_acks = coalesce_acks
         # basic.ack frames written and deliveries they acked (for tests and benchmarks).
         self.ack_frames = 0
         self.acked = 0
@@ -734,6 +737,12 @@ class _AckCoalescer:
 
     async def ack(self, channel: aiormq.abc.AbstractChannel, tag: int | None) -> None:
         if tag is None:
+            return
+        if not self._transport.coalesce_acks:
+            await channel.basic_ack(tag)
+            self._transport.ack_frames += 1
+            self._transport.acked += 1
+            self.settled(channel, tag)
             return
         future = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel, {})[tag] = future
