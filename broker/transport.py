@@ -79,6 +79,8 @@ class Delivery:
     settled: bool = False
 
     async def ack(self) -> None:
+        """Acknowledge. A transport may write the acks of deliveries settled in the same event-loop turn
+        as one frame (`AmqpTransport` does, only where no unsettled delivery is covered by it)."""
         await self._do("ack", "")
 
     async def requeue(self) -> None:

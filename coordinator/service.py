@@ -540,7 +540,9 @@ class Coordinator:
             batch.message_id, batch.round_id, batch.shard_id, batch.participant_id, now, late, delivery.body
         )
         stored = await self._group_commit(new)
-        await delivery.ack()  # only once the transaction holding the batch has committed
+        # Only once the transaction holding the batch has committed. The whole group wakes in one event-loop
+        # turn, so AmqpTransport writes its acks as one basic.ack(multiple=True) where that is safe.
+        await delivery.ack()
         if not stored or acceptance is Acceptance.DUPLICATE:
             self.counters.duplicates += 1
         elif late:
