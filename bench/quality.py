@@ -662,8 +662,8 @@ def budget_line(loaded: LoadedConfig) -> str:
     parts.append(f"max_new_tokens {run.generation.max_new_tokens}")
     targets = train.target_modules or "q/v (per architecture)"
     parts.append(
-        f"LoRA r={train.rank} alpha={train.alpha} on {targets}, {train.epochs} epoch per training call, "
-        f"{train.warmup_epochs} warm-up epoch, "
+        f"LoRA r={train.rank} alpha={train.alpha} on {targets}, epochs per training call {train.epochs}, "
+        f"warm-up epochs {train.warmup_epochs}, "
         f"{train.private_examples_per_round} private examples per round, "
         f"lr {train.learning_rate}, batch {train.batch_size}"
     )
