@@ -293,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *table(["embedder", "texts", "sentences/s", "sentences/CPU-s", "× default"], table_rows),
         "",
-        f"Against sentence-transformers' encode pinned to one torch thread (on a busy 2-core machine torch's "
-        f"default of {torch_threads} threads is much slower), minilm-onnx on distinct texts is "
-        f"{onnx_vs_one_thread}×.",
+        "Against sentence-transformers' encode pinned to one torch thread, as the pipeline's one ONNX "
+        f"Runtime thread (torch's default of {torch_threads} threads is much slower on a busy 2-core machine, not on "
+        f"a quiet one), minilm-onnx on distinct texts is {onnx_vs_one_thread}×.",
         "",
         f"Consensus decisions against the torch fp32 encoder (HNSW, default settings, shards of {SHARD}; "
         f"fp32 labels {labelled:.0f}% of {len(reference)} prompts, {wrong_fp32} of them a wrong answer). "

