@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         *table(["embedder", "texts", "sentences/s", "sentences/CPU-s", "× default"], table_rows),
         "",
         "Against sentence-transformers' encode pinned to one torch thread, as the pipeline's one ONNX "
-        f"Runtime thread (torch's default of {torch_threads} threads is much slower on a busy 2-core machine, not on "
-        f"a quiet one), minilm-onnx on distinct texts is {onnx_vs_one_thread}×.",
+        f"Runtime thread (torch's default of {torch_threads} threads is much slower on a busy 2-core "
+        f"machine, not on a quiet one), minilm-onnx on distinct texts is {onnx_vs_one_thread}×.",
         "",
         f"Consensus decisions against the torch fp32 encoder (HNSW, default settings, shards of {SHARD}; "
         f"fp32 labels {labelled:.0f}% of {len(reference)} prompts, {wrong_fp32} of them a wrong answer). "
