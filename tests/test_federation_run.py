@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -18,6 +19,9 @@ import structlog
 from broker.local_node import LocalNode
 from coordinator import replay_cli
 from federation import cli
+from federation.config import RunConfigError, load_run_config
+from federation.report import Reporter
+from federation.runner import FederationRun, RunOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny.toml"
@@ -139,3 +143,12 @@ def test_tiny_federation_runs_over_rabbitmq(rabbit_node: LocalNode, tmp_path: Pa
     assert cli.main(argv) == 0
     summary = assert_results(results, rounds=1)
     assert str(summary["broker"]).startswith("RabbitMQ at amqp://coordinator:***@")
+
+
+def test_warm_start_naming_an_unknown_participant_is_refused(tmp_path: Path) -> None:
+    loaded = load_run_config(TINY)
+    results = tmp_path / "r"
+    options = RunOptions(results=results, warm_start={"nobody": tmp_path})
+    run = FederationRun(loaded, options, Reporter(results, [p.id for p in loaded.run.participants]))
+    with pytest.raises(RunConfigError, match=r"warm_start names participants not in .*\['nobody'\]"):
+        asyncio.run(run.run())
