@@ -269,7 +269,11 @@ class Participant:
         settings = self.settings.train
         weighted = settings.label_weighting == "confidence"
         examples = [
-            Example(prompt=prompt, response=text, weight=max(0.0, confidence) if weighted else 1.0)
+            Example(
+                prompt=prompt,
+                response=text,
+                weight=settings.label_weight * (max(0.0, confidence) if weighted else 1.0),
+            )
             for prompt, text, confidence in self.ledger.labelled_examples(round_id)
         ]
         private = list(self.private_train)

@@ -175,3 +175,24 @@ async def test_fedavg_round_averages_adapters_of_the_same_architecture(tmp_path:
     for name in state_one:  # both now hold the same averaged adapter
         assert torch.equal(state_one[name], state_two[name])
     assert [r.round_id for r in one.reports] == [1]
+
+
+def test_label_weight_scales_pseudo_labels_not_private_examples(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    settings = ParticipantSettings(
+        federation="t",
+        participant_id="alice",
+        model="tiny-llama",
+        state_dir=str(tmp_path / "alice"),
+        progress=False,
+        train=TrainTable(private_examples_per_round=2, label_weight=0.5),
+    )
+    learner = LoraLearner(load_model("tiny-llama"), TrainSettings(batch_size=4, max_length=64))
+    participant = Participant(settings, broker.connect("alice"), learner, private_train=PRIVATE)
+    participant.ledger.save_prompts(1, [("q0", "Say 0."), ("q1", "Say 1.")])
+    participant.ledger.save_labels(1, [("q0", "zero", 0.8), ("q1", "one", 1.0)])
+    mix = participant._training_mix(1)
+    labels = {e.response: e.weight for e in mix if e.prompt.startswith("Say")}
+    assert labels == {"zero": 0.5 * 0.8, "one": 0.5}  # label_weight times the confidence
+    private = [e for e in mix if not e.prompt.startswith("Say")]
+    assert len(private) == 2 and all(e.weight == 1.0 for e in private)
