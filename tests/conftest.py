@@ -12,6 +12,7 @@ so tests on the shared node never see each other's messages.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -174,3 +175,25 @@ async def eventually(
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "broker"
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """For tests of tiny models: they gain nothing from intra-op threads, and on a busy machine spinning
+    threads cost 5x."""
+    import torch  # only the model tests pay for importing it
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that run a CLI or runner which configures logging: put the process's logging back."""
+    handlers = logging.getLogger().handlers[:]
+    yield
+    structlog.reset_defaults()
+    logging.getLogger().handlers = handlers
+    logging.captureWarnings(False)

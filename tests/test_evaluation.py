@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
-import torch
 
 from participant.data import Example
 from participant.evaluation import (
@@ -22,14 +21,7 @@ from participant.models import load_model
 from schemas.errors import ChorusError
 from schemas.messages import GenerationParams
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost 5x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def bag_of_words_embedder(texts: Sequence[str]) -> np.ndarray:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from broker.local_node import LocalNode
 from coordinator import replay_cli
@@ -28,13 +25,7 @@ TINY = ROOT / "examples" / "tiny.toml"
 PLOTS = ("scores.png", "bytes.png", "agreement.png")
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    handlers = logging.getLogger().handlers[:]
-    yield
-    structlog.reset_defaults()
-    logging.getLogger().handlers = handlers
-    logging.captureWarnings(False)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def read_rounds(results: Path) -> list[dict[str, object]]:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 from participant.generation import GeneratedAnswer, generate_answers
 from participant.models import load_model, max_positions, prompt_token_ids
@@ -24,13 +21,7 @@ PROMPTS = [
 GREEDY = GenerationParams(max_new_tokens=10)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost 5x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])

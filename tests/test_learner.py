@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +22,7 @@ PARAMS = GenerationParams(max_new_tokens=5, seed=3)
 EXAMPLES = [Example(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(8)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost 5x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hashed_embedder(texts: Sequence[str]) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,13 +31,7 @@ FAST = TrainSettings(rank=4, alpha=8, epochs=2, learning_rate=5e-3, batch_size=4
 GREEDY = GenerationParams(max_new_tokens=6)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost 5x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])
