@@ -26,15 +26,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import machine
+from bench.common import machine, publish_join
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
-from broker.topology import UP_EXCHANGE, control_key, generation_key, reply_queue
+from broker.topology import UP_EXCHANGE, generation_key, reply_queue
 from broker.transport import Delivery
 from schemas import (
     Answer,
     GenerationBatch,
-    Join,
     PseudoLabels,
     RoundClosed,
     RoundOpened,
@@ -62,16 +61,7 @@ class LoadParticipant:
 
     async def join(self) -> None:
         await self.transport.consume(reply_queue(self.name), self._on_reply, prefetch=50)
-        join = Join(
-            federation=FEDERATION,
-            round_id=0,
-            message_id=new_message_id(),
-            participant_id=self.name,
-            model_id="load",
-        )
-        await self.transport.publish(
-            UP_EXCHANGE, control_key(self.name), encode(join), message_id=join.message_id
-        )
+        await publish_join(self.transport, FEDERATION, self.name, "load")
 
     async def _on_reply(self, delivery: Delivery) -> None:
         message = decode_reply(delivery.body)

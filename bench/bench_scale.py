@@ -30,16 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, machine_line, table, write_results
+from bench.common import machine, machine_line, publish_join, table, write_results
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
-from broker.topology import UP_EXCHANGE, control_key, generation_key, reply_queue
+from broker.topology import UP_EXCHANGE, generation_key, reply_queue
 from broker.transport import Delivery
 from coordinator.logs import configure_logging
 from schemas import (
     Answer,
     GenerationBatch,
-    Join,
     PseudoLabels,
     RoundClosed,
     RoundOpened,
@@ -80,16 +79,7 @@ class ScaleParticipant:
 
     async def join(self) -> None:
         await self.transport.consume(reply_queue(self.name), self._on_reply, prefetch=50)
-        join = Join(
-            federation=FEDERATION,
-            round_id=0,
-            message_id=new_message_id(),
-            participant_id=self.name,
-            model_id="scale",
-        )
-        await self.transport.publish(
-            UP_EXCHANGE, control_key(self.name), encode(join), message_id=join.message_id
-        )
+        await publish_join(self.transport, FEDERATION, self.name, "scale")
 
     async def _on_reply(self, delivery: Delivery) -> None:
         message = decode_reply(delivery.body)

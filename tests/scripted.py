@@ -11,12 +11,12 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker.topology import UP_EXCHANGE, control_key, generation_key, reply_queue
+from bench.common import publish_join
+from broker.topology import UP_EXCHANGE, generation_key, reply_queue
 from broker.transport import Delivery, Subscription, Transport
 from schemas import (
     Answer,
     GenerationBatch,
-    Join,
     PseudoLabels,
     RoundClosed,
     RoundOpened,
@@ -44,16 +44,7 @@ class ScriptedParticipant:
 
     async def join(self) -> None:
         self._subscription = await self.transport.consume(reply_queue(self.participant_id), self._on_reply)
-        message = Join(
-            federation=self.federation,
-            round_id=0,
-            message_id=new_message_id(),
-            participant_id=self.participant_id,
-            model_id="scripted",
-        )
-        await self.transport.publish(
-            UP_EXCHANGE, control_key(self.participant_id), encode(message), message_id=message.message_id
-        )
+        await publish_join(self.transport, self.federation, self.participant_id, "scripted")
 
     async def _on_reply(self, delivery: Delivery) -> None:
         message = decode_reply(delivery.body)
