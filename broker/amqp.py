@@ -39,6 +39,7 @@ from broker.errors import BrokerError, PublishTimeout, TopologyMissing, Unroutab
 from broker.memory import ORIGINAL_USER_HEADER
 from broker.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_KEY
 from broker.transport import (
+    BCC_HEADER,
     DEFAULT_PREFETCH,
     DEFAULT_PUBLISH_TIMEOUT,
     ORIGINAL_EXCHANGE_HEADER,
@@ -288,8 +289,12 @@ class AmqpTransport:
         message_id: str,
         headers: Headers | None = None,
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        bcc: Sequence[str] = (),
     ) -> None:
-        message = self._message(body, message_id, dict(headers or {}))
+        properties: dict[str, Any] = dict(headers or {})
+        if bcc:
+            properties[BCC_HEADER] = list(bcc)  # RabbitMQ routes by these keys too, then drops the header
+        message = self._message(body, message_id, properties)
         await self._publisher.publish(exchange, routing_key, message, timeout)
 
     async def publish_with_user_id_for_tests(
@@ -492,8 +497,9 @@ class _ConfirmedPublisher:
                 )
                 return
             except aiormq.exceptions.PublishError as e:
+                also = " or its BCC keys" if BCC_HEADER in (message.headers or {}) else ""
                 raise Unroutable(
-                    f"no queue is bound to exchange {exchange!r} for routing key {routing_key!r}; "
+                    f"no queue is bound to exchange {exchange!r} for routing key {routing_key!r}{also}; "
                     "the message was not stored"
                 ) from e
             except aiormq.exceptions.DeliveryError:

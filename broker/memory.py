@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -173,12 +174,15 @@ class MemoryBroker:
                 names[binding.queue] = None
         return [self._queues[name] for name in names]
 
-    def _publish(self, message: _Message) -> None:
-        queues = self._route(message.exchange, message.routing_key)
+    def _publish(self, message: _Message, bcc: Sequence[str] = ()) -> None:
+        routed: dict[str, _Queue] = {}  # one copy per queue, however many keys route to it
+        for key in (message.routing_key, *bcc):
+            routed.update((queue.spec.name, queue) for queue in self._route(message.exchange, key))
+        queues = list(routed.values())
         if not queues:
+            keys = f"routing key {message.routing_key!r}" + (f" or any of {len(bcc)} BCC keys" if bcc else "")
             raise Unroutable(
-                f"no queue is bound to exchange {message.exchange!r} for routing key "
-                f"{message.routing_key!r}; the message was not stored"
+                f"no queue is bound to exchange {message.exchange!r} for {keys}; the message was not stored"
             )
         for queue in queues:
             copy = _Message(
@@ -467,6 +471,7 @@ class MemoryTransport:
         message_id: str,
         headers: Headers | None = None,
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        bcc: Sequence[str] = (),
     ) -> None:
         self._check_open()
         self._broker._publish(
@@ -478,7 +483,8 @@ class MemoryTransport:
                 user_id=self.user,
                 headers=dict(headers or {}),
                 timestamp=time.time(),
-            )
+            ),
+            bcc,
         )
         await asyncio.sleep(0)  # a publish is a suspension point on a real broker too
 

@@ -24,7 +24,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal
@@ -314,27 +314,31 @@ class RecordingTransport:
         message_id: str,
         headers: Headers | None = None,
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        bcc: Sequence[str] = (),
     ) -> None:
         started = self._clock()
         error = ""
         try:
             await self.inner.publish(
-                exchange, routing_key, body, message_id=message_id, headers=headers, timeout=timeout
+                exchange, routing_key, body, message_id=message_id, headers=headers, timeout=timeout, bcc=bcc
             )
         except BaseException as e:
             error = f"{type(e).__name__}: {e}"
             raise
         finally:
-            self.recorder.record_published(
-                exchange,
-                routing_key,
-                body,
-                message_id=message_id,
-                user_id=self.inner.user,
-                headers=headers,
-                published_unix=started,
-                error=error,
-            )
+            # A BCC publish is logged as one frame per key: the log says which keys a body went to
+            # without a field that older readers do not know.
+            for key in (routing_key, *bcc):
+                self.recorder.record_published(
+                    exchange,
+                    key,
+                    body,
+                    message_id=message_id,
+                    user_id=self.inner.user,
+                    headers=headers,
+                    published_unix=started,
+                    error=error,
+                )
 
     async def consume(
         self, queue: str, handler: Handler, *, prefetch: int = DEFAULT_PREFETCH

@@ -37,6 +37,14 @@ def reply_key(participant_id: str) -> str:
     return f"reply.{participant_id}"
 
 
+# The routing key of a reply sent to several participants in one publish, their reply keys in BCC. No
+# queue is bound to it, and no participant id makes `reply.<id>` equal to it.
+SHARED_REPLY_KEY = "reply"
+# Reply keys per publish: the BCC header must fit in one AMQP frame (frame_max, 128 KiB by default),
+# and 256 keys of at most 70 characters take under 20 KiB.
+MAX_BCC_KEYS = 256
+
+
 def shard_queue(shard_id: int) -> str:
     return f"chorus.gen.{shard_id}"
 

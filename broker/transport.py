@@ -6,7 +6,7 @@ Two implementations: `broker.memory.MemoryTransport` (embedded, in-process) and
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Protocol
@@ -19,6 +19,8 @@ REASON_HEADER = "x-chorus-reason"
 ORIGINAL_EXCHANGE_HEADER = "x-chorus-exchange"
 ORIGINAL_ROUTING_KEY_HEADER = "x-chorus-routing-key"
 DEFAULT_PUBLISH_TIMEOUT = 10.0
+# RabbitMQ's header for sender-selected distribution; the broker removes it before delivery.
+BCC_HEADER = "BCC"
 DEFAULT_PREFETCH = 200
 
 
@@ -133,11 +135,17 @@ class Transport(Protocol):
         message_id: str,
         headers: Headers | None = None,
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        bcc: Sequence[str] = (),
     ) -> None:
         """Publish persistently and wait for the broker's confirm.
 
         The message carries `user_id` = this connection's user. Raises `Unroutable`
         when no queue takes it and `PublishTimeout` when unconfirmed in time.
+
+        `bcc` adds routing keys on the same exchange (RabbitMQ's sender-selected distribution): one
+        publish and one confirm put a copy in every queue that `routing_key` or any of these keys
+        routes to, never two copies in one queue. The keys are not delivered, and `Unroutable` then
+        means that no key routed anywhere: a key that alone routes nowhere goes unreported.
         """
         ...
 

@@ -21,6 +21,8 @@ from broker.topology import (
     CONTROL_QUEUE,
     COORDINATOR_USER,
     DIRECT_EXCHANGE,
+    MAX_BCC_KEYS,
+    SHARED_REPLY_KEY,
     core_topology,
     participant_topology,
     reply_key,
@@ -383,37 +385,48 @@ class Coordinator:
         await self._publish_to_members(state, [encode(message)], "aggregated_adapter")
 
     async def _publish_to_members(self, state: RoundState, bodies: Sequence[bytes], kind: str) -> None:
-        """Send each body to everyone expected or active now (stragglers too, so they catch up)."""
+        """Send each body to everyone expected or active now (stragglers too, so they catch up).
+
+        One confirmed publish per body carries it to all its recipients (their reply keys in BCC), so
+        closing a shard costs one broker round trip, not one per participant.
+        """
         recipients = sorted(set(state.expected) | set(self.active_members()))
+        # Declared first: a BCC publish reports only a message that reached no queue at all.
         await self._declare_participants(recipients)
-        pending: list[tuple[str, str, bytes]] = []  # (message id, participant, body)
+        pending: list[tuple[str, list[str], bytes]] = []  # (message id, participants, body)
         for body in bodies:
             message: Message = decode_reply(body)
-            for participant_id in recipients:
-                if not self.store.was_published(f"{message.message_id}@{participant_id}"):
-                    pending.append((message.message_id, participant_id, body))
+            unsent = [p for p in recipients if not self.store.was_published(f"{message.message_id}@{p}")]
+            for start in range(0, len(unsent), MAX_BCC_KEYS):
+                pending.append((message.message_id, unsent[start : start + MAX_BCC_KEYS], body))
 
-        async def publish(message_id: str, participant_id: str, body: bytes) -> None:
+        async def publish(message_id: str, participant_ids: list[str], body: bytes) -> None:
+            keys = [reply_key(p) for p in participant_ids]
+            routing_key, bcc = (keys[0], []) if len(keys) == 1 else (SHARED_REPLY_KEY, keys)
             await self.transport.publish(
                 DIRECT_EXCHANGE,
-                reply_key(participant_id),
+                routing_key,
                 body,
                 message_id=message_id,
                 timeout=self.settings.publish_timeout_seconds,
+                bcc=bcc,
             )
 
         # Concurrently, each confirmed on its own; the confirmed ones are recorded in one transaction.
         outcomes = await asyncio.gather(*(publish(*p) for p in pending), return_exceptions=True)
         failure: BaseException | None = None
         with self.store.transaction():
-            for (message_id, participant_id, body), outcome in zip(pending, outcomes, strict=True):
+            for (message_id, participant_ids, body), outcome in zip(pending, outcomes, strict=True):
                 if isinstance(outcome, Unroutable):
-                    log.warning("no_reply_queue", round=state.round_id, participant=participant_id, kind=kind)
+                    log.warning(
+                        "no_reply_queue", round=state.round_id, participants=participant_ids, kind=kind
+                    )
                 elif isinstance(outcome, BaseException):
                     failure = failure or outcome
                 else:
-                    key = f"{message_id}@{participant_id}"
-                    self.store.record_publication(key, state.round_id, [participant_id], kind, len(body))
+                    for participant_id in participant_ids:
+                        key = f"{message_id}@{participant_id}"
+                        self.store.record_publication(key, state.round_id, [participant_id], kind, len(body))
         if failure is not None:
             raise failure
 

@@ -15,9 +15,11 @@ from broker.memory import MemoryBroker
 from broker.topology import (
     COORDINATOR_USER,
     DEAD_LETTER_QUEUE,
+    SHARED_REPLY_KEY,
     UP_EXCHANGE,
     full_topology,
     generation_key,
+    reply_key,
 )
 from broker.transport import REASON_HEADER, Delivery
 from coordinator.embedding import HashingEmbedder
@@ -238,15 +240,16 @@ async def test_crash_while_publishing_labels_resumes_without_duplicates(tmp_path
     publish = first.transport.publish
     label_publishes = 0
 
-    async def crash_on_fourth_label(exchange: str, routing_key: str, body: bytes, **kwargs: Any) -> None:
+    async def crash_on_second_label(exchange: str, routing_key: str, body: bytes, **kwargs: Any) -> None:
         nonlocal label_publishes
-        if routing_key.startswith("reply."):
+        if routing_key == SHARED_REPLY_KEY:
+            assert sorted(kwargs["bcc"]) == [reply_key(n) for n in names]  # one publish for all three
             label_publishes += 1
-            if label_publishes == 4:  # shard 0 went to all three, shard 1 to one: then the process dies
+            if label_publishes == 2:  # shard 0 went to all three; the process dies publishing shard 1
                 raise RuntimeError("killed while publishing")
         await publish(exchange, routing_key, body, **kwargs)
 
-    first.transport.publish = crash_on_fourth_label  # type: ignore[method-assign]
+    first.transport.publish = crash_on_second_label  # type: ignore[method-assign]
     await first.start()
     for participant in participants:
         await participant.join()

@@ -65,6 +65,7 @@ async def test_every_message_in_and_out_is_recorded_with_its_settlement(tmp_path
         for body in (b"fine", b"poison", b"flaky", b"stuck"):
             await publisher.publish("up", "job.alice", body, message_id=body.decode(), headers={"h": 1})
         await transport.publish("up", "job.coordinator", b"from me", message_id="mine")
+        await transport.publish("up", "job.a", b"bcc", message_id="many", bcc=["job.b", "nowhere"])
         with pytest.raises(Unroutable):
             await transport.publish("up", "nowhere", b"lost", message_id="lost")
         for _ in range(20):
@@ -80,12 +81,24 @@ async def test_every_message_in_and_out_is_recorded_with_its_settlement(tmp_path
         ("flaky", "ack", "", True),
         ("stuck", "abandoned", "", False),
         ("mine", "ack", "", False),  # our own publish, consumed too
+        ("many", "ack", "", False),
     }
+    assert sum(f.message_id == "many" for f in frames if f.direction == "in") == 1  # one copy in "work"
     fine = next(f for f in frames if f.message_id == "fine")
     assert (fine.body, fine.user_id, fine.exchange, fine.routing_key) == (b"fine", "alice", "up", "job.alice")
     assert fine.headers["h"] == 1
     sent = {(f.message_id, f.user_id, f.error.split(":")[0]) for f in frames if f.direction == "out"}
-    assert sent == {("mine", "coordinator", ""), ("lost", "coordinator", "Unroutable")}
+    assert sent == {
+        ("mine", "coordinator", ""),
+        ("many", "coordinator", ""),
+        ("lost", "coordinator", "Unroutable"),
+    }
+    # A BCC publish is one frame per key.
+    assert [f.routing_key for f in frames if f.direction == "out" and f.message_id == "many"] == [
+        "job.a",
+        "job.b",
+        "nowhere",
+    ]
     header = read_log_file(recorder.files[0]).header
     assert header is not None and header.format == FORMAT_VERSION and header.settings == {"answer": 42}
 

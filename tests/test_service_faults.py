@@ -122,8 +122,9 @@ class FreezesAfterPublishing:
         message_id: str,
         headers: Headers | None = None,
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        bcc: Sequence[str] = (),
     ) -> None:
-        await self.inner.publish(exchange, routing_key, body, message_id=message_id, timeout=timeout)
+        await self.inner.publish(exchange, routing_key, body, message_id=message_id, timeout=timeout, bcc=bcc)
         if exchange == DIRECT_EXCHANGE:
             self.replies += 1
             if self.replies == self.after:
@@ -150,7 +151,8 @@ async def test_coordinator_killed_mid_round_no_label_applied_twice(
         await first.start()
         runs = [asyncio.create_task(p.run_until(rounds=2)) for p in participants]
         drive = asyncio.create_task(first.drive())
-        # Round 1: both answered, shard 0's labels reached one participant, then the coordinator dies.
+        # Round 1: both answered, shard 0's labels reached both participants (one BCC publish), then the
+        # coordinator dies before recording that: its successor sends them again.
         await asyncio.wait_for(freezing.frozen.wait(), 120)
         (closing,) = [c for c in first.store.closings(1) if c.labels is not None][:1]
         drive.cancel()

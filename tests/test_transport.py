@@ -113,6 +113,46 @@ async def test_announcement_fans_out_to_every_reply_queue(transport_factory: Tra
     assert await f.depth(transport, f.name(topology.reply_queue("bob"))) == 1
 
 
+async def test_bcc_publish_puts_one_copy_in_each_routed_queue_and_hides_the_keys(
+    transport_factory: TransportFactory,
+) -> None:
+    f = transport_factory
+    transport = await f.connect()
+    people = ("alice", "bob", "carol")
+    await transport.declare(f.topology(participants=people))
+    down = f.name(topology.DIRECT_EXCHANGE)
+    # alice twice (key and BCC), carol not at all, one key that routes nowhere.
+    await transport.publish(
+        down,
+        topology.reply_key("alice"),
+        b"labels",
+        message_id="s0.labels",
+        headers={"x-round": 2},
+        bcc=[topology.reply_key("bob"), topology.reply_key("alice"), topology.reply_key("nobody")],
+    )
+    depths = {p: await f.depth(transport, f.name(topology.reply_queue(p))) for p in people}
+    assert depths == {"alice": 1, "bob": 1, "carol": 0}
+
+    inbox = Inbox()
+    await transport.consume(f.name(topology.reply_queue("bob")), inbox)
+    await eventually(lambda: len(inbox.deliveries) == 1)
+    delivery = inbox.deliveries[0]
+    assert (delivery.body, delivery.message_id, delivery.user_id) == (b"labels", "s0.labels", transport.user)
+    assert delivery.routing_key == topology.reply_key("alice")  # the publish's own key, not bob's
+    assert delivery.headers.get("x-round") == 2
+    assert "BCC" not in delivery.headers  # recipients do not learn who else got it
+
+    # A key that routes nowhere, with the recipients in BCC only (how the coordinator sends labels).
+    await transport.publish(
+        down, topology.SHARED_REPLY_KEY, b"more", message_id="s1.labels", bcc=[topology.reply_key("carol")]
+    )
+    assert await f.depth(transport, f.name(topology.reply_queue("carol"))) == 1
+    with pytest.raises(Unroutable):
+        await transport.publish(
+            down, topology.SHARED_REPLY_KEY, b"x", message_id="lost", bcc=[topology.reply_key("nobody")]
+        )
+
+
 async def test_unroutable_publish_raises(transport_factory: TransportFactory) -> None:
     f = transport_factory
     transport = await f.connect()
