@@ -10,13 +10,21 @@ a paraphrase, or another prompt's reference (wrong). Measured side by side, alte
   fp32; and the same pinned to one torch thread (raw only), to separate the thread count from the backend;
 - `minilm`: the coordinator's `SentenceEmbedder` (torch fp32, batch 64);
 - `minilm-int8`: `QuantizedSentenceEmbedder` (torch int8 dynamic quantization of the Linear layers);
-- `minilm-onnx`: `OnnxEmbedder` (ONNX Runtime, fused fp32 graph, length-sorted batches of 32,
-  `default_threads()` intra-op threads); `minilm-onnx-int8`: the same graph with int8 dynamic quantization.
+- `minilm-onnx`: `OnnxEmbedder` (ONNX Runtime, fused fp32 graph, length-sorted batches of 32), at
+  `default_threads()` intra-op threads (the coordinator's default: every CPU, at most 4) and at 1 thread;
+  `minilm-onnx-int8`: the same graph with int8 dynamic quantization, at `default_threads()`.
 "raw" embeds the distinct texts only (no duplicate to exploit); "workload" embeds every answer of the
 round, duplicates included, through a fresh `CachedEmbedder`, as a shard's consensus does. Label agreement:
 HNSW consensus (the coordinator's default settings) on the same answers with each backend against the torch
-fp32 encoder; the share of prompts whose decision (label text, or abstention) is the same. The ONNX files
-are exported into the default cache on the first run (timed and reported). Writes
+fp32 encoder; the share of prompts whose decision (label text, or abstention) is the same, on the timed
+workload and on a held-out one (the remaining public and test prompts, other answer draws).
+
+A cascade is measured too (not a backend): decide with int8 embeddings, and re-decide with fp32 every
+prompt whose decision is close under int8 (density margin between the winner and the best answer with
+another text below a threshold τ, or confidence within τ/8 of `min_confidence`, or an answer's closest
+similarity within τ/8 of `outlier_similarity`). Reported: the share of prompts refined and of labels
+unchanged, per τ and workload, and the break-even share above which it is slower than fp32 alone.
+The ONNX files are exported into the default cache on the first run (timed and reported). Writes
 bench/results/embedding.{json,md}.
 """
 
@@ -35,12 +43,23 @@ import torch
 
 from bench.common import machine, machine_line, table, timed, write_results
 from bench.stdlib_data import Example, build_task
-from coordinator.consensus import Candidate, ConsensusSettings, HnswConsensus
+from coordinator.consensus import (
+    Candidate,
+    ConsensusSettings,
+    HnswConsensus,
+    _all_pairs,
+    _densities,
+    _prepare,
+    _similarities_to,
+    _weighted_mean_without,
+    _winner,
+)
 from coordinator.embedding import CachedEmbedder, Embedder, SentenceEmbedder, default_model_dir
 from coordinator.embedding_onnx import OnnxEmbedder, default_threads
 
 PARTICIPANTS = 10
 SHARD = 25  # prompts per consensus call, as a coordinator shard
+CASCADE_MARGINS = (0.02, 0.05, 0.1)  # τ: density margins under which the cascade re-decides with fp32
 
 
 class QuantizedSentenceEmbedder(SentenceEmbedder):
@@ -127,6 +146,35 @@ def decisions(embedder: Embedder, answers: dict[str, list[Candidate]]) -> dict[s
     return out
 
 
+def close_calls(
+    embedder: Embedder, answers: dict[str, list[Candidate]], settings: ConsensusSettings
+) -> dict[str, float]:
+    """Prompt id -> how close its decision is under `embedder`, in density units (consensus's exact
+    arithmetic): the margin of the winner over the best non-outlier answer with another text, and 8x the
+    distance of the confidence to `min_confidence` and of any answer's closest similarity to
+    `outlier_similarity`, whichever is least (inf when nothing embedding-dependent decides)."""
+    prompts, texts = _prepare(answers)
+    vectors = np.asarray(embedder.embed(texts), dtype=np.float64)
+    out: dict[str, float] = {}
+    for prompt in prompts:
+        if len(prompt.weights) < settings.min_answers:
+            out[prompt.prompt_id] = float("inf")
+            continue
+        density, closest = _densities(_all_pairs(prompt, vectors), prompt.weights, settings.neighbours)
+        gaps = [8 * float(np.min(np.abs(closest - settings.outlier_similarity)))]
+        winner = _winner(density, closest, settings.outlier_similarity)
+        if winner is not None:
+            rivals = (closest >= settings.outlier_similarity) & (prompt.text_of != prompt.text_of[winner])
+            if rivals.any():
+                gaps.append(float(density[winner] - density[rivals].max()))
+            label_row = int(prompt.rows[prompt.text_of[winner]])
+            to_label = _similarities_to(vectors, prompt.rows, label_row)[prompt.text_of]
+            confidence = _weighted_mean_without(to_label, prompt.weights, winner)
+            gaps.append(8 * abs(confidence - settings.min_confidence))
+        out[prompt.prompt_id] = min(gaps)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
@@ -142,16 +190,25 @@ def main(argv: list[str] | None = None) -> int:
     task = build_task()
     examples = (task.public + task.test)[: args.prompts]
     answers, own = workload(examples)
+    held_out, held_out_own = workload((task.public + task.test)[args.prompts :], seed=1)
     texts = [c.text for found in answers.values() for c in found]
     distinct = sorted(set(texts), key=texts.index)
     default_model = SentenceTransformer(str(default_model_dir()), device="cpu", local_files_only=True)
     torch_threads = torch.get_num_threads()
     backends: dict[str, Embedder] = {"minilm": SentenceEmbedder(), "minilm-int8": QuantizedSentenceEmbedder()}
     load_seconds: dict[str, float] = {}
-    for name, quantize in (("minilm-onnx", False), ("minilm-onnx-int8", True)):
+    onnx_threads = default_threads()
+    onnx_backends = {
+        "minilm-onnx": (False, onnx_threads),
+        "minilm-onnx at 1 thread": (False, 1),
+        "minilm-onnx-int8": (True, onnx_threads),
+    }
+    for name, (quantize, threads) in onnx_backends.items():
+        if name.endswith("1 thread") and onnx_threads == 1:
+            continue  # the same as minilm-onnx
         # First run: exports into the cache (timed here); later runs load the cached file.
         started = time.perf_counter()
-        backends[name] = OnnxEmbedder(quantize=quantize)
+        backends[name] = OnnxEmbedder(quantize=quantize, threads=threads)
         load_seconds[name] = time.perf_counter() - started
     default_model.encode(distinct[:32])
     for embedder in backends.values():
@@ -208,35 +265,72 @@ def main(argv: list[str] | None = None) -> int:
         name: ratio(name, "default encode, raw" if name.endswith("raw") else "default encode, workload")
         for name in names
     }
-    onnx_vs_one_thread = ratio("minilm-onnx pipeline, raw", "default encode at 1 torch thread, raw")
+    one_thread = "minilm-onnx at 1 thread" if "minilm-onnx at 1 thread" in backends else "minilm-onnx"
+    onnx_vs_one_thread = ratio(f"{one_thread} pipeline, raw", "default encode at 1 torch thread, raw")
+    threads_gain = ratio("minilm-onnx pipeline, raw", f"{one_thread} pipeline, raw")
+    sets = {"bench": (answers, own), "held-out": (held_out, held_out_own)}
+    settings = ConsensusSettings()
 
-    def verdict(prompt_id: str, label: str | None) -> str:
-        return "abstain" if label is None else "own" if own[(prompt_id, label)] else "wrong"
+    def verdict(owned: dict[tuple[str, str], bool], prompt_id: str, label: str | None) -> str:
+        return "abstain" if label is None else "own" if owned[(prompt_id, label)] else "wrong"
 
-    def share(labels: dict[str, str | None], key: Callable[[str, str | None], object]) -> float:
+    def share(
+        reference: dict[str, str | None],
+        labels: dict[str, str | None],
+        key: Callable[[str, str | None], object],
+    ) -> float:
         """Percentage of prompts on which `labels` and the reference agree, as seen through `key`."""
         same = sum(key(p, reference[p]) == key(p, labels[p]) for p in reference)
         return round(100.0 * same / len(reference), 2)
 
     reference_vectors = backends["minilm"].embed(distinct)
-    reference = decisions(CachedEmbedder(backends["minilm"]), answers)
+    references = {
+        name: decisions(CachedEmbedder(backends["minilm"]), found) for name, (found, _) in sets.items()
+    }
+    labels_of: dict[str, dict[str, dict[str, str | None]]] = {}
     agreement: dict[str, dict[str, float]] = {}
     for name, embedder in backends.items():
         if name == "minilm":
             continue
-        labels = decisions(CachedEmbedder(embedder), answers)
+        cached = CachedEmbedder(embedder)
+        labels_of[name] = {kind: decisions(cached, found) for kind, (found, _) in sets.items()}
         cosines = np.sum(reference_vectors * embedder.embed(distinct), axis=1)
         agreement[name] = {
-            "labels_unchanged_pct": share(labels, lambda _, label: label),
-            "same_kind_pct": share(labels, verdict),
-            "cosine_min": round(float(cosines.min()), 6),
-            "cosine_mean": round(float(cosines.mean()), 6),
-        }
-    wrong_fp32 = sum(verdict(p, reference[p]) == "wrong" for p in reference)
-    labelled = 100.0 * sum(v is not None for v in reference.values()) / len(reference)
+            f"{kind}_{measure}": share(
+                references[kind],
+                labels_of[name][kind],
+                (lambda _, label: label) if measure == "labels_unchanged_pct" else partial(verdict, owned),
+            )
+            for kind, (_, owned) in sets.items()
+            for measure in ("labels_unchanged_pct", "same_kind_pct")
+        } | {"cosine_min": round(float(cosines.min()), 6), "cosine_mean": round(float(cosines.mean()), 6)}
+
+    # The cascade: int8 decisions, fp32 (minilm-onnx) ones for the prompts int8 finds close.
+    fast, exact = CachedEmbedder(backends["minilm-onnx-int8"]), "minilm-onnx"
+    cascade: dict[str, dict[str, float]] = {}
+    for kind, (found, _) in sets.items():
+        closeness = close_calls(fast, found, settings)
+        for margin in CASCADE_MARGINS:
+            refined = {p for p, gap in closeness.items() if gap < margin}
+            labels = {
+                p: (labels_of[exact] if p in refined else labels_of["minilm-onnx-int8"])[kind][p]
+                for p in closeness
+            }
+            cascade.setdefault(f"τ={margin}", {}).update(
+                {
+                    f"{kind}_refined_pct": round(100.0 * len(refined) / len(closeness), 1),
+                    f"{kind}_labels_unchanged_pct": share(references[kind], labels, lambda _, label: label),
+                }
+            )
+    # int8 for every text, then fp32 for a share s of them, against fp32 for all: 1/r8 + s/r32 < 1/r32.
+    break_even = 100.0 * (
+        1 - speedups["minilm-onnx pipeline, raw"] / speedups["minilm-onnx-int8 pipeline, raw"]
+    )
+    wrong_fp32 = sum(verdict(own, p, references["bench"][p]) == "wrong" for p in references["bench"])
+    labelled = 100.0 * sum(v is not None for v in references["bench"].values()) / len(references["bench"])
 
     def passes(name: str) -> bool:
-        return agreement[name]["labels_unchanged_pct"] >= 99.0
+        return min(agreement[name][f"{kind}_labels_unchanged_pct"] for kind in sets) >= 99.0
 
     best = max(
         (name for name in agreement if passes(name)),
@@ -252,15 +346,19 @@ def main(argv: list[str] | None = None) -> int:
             "participants": PARTICIPANTS,
             "torch_threads": torch_threads,
             "onnxruntime": onnxruntime_version(),
-            "onnx_threads": default_threads(),
+            "onnx_threads": onnx_threads,
         },
         "answers": len(texts),
         "distinct_answers": len(distinct),
+        "held_out_prompts": len(held_out),
         "rows": rows,
         "speedup_vs_default": speedups,
         "onnx_raw_vs_default_at_1_torch_thread": onnx_vs_one_thread,
+        "onnx_raw_default_threads_vs_1_thread": threads_gain,
         "onnx_load_seconds": {name: round(seconds, 2) for name, seconds in load_seconds.items()},
         "agreement_vs_torch_fp32": agreement,
+        "cascade_int8_then_fp32": cascade,
+        "cascade_break_even_refined_pct": round(break_even, 1),
         "fp32_labels_from_a_wrong_answer": wrong_fp32,
         "labelled_pct_fp32": round(labelled, 1),
         "best_passing_backend": best,
@@ -272,13 +370,23 @@ def main(argv: list[str] | None = None) -> int:
     agreement_rows = [
         [
             name,
-            f"{a['labels_unchanged_pct']:.1f}%",
-            f"{a['same_kind_pct']:.1f}%",
+            *(
+                f"{a[f'{kind}_{measure}']:.1f}%"
+                for measure in ("labels_unchanged_pct", "same_kind_pct")
+                for kind in sets
+            ),
             f"{a['cosine_min']:.4f}",
             f"{a['cosine_mean']:.5f}",
             "yes" if passes(name) else "no",
         ]
         for name, a in agreement.items()
+    ]
+    cascade_rows = [
+        [
+            margin,
+            *(f"{c[f'{kind}_{m}']:.1f}%" for kind in sets for m in ("refined_pct", "labels_unchanged_pct")),
+        ]
+        for margin, c in cascade.items()
     ]
     lines = [
         "# Embedding: sentence-transformers' default encode vs the coordinator's pipeline",
@@ -289,26 +397,47 @@ def main(argv: list[str] | None = None) -> int:
         "answers, "
         f"{len(distinct)} distinct (references verbatim, perturbed, truncated, paraphrased, other prompts'). "
         f"{args.reps} alternating repetitions, medians; torch threads {torch_threads}, onnxruntime "
-        f"{onnxruntime_version()} with {default_threads()} intra-op thread(s).",
+        f"{onnxruntime_version()} with {onnx_threads} intra-op thread(s) (`default_threads()`) unless named.",
         "",
         *table(["embedder", "texts", "sentences/s", "sentences/CPU-s", "× default"], table_rows),
         "",
-        "Against sentence-transformers' encode pinned to one torch thread, as the pipeline's one ONNX "
-        f"Runtime thread (torch's default of {torch_threads} threads is much slower on a busy 2-core "
-        f"machine, not on a quiet one), minilm-onnx on distinct texts is {onnx_vs_one_thread}×.",
+        f"minilm-onnx at its default {onnx_threads} thread(s) against 1 thread, distinct texts: "
+        f"{threads_gain}× (per repetition, then the median). Against sentence-transformers' encode pinned "
+        "to one torch thread, "
+        f"minilm-onnx at {'1 thread' if one_thread != 'minilm-onnx' else 'its default'} on distinct texts is "
+        f"{onnx_vs_one_thread}×. A busy machine (another process on both cores) slows torch's default "
+        "2 threads most, and takes away the gain of a second ONNX Runtime thread.",
         "",
         f"Consensus decisions against the torch fp32 encoder (HNSW, default settings, shards of {SHARD}; "
-        f"fp32 labels {labelled:.0f}% of {len(reference)} prompts, {wrong_fp32} of them a wrong answer). "
-        "Same kind: a variant of the prompt's own reference / a wrong answer / abstain.",
+        f"fp32 labels {labelled:.0f}% of {len(references['bench'])} prompts, {wrong_fp32} of them a wrong "
+        f"answer), on the timed workload (bench) and on a held-out one ({len(held_out)} other prompts, other "
+        "answer draws). Same kind: a variant of the prompt's own reference / a wrong answer / abstain.",
         "",
         *table(
-            ["embedder", "labels unchanged", "same kind", "cosine min", "cosine mean", "≥ 99%?"],
+            [
+                "embedder",
+                *(f"{what} ({kind})" for what in ("labels unchanged", "same kind") for kind in sets),
+                "cosine min",
+                "cosine mean",
+                "≥ 99%?",
+            ],
             agreement_rows,
+        ),
+        "",
+        "Cascade (measured, not a backend): minilm-onnx-int8 decides; prompts it finds close (density margin "
+        "of the winner below τ, or confidence / an outlier test within τ/8 of its threshold) are re-decided "
+        "with minilm-onnx. It is faster than minilm-onnx alone only while it refines fewer than "
+        f"{break_even:.0f}% of the prompts (their texts; estimated from the raw rates above).",
+        "",
+        *table(
+            ["τ", *(f"{what} ({kind})" for kind in sets for what in ("refined", "labels unchanged"))],
+            cascade_rows,
         ),
         "",
         f"Target ≥5× the default on the workload with ≥99% labels unchanged: {'met' if met else 'not met'}"
         + (
-            f"; fastest backend that keeps ≥ 99% of labels: {best}, workload {best_workload}×, "
+            f"; fastest backend that keeps ≥ 99% of labels on both workloads: {best}, "
+            f"workload {best_workload}×, "
             f"raw {speedups[f'{best} pipeline, raw']}×."
             if best
             else " (no backend kept ≥ 99% of labels)."

@@ -42,11 +42,14 @@ _SUPPORTED_MODULES = {
 
 
 def default_threads() -> int:
-    """Half the CPUs, at least 1 and at most 4: the coordinator's event loop and the broker need the rest.
+    """Every CPU, at most 4 (more is not measured): the intra-op threads ONNX Runtime uses by default.
 
-    On a busy 2-core machine one intra-op thread was faster than two (bench/results/embedding.md).
+    Consensus embeds in a worker thread while the event loop mostly waits, and the threads do not spin,
+    so they leave the CPU to the loop and the broker whenever those need it. Measured on 2 cores
+    (bench/results/embedding.md): 2 threads embed about 1.9x the sentences/s of 1 on a quiet machine,
+    and about as many as 1 while another process keeps both cores busy.
     """
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def onnx_cache_dir(cache_dir: Path | None = None) -> Path:
@@ -85,7 +88,8 @@ class OnnxEmbedder:
         self._tokenizer = _load_tokenizer(directory, self._max_length)
         self.path = exported_model(directory, onnx_cache_dir(cache_dir), quantize=quantize)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads if threads is not None else default_threads()
+        self.threads = threads if threads is not None else default_threads()
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning threads steal the CPU from the event loop and from other processes on a shared machine.

@@ -45,12 +45,16 @@ class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_f
     min_confidence: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.5
     min_answers: Annotated[int, Meta(ge=2)] = 2  # confidence needs at least one other answer
     # "minilm-onnx": all-MiniLM-L6-v2 on ONNX Runtime (exported once into $CHORUS_CACHE_DIR/onnx; the same
-    # labels as "minilm" on 100% of the benchmark's prompts, about 1.9x the sentences per CPU-second of torch,
-    # one intra-op thread by default); "minilm": the same model on
-    # torch (sentence-transformers); "hashing": n-gram hashing, for tests; or a local sentence-transformers
-    # directory (torch).
+    # labels as "minilm" on 100% of the benchmark's prompts, about 1.9x the sentences per CPU-second of
+    # torch); "minilm": the same model on torch (sentence-transformers); "hashing": n-gram hashing, for
+    # tests; or a local sentence-transformers directory (torch).
     embedder: str = "minilm-onnx"
     embed_batch_size: Annotated[int, Meta(ge=1, le=4_096)] = 32  # the ONNX batches are sorted by length
+    # ONNX Runtime intra-op threads for "minilm-onnx". 0 (default): every CPU, at most 4, since consensus
+    # embeds while the event loop mostly waits and the threads do not spin; on 2 cores that is about 1.9x the
+    # sentences/s of 1 thread when the machine is quiet, the same when another process keeps it busy
+    # (bench/results/embedding.md). Set 1 to leave the other cores to a broker on the same machine.
+    embed_threads: Annotated[int, Meta(ge=0, le=256)] = 0
     cache_entries: Annotated[int, Meta(ge=0)] = 200_000
 
 

@@ -17,7 +17,7 @@ def build_embedder(table: ConsensusSettingsTable) -> Embedder:
     elif table.embedder == "minilm-onnx":
         from coordinator.embedding_onnx import OnnxEmbedder  # onnxruntime only when asked for
 
-        inner = OnnxEmbedder(batch_size=table.embed_batch_size)
+        inner = OnnxEmbedder(batch_size=table.embed_batch_size, threads=table.embed_threads or None)
     else:
         inner = SentenceEmbedder(Path(table.embedder), batch_size=table.embed_batch_size)
     return CachedEmbedder(inner, max_entries=table.cache_entries) if table.cache_entries else inner

