@@ -8,7 +8,10 @@ import signal
 import sys
 from pathlib import Path
 
+import structlog
+
 from broker.connect import open_transport
+from coordinator.heap import freeze_startup_heap
 from coordinator.logs import configure_logging
 from coordinator.prompts import load_prompts
 from coordinator.recording import with_recording
@@ -19,6 +22,8 @@ from coordinator.wiring import build_strategy
 from schemas.codec import decode_reply
 from schemas.errors import ChorusError
 from schemas.messages import RoundClosed
+
+log = structlog.get_logger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +90,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             coordinator = Coordinator(
                 settings, transport, store, load_prompts(Path(settings.prompts_path)), strategy
             )
+            log.debug("startup_heap_frozen", objects=freeze_startup_heap())
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, coordinator.request_stop)
