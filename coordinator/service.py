@@ -328,16 +328,17 @@ class Coordinator:
     async def _run_consensus(
         self, state: RoundState, closings: Sequence[ShardClosing]
     ) -> list[tuple[bytes, dict[str, float]]]:
-        """Consensus over each shard, one after another in one worker thread (the event loop keeps
-        taking deliveries meanwhile); per shard the encoded PseudoLabels and the agreement."""
+        """Each shard's answers read back from the store and decided, one shard after another in one
+        worker thread (the event loop keeps taking deliveries meanwhile); per shard the encoded
+        PseudoLabels and the agreement."""
         strategy = self.strategy
         assert strategy is not None
-        shards = [
-            self._candidates(state.round_id, c.shard_id, state.shards[c.shard_id].prompt_ids, set(c.answered))
-            for c in closings
-        ]
+        round_id = state.round_id
+        shards = [(c.shard_id, state.shards[c.shard_id].prompt_ids, set(c.answered)) for c in closings]
         started = time.perf_counter()
-        results = await asyncio.to_thread(lambda: [strategy.decide(candidates) for candidates in shards])
+        results = await asyncio.to_thread(
+            lambda: [strategy.decide(self._candidates(round_id, *shard)) for shard in shards]
+        )
         self._consensus_seconds += time.perf_counter() - started
         decided = []
         federation = self.settings.federation
