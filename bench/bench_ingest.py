@@ -10,8 +10,9 @@ each its own RabbitMQ user, one batch per shard), then drains them with either
   synchronous=FULL, identity checks, round engine), timed to the last ack (intake) and to the last
   shard's pseudo-labels published (end to end).
 The two alternate (bare, coordinator, coordinator, bare, ...) so both see the same machine load. The
-coordinator's embedder is MiniLM behind a `CachedEmbedder` warmed with the answer texts ("embeddings
-cached"); the embedding-bound repetitions start from a cold cache, so they time MiniLM too.
+coordinator's embedder is its default, MiniLM on ONNX Runtime (`minilm-onnx`), behind a `CachedEmbedder`
+warmed with the answer texts ("embeddings cached"); the embedding-bound repetitions start from a cold
+cache, so they time MiniLM too.
 Writes bench/results/ingest.{json,md}.
 """
 
@@ -37,7 +38,8 @@ from broker.cli import bring_up
 from broker.topology import UP_EXCHANGE, core_topology, generation_key, shard_queue
 from broker.transport import Delivery
 from coordinator.consensus import ConsensusSettings, HnswConsensus
-from coordinator.embedding import CachedEmbedder, Embedder, HashingEmbedder, SentenceEmbedder
+from coordinator.embedding import CachedEmbedder, Embedder, HashingEmbedder
+from coordinator.embedding_onnx import OnnxEmbedder
 from coordinator.heap import freeze_startup_heap
 from coordinator.logs import configure_logging
 from coordinator.prompts import PublicPrompt
@@ -155,7 +157,8 @@ class Bench:
         self.names = sorted(urls)
         self.work = work
         self.prompts = [PublicPrompt(f"q{i}", f"What does item {i} return?") for i in range(args.prompts)]
-        self.inner: Embedder = HashingEmbedder() if args.hashing else SentenceEmbedder()
+        # MiniLM: the coordinator's default embedder, minilm-onnx.
+        self.inner: Embedder = HashingEmbedder() if args.hashing else OnnxEmbedder()
         self.warm = CachedEmbedder(self.inner)
         self.publishers: dict[str, AmqpTransport] = {}
         self.reps: list[Rep] = []
@@ -509,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--prefetch", type=int, default=200)
-    parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--cold-reps", type=int, default=1)
     parser.add_argument("--hashing", action="store_true", help="HashingEmbedder instead of MiniLM")
     parser.add_argument("--profile", action="store_true", help="cProfile the coordinator repetitions")
@@ -536,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         finally:
             node.stop()
-    embedder = "hashing" if args.hashing else "all-MiniLM-L6-v2"
+    embedder = "hashing" if args.hashing else "minilm-onnx, all-MiniLM-L6-v2 on ONNX Runtime"
     summary = summarise(reps)
     report = {
         "machine": host,
