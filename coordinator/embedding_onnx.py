@@ -46,8 +46,8 @@ def default_threads() -> int:
 
     Consensus embeds in a worker thread while the event loop mostly waits, and the threads do not spin,
     so they leave the CPU to the loop and the broker whenever those need it. Measured on 2 cores
-    (bench/results/embedding.md): 2 threads embed about 1.9x the sentences/s of 1 on a quiet machine,
-    and about as many as 1 while another process keeps both cores busy.
+    (bench/results/embedding.md): 2 threads embedded 1.6-1.9x the sentences/s of 1 on a quiet machine,
+    and 0.95-1.2x while other processes kept both cores busy (a test suite; busy loops).
     """
     return max(1, min(4, os.cpu_count() or 1))
 

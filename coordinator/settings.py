@@ -51,8 +51,8 @@ class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_f
     embedder: str = "minilm-onnx"
     embed_batch_size: Annotated[int, Meta(ge=1, le=4_096)] = 32  # the ONNX batches are sorted by length
     # ONNX Runtime intra-op threads for "minilm-onnx". 0 (default): every CPU, at most 4, since consensus
-    # embeds while the event loop mostly waits and the threads do not spin; on 2 cores that is about 1.9x the
-    # sentences/s of 1 thread when the machine is quiet, the same when another process keeps it busy
+    # embeds while the event loop mostly waits and the threads do not spin; on 2 cores that measured 1.6-1.9x
+    # the sentences/s of 1 thread on a quiet machine, 0.95-1.2x while other processes kept both cores busy
     # (bench/results/embedding.md). Set 1 to leave the other cores to a broker on the same machine.
     embed_threads: Annotated[int, Meta(ge=0, le=256)] = 0
     cache_entries: Annotated[int, Meta(ge=0)] = 200_000
