@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=2, help="pairs of each measurement")
+    parser.add_argument("--reps", type=int, default=6, help="pairs of each measurement")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:

@@ -235,10 +235,13 @@ def build_batch(examples: Sequence[EncodedExample], pad_token_id: int) -> Batch:
 def per_example_loss(lm: LocalModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token loss over each example's response tokens, and how many tokens each had."""
     logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    targets = batch.labels[:, 1:]  # position t predicts token t + 1
+    # Position t predicts token t + 1. Shifting the labels (the last position gets none) rather than the
+    # logits keeps the [batch, time, vocab] logits uncopied with the vocabulary last, where cross_entropy
+    # is fast: a transposed [batch, vocab, time] view made training ~10% slower than transformers' own loss.
+    targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     token_loss = F.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
     counts = (targets != IGNORE_INDEX).sum(dim=1)
     return token_loss.sum(dim=1) / counts.clamp(min=1), counts
 
