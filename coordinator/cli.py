@@ -11,10 +11,10 @@ from pathlib import Path
 import structlog
 
 from broker.connect import open_transport
-from coordinator.heap import freeze_startup_heap
 from coordinator.logs import configure_logging
 from coordinator.prompts import load_prompts
 from coordinator.recording import with_recording
+from coordinator.runtime import prepare_service_process
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings, load_coordinator_settings
 from coordinator.store import CoordinatorStore
@@ -90,7 +90,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             coordinator = Coordinator(
                 settings, transport, store, load_prompts(Path(settings.prompts_path)), strategy
             )
-            log.debug("startup_heap_frozen", objects=freeze_startup_heap())
+            log.debug("service_process_prepared", frozen_objects=prepare_service_process())
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, coordinator.request_stop)

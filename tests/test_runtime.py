@@ -1,11 +1,12 @@
-"""freeze_startup_heap: what is alive at start-up leaves the collector's reach, later garbage does not."""
+"""The coordinator's process settings: a frozen start-up heap, a short GIL switch interval."""
 
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 
-from coordinator.heap import freeze_startup_heap
+from coordinator.runtime import SWITCH_INTERVAL_SECONDS, freeze_startup_heap, prepare_service_process
 
 
 class Node:
@@ -30,3 +31,13 @@ def test_frozen_objects_survive_collections_and_later_cycles_are_still_collected
         assert later_ref() is None  # allocated after the freeze: collected as before
     finally:
         gc.unfreeze()
+
+
+def test_prepare_service_process_sets_the_switch_interval_and_freezes() -> None:
+    before = sys.getswitchinterval()
+    try:
+        assert prepare_service_process() == gc.get_freeze_count() > 0
+        assert sys.getswitchinterval() == SWITCH_INTERVAL_SECONDS < before
+    finally:
+        gc.unfreeze()
+        sys.setswitchinterval(before)
