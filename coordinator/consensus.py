@@ -277,6 +277,25 @@ def _densities(pools: _Pools, weights: FloatArray, k: int) -> tuple[FloatArray, 
     return density, closest
 
 
+def _densities_by_group(prompt: _Prompt, pools: _Pools, k: int) -> tuple[FloatArray, FloatArray]:
+    """`_densities` for every answer, computed once per group of answers with the same text and weight.
+
+    Two such answers have pools that are the same multiset of (similarity, weight): each holds the
+    other copy where the other holds it, and the same entries otherwise (HNSW pools, too, are their
+    text's pool less the answer itself). So their density and closest similarity are equal, and
+    computing them per group gives bit-identical results. Identical answers are common (greedy
+    decoding repeats itself across participants), and this is most of consensus's time otherwise.
+    """
+    if len(prompt.weights) <= prompt.texts:  # every answer a distinct text: nothing to share
+        return _densities(pools, prompt.weights, k)
+    levels, weight_rank = np.unique(prompt.weights, return_inverse=True)
+    group_key = prompt.text_of * len(levels) + weight_rank
+    _, first, member_of = np.unique(group_key, return_index=True, return_inverse=True)
+    chosen = _Pools(similarities=pools.similarities[first], weights=pools.weights[first])
+    density, closest = _densities(chosen, prompt.weights, k)
+    return density[member_of], closest[member_of]
+
+
 def _nearness_key(pools: _Pools, known: npt.NDArray[np.bool_], levels: FloatArray) -> npt.NDArray[np.int64]:
     """One integer per entry, larger when nearer: by similarity (on its 1e-9 grid), then by weight."""
     ranks = np.searchsorted(levels, pools.weights).astype(np.int64)  # padding (weight 0) ranks 0, unused
@@ -309,7 +328,7 @@ def _decide_prompt(
         return _abstain(
             prompt.prompt_id, f"usable answers: {usable}{detail}; min_answers is {settings.min_answers}"
         ), None
-    density, closest = _densities(pools, prompt.weights, settings.neighbours)
+    density, closest = _densities_by_group(prompt, pools, settings.neighbours)
     winner = _winner(density, closest, settings.outlier_similarity)
     if winner is None:
         return _abstain(prompt.prompt_id, "every answer is an outlier: no two answers agree"), None

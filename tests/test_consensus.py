@@ -443,3 +443,32 @@ def test_settings_are_plain_comparable_data() -> None:
     settings = ConsensusSettings()
     assert dataclasses.replace(settings, neighbours=8) == settings
     assert settings.outlier_similarity < settings.min_confidence < settings.support_similarity
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("seed", range(6))
+def test_densities_computed_per_group_of_identical_answers_equal_the_per_answer_ones(
+    strategy: type[ExactConsensus] | type[HnswConsensus], seed: int
+) -> None:
+    from coordinator.consensus import _densities, _densities_by_group, _embed, _prepare
+
+    rng = np.random.default_rng(100 + seed)
+    answers, embedder = _random_shard(rng, prompts=20, dim=16)
+    # Many copies of a few texts, some stale: the groups the shortcut shares work between.
+    for prompt_id, found in answers.items():
+        texts = [c.text for c in found[:3]]
+        answers[prompt_id] = found + [
+            Candidate(f"r{i:02d}", texts[i % len(texts)], 0.5 if i % 4 == 0 else 1.0) for i in range(30)
+        ]
+    settings = ConsensusSettings(neighbours=int(rng.integers(1, 12)))
+    prompts, texts = _prepare(answers)
+    vectors = _embed(embedder, texts)
+    deciding = [p for p in prompts if len(p.weights) >= settings.min_answers]
+    shared = 0
+    for prompt, pools in zip(deciding, strategy(embedder, settings)._pools(deciding, vectors), strict=True):
+        per_answer = _densities(pools, prompt.weights, settings.neighbours)
+        grouped = _densities_by_group(prompt, pools, settings.neighbours)
+        np.testing.assert_array_equal(grouped[0], per_answer[0])  # bit for bit, not approximately
+        np.testing.assert_array_equal(grouped[1], per_answer[1])
+        shared += len(prompt.weights) - len(set(zip(prompt.text_of.tolist(), prompt.weights.tolist())))
+    assert shared > 100  # the shortcut really had groups to share
