@@ -470,5 +470,6 @@ def test_densities_computed_per_group_of_identical_answers_equal_the_per_answer_
         grouped = _densities_by_group(prompt, pools, settings.neighbours)
         np.testing.assert_array_equal(grouped[0], per_answer[0])  # bit for bit, not approximately
         np.testing.assert_array_equal(grouped[1], per_answer[1])
-        shared += len(prompt.weights) - len(set(zip(prompt.text_of.tolist(), prompt.weights.tolist())))
+        groups = set(zip(prompt.text_of.tolist(), prompt.weights.tolist(), strict=True))
+        shared += len(prompt.weights) - len(groups)
     assert shared > 100  # the shortcut really had groups to share
