@@ -305,3 +305,33 @@ async def eventually_true(check: Callable[[], bool], timeout: float = 5.0) -> No
     while not check():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_labels_reach_every_member_once_across_bcc_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coordinator.service as service
+
+    monkeypatch.setattr(service, "MAX_BCC_KEYS", 2)  # 5 recipients: publishes of 2, 2 and 1 keys
+    names = ["alice", "bob", "carol", "dave", "erin"]
+    broker = MemoryBroker()
+    broker.declare(full_topology(names, shards=3))
+    coordinator = make_coordinator(write_config(tmp_path, min_participants=5, quorum=5), broker)
+    publishes: list[tuple[str, list[str]]] = []
+    publish = coordinator.transport.publish
+
+    async def noting(exchange: str, routing_key: str, body: bytes, **kwargs: Any) -> None:
+        if routing_key == SHARED_REPLY_KEY or routing_key.startswith("reply."):
+            publishes.append((routing_key, list(kwargs.get("bcc", []))))
+        await publish(exchange, routing_key, body, **kwargs)
+
+    coordinator.transport.publish = noting  # type: ignore[method-assign]
+    participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
+    await run_with_participants(coordinator, participants)
+    (summary,) = coordinator.closed_rounds
+    assert [o.status for o in summary.shards] == ["labelled"] * 3
+    assert sorted(len(bcc) for _, bcc in publishes) == [0, 0, 0, 2, 2, 2, 2, 2, 2]  # 3 per shard
+    assert sorted(key for key, bcc in publishes if not bcc) == [reply_key("erin")] * 3  # a lone key: its own
+    for participant in participants:
+        assert len(participant.labels) == 3
+        assert participant.label_deliveries == 3  # each shard's labels once, whichever chunk carried them
