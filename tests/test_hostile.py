@@ -108,6 +108,8 @@ async def flood(connections: dict[str, AmqpTransport], payloads: list[Hostile], 
 
 @pytest.mark.amqp
 @pytest.mark.timeout(240)
+# Hypothesis draws the payloads once, in bulk; it warns that their repr (kept for failure reports) is large.
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
 async def test_ten_thousand_hostile_payloads_are_dead_lettered_and_the_round_is_unchanged(
     tmp_path: Path, rabbit_node: LocalNode
 ) -> None:
