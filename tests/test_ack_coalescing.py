@@ -7,6 +7,7 @@ one up to a tag below which every delivery is settled or acked with it. Against 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from conftest import TransportFactory, eventually
@@ -52,11 +53,13 @@ class Group:
         self.done.append(delivery.message_id)
 
 
-async def _fill(f: TransportFactory, publisher: AmqpTransport, count: int) -> list[str]:
-    ids = [f"m{i:02d}" for i in range(count)]
-    for message_id in ids:
-        await publisher.publish(f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"x", message_id=message_id)
-    return ids
+@pytest.fixture
+async def f(rabbit_node: LocalNode) -> AsyncIterator[TransportFactory]:
+    factory = TransportFactory("amqp", rabbit_node)
+    try:
+        yield factory
+    finally:
+        await factory.close()
 
 
 async def _connect(f: TransportFactory) -> AmqpTransport:
@@ -65,110 +68,101 @@ async def _connect(f: TransportFactory) -> AmqpTransport:
     return transport
 
 
-@pytest.mark.amqp
-async def test_a_group_settled_together_takes_one_ack_frame(rabbit_node: LocalNode) -> None:
-    f = TransportFactory("amqp", rabbit_node)
-    try:
-        publisher = await _connect(f)
-        await publisher.declare(f.topology())
-        ids = await _fill(f, publisher, 20)
-        consumer = await _connect(f)
-        group = Group()
-        subscription = await consumer.consume(f.name(topology.shard_queue(0)), group, prefetch=50)
-        await eventually(lambda: len(group.seen) == 20)
-        group.release.set()
-        await eventually(lambda: len(group.done) == 20)
-        await eventually(lambda: consumer.acked == 20)
-        assert consumer.ack_frames == 1  # was 20: one per delivery
-        await subscription.cancel()
-        # Every delivery was acked: nothing comes back to a new consumer.
-        again = await _connect(f)
-        redelivered = Group()
-        redelivered.release.set()
-        await again.consume(f.name(topology.shard_queue(0)), redelivered)
-        await asyncio.sleep(0.5)
-        assert redelivered.seen == []
-        assert sorted(group.done) == ids
-    finally:
-        await f.close()
+async def _filled(f: TransportFactory, count: int) -> tuple[list[str], AmqpTransport]:
+    """`count` messages (m00, m01, ...) waiting in shard queue 0, and a fresh connection to consume them."""
+    publisher = await _connect(f)
+    await publisher.declare(f.topology())
+    ids = [f"m{i:02d}" for i in range(count)]
+    for message_id in ids:
+        await publisher.publish(f.name(topology.UP_EXCHANGE), GEN(0, "alice"), b"x", message_id=message_id)
+    return ids, await _connect(f)
+
+
+async def _consume_again(f: TransportFactory) -> Group:
+    """What a new consumer on a new connection gets from shard queue 0 (acked as it arrives)."""
+    again = Group()
+    again.release.set()
+    await (await _connect(f)).consume(f.name(topology.shard_queue(0)), again)
+    return again
 
 
 @pytest.mark.amqp
-async def test_a_later_group_never_acks_an_unsettled_lower_tag(rabbit_node: LocalNode) -> None:
-    f = TransportFactory("amqp", rabbit_node)
-    try:
-        publisher = await _connect(f)
-        await publisher.declare(f.topology())
-        ids = await _fill(f, publisher, 12)
-        consumer = await _connect(f)
-        group = Group(held="m05")  # tag 6 on the consumer's channel
-        await consumer.consume(f.name(topology.shard_queue(0)), group, prefetch=50)
-        await eventually(lambda: len(group.seen) == 12)
-        group.release.set()
-        await eventually(lambda: consumer.acked == 11)
-        # Tags 1-5 in one multiple-ack; 7-12 one by one, since a multiple-ack would take tag 6 too.
-        assert consumer.ack_frames == 1 + 6
-        await consumer.close()  # as a crash would: the held delivery goes back to the queue
+async def test_a_group_settled_together_takes_one_ack_frame(f: TransportFactory) -> None:
+    ids, consumer = await _filled(f, 20)
+    group = Group()
+    subscription = await consumer.consume(f.name(topology.shard_queue(0)), group, prefetch=50)
+    await eventually(lambda: len(group.seen) == 20)
+    group.release.set()
+    await eventually(lambda: len(group.done) == 20)
+    await eventually(lambda: consumer.acked == 20)
+    assert consumer.ack_frames == 1  # was 20: one per delivery
+    await subscription.cancel()
+    # Every delivery was acked: nothing comes back to a new consumer.
+    redelivered = await _consume_again(f)
+    await asyncio.sleep(0.5)
+    assert redelivered.seen == []
+    assert sorted(group.done) == ids
 
-        second = await _connect(f)
-        redelivered = Group()
-        redelivered.release.set()
-        await second.consume(f.name(topology.shard_queue(0)), redelivered)
-        await eventually(lambda: len(redelivered.done) == 1)
-        await asyncio.sleep(0.5)
-        assert [d.message_id for d in redelivered.seen] == ["m05"]
-        assert redelivered.seen[0].redelivered is True
-        assert sorted({*group.done, *redelivered.done}) == ids
-    finally:
-        await f.close()
+
+@pytest.mark.amqp
+async def test_a_later_group_never_acks_an_unsettled_lower_tag(f: TransportFactory) -> None:
+    ids, consumer = await _filled(f, 12)
+    group = Group(held="m05")  # tag 6 on the consumer's channel
+    await consumer.consume(f.name(topology.shard_queue(0)), group, prefetch=50)
+    await eventually(lambda: len(group.seen) == 12)
+    group.release.set()
+    await eventually(lambda: consumer.acked == 11)
+    # Tags 1-5 in one multiple-ack; 7-12 one by one, since a multiple-ack would take tag 6 too.
+    assert consumer.ack_frames == 1 + 6
+    await consumer.close()  # as a crash would: the held delivery goes back to the queue
+
+    redelivered = await _consume_again(f)
+    await eventually(lambda: len(redelivered.done) == 1)
+    await asyncio.sleep(0.5)
+    assert [d.message_id for d in redelivered.seen] == ["m05"]
+    assert redelivered.seen[0].redelivered is True
+    assert sorted({*group.done, *redelivered.done}) == ids
 
 
 @pytest.mark.amqp
 async def test_nacked_and_dead_lettered_tags_let_a_later_multiple_ack_cover_them(
-    rabbit_node: LocalNode,
+    f: TransportFactory,
 ) -> None:
-    f = TransportFactory("amqp", rabbit_node)
-    try:
-        publisher = await _connect(f)
-        await publisher.declare(f.topology())
-        ids = await _fill(f, publisher, 10)
-        consumer = await _connect(f)
-        settled_first = asyncio.Event()
-        release = asyncio.Event()
-        done: list[str | None] = []
-        seen: list[Delivery] = []
+    ids, consumer = await _filled(f, 10)
+    settled_first = asyncio.Event()
+    release = asyncio.Event()
+    done: list[str | None] = []
+    seen: list[Delivery] = []
 
-        async def handler(delivery: Delivery) -> None:
-            seen.append(delivery)
-            if delivery.message_id == "m02" and not delivery.redelivered:
-                await delivery.requeue()
-                return
-            if delivery.message_id == "m04":
-                await delivery.dead_letter("test: bad batch")
-                settled_first.set()
-                return
-            await release.wait()
-            done.append(delivery.message_id)
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery)
+        if delivery.message_id == "m02" and not delivery.redelivered:
+            await delivery.requeue()
+            return
+        if delivery.message_id == "m04":
+            await delivery.dead_letter("test: bad batch")
+            settled_first.set()
+            return
+        await release.wait()
+        done.append(delivery.message_id)
 
-        await consumer.consume(f.name(topology.shard_queue(0)), handler, prefetch=50)
-        await asyncio.wait_for(settled_first.wait(), 10)
-        await eventually(lambda: len(seen) >= 10)
-        frames_before = consumer.ack_frames  # the dead-letter copy's own ack
-        release.set()
-        # The requeued m02 comes back (tag 11) and is acked on its own.
-        await eventually(lambda: len(done) == 9)
-        await eventually(lambda: consumer.acked == 10)
-        # Tags 1-10 but 3 (requeued) and 5 (dead-lettered): one multiple-ack; then tag 11, the redelivery.
-        assert consumer.ack_frames - frames_before <= 2
-        assert sorted(done) == sorted(i for i in ids if i != "m04")
-        dead = await _connect(f)
-        got: list[Delivery] = []
+    await consumer.consume(f.name(topology.shard_queue(0)), handler, prefetch=50)
+    await asyncio.wait_for(settled_first.wait(), 10)
+    await eventually(lambda: len(seen) >= 10)
+    frames_before = consumer.ack_frames  # the dead-letter copy's own ack
+    release.set()
+    # The requeued m02 comes back (tag 11) and is acked on its own.
+    await eventually(lambda: len(done) == 9)
+    await eventually(lambda: consumer.acked == 10)
+    # Tags 1-10 but 3 (requeued) and 5 (dead-lettered): one multiple-ack; then tag 11, the redelivery.
+    assert consumer.ack_frames - frames_before <= 2
+    assert sorted(done) == sorted(i for i in ids if i != "m04")
+    dead = await _connect(f)
+    got: list[Delivery] = []
 
-        async def collect(delivery: Delivery) -> None:
-            got.append(delivery)
+    async def collect(delivery: Delivery) -> None:
+        got.append(delivery)
 
-        await dead.consume(f.name(topology.DEAD_LETTER_QUEUE), collect)
-        await eventually(lambda: len(got) == 1)
-        assert got[0].message_id == "m04"
-    finally:
-        await f.close()
+    await dead.consume(f.name(topology.DEAD_LETTER_QUEUE), collect)
+    await eventually(lambda: len(got) == 1)
+    assert got[0].message_id == "m04"
