@@ -36,7 +36,6 @@ from aio_pika.abc import (
 )
 
 from broker.errors import BrokerError, PublishTimeout, TopologyMissing, Unroutable
-from broker.memory import ORIGINAL_USER_HEADER
 from broker.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_KEY
 from broker.transport import (
     BCC_HEADER,
@@ -46,11 +45,13 @@ from broker.transport import (
     ORIGINAL_ROUTING_KEY_HEADER,
     REASON_HEADER,
     Delivery,
+    ExchangeSpec,
     Handler,
     Headers,
     QueueSpec,
     Settler,
     Topology,
+    dead_letter_copy,
 )
 
 log = structlog.get_logger(__name__)
@@ -85,7 +86,20 @@ def queue_arguments(spec: QueueSpec) -> dict[str, str | int]:
         # At-least-once dead-lettering keeps a message until the DLX confirms it; it needs reject-publish.
         arguments["x-dead-letter-strategy"] = "at-least-once"
         arguments["x-overflow"] = "reject-publish"
+    elif spec.max_length is not None or spec.max_length_bytes is not None:
+        arguments["x-overflow"] = spec.overflow
+    if spec.max_length is not None:
+        arguments["x-max-length"] = spec.max_length
+    if spec.max_length_bytes is not None:
+        arguments["x-max-length-bytes"] = spec.max_length_bytes
     return arguments
+
+
+def exchange_arguments(spec: ExchangeSpec) -> dict[str, str]:
+    """The arguments an exchange is declared with (also written to definitions.json)."""
+    if spec.alternate_exchange is None:
+        return {}
+    return {"alternate-exchange": spec.alternate_exchange}
 
 
 def describe_url(url: str) -> str:
@@ -241,7 +255,12 @@ class AmqpTransport:
             underlay = await channel.get_underlay_channel()
             for exchange in topology.exchanges:
                 await self._guard(
-                    underlay.exchange_declare(exchange.name, exchange_type=exchange.type, durable=True),
+                    underlay.exchange_declare(
+                        exchange.name,
+                        exchange_type=exchange.type,
+                        durable=True,
+                        arguments=dict(exchange_arguments(exchange)),
+                    ),
                     f"declare exchange {exchange.name!r}",
                     _DECLARE_HINT,
                 )
@@ -385,14 +404,15 @@ class AmqpTransport:
     async def _dead_letter(self, message: AbstractIncomingMessage, delivery: Delivery, reason: str) -> None:
         """Publish a confirmed copy with the reason to the DLX, then ack; if refused, let the queue do it."""
         if not self._dead_letter_refused:
-            headers: dict[str, Any] = dict(message.headers or {})
-            headers.pop("x-delivery-count", None)
-            headers[REASON_HEADER] = reason
-            headers[ORIGINAL_EXCHANGE_HEADER] = delivery.exchange
-            headers[ORIGINAL_ROUTING_KEY_HEADER] = delivery.routing_key
-            if delivery.user_id is not None:
-                headers[ORIGINAL_USER_HEADER] = delivery.user_id
-            copy = self._message(message.body, message.message_id, headers)
+            body, headers = dead_letter_copy(
+                message.body,
+                message.headers or {},
+                exchange=delivery.exchange,
+                routing_key=delivery.routing_key,
+                user_id=delivery.user_id,
+                reason=reason,
+            )
+            copy = self._message(body, message.message_id, headers)
             try:
                 await self._dead_letter_publisher.publish(
                     self._dead_letter_exchange, self._dead_letter_routing_key, copy, DEAD_LETTER_COPY_TIMEOUT

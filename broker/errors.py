@@ -17,3 +17,7 @@ class PublishTimeout(BrokerError):
 
 class TopologyMissing(BrokerError):
     """A queue or exchange that should exist does not (passive declare failed)."""
+
+
+class QueueFull(BrokerError):
+    """A queue at its length limit refused the message (`reject-publish`): it was not stored there."""

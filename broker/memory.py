@@ -25,11 +25,12 @@ from typing import Literal
 
 import structlog
 
-from broker.errors import BrokerError, TopologyMissing, Unroutable
+from broker.errors import BrokerError, QueueFull, TopologyMissing, Unroutable
 from broker.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_KEY
 from broker.transport import (
     DEFAULT_PREFETCH,
     DEFAULT_PUBLISH_TIMEOUT,
+    DELIVERY_COUNT_HEADER,
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
     REASON_HEADER,
@@ -41,15 +42,11 @@ from broker.transport import (
     QueueSpec,
     Settler,
     Topology,
+    dead_letter_copy,
 )
 
 log = structlog.get_logger(__name__)
 
-# Who published a message that a consumer later dead-lettered: the copy in the
-# dead-letter queue carries the dead-lettering user's `user_id` (the broker insists).
-ORIGINAL_USER_HEADER = "x-chorus-user-id"
-# Set by quorum queues on a redelivered message: how many deliveries failed so far.
-DELIVERY_COUNT_HEADER = "x-delivery-count"
 # RabbitMQ's own dead-letter headers (set when the broker dead-letters a message).
 FIRST_DEATH_REASON_HEADER = "x-first-death-reason"
 FIRST_DEATH_QUEUE_HEADER = "x-first-death-queue"
@@ -83,6 +80,16 @@ class _Queue:
 
     def depth(self) -> int:
         return len(self.ready) + len(self.returned)
+
+    def is_full(self) -> bool:
+        """At its length limit (in messages or body bytes), as RabbitMQ counts ready messages."""
+        spec = self.spec
+        if spec.max_length is not None and self.depth() >= spec.max_length:
+            return True
+        if spec.max_length_bytes is None:
+            return False
+        held = sum(len(m.body) for m in self.ready) + sum(len(m.body) for m in self.returned)
+        return held >= spec.max_length_bytes
 
     def take(self) -> _Message:
         return self.returned.popleft() if self.returned else self.ready.popleft()
@@ -172,6 +179,8 @@ class MemoryBroker:
         for binding in self._bindings[exchange]:
             if binding_matches(spec.type, binding.routing_key, routing_key):
                 names[binding.queue] = None
+        if not names and spec.alternate_exchange is not None:
+            return self._route(spec.alternate_exchange, routing_key)
         return [self._queues[name] for name in names]
 
     def _publish(self, message: _Message, bcc: Sequence[str] = ()) -> None:
@@ -184,7 +193,13 @@ class MemoryBroker:
             raise Unroutable(
                 f"no queue is bound to exchange {message.exchange!r} for {keys}; the message was not stored"
             )
+        refused = []
         for queue in queues:
+            if queue.is_full():
+                if queue.spec.overflow == "reject-publish":
+                    refused.append(queue.spec.name)
+                    continue
+                queue.ready.popleft() if queue.ready else queue.returned.popleft()
             copy = _Message(
                 body=message.body,
                 exchange=message.exchange,
@@ -196,6 +211,11 @@ class MemoryBroker:
             )
             queue.ready.append(copy)
             self._dispatch(queue)
+        if refused:
+            raise QueueFull(
+                f"queue {refused[0]!r} is at its length limit and refused the message (reject-publish); "
+                "retry later"
+            )
 
     # -- delivery ----------------------------------------------------------
 
@@ -273,16 +293,17 @@ class MemoryBroker:
 
     def _dead_letter_by_consumer(self, queue: _Queue, message: _Message, reason: str, user: str) -> None:
         """What `AmqpTransport` does: publish a copy with the reason to the DLX, then ack."""
-        headers = dict(message.headers)
-        headers.pop(DELIVERY_COUNT_HEADER, None)
-        headers[REASON_HEADER] = reason
-        headers[ORIGINAL_EXCHANGE_HEADER] = message.exchange
-        headers[ORIGINAL_ROUTING_KEY_HEADER] = message.routing_key
-        if message.user_id is not None:
-            headers[ORIGINAL_USER_HEADER] = message.user_id
+        body, headers = dead_letter_copy(
+            message.body,
+            message.headers,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            user_id=message.user_id,
+            reason=reason,
+        )
         self._publish_dead_letter(
             _Message(
-                body=message.body,
+                body=body,
                 exchange=queue.spec.dead_letter_exchange or DEAD_LETTER_EXCHANGE,
                 routing_key=queue.spec.dead_letter_routing_key or DEAD_LETTER_KEY,
                 message_id=message.message_id,

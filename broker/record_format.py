@@ -11,7 +11,8 @@ caught. The map's `type` says what it is:
   coordinator received it; `out`: it published it), `exchange`, `routing_key`, `message_id`,
   `user_id`, `headers`, `body` (the raw bytes), and for received messages `redelivered`, `settle`
   (`ack`, `requeue`, `dead_letter`, or `abandoned` when the consumer went away before settling) and
-  `reason` (the dead-letter reason); for a publish that raised, `error`.
+  `reason` (the dead-letter reason); for a publish that raised, `error`. A dead-lettered message's
+  body is cut to its first bytes, and `body_bytes` gives its full size (0 where the body is whole).
 
 Reading stops a file at its first bad frame (cut short, not msgpack, CRC mismatch, not a frame)
 and reports that frame's byte offset; the frames before it are kept.
@@ -65,6 +66,7 @@ class MessageFrame(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", 
     settle: Settlement | None = None
     reason: str = ""
     error: str = ""
+    body_bytes: int = 0  # the full size of a body that was cut short; 0 when `body` is all of it
 
 
 Frame = HeaderFrame | MessageFrame

@@ -13,6 +13,11 @@ a crash of the machine what the OS had not written yet), `rotate` (also fsync ea
 closed), `always` (write and fsync every frame at once: durable, and a disk flush per message on
 the event loop).
 
+Rejected traffic is recorded within bounds, since a hostile sender chooses its size and rate: a
+dead-lettered message is written with its body cut to `DEAD_LETTER_BODY_BYTES`, and at most
+`rejected_frames_per_sender` of each sender's per session; the rest are only counted
+(`rejected_unrecorded`).
+
 Recording never takes the service down: if writing fails (disk full...), the recorder logs the
 error once, stops recording and counts what it dropped.
 """
@@ -33,6 +38,7 @@ import structlog
 
 from broker.record_format import FORMAT_VERSION, LOG_SUFFIX, FramePacker, Settlement
 from broker.transport import (
+    DEAD_LETTER_BODY_BYTES,
     DEFAULT_PREFETCH,
     DEFAULT_PUBLISH_TIMEOUT,
     Delivery,
@@ -47,6 +53,7 @@ log = structlog.get_logger(__name__)
 
 FsyncPolicy = Literal["never", "rotate", "always"]
 DEFAULT_ROTATE_BYTES = 256 * 1024 * 1024
+DEFAULT_REJECTED_FRAMES_PER_SENDER = 1_000
 
 
 class Recorder:
@@ -65,6 +72,7 @@ class Recorder:
         rotate_bytes: int = DEFAULT_ROTATE_BYTES,
         fsync: FsyncPolicy = "rotate",
         clock: Callable[[], float] = time.time,
+        rejected_frames_per_sender: int = DEFAULT_REJECTED_FRAMES_PER_SENDER,
     ) -> None:
         if rotate_bytes < 1:
             raise ValueError(f"rotate_bytes must be positive, got {rotate_bytes}")
@@ -78,6 +86,9 @@ class Recorder:
         self.frames = 0
         self.bytes_written = 0
         self.dropped = 0
+        self.rejected_frames_per_sender = rejected_frames_per_sender
+        self.rejected_unrecorded = 0
+        self._rejected_by_sender: dict[str | None, int] = {}
         self._packer = FramePacker()
         self._file: BinaryIO | None = None
         self._file_bytes = 0
@@ -109,6 +120,7 @@ class Recorder:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._session_started))
         self._session = f"{stamp}-{secrets.token_hex(3)}"
         self._failed = False
+        self._rejected_by_sender = {}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._start_file(0)
@@ -133,6 +145,23 @@ class Recorder:
     def record_received(
         self, delivery: Delivery, *, received_unix: float, settle: Settlement, reason: str = ""
     ) -> None:
+        body, body_bytes = delivery.body, 0
+        if settle == "dead_letter":
+            sender = delivery.user_id
+            recorded = self._rejected_by_sender.get(sender, 0)
+            if recorded >= self.rejected_frames_per_sender:
+                if recorded == self.rejected_frames_per_sender:  # once per sender
+                    log.warning(
+                        "rejected traffic of this sender no longer recorded this session",
+                        user_id=sender,
+                        limit=self.rejected_frames_per_sender,
+                    )
+                self._rejected_by_sender[sender] = recorded + 1
+                self.rejected_unrecorded += 1
+                return
+            self._rejected_by_sender[sender] = recorded + 1
+            if len(body) > DEAD_LETTER_BODY_BYTES:
+                body, body_bytes = body[:DEAD_LETTER_BODY_BYTES], len(body)
         self._write(
             {
                 "type": "message",
@@ -143,10 +172,11 @@ class Recorder:
                 "message_id": delivery.message_id,
                 "user_id": delivery.user_id,
                 "headers": dict(delivery.headers),
-                "body": delivery.body,
+                "body": body,
                 "redelivered": delivery.redelivered,
                 "settle": settle,
                 "reason": reason,
+                "body_bytes": body_bytes,
             }
         )
 

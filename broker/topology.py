@@ -17,12 +17,30 @@ DIRECT_EXCHANGE = "chorus.down"
 ANNOUNCE_EXCHANGE = "chorus.announce"
 DEAD_LETTER_EXCHANGE = "chorus.dlx"
 DEAD_LETTER_QUEUE = "chorus.dead"
-CONTROL_QUEUE = "chorus.control"
 DEAD_LETTER_KEY = "dead"
+# What a participant publishes before it has an intake queue of its own (its first Join, unless it is
+# on the roster) matches no binding of chorus.up and goes to this exchange (chorus.up's alternate
+# exchange) and the one queue bound to it.
+LOBBY_EXCHANGE = "chorus.lobby"
+LOBBY_QUEUE = "chorus.lobby"
 
 DEFAULT_SHARDS = 4
 DEFAULT_DELIVERY_LIMIT = 5
 COORDINATOR_USER = "coordinator"
+
+# Bulkheads: every participant's traffic to the coordinator waits in a queue of its own, so a member
+# that floods fills its own queue (then its publishes are refused) and never delays another member's.
+# A member legitimately has a few messages per round waiting (a batch per shard, a report, heartbeats,
+# more while the coordinator is down) and at most an adapter or two in bytes.
+INTAKE_MAX_MESSAGES = 2_000
+INTAKE_MAX_BYTES = 256 * 1024 * 1024
+# The lobby only ever needs to hold Joins, which are tiny.
+LOBBY_MAX_MESSAGES = 1_000
+LOBBY_MAX_BYTES = 16 * 1024 * 1024
+# The dead-letter queue keeps the newest dead letters (their bodies cut short, see
+# broker.transport.dead_letter_copy) and drops the oldest beyond these bounds.
+DEAD_LETTER_MAX_MESSAGES = 10_000
+DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024
 
 
 def generation_key(shard_id: int, participant_id: str) -> str:
@@ -45,8 +63,14 @@ SHARED_REPLY_KEY = "reply"
 MAX_BCC_KEYS = 256
 
 
-def shard_queue(shard_id: int) -> str:
-    return f"chorus.gen.{shard_id}"
+def intake_queue(participant_id: str) -> str:
+    """The queue holding everything one participant sends the coordinator."""
+    return f"chorus.in.{participant_id}"
+
+
+def participant_of_intake_queue(queue: str) -> str | None:
+    prefix = intake_queue("")
+    return queue[len(prefix) :] if queue.startswith(prefix) else None
 
 
 def reply_queue(participant_id: str) -> str:
@@ -58,42 +82,52 @@ def participant_topic_pattern(participant_id: str) -> str:
     return rf"^(gen\.[0-9]+|ctl)\.{participant_id}$"
 
 
-def _work_queue(name: str, delivery_limit: int) -> QueueSpec:
+def _work_queue(
+    name: str, delivery_limit: int, max_length: int | None = None, max_length_bytes: int | None = None
+) -> QueueSpec:
     return QueueSpec(
         name=name,
         quorum=True,
         delivery_limit=delivery_limit,
         dead_letter_exchange=DEAD_LETTER_EXCHANGE,
         dead_letter_routing_key=DEAD_LETTER_KEY,
+        max_length=max_length,
+        max_length_bytes=max_length_bytes,
     )
 
 
-def core_topology(shards: int = DEFAULT_SHARDS, delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
+def core_topology(delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
     """What the coordinator needs before any participant exists."""
-    if shards < 1:
-        raise ValueError(f"shards must be at least 1, got {shards}")
-    queues = [_work_queue(shard_queue(s), delivery_limit) for s in range(shards)]
-    queues.append(_work_queue(CONTROL_QUEUE, delivery_limit))
-    queues.append(QueueSpec(name=DEAD_LETTER_QUEUE, quorum=True))
-    bindings = [BindingSpec(shard_queue(s), UP_EXCHANGE, f"gen.{s}.*") for s in range(shards)]
-    bindings.append(BindingSpec(CONTROL_QUEUE, UP_EXCHANGE, "ctl.*"))
-    bindings.append(BindingSpec(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_KEY))
     return Topology(
         exchanges=(
-            ExchangeSpec(UP_EXCHANGE, "topic"),
+            ExchangeSpec(UP_EXCHANGE, "topic", alternate_exchange=LOBBY_EXCHANGE),
+            ExchangeSpec(LOBBY_EXCHANGE, "fanout"),
             ExchangeSpec(DIRECT_EXCHANGE, "direct"),
             ExchangeSpec(ANNOUNCE_EXCHANGE, "fanout"),
             ExchangeSpec(DEAD_LETTER_EXCHANGE, "direct"),
         ),
-        queues=tuple(queues),
-        bindings=tuple(bindings),
+        queues=(
+            _work_queue(LOBBY_QUEUE, delivery_limit, LOBBY_MAX_MESSAGES, LOBBY_MAX_BYTES),
+            QueueSpec(
+                name=DEAD_LETTER_QUEUE,
+                quorum=True,
+                max_length=DEAD_LETTER_MAX_MESSAGES,
+                max_length_bytes=DEAD_LETTER_MAX_BYTES,
+                overflow="drop-head",
+            ),
+        ),
+        bindings=(
+            BindingSpec(LOBBY_QUEUE, LOBBY_EXCHANGE, ""),
+            BindingSpec(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_KEY),
+        ),
     )
 
 
 def participant_topology(
     participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT
 ) -> Topology:
-    """Each participant's reply queue, bound for direct replies and for announcements."""
+    """Each participant's reply queue, bound for direct replies and for announcements: what an operator
+    provisions with the participant's user."""
     queues: list[QueueSpec] = []
     bindings: list[BindingSpec] = []
     for pid in participant_ids:
@@ -103,9 +137,22 @@ def participant_topology(
     return Topology(queues=tuple(queues), bindings=tuple(bindings))
 
 
+def intake_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
+    """Each participant's intake queue, bound to its own keys. Only the coordinator declares these, as it
+    starts consuming them (for its roster and stored members, and when a Join comes through the lobby):
+    an intake queue nobody consumes would swallow the participant's Join."""
+    queues: list[QueueSpec] = []
+    bindings: list[BindingSpec] = []
+    for pid in participant_ids:
+        intake = intake_queue(pid)
+        queues.append(_work_queue(intake, delivery_limit, INTAKE_MAX_MESSAGES, INTAKE_MAX_BYTES))
+        bindings.append(BindingSpec(intake, UP_EXCHANGE, f"gen.*.{pid}"))
+        bindings.append(BindingSpec(intake, UP_EXCHANGE, control_key(pid)))
+    return Topology(queues=tuple(queues), bindings=tuple(bindings))
+
+
 def full_topology(
-    participant_ids: Iterable[str],
-    shards: int = DEFAULT_SHARDS,
-    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT
 ) -> Topology:
-    return core_topology(shards, delivery_limit).merged(participant_topology(participant_ids, delivery_limit))
+    """The core topology and these participants' reply queues (their intake queues are the coordinator's)."""
+    return core_topology(delivery_limit).merged(participant_topology(participant_ids, delivery_limit))

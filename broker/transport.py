@@ -22,23 +22,46 @@ DEFAULT_PUBLISH_TIMEOUT = 10.0
 # RabbitMQ's header for sender-selected distribution; the broker removes it before delivery.
 BCC_HEADER = "BCC"
 DEFAULT_PREFETCH = 200
+# Who published a message that a consumer later dead-lettered: the copy in the
+# dead-letter queue carries the dead-lettering user's `user_id` (the broker insists).
+ORIGINAL_USER_HEADER = "x-chorus-user-id"
+# Set by quorum queues on a redelivered message: how many deliveries failed so far.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+# A dead-letter copy keeps at most this much of the body, so that a flood of large rejected bodies
+# cannot fill the dead-letter queue; the original size is in BODY_BYTES_HEADER.
+DEAD_LETTER_BODY_BYTES = 4096
+BODY_BYTES_HEADER = "x-chorus-body-bytes"
+# Headers a publisher could set to mislead whoever reads a dead letter or re-routes it: our own
+# x-chorus-* (the reason, the original user...) and RabbitMQ's sender-selected distribution keys.
+_UNTRUSTED_HEADERS = ("CC", "BCC")
+_UNTRUSTED_PREFIX = "x-chorus-"
 
 
 @dataclass(frozen=True)
 class ExchangeSpec:
+    """A durable exchange; what matches no binding goes to `alternate_exchange`, when one is named."""
+
     name: str
     type: Literal["topic", "direct", "fanout"]
+    alternate_exchange: str | None = None
 
 
 @dataclass(frozen=True)
 class QueueSpec:
-    """A durable queue. Quorum queues carry their delivery limit and dead-letter target."""
+    """A durable queue. Quorum queues carry their delivery limit and dead-letter target.
+
+    `max_length` (messages) and `max_length_bytes` (bodies) bound the queue; once full, a queue with
+    `overflow = "reject-publish"` nacks new publishes, one with `"drop-head"` drops its oldest.
+    """
 
     name: str
     quorum: bool = True
     delivery_limit: int | None = None
     dead_letter_exchange: str | None = None
     dead_letter_routing_key: str | None = None
+    max_length: int | None = None
+    max_length_bytes: int | None = None
+    overflow: Literal["reject-publish", "drop-head"] = "reject-publish"
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,36 @@ class Delivery:
         assert self._settle is not None, "delivery has no settler"
         await self._settle(action, reason)
         self.settled = True
+
+
+def dead_letter_copy(
+    body: bytes,
+    headers: Mapping[str, object],
+    *,
+    exchange: str,
+    routing_key: str,
+    user_id: str | None,
+    reason: str,
+) -> tuple[bytes, dict[str, object]]:
+    """Body and headers of the copy a consumer puts in the dead-letter queue.
+
+    The publisher's own `x-chorus-*`, `CC` and `BCC` headers are dropped (they would forge the audit
+    trail or re-route the copy), the reason and the original exchange, key and user are added, and
+    the body is cut to `DEAD_LETTER_BODY_BYTES`.
+    """
+    kept = {
+        k: v
+        for k, v in headers.items()
+        if k not in _UNTRUSTED_HEADERS and not k.lower().startswith(_UNTRUSTED_PREFIX)
+    }
+    kept.pop(DELIVERY_COUNT_HEADER, None)
+    kept[REASON_HEADER] = reason
+    kept[ORIGINAL_EXCHANGE_HEADER] = exchange
+    kept[ORIGINAL_ROUTING_KEY_HEADER] = routing_key
+    if user_id is not None:
+        kept[ORIGINAL_USER_HEADER] = user_id
+    kept[BODY_BYTES_HEADER] = len(body)
+    return body[:DEAD_LETTER_BODY_BYTES], kept
 
 
 Settler = Callable[[Literal["ack", "requeue", "dead_letter"], str], Awaitable[None]]

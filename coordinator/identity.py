@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from broker.transport import Delivery
 from schemas.messages import Message
+
+# The deterministic ids of PROTOCOL §7.4 start with their sender: `<participant>.r<round>.`.
+_NAMED_SENDER = re.compile(r"^([A-Za-z0-9_-]{1,64})\.r[0-9]+\.")
 
 
 def identity_problem(delivery: Delivery, message: Message, federation: str) -> str | None:
@@ -30,3 +35,21 @@ def shard_of_routing_key(routing_key: str) -> int | None:
     if len(parts) != 3 or parts[0] != "gen" or not parts[1].isdigit():
         return None
     return int(parts[1])
+
+
+def ownership_problem(message: Message, owner: str | None) -> str | None:
+    """Why a message that passed `identity_problem` still does not belong where it arrived, or None.
+
+    `owner` is the participant whose intake queue delivered it (None for the lobby). A copy can land
+    in another member's queue through CC/BCC routing keys, which RabbitMQ 3.10.8 does not check
+    against topic permissions. A message id in the deterministic format that names another
+    participant is refused too, so nobody's audit trail shows ids that look like someone else's.
+    """
+    sender = message.participant_id
+    if owner is not None and owner != sender:
+        return f"arrived in participant {owner!r}'s intake queue but comes from {sender!r}"
+    named = _NAMED_SENDER.match(message.message_id)
+    if named is not None and named.group(1) != sender:
+        named_id = named.group(1)
+        return f"message_id {message.message_id!r} names participant {named_id!r}, not the sender {sender!r}"
+    return None

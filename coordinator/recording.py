@@ -30,6 +30,7 @@ def with_recording(transport: Transport, settings: CoordinatorSettings) -> Trans
         settings=recorded_settings(settings),
         rotate_bytes=table.rotate_bytes,
         fsync=table.fsync,
+        rejected_frames_per_sender=table.rejected_frames_per_sender,
     )
     return RecordingTransport(transport, recorder)
 

@@ -1,7 +1,8 @@
 """Round state machine, pure: no I/O, time passed in by the caller.
 
 A round has shards; each shard closes on its own, when
-  * every expected participant answered ("all answered"), or
+  * every expected participant answered ("all answered"), or every one that is not
+    benched (a member silent for several rounds is still asked, but not waited for), or
   * quorum was reached and the grace period since then has passed, or
   * the deadline passed: labelled with what arrived if that is at least quorum,
     failed otherwise.
@@ -72,6 +73,7 @@ class RoundState:
         opened_at: float,
         deadline_at: float,
         grace_seconds: float,
+        benched: Iterable[str] = (),
     ) -> None:
         if quorum < 1:
             raise ValueError("quorum must be at least 1")
@@ -79,6 +81,8 @@ class RoundState:
             raise ValueError("the deadline must be after the opening time")
         self.round_id = round_id
         self.expected = frozenset(expected)
+        self.benched = frozenset(benched) & self.expected
+        self.required = self.expected - self.benched  # those a shard waits for
         self.quorum = quorum
         self.opened_at = opened_at
         self.deadline_at = deadline_at
@@ -89,7 +93,8 @@ class RoundState:
 
     # -- intake ------------------------------------------------------------
 
-    def record(self, shard_id: int, participant_id: str, now: float) -> Acceptance:
+    def classify(self, shard_id: int, participant_id: str) -> Acceptance:
+        """What `record` would answer now, without recording anything."""
         shard = self.shards.get(shard_id)
         if shard is None:
             return Acceptance.UNKNOWN_SHARD
@@ -100,8 +105,16 @@ class RoundState:
         if shard.status != "open":
             if shard_id in self.late.get(participant_id, set()):
                 return Acceptance.DUPLICATE
-            self.late.setdefault(participant_id, set()).add(shard_id)
             return Acceptance.LATE
+        return Acceptance.ACCEPTED
+
+    def record(self, shard_id: int, participant_id: str, now: float) -> Acceptance:
+        acceptance = self.classify(shard_id, participant_id)
+        if acceptance is Acceptance.LATE:
+            self.late.setdefault(participant_id, set()).add(shard_id)
+        if acceptance is not Acceptance.ACCEPTED:
+            return acceptance
+        shard = self.shards[shard_id]
         shard.answered[participant_id] = now
         if shard.quorum_reached_at is None and len(shard.answered) >= self.quorum:
             shard.quorum_reached_at = now
@@ -128,6 +141,11 @@ class RoundState:
         answered = len(shard.answered)
         if self.expected <= shard.answered.keys():
             return "labelled", "all answered"
+        if self.benched and self.required <= shard.answered.keys() and answered >= self.quorum:
+            return (
+                "labelled",
+                f"all answered but benched members {sorted(self.benched - shard.answered.keys())}",
+            )
         if shard.quorum_reached_at is not None and now >= shard.quorum_reached_at + self.grace_seconds:
             return "labelled", f"quorum {self.quorum} reached, grace {self.grace_seconds:g}s passed"
         if now >= self.deadline_at:

@@ -12,32 +12,34 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 
 from broker.errors import BrokerError, Unroutable
 from broker.topology import (
     ANNOUNCE_EXCHANGE,
-    CONTROL_QUEUE,
     COORDINATOR_USER,
     DIRECT_EXCHANGE,
+    LOBBY_QUEUE,
     MAX_BCC_KEYS,
     SHARED_REPLY_KEY,
     core_topology,
+    intake_queue,
+    intake_topology,
     participant_topology,
     reply_key,
-    shard_queue,
 )
-from broker.transport import Delivery, Subscription, Transport
+from broker.transport import Delivery, Handler, Subscription, Transport
 from coordinator.consensus import Candidate, ConsensusStrategy
 from coordinator.fedavg import average_wire, tensors_from_wire
-from coordinator.identity import identity_problem, shard_of_routing_key
+from coordinator.identity import identity_problem, ownership_problem, shard_of_routing_key
 from coordinator.labelling import pseudo_labels_message, shard_candidates
 from coordinator.prompts import PromptSampler, PublicPrompt, split_into_shards
 from coordinator.rounds import Acceptance, RoundState, ShardClosing, resolve_quorum
 from coordinator.settings import CoordinatorSettings
-from coordinator.store import CoordinatorStore, NewBatch, RoundRow
-from schemas.codec import decode_control, decode_generation, decode_reply, encode
+from coordinator.store import CoordinatorStore, NewBatch, RoundRow, Stored
+from schemas.codec import MAX_SMALL_CONTROL_BYTES, decode_control, decode_generation, decode_reply, encode
 from schemas.errors import ChorusError, SchemaError
 from schemas.messages import (
     AdapterUpdate,
@@ -54,6 +56,7 @@ from schemas.messages import (
 )
 
 log = structlog.get_logger(__name__)
+DecodedT = TypeVar("DecodedT")
 
 FEDAVG_SHARD = 0  # a FedAvg round has one "shard": the adapter uploads
 # Group commit of intake writes: the group closes once no write joined it for GROUP_COMMIT_PAUSE seconds,
@@ -61,6 +64,11 @@ FEDAVG_SHARD = 0  # a FedAvg round has one "shard": the adapter uploads
 GROUP_COMMIT_PAUSE = 0.001
 GROUP_COMMIT_WAIT = 0.01
 GROUP_COMMIT_MAX = 1024
+# Bodies larger than this are decoded in a worker thread, so that a large (or hostile) one does not
+# stall every other member's intake on the event loop.
+OFF_LOOP_DECODE_BYTES = 64 * 1024
+# A member's last-seen time is written at most this often; more heartbeats than that change nothing.
+TOUCH_INTERVAL_SECONDS = 1.0
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Counters:
     late: int = 0
     dead_lettered: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
+    benched: list[tuple[int, str]] = field(default_factory=list)  # (round, member) as each was benched
 
     def reject(self, reason: str) -> None:
         self.dead_lettered += 1
@@ -108,8 +117,10 @@ class Coordinator:
         self._declared_participants: set[str] = set()
         self._consensus_seconds = 0.0
         self._pending_announcement: RoundRow | None = None
-        self._pending_writes: list[tuple[NewBatch, asyncio.Future[bool]]] = []
+        self._pending_writes: list[PendingWrite] = []
         self._committing: asyncio.Task[None] | None = None
+        self._intake_open = False
+        self._touched: dict[str, float] = {}  # member -> when its last-seen time was last written
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -126,18 +137,30 @@ class Coordinator:
             await self.stop_intake()
 
     async def start(self) -> None:
-        rounds = self.settings.round
-        await self.transport.declare(core_topology(rounds.shards))
-        await self._declare_participants(self.settings.roster)
+        await self.transport.declare(core_topology())
+        members = [m.participant_id for m in self.store.members()]
+        await self._declare_participants([*self.settings.roster, *members])
         self._restore()
         await self._resume_announcement()
-        # Subscribed concurrently: each consumer costs a few broker round trips, and one after another
-        # they would hold back intake (and a restarted coordinator) for the sum of them.
+        # Every member's traffic waits in its own intake queue (a bulkhead: a flood fills only the
+        # flooder's queue); the lobby holds what comes from participants that have none yet.
+        self._intake_open = True
+        owners = [None, *sorted(self._declared_participants)]
+        await self._consume_intake(owners)
+
+    async def _consume_intake(self, owners: Sequence[str | None]) -> None:
+        """Subscribe to these participants' intake queues (None: the lobby), concurrently: each consumer
+        costs a few broker round trips, and one after another they would hold back intake."""
         prefetch = self.settings.prefetch
-        queues = [(CONTROL_QUEUE, self._on_control)]
-        queues += [(shard_queue(shard), self._on_generation) for shard in range(rounds.shards)]
         outcomes = await asyncio.gather(
-            *(self.transport.consume(queue, handler, prefetch=prefetch) for queue, handler in queues),
+            *(
+                self.transport.consume(
+                    LOBBY_QUEUE if owner is None else intake_queue(owner),
+                    self._intake(owner),
+                    prefetch=prefetch,
+                )
+                for owner in owners
+            ),
             return_exceptions=True,
         )
         failure: BaseException | None = None
@@ -150,6 +173,7 @@ class Coordinator:
             raise failure
 
     async def stop_intake(self) -> None:
+        self._intake_open = False
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             try:
@@ -181,7 +205,8 @@ class Coordinator:
             await self._sleep_until_woken(1.0)
             return False
         round_id = self.store.last_round_id() + 1
-        quorum = resolve_quorum(settings.quorum, len(active))
+        benched = self._benched(round_id, active)
+        quorum = resolve_quorum(settings.quorum, len(active) - len(benched))
         now = self.clock()
         if self.settings.strategy == "semantic":
             chosen = self._sampler.sample(
@@ -212,12 +237,47 @@ class Coordinator:
             expected=active,
             announcement=body,
         )
-        self.round = self._round_state(opened)
+        self.round = self._round_state(opened, benched)
+        self._report_benching(round_id, benched, active)
         await self._announce(round_id, body, opened.message_id, active)
-        log.info("round_opened", round=round_id, participants=len(active), quorum=quorum, shards=len(shards))
+        log.info(
+            "round_opened",
+            round=round_id,
+            participants=len(active),
+            quorum=quorum,
+            shards=len(shards),
+            benched=sorted(benched),
+        )
         return True
 
-    def _round_state(self, opened: RoundOpened) -> RoundState:
+    def _benched(self, round_id: int, members: Sequence[str]) -> set[str]:
+        """Members that answered nothing, in time or late, in each of the last `bench_after_missed_rounds`
+        rounds: still asked, no longer waited for, until they answer again. Never all of them."""
+        rounds = self.settings.round.bench_after_missed_rounds
+        if rounds == 0 or round_id <= rounds:
+            return set()
+        summaries = self.store.summaries(round_id - rounds, round_id - 1)
+        if len(summaries) < rounds:
+            return set()
+        missing = [set(decode_summary(body).missing) for body in summaries]
+        benched = set(members).intersection(*missing)
+        return set() if benched >= set(members) else benched
+
+    def _report_benching(self, round_id: int, benched: set[str], members: Sequence[str]) -> None:
+        before = self._benched(round_id - 1, self.store.expected(round_id - 1)) if round_id > 1 else set()
+        for member in sorted(benched - before):
+            self.counters.benched.append((round_id, member))
+            log.warning(
+                "member_benched",
+                round=round_id,
+                participant=member,
+                missed_rounds=self.settings.round.bench_after_missed_rounds,
+                hint="asked but not waited for until it answers again",
+            )
+        for member in sorted((before - benched) & set(members)):
+            log.info("member_unbenched", round=round_id, participant=member)
+
+    def _round_state(self, opened: RoundOpened, benched: set[str]) -> RoundState:
         shards = {s.shard_id: [p.prompt_id for p in s.prompts] for s in opened.shards}
         return RoundState(
             round_id=opened.round_id,
@@ -227,6 +287,7 @@ class Coordinator:
             opened_at=opened.opened_unix,
             deadline_at=opened.deadline_unix,
             grace_seconds=self.settings.round.grace_seconds,
+            benched=benched,
         )
 
     def _carried_prompt_ids(self, round_id: int) -> list[str]:
@@ -503,7 +564,7 @@ class Coordinator:
             return
         opened = decode_reply(row.announcement)
         assert isinstance(opened, RoundOpened)
-        state = self._round_state(opened)
+        state = self._round_state(opened, self._benched(row.round_id, opened.expected))
         for shard_id, participant_id, arrived, late in self.store.received(row.round_id):
             if late:
                 state.late.setdefault(participant_id, set()).add(shard_id)
@@ -527,37 +588,78 @@ class Coordinator:
 
     # -- intake ------------------------------------------------------------
 
-    async def _on_generation(self, delivery: Delivery) -> None:
+    def _intake(self, owner: str | None) -> Handler:
+        """The handler of `owner`'s intake queue (None: the lobby); it dispatches on the routing key."""
+
+        async def handle(delivery: Delivery) -> None:
+            key = delivery.routing_key
+            if key.startswith("gen."):
+                await self._on_generation(delivery, owner)
+            elif key.startswith("ctl."):
+                await self._on_control(delivery, owner)
+            else:
+                await self._reject(
+                    delivery, f"routing key {key!r} is neither gen.<shard>.<pid> nor ctl.<pid>"
+                )
+
+        return handle
+
+    async def _decode(self, decode: Callable[[bytes], DecodedT], body: bytes) -> DecodedT:
+        if len(body) > OFF_LOOP_DECODE_BYTES:
+            return await asyncio.to_thread(decode, body)
+        return decode(body)
+
+    async def _on_generation(self, delivery: Delivery, owner: str | None) -> None:
         try:
-            batch = decode_generation(delivery.body)
+            batch = await self._decode(decode_generation, delivery.body)
         except SchemaError as e:
             await self._reject(delivery, f"schema {e}")
             return
-        problem = identity_problem(delivery, batch, self.settings.federation) or self._batch_problem(
-            delivery, batch
+        problem = (
+            identity_problem(delivery, batch, self.settings.federation)
+            or ownership_problem(batch, owner)
+            or self._batch_problem(delivery, batch)
         )
         if problem is not None:
-            await self._reject(delivery, problem, batch)
+            if self._already_stored(batch):  # a recovery's republish after its round closed
+                await self._ack_duplicate(delivery)
+            else:
+                await self._reject(delivery, problem, batch)
             return
         state = self.round
         assert state is not None  # _batch_problem ensures an open round
-        now = self.clock()
-        acceptance = state.record(batch.shard_id, batch.participant_id, now)
+        acceptance = state.classify(batch.shard_id, batch.participant_id)
         if acceptance in (Acceptance.UNKNOWN_SHARD, Acceptance.NOT_EXPECTED):
             await self._reject(
                 delivery, f"{acceptance.value}: shard {batch.shard_id} of round {batch.round_id}", batch
             )
             return
+        if acceptance is Acceptance.DUPLICATE:
+            await self._ack_duplicate(delivery)
+            return
         late = acceptance is Acceptance.LATE
-
         new = NewBatch(
-            batch.message_id, batch.round_id, batch.shard_id, batch.participant_id, now, late, delivery.body
+            batch.message_id,
+            batch.round_id,
+            batch.shard_id,
+            batch.participant_id,
+            self.clock(),
+            late,
+            delivery.body,
         )
-        stored = await self._group_commit(new)
+        # Classified and queued for the commit in one step (no await between): the driver commits every
+        # pending write before it closes shards, so none is classified open and recorded closed.
+        stored = await self._group_commit(new, state)
+        if stored is Stored.CONFLICT:
+            slot = self.store.batch_slot(batch.participant_id, batch.message_id)
+            await self._reject(
+                delivery, f"message_id {batch.message_id!r} was already used for {slot}", batch
+            )
+            return
         # Only once the transaction holding the batch has committed. The whole group wakes in one event-loop
         # turn, so AmqpTransport writes its acks as one basic.ack(multiple=True) where that is safe.
         await delivery.ack()
-        if not stored or acceptance is Acceptance.DUPLICATE:
+        if stored is Stored.DUPLICATE:
             self.counters.duplicates += 1
         elif late:
             self.counters.late += 1
@@ -568,16 +670,27 @@ class Coordinator:
             self.counters.accepted += 1
             self._wake.set()
 
-    async def _group_commit(self, write: NewBatch) -> bool:
-        """Store `write` (and touch its sender) in one SQLite transaction with the other intake writes
-        of this event-loop turn.
+    def _already_stored(self, batch: GenerationBatch) -> bool:
+        """Whether this sender's batch with this id is stored for the same round and shard."""
+        return self.store.batch_slot(batch.participant_id, batch.message_id) == (
+            batch.round_id,
+            batch.shard_id,
+        )
 
-        Returns its result once that transaction has committed (one fsync for the whole group rather
+    async def _ack_duplicate(self, delivery: Delivery) -> None:
+        await delivery.ack()
+        self.counters.duplicates += 1
+
+    async def _group_commit(self, write: NewBatch, state: RoundState) -> Stored:
+        """Store `write` (and touch its sender) in one SQLite transaction with the other intake writes
+        of this event-loop turn, and record it in `state` only if it was stored.
+
+        Returns its outcome once that transaction has committed (one fsync for the whole group rather
         than two per batch); raises, and so leaves the delivery unacked, if the transaction failed.
         """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] = loop.create_future()
-        self._pending_writes.append((write, future))
+        future: asyncio.Future[Stored] = loop.create_future()
+        self._pending_writes.append(PendingWrite(write, state, future))
         if len(self._pending_writes) == 1 and self._committing is None:
             loop.call_later(GROUP_COMMIT_PAUSE, self._commit_pending_writes, 1, loop.time())
         return await future
@@ -599,23 +712,27 @@ class Coordinator:
         self._committing = asyncio.get_running_loop().create_task(self._commit(group))
         return self._committing
 
-    async def _commit(self, group: list[tuple[NewBatch, asyncio.Future[bool]]]) -> None:
+    async def _commit(self, group: list[PendingWrite]) -> None:
         """Commit `group` in a worker thread, so that its fsync does not stall the event loop (which
-        meanwhile takes more deliveries: they form the next group, committed as soon as this one is)."""
+        meanwhile takes more deliveries: they form the next group, committed as soon as this one is).
+        A stored batch counts as an answer from here on, and only a stored one."""
         try:
-            results = await asyncio.to_thread(self.store.add_batches, [write for write, _ in group])
+            results = await asyncio.to_thread(self.store.add_batches, [pending.write for pending in group])
         except asyncio.CancelledError:
-            for _, future in group:
-                future.cancel()
+            for pending in group:
+                pending.future.cancel()
             raise
         except Exception as e:  # every write of the group rolled back: none of them is acked
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(e)
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.set_exception(e)
         else:
-            for (_, future), result in zip(group, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            for pending, result in zip(group, results, strict=True):
+                write = pending.write
+                if result is Stored.STORED:
+                    pending.state.record(write.shard_id, write.participant_id, write.received_unix)
+                if not pending.future.done():
+                    pending.future.set_result(result)
         self._committing = None
         if self._pending_writes:
             self._start_commit()
@@ -644,34 +761,54 @@ class Coordinator:
             return f"answers name prompts not in shard {batch.shard_id}: {sorted(unknown)[:3]}"
         return None
 
-    async def _on_control(self, delivery: Delivery) -> None:
+    def _decode_control(self, body: bytes) -> Message:
+        if self.settings.strategy != "fedavg" and len(body) > MAX_SMALL_CONTROL_BYTES:
+            # Only an adapter may be larger, and this federation takes none: refused unread.
+            raise SchemaError(
+                "too_large",
+                f"body is {len(body)} bytes, limit {MAX_SMALL_CONTROL_BYTES} for control messages "
+                "(adapter updates are only taken in a fedavg federation)",
+            )
+        return decode_control(body)
+
+    async def _on_control(self, delivery: Delivery, owner: str | None) -> None:
         try:
-            message = decode_control(delivery.body)
+            message = await self._decode(self._decode_control, delivery.body)
         except SchemaError as e:
             await self._reject(delivery, f"schema {e}")
             return
-        problem = identity_problem(delivery, message, self.settings.federation)
+        problem = identity_problem(delivery, message, self.settings.federation) or ownership_problem(
+            message, owner
+        )
         if problem is not None:
             await self._reject(delivery, problem, message)
             return
         now = self.clock()
         pid = message.participant_id
         if isinstance(message, Join):
-            await self._declare_participants([pid])
+            # Stored first, so that a round opening meanwhile counts it; its queues before the ack.
             self.store.upsert_member(pid, message.model_id, message.can_train, now)
+            await self._declare_participants([pid])
             log.info("member_joined", participant=pid, model=message.model_id, round=message.round_id)
             self._wake.set()
         elif isinstance(message, Heartbeat):
-            self.store.touch_member(pid, now)
+            self._touch(pid, now)
         elif isinstance(message, ParticipantReport):
-            self.store.add_report(message.message_id, message.round_id, pid, dict(message.metrics))
-            self.store.touch_member(pid, now)
+            if not self.store.add_report(message.message_id, message.round_id, pid, dict(message.metrics)):
+                self.counters.duplicates += 1
+            self._touch(pid, now)
         elif isinstance(message, AdapterUpdate):
             problem = await self._take_adapter(message, delivery.body, now)
             if problem is not None:
                 await self._reject(delivery, problem, message)
                 return
         await delivery.ack()
+
+    def _touch(self, participant_id: str, now: float) -> None:
+        # A write (and an fsync) per heartbeat would let one member's heartbeat flood busy the event loop.
+        if now - self._touched.get(participant_id, float("-inf")) >= TOUCH_INTERVAL_SECONDS:
+            self.store.touch_member(participant_id, now)
+            self._touched[participant_id] = now
 
     async def _take_adapter(self, update: AdapterUpdate, body: bytes, now: float) -> str | None:
         state = self.round
@@ -686,12 +823,18 @@ class Coordinator:
         expected_shapes = self._adapter_shapes(state.round_id)
         if expected_shapes is not None and shapes != expected_shapes:
             return "adapter tensors differ in names or shapes from those already received this round"
-        acceptance = state.record(FEDAVG_SHARD, update.participant_id, now)
+        acceptance = state.classify(FEDAVG_SHARD, update.participant_id)
         if acceptance is Acceptance.NOT_EXPECTED:
             return f"not_expected: participant {update.participant_id!r} is not in round {update.round_id}"
-        if acceptance is Acceptance.ACCEPTED:
-            self.store.add_adapter(update.message_id, update.round_id, update.participant_id, body)
+        if acceptance is Acceptance.LATE:
+            state.record(FEDAVG_SHARD, update.participant_id, now)  # listed as late, not used
+        elif acceptance is Acceptance.ACCEPTED and self.store.add_adapter(
+            update.message_id, update.round_id, update.participant_id, body
+        ):
+            state.record(FEDAVG_SHARD, update.participant_id, now)  # an answer only once it is stored
             self._wake.set()
+        else:
+            self.counters.duplicates += 1
         return None
 
     def _adapter_shapes(self, round_id: int) -> dict[str, tuple[int, ...]] | None:
@@ -717,10 +860,33 @@ class Coordinator:
         await delivery.dead_letter(reason[:1024])
 
     async def _declare_participants(self, participant_ids: Sequence[str]) -> None:
-        new = [p for p in participant_ids if p not in self._declared_participants]
-        if new:
-            await self.transport.declare(participant_topology(new))
-            self._declared_participants.update(new)
+        """Declare these participants' queues, once each, and take their intake if it is running."""
+        new = sorted({p for p in participant_ids if p not in self._declared_participants})
+        if not new:
+            return
+        self._declared_participants.update(new)  # before the awaits: a concurrent Join does not repeat it
+        try:
+            await self.transport.declare(participant_topology(new).merged(intake_topology(new)))
+            if self._intake_open:
+                await self._consume_intake(new)
+        except BaseException:
+            self._declared_participants.difference_update(new)
+            raise
+
+
+@dataclass(frozen=True)
+class PendingWrite:
+    """An intake write waiting for its group commit, the round state it counts in, and its caller."""
+
+    write: NewBatch
+    state: RoundState
+    future: asyncio.Future[Stored]
+
+
+def decode_summary(body: bytes) -> RoundClosed:
+    message = decode_reply(body)
+    assert isinstance(message, RoundClosed)
+    return message
 
 
 def mean_agreement(per_shard: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -29,13 +29,18 @@ class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     rounds: Annotated[int, Meta(ge=0)] = 3  # 0: keep opening rounds until stopped
     prompts_per_round: Annotated[int, Meta(ge=1, le=100_000)] = 32
     shards: Annotated[int, Meta(ge=1, le=1024)] = 4
-    quorum: int | float = 1.0  # int: a count; float in (0, 1]: a fraction of active members
+    # int: a count; float in (0, 1]: a fraction of the active members that are not benched. The default,
+    # 1.0, waits for every one of them until the deadline.
+    quorum: int | float = 1.0
     min_participants: Annotated[int, Meta(ge=1)] = 1  # a round opens once this many are active
     deadline_seconds: PositiveSeconds = 600.0
     grace_seconds: Annotated[float, Meta(ge=0.0)] = 5.0
     late_policy: Literal["drop", "carry"] = "drop"
     staleness_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
     member_timeout_seconds: PositiveSeconds = 300.0
+    # A member that answered nothing (in time or late) in this many rounds in a row is benched: still
+    # asked, not waited for and not counted in the quorum, until it answers again. 0: never bench.
+    bench_after_missed_rounds: Annotated[int, Meta(ge=0, le=1_000)] = 2
     seed: int = 0
 
 
@@ -63,6 +68,9 @@ class RecordingSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields
     directory: str = "records"
     rotate_bytes: Annotated[int, Meta(ge=4096)] = 256 * 1024 * 1024
     fsync: Literal["never", "rotate", "always"] = "rotate"
+    # Dead-lettered messages recorded per sender and session (each with its body cut to 4 KiB); a
+    # flood beyond that is counted, not written, so that it cannot fill the disk.
+    rejected_frames_per_sender: Annotated[int, Meta(ge=0)] = 1_000
 
 
 class CoordinatorSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -73,7 +81,9 @@ class CoordinatorSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fiel
     roster: list[Id] = []  # participants known up front; others may join
     strategy: Literal["semantic", "fedavg"] = "semantic"
     publish_timeout_seconds: PositiveSeconds = 10.0
-    prefetch: Annotated[int, Meta(ge=1, le=65_535)] = 200
+    # Deliveries in flight per intake queue (one per member, and the lobby): bounds what one member's
+    # traffic holds in coordinator memory at a time.
+    prefetch: Annotated[int, Meta(ge=1, le=65_535)] = 32
     round: RoundSettings = RoundSettings()
     generation: GenerationParams = GenerationParams()
     consensus: ConsensusSettingsTable = ConsensusSettingsTable()

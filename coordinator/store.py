@@ -1,8 +1,10 @@
 """Coordinator state in SQLite: what must survive a crash.
 
 Deliveries are acked only after the transaction holding their effect commits, so
-anything acked is on disk. Every write is idempotent: batches by message id and
-by (round, shard, participant), publications by message id.
+anything acked is on disk. Every write is idempotent: batches by (sender, message
+id) and by (round, shard, participant), publications by message id. A participant's
+message ids are its own: two senders may use the same id without touching each
+other's records.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -37,13 +40,14 @@ CREATE TABLE IF NOT EXISTS rounds (
     summary BLOB                     -- the encoded RoundClosed
 );
 CREATE TABLE IF NOT EXISTS batches (
-    message_id TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
     round_id INTEGER NOT NULL,
     shard_id INTEGER NOT NULL,
     participant_id TEXT NOT NULL,
     received_unix REAL NOT NULL,
     late INTEGER NOT NULL,
     body BLOB NOT NULL,
+    PRIMARY KEY (participant_id, message_id),
     UNIQUE (round_id, shard_id, participant_id)
 );
 CREATE TABLE IF NOT EXISTS shard_closings (
@@ -71,19 +75,33 @@ CREATE TABLE IF NOT EXISTS traffic (
     PRIMARY KEY (round_id, participant_id, direction)
 );
 CREATE TABLE IF NOT EXISTS reports (
-    message_id TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
     round_id INTEGER NOT NULL,
     participant_id TEXT NOT NULL,
-    metrics TEXT NOT NULL
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (participant_id, message_id)
 );
 CREATE TABLE IF NOT EXISTS adapters (
-    message_id TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
     round_id INTEGER NOT NULL,
     participant_id TEXT NOT NULL,
     body BLOB NOT NULL,
+    PRIMARY KEY (participant_id, message_id),
     UNIQUE (round_id, participant_id)
 );
 """
+# PRAGMA user_version of the schema above. Version 0 keyed batches, reports and adapters by message id
+# alone, across senders; opening such a file moves their rows into the new tables.
+SCHEMA_VERSION = 1
+_SENDER_KEYED_TABLES = ("batches", "reports", "adapters")
+
+
+class Stored(Enum):
+    """What storing a participant's batch did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # the same message again, or another batch for a slot already filled
+    CONFLICT = "conflict"  # a message id this sender already used for another round or shard
 
 
 @dataclass(frozen=True)
@@ -166,7 +184,9 @@ class CoordinatorStore:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._migrate()
         self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._depth = 0
         # The coordinator commits intake writes in a worker thread (the fsync off its event loop): a
         # transaction holds this lock throughout, and a read takes it, so neither sees the other's half.
@@ -175,6 +195,20 @@ class CoordinatorStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _migrate(self) -> None:
+        """Re-key a version-0 file's sender-keyed tables; the columns are unchanged."""
+        ((version,),) = self._db.execute("PRAGMA user_version").fetchall()
+        existing = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        old = [t for t in _SENDER_KEYED_TABLES if t in existing]
+        if version >= SCHEMA_VERSION or not old:
+            return
+        renames = "".join(f"ALTER TABLE {t} RENAME TO {t}_v0;" for t in old)
+        copies = "".join(f"INSERT OR IGNORE INTO {t} SELECT * FROM {t}_v0; DROP TABLE {t}_v0;" for t in old)
+        # One script, one transaction: a crash halfway leaves the version-0 file as it was.
+        self._db.executescript(
+            f"BEGIN IMMEDIATE; {renames} {SCHEMA} {copies} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -261,6 +295,19 @@ class CoordinatorStore:
             RoundRow(r, s, o, d, q, tuple(json.loads(e)), a, bool(n), m) for r, s, o, d, q, e, a, n, m in rows
         ]
 
+    def summaries(self, first_round: int, last_round: int) -> list[bytes]:
+        """The encoded RoundClosed of each closed round from `first_round` to `last_round`, in order."""
+        rows = self._read(
+            "SELECT summary FROM rounds WHERE round_id BETWEEN ? AND ? AND status = 'closed' "
+            "AND summary IS NOT NULL ORDER BY round_id",
+            (first_round, last_round),
+        )
+        return [r[0] for r in rows]
+
+    def expected(self, round_id: int) -> list[str]:
+        rows = self._read("SELECT expected FROM rounds WHERE round_id = ?", (round_id,))
+        return list(json.loads(rows[0][0])) if rows else []
+
     def open_round(self) -> RoundRow | None:
         open_rounds = [r for r in self.rounds() if r.status == "open"]
         return open_rounds[-1] if open_rounds else None
@@ -281,53 +328,67 @@ class CoordinatorStore:
         received_unix: float,
         late: bool,
         body: bytes,
-    ) -> bool:
-        """Store a batch; False if this message or this (round, shard, participant) is already stored."""
+    ) -> Stored:
+        """Store one batch, one statement at a time: the reference `add_batches` is checked against."""
         with self.transaction():
+            used = self._read(
+                "SELECT round_id, shard_id FROM batches WHERE participant_id = ? AND message_id = ?",
+                (participant_id, message_id),
+            )
+            if used:
+                return Stored.DUPLICATE if tuple(used[0]) == (round_id, shard_id) else Stored.CONFLICT
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (message_id, round_id, shard_id, participant_id, received_unix, int(late), body),
             )
-            stored = cursor.rowcount == 1
-            if stored:
-                self._add_traffic(round_id, participant_id, "in", len(body))
-        return stored
+            if cursor.rowcount != 1:
+                return Stored.DUPLICATE
+            self._add_traffic(round_id, participant_id, "in", len(body))
+        return Stored.STORED
 
-    def add_batches(self, batches: Sequence[NewBatch]) -> list[bool]:
+    def add_batches(self, batches: Sequence[NewBatch]) -> list[Stored]:
         """Store many batches and touch their senders in one transaction, with a handful of statements.
 
-        Per batch, True if stored, False if its message or its (round, shard, participant) was already
-        stored (or came earlier in `batches`), as `add_batch` answers. One statement per step rather
-        than per batch, because the coordinator runs this in a worker thread, where every SQLite call
-        (every row stepped) hands the GIL to the event loop and waits to get it back.
+        Per batch, what `add_batch` would answer one by one: STORED; DUPLICATE if this sender's
+        message or the (round, shard, participant) slot was already stored (or came earlier in
+        `batches`); CONFLICT if the sender used this message id for another round or shard. One
+        statement per step rather than per batch, because the coordinator runs this in a worker
+        thread, where every SQLite call (every row stepped) hands the GIL to the event loop and waits
+        to get it back.
         """
-        stored: list[bool] = []
+        outcomes: list[Stored] = []
         with self.transaction():
-            known_ids: set[str] = set()
+            known_ids: dict[tuple[str, str], tuple[int, int]] = {}  # (sender, id) -> (round, shard)
             known_slots: set[tuple[int, int, str]] = set()
             for chunk in _chunks(batches):
                 rows = self._db.execute(
-                    "SELECT message_id, round_id, shard_id, participant_id FROM batches WHERE message_id IN "
-                    f"({_marks(len(chunk), 1)}) OR (round_id, shard_id, participant_id) IN "
-                    f"(VALUES {_marks(len(chunk), 3)})",
-                    [b.message_id for b in chunk] + [v for b in chunk for v in b[1:4]],
+                    "SELECT message_id, round_id, shard_id, participant_id FROM batches WHERE "
+                    f"(participant_id, message_id) IN (VALUES {_marks(len(chunk), 2)}) OR "
+                    f"(round_id, shard_id, participant_id) IN (VALUES {_marks(len(chunk), 3)})",
+                    [v for b in chunk for v in (b.participant_id, b.message_id)]
+                    + [v for b in chunk for v in b[1:4]],
                 ).fetchall()
-                known_ids.update(r[0] for r in rows)
+                known_ids.update(((r[3], r[0]), (r[1], r[2])) for r in rows)
                 known_slots.update((r[1], r[2], r[3]) for r in rows)
             fresh: list[NewBatch] = []
             traffic: dict[tuple[int, str], int] = {}
             seen: dict[str, float] = {}
             for b in batches:
-                slot = (b.round_id, b.shard_id, b.participant_id)
-                new = b.message_id not in known_ids and slot not in known_slots
-                stored.append(new)
-                if new:
-                    known_ids.add(b.message_id)
-                    known_slots.add(slot)
-                    fresh.append(b)
-                    key = (b.round_id, b.participant_id)
-                    traffic[key] = traffic.get(key, 0) + len(b.body)
                 seen[b.participant_id] = max(b.received_unix, seen.get(b.participant_id, b.received_unix))
+                slot = (b.round_id, b.shard_id, b.participant_id)
+                used = known_ids.get((b.participant_id, b.message_id))
+                if used is not None:
+                    outcomes.append(Stored.DUPLICATE if used == (b.round_id, b.shard_id) else Stored.CONFLICT)
+                    continue
+                if slot in known_slots:
+                    outcomes.append(Stored.DUPLICATE)
+                    continue
+                outcomes.append(Stored.STORED)
+                known_ids[(b.participant_id, b.message_id)] = (b.round_id, b.shard_id)
+                known_slots.add(slot)
+                fresh.append(b)
+                key = (b.round_id, b.participant_id)
+                traffic[key] = traffic.get(key, 0) + len(b.body)
             for chunk in _chunks(fresh):
                 self._db.execute(
                     f"INSERT INTO batches VALUES {_marks(len(chunk), 7)}", [v for b in chunk for v in b]
@@ -337,12 +398,21 @@ class CoordinatorStore:
                     _ADD_TRAFFIC.format(_marks(len(traffic), 4)),
                     [v for (r, p), n in traffic.items() for v in (r, p, "in", n)],
                 )
-            self._db.execute(
-                "UPDATE members SET last_seen_unix = max(last_seen_unix, touched.column2) "
-                f"FROM (VALUES {_marks(len(seen), 2)}) AS touched WHERE participant_id = touched.column1",
-                [v for item in seen.items() for v in item],
-            )
-        return stored
+            if seen:
+                self._db.execute(
+                    "UPDATE members SET last_seen_unix = max(last_seen_unix, touched.column2) "
+                    f"FROM (VALUES {_marks(len(seen), 2)}) AS touched WHERE participant_id = touched.column1",
+                    [v for item in seen.items() for v in item],
+                )
+        return outcomes
+
+    def batch_slot(self, participant_id: str, message_id: str) -> tuple[int, int] | None:
+        """(round, shard) of the batch this sender stored under `message_id`, if any."""
+        rows = self._read(
+            "SELECT round_id, shard_id FROM batches WHERE participant_id = ? AND message_id = ?",
+            (participant_id, message_id),
+        )
+        return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
     def batches(self, round_id: int, shard_id: int | None = None) -> list[BatchRow]:
         query = "SELECT round_id, shard_id, participant_id, late, body FROM batches WHERE round_id = ?"

@@ -274,7 +274,7 @@ def plan_broker(
         from broker.memory import MemoryBroker
 
         memory = MemoryBroker()
-        memory.declare(full_topology(ids, shards))
+        memory.declare(full_topology(ids))
         return BrokerPlan(
             coordinator=lambda: memory.connect(COORDINATOR_USER),
             participants={pid: (lambda pid=pid: memory.connect(pid)) for pid in ids},  # type: ignore[misc]

@@ -26,7 +26,9 @@ RoundId = Annotated[int, Meta(ge=0)]
 ShardId = Annotated[int, Meta(ge=0, le=1023)]
 Count = Annotated[int, Meta(ge=0)]
 Unit = Annotated[float, Meta(ge=-1.0, le=1.0)]
-Seconds = Annotated[float, Meta(ge=0.0)]
+# Bounds also refuse NaN and infinity, which would poison whatever sums or compares them.
+Seconds = Annotated[float, Meta(ge=0.0, le=1e12)]
+Finite = Annotated[float, Meta(ge=-1e300, le=1e300)]
 
 MAX_PROMPTS_PER_SHARD = 4_096
 MAX_PARTICIPANTS = 10_000
@@ -159,7 +161,7 @@ class GenerationBatch(Message, frozen=True, kw_only=True, tag="generation_batch"
 
 
 class ParticipantReport(Message, frozen=True, kw_only=True, tag="participant_report"):
-    metrics: Annotated[dict[Annotated[str, Meta(max_length=64)], float], Meta(max_length=MAX_METRICS)]
+    metrics: Annotated[dict[Annotated[str, Meta(max_length=64)], Finite], Meta(max_length=MAX_METRICS)]
     train_samples: Count = 0
     train_seconds: Seconds = 0.0
     generate_seconds: Seconds = 0.0

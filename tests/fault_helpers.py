@@ -138,7 +138,7 @@ def label_table(participant: ScriptedParticipant) -> LabelTable:
 async def reference_labels(directory: Path, names: list[str], **overrides: object) -> LabelTable:
     """The labels a fault-free run on the embedded broker gives for the same inputs."""
     broker = MemoryBroker()
-    broker.declare(full_topology(names, SHARDS))
+    broker.declare(full_topology(names))
     coordinator = memory_coordinator(round_config(directory, len(names), **overrides), broker)
     participants = [
         ScriptedParticipant(n, broker.connect(n), consensus_answers, federation=FEDERATION) for n in names

@@ -105,7 +105,7 @@ async def record_federation(
     config = write_config(directory, rotate_bytes=rotate_bytes, **round_overrides)
     settings = load_coordinator_settings(config, env={})
     broker = MemoryBroker()
-    broker.declare(full_topology([*NAMES, "mallory"], shards=SHARDS))
+    broker.declare(full_topology([*NAMES, "mallory"]))
     coordinator = coordinator_for(settings, broker)
     async with coordinator.transport:
         await coordinator.start()

@@ -84,7 +84,7 @@ async def test_round_closes_on_time_with_a_straggler(tmp_path: Path) -> None:
     broker = MemoryBroker()
     coordinator = make_coordinator(write_config(tmp_path, grace_seconds=0.3), broker)
     names = ["alice", "bob", "carol", "dave", "erin"]
-    broker.declare(full_topology(names, shards=3))
+    broker.declare(full_topology(names))
     participants = [
         ScriptedParticipant(n, broker.connect(n), consensus_answers, delay=5.0 if n == "erin" else 0.0)
         for n in names
@@ -109,7 +109,7 @@ async def test_outlier_never_labels_and_ranks_last(tmp_path: Path) -> None:
     broker = MemoryBroker()
     coordinator = make_coordinator(write_config(tmp_path, min_participants=4, quorum=4), broker)
     names = ["alice", "bob", "carol", "mallory"]
-    broker.declare(full_topology(names, shards=3))
+    broker.declare(full_topology(names))
     participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
     await run_with_participants(coordinator, participants)
     (summary,) = coordinator.closed_rounds
@@ -121,7 +121,7 @@ async def test_outlier_never_labels_and_ranks_last(tmp_path: Path) -> None:
 async def test_bad_generations_are_dead_lettered_with_reasons(tmp_path: Path) -> None:
     broker = MemoryBroker()
     coordinator = make_coordinator(write_config(tmp_path, min_participants=1, quorum=1, rounds=1), broker)
-    broker.declare(full_topology(["alice", "mallory"], shards=3))
+    broker.declare(full_topology(["alice", "mallory"]))
     dead: list[Delivery] = []
 
     async def collect(delivery: Delivery) -> None:
@@ -181,7 +181,7 @@ async def test_restart_mid_round_finishes_with_the_same_labels(tmp_path: Path) -
     reference_dir = tmp_path / "reference"
     reference_dir.mkdir()
     broker = MemoryBroker()
-    broker.declare(full_topology(names, shards=3))
+    broker.declare(full_topology(names))
     reference = make_coordinator(write_config(reference_dir, min_participants=3, quorum=3), broker)
     clean = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
     await run_with_participants(reference, clean)
@@ -190,7 +190,7 @@ async def test_restart_mid_round_finishes_with_the_same_labels(tmp_path: Path) -
     crash_dir.mkdir()
     config = write_config(crash_dir, min_participants=3, quorum=3)
     broker = MemoryBroker()
-    broker.declare(full_topology(names, shards=3))
+    broker.declare(full_topology(names))
     first = make_coordinator(config, broker)
     await first.start()
     participants = [
@@ -234,7 +234,7 @@ async def test_crash_while_publishing_labels_resumes_without_duplicates(tmp_path
     names = ["alice", "bob", "carol"]
     config = write_config(tmp_path, min_participants=3, quorum=3)
     broker = MemoryBroker()
-    broker.declare(full_topology(names, shards=3))
+    broker.declare(full_topology(names))
     first = make_coordinator(config, broker)
     participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
     publish = first.transport.publish
@@ -280,7 +280,7 @@ async def test_a_shard_never_closes_over_a_batch_still_waiting_for_its_commit(
     monkeypatch.setattr(service, "GROUP_COMMIT_WAIT", 60.0)
     broker = MemoryBroker()
     names = ["alice", "bob"]
-    broker.declare(full_topology(names, shards=3))
+    broker.declare(full_topology(names))
     coordinator = make_coordinator(write_config(tmp_path, min_participants=2, quorum=2, shards=1), broker)
     await coordinator.start()
     participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
@@ -315,7 +315,7 @@ async def test_labels_reach_every_member_once_across_bcc_chunks(
     monkeypatch.setattr(service, "MAX_BCC_KEYS", 2)  # 5 recipients: publishes of 2, 2 and 1 keys
     names = ["alice", "bob", "carol", "dave", "erin"]
     broker = MemoryBroker()
-    broker.declare(full_topology(names, shards=3))
+    broker.declare(full_topology(names))
     coordinator = make_coordinator(write_config(tmp_path, min_participants=5, quorum=5), broker)
     publishes: list[tuple[str, list[str]]] = []
     publish = coordinator.transport.publish

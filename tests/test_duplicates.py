@@ -51,7 +51,7 @@ class DuplicatingParticipant(ScriptedParticipant):
 
 async def run(tmp_path: Path, duplicating: bool) -> tuple[list[ScriptedParticipant], int, int]:
     broker = MemoryBroker()
-    broker.declare(full_topology(NAMES, shards=3))
+    broker.declare(full_topology(NAMES))
     coordinator = make_coordinator(write_config(tmp_path, min_participants=3, quorum=3), broker)
     participants: list[ScriptedParticipant] = [
         DuplicatingParticipant(n, broker.connect(n), consensus_answers, seed=i)

@@ -75,7 +75,7 @@ async def coordinator_at(url: str, config: Path) -> Coordinator:
 async def clean_run(tmp_path: Path, federation: str, names: list[str]) -> list[ScriptedParticipant]:
     """The same round on the in-memory broker, with no hostile traffic: the labels to match."""
     broker = MemoryBroker()
-    broker.declare(full_topology(names, shards=4))
+    broker.declare(full_topology(names))
     coordinator = make_coordinator(federation_config(tmp_path, federation, **ROUND), broker)
     participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers, federation) for n in names]
     await run_with_participants(coordinator, participants)

@@ -77,7 +77,7 @@ def make_coordinator(config: Path, broker: MemoryBroker) -> Coordinator:
 
 async def test_two_architectures_complete_rounds_together(tmp_path: Path) -> None:
     broker = MemoryBroker()
-    broker.declare(full_topology(["llama", "gpt2"], shards=2))
+    broker.declare(full_topology(["llama", "gpt2"]))
     coordinator = make_coordinator(coordinator_config(tmp_path, rounds=2), broker)
     llama = make_participant(broker, tmp_path, "llama", "tiny-llama")
     gpt2 = make_participant(broker, tmp_path, "gpt2", "tiny-gpt2")
@@ -121,7 +121,7 @@ class CrashOnSecondTrain:
 
 async def test_killed_participant_resumes_from_checkpoint_and_applies_missed_labels(tmp_path: Path) -> None:
     broker = MemoryBroker()
-    broker.declare(full_topology(["llama", "gpt2"], shards=2))
+    broker.declare(full_topology(["llama", "gpt2"]))
     coordinator = make_coordinator(coordinator_config(tmp_path, rounds=2), broker)
     await coordinator.start()
     llama = make_participant(broker, tmp_path, "llama", "tiny-llama")
@@ -153,7 +153,7 @@ async def test_killed_participant_resumes_from_checkpoint_and_applies_missed_lab
 
 async def test_fedavg_round_averages_adapters_of_the_same_architecture(tmp_path: Path) -> None:
     broker = MemoryBroker()
-    broker.declare(full_topology(["one", "two"], shards=2))
+    broker.declare(full_topology(["one", "two"]))
     config = coordinator_config(tmp_path, rounds=1)
     config.write_text(config.read_text().replace('federation = "t"', 'federation = "t"\nstrategy = "fedavg"'))
     coordinator = make_coordinator(config, broker)

@@ -147,7 +147,7 @@ async def drive_fresh_coordinator(
 ) -> FreshRun:
     """A new coordinator (empty state, the recorded settings) fed by `republish` on a memory broker."""
     broker = MemoryBroker()
-    broker.declare(full_topology([*NAMES, "mallory"], shards=SHARDS))
+    broker.declare(full_topology([*NAMES, "mallory"]))
     settings = msgspec.structs.replace(
         original.settings,
         state_path=str(tmp_path / "fresh.sqlite3"),

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 from coordinator.prompts import PromptSampler, PromptSetError, PublicPrompt, load_prompts, split_into_shards
-from coordinator.store import CoordinatorStore
+from coordinator.store import CoordinatorStore, Stored
 
 
 def test_batches_are_idempotent_by_message_id_and_by_slot(tmp_path: Path) -> None:
     store = CoordinatorStore(tmp_path / "s.sqlite3")
     kwargs = {"round_id": 1, "shard_id": 0, "participant_id": "a", "received_unix": 1.0, "late": False}
-    assert store.add_batch(message_id="m1", body=b"x" * 10, **kwargs)  # type: ignore[arg-type]
-    assert not store.add_batch(message_id="m1", body=b"x" * 10, **kwargs)  # type: ignore[arg-type]
-    assert not store.add_batch(message_id="m2", body=b"y", **kwargs)  # type: ignore[arg-type]
+    assert store.add_batch(message_id="m1", body=b"x" * 10, **kwargs) is Stored.STORED  # type: ignore[arg-type]
+    assert store.add_batch(message_id="m1", body=b"x" * 10, **kwargs) is Stored.DUPLICATE  # type: ignore[arg-type]
+    assert store.add_batch(message_id="m2", body=b"y", **kwargs) is Stored.DUPLICATE  # type: ignore[arg-type]
     assert store.traffic(1, "in") == {"a": 10}
     store.close()
     reopened = CoordinatorStore(tmp_path / "s.sqlite3")
@@ -103,3 +103,41 @@ def test_split_into_shards_deals_round_robin() -> None:
     shards = split_into_shards(prompts, 3)
     assert [[p.prompt_id for p in s.prompts] for s in shards] == [["p0", "p3"], ["p1", "p4"], ["p2"]]
     assert [s.shard_id for s in split_into_shards(prompts[:2], 4)] == [0, 1]
+
+
+def test_message_ids_are_each_senders_own_and_a_reused_id_is_a_conflict(tmp_path: Path) -> None:
+    store = CoordinatorStore(tmp_path / "s.sqlite3")
+    common = {"shard_id": 0, "received_unix": 1.0, "late": False, "body": b"x"}
+    # mallory takes alice's deterministic id first: it is mallory's own id, alice's batch still stores.
+    assert store.add_batch(message_id="alice.r1.s0.gen", round_id=1, participant_id="mallory", **common)  # type: ignore[arg-type]
+    assert store.add_batch(message_id="alice.r1.s0.gen", round_id=1, participant_id="alice", **common) is (  # type: ignore[arg-type]
+        Stored.STORED
+    )
+    assert store.batch_slot("alice", "alice.r1.s0.gen") == (1, 0)
+    # The same id from the same sender for another round is a conflict, not a duplicate.
+    assert store.add_batch(message_id="alice.r1.s0.gen", round_id=2, participant_id="alice", **common) is (  # type: ignore[arg-type]
+        Stored.CONFLICT
+    )
+    assert store.add_report("alice.r1.report", 1, "mallory", {"x": 1.0})
+    assert store.add_report("alice.r1.report", 1, "alice", {"x": 2.0})
+    assert not store.add_report("alice.r1.report", 1, "alice", {"x": 2.0})
+    assert [(p, m) for _, p, m in store.reports(1)] == [("alice", {"x": 2.0}), ("mallory", {"x": 1.0})]
+
+
+def test_a_version_0_store_is_rekeyed_by_sender_on_open(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE batches (message_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL,"
+        " shard_id INTEGER NOT NULL, participant_id TEXT NOT NULL, received_unix REAL NOT NULL,"
+        " late INTEGER NOT NULL, body BLOB NOT NULL, UNIQUE (round_id, shard_id, participant_id));"
+        "INSERT INTO batches VALUES ('m1', 1, 0, 'alice', 1.0, 0, x'00');"
+    )
+    db.commit()
+    db.close()
+    store = CoordinatorStore(path)
+    assert [b.participant_id for b in store.batches(1)] == ["alice"]
+    common = {"round_id": 1, "shard_id": 0, "received_unix": 2.0, "late": False, "body": b"y"}
+    assert store.add_batch(message_id="m1", participant_id="bob", **common) is Stored.STORED  # type: ignore[arg-type]
