@@ -325,13 +325,15 @@ class AmqpTransport:
         message_id: str,
         user_id: str | None,
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        headers: Headers | None = None,
     ) -> None:
-        """TEST ONLY: publish with any `user_id` property, or none (`None`), as a hostile client could.
+        """TEST ONLY: publish with any `user_id` property, or none (`None`), and any headers, as a hostile
+        client could.
 
         Services never call this; `publish` always stamps the login. The security tests use it to show
         that RabbitMQ refuses a forged `user_id` and that the coordinator dead-letters a missing one.
         """
-        message = self._message(body, message_id, {})
+        message = self._message(body, message_id, dict(headers or {}))
         message.user_id = user_id
         await self._publisher.publish(exchange, routing_key, message, timeout)
 

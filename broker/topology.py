@@ -18,9 +18,11 @@ ANNOUNCE_EXCHANGE = "chorus.announce"
 DEAD_LETTER_EXCHANGE = "chorus.dlx"
 DEAD_LETTER_QUEUE = "chorus.dead"
 DEAD_LETTER_KEY = "dead"
-# What a participant publishes before it has an intake queue of its own (its first Join, unless it is
-# on the roster) matches no binding of chorus.up and goes to this exchange (chorus.up's alternate
-# exchange) and the one queue bound to it.
+# The lobby: where the coordinator hears from participants it does not consume an intake queue of
+# yet. It gets a copy of all control traffic (`ctl.*`: so a Join reaches a coordinator even when the
+# sender's intake queue is left over from another coordinator, unconsumed) and whatever matches no
+# binding of chorus.up (through this alternate exchange). The coordinator acks, unread, the copies from
+# participants whose intake queue it consumes.
 LOBBY_EXCHANGE = "chorus.lobby"
 LOBBY_QUEUE = "chorus.lobby"
 
@@ -34,8 +36,9 @@ COORDINATOR_USER = "coordinator"
 # more while the coordinator is down) and at most an adapter or two in bytes.
 INTAKE_MAX_MESSAGES = 2_000
 INTAKE_MAX_BYTES = 256 * 1024 * 1024
-# The lobby only ever needs to hold Joins, which are tiny.
-LOBBY_MAX_MESSAGES = 1_000
+# The lobby keeps the newest of what it holds (a flood there drops the oldest copies, and never makes
+# the broker refuse another member's publish); a Join is tiny.
+LOBBY_MAX_MESSAGES = 10_000
 LOBBY_MAX_BYTES = 16 * 1024 * 1024
 # The dead-letter queue keeps the newest dead letters (their bodies cut short, see
 # broker.transport.dead_letter_copy) and drops the oldest beyond these bounds.
@@ -107,7 +110,14 @@ def core_topology(delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
             ExchangeSpec(DEAD_LETTER_EXCHANGE, "direct"),
         ),
         queues=(
-            _work_queue(LOBBY_QUEUE, delivery_limit, LOBBY_MAX_MESSAGES, LOBBY_MAX_BYTES),
+            QueueSpec(
+                name=LOBBY_QUEUE,
+                quorum=True,
+                delivery_limit=delivery_limit,
+                max_length=LOBBY_MAX_MESSAGES,
+                max_length_bytes=LOBBY_MAX_BYTES,
+                overflow="drop-head",
+            ),
             QueueSpec(
                 name=DEAD_LETTER_QUEUE,
                 quorum=True,
@@ -118,6 +128,7 @@ def core_topology(delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
         ),
         bindings=(
             BindingSpec(LOBBY_QUEUE, LOBBY_EXCHANGE, ""),
+            BindingSpec(LOBBY_QUEUE, UP_EXCHANGE, "ctl.*"),
             BindingSpec(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_KEY),
         ),
     )
@@ -139,8 +150,7 @@ def participant_topology(
 
 def intake_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
     """Each participant's intake queue, bound to its own keys. Only the coordinator declares these, as it
-    starts consuming them (for its roster and stored members, and when a Join comes through the lobby):
-    an intake queue nobody consumes would swallow the participant's Join."""
+    starts consuming them: for its roster and stored members, and when a Join comes through the lobby."""
     queues: list[QueueSpec] = []
     bindings: list[BindingSpec] = []
     for pid in participant_ids:

@@ -120,6 +120,7 @@ class Coordinator:
         self._pending_writes: list[PendingWrite] = []
         self._committing: asyncio.Task[None] | None = None
         self._intake_open = False
+        self._consumed: set[str] = set()  # participants whose intake queue this coordinator consumes
         self._touched: dict[str, float] = {}  # member -> when its last-seen time was last written
 
     # -- lifecycle ---------------------------------------------------------
@@ -152,6 +153,7 @@ class Coordinator:
         """Subscribe to these participants' intake queues (None: the lobby), concurrently: each consumer
         costs a few broker round trips, and one after another they would hold back intake."""
         prefetch = self.settings.prefetch
+        self._consumed.update(o for o in owners if o is not None)
         outcomes = await asyncio.gather(
             *(
                 self.transport.consume(
@@ -164,9 +166,10 @@ class Coordinator:
             return_exceptions=True,
         )
         failure: BaseException | None = None
-        for outcome in outcomes:
+        for owner, outcome in zip(owners, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 failure = failure or outcome
+                self._consumed.discard(owner or "")
             else:
                 self._subscriptions.append(outcome)
         if failure is not None:
@@ -174,6 +177,7 @@ class Coordinator:
 
     async def stop_intake(self) -> None:
         self._intake_open = False
+        self._consumed.clear()
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             try:
@@ -593,6 +597,9 @@ class Coordinator:
 
         async def handle(delivery: Delivery) -> None:
             key = delivery.routing_key
+            if owner is None and key.startswith("ctl.") and key[4:] in self._consumed:
+                await delivery.ack()  # the lobby's copy of what the sender's intake queue delivers
+                return
             if key.startswith("gen."):
                 await self._on_generation(delivery, owner)
             elif key.startswith("ctl."):

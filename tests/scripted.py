@@ -35,6 +35,8 @@ class ScriptedParticipant:
     answer: AnswerFn
     federation: str = "test"
     delay: float = 0.0  # seconds to wait before answering each round
+    protocol_ids: bool = False  # message ids as PROTOCOL.md §7.4 has them, else random ones
+    silent: bool = False  # joins and receives, never answers
     opened: list[RoundOpened] = field(default_factory=list)
     labels: dict[tuple[int, int], PseudoLabels] = field(default_factory=dict)
     label_deliveries: int = 0
@@ -65,13 +67,20 @@ class ScriptedParticipant:
         await delivery.ack()
 
     async def _answer(self, opened: RoundOpened) -> None:
+        if self.silent:
+            return
         if self.delay:
             await asyncio.sleep(self.delay)
         for shard in opened.shards:
+            message_id = (
+                f"{self.participant_id}.r{opened.round_id}.s{shard.shard_id}.gen"
+                if self.protocol_ids
+                else new_message_id()
+            )
             batch = GenerationBatch(
                 federation=self.federation,
                 round_id=opened.round_id,
-                message_id=new_message_id(),
+                message_id=message_id,
                 participant_id=self.participant_id,
                 shard_id=shard.shard_id,
                 model_id="scripted",

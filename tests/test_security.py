@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import eventually
 from test_coordinator_amqp import federation_config
@@ -19,22 +20,30 @@ from test_coordinator_amqp import federation_config
 from broker.amqp import AccessRefused, AmqpTransport
 from broker.errors import BrokerError
 from broker.local_node import LocalNode
-from broker.memory import ORIGINAL_USER_HEADER
 from broker.topology import (
     ANNOUNCE_EXCHANGE,
-    CONTROL_QUEUE,
     COORDINATOR_USER,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DIRECT_EXCHANGE,
+    LOBBY_QUEUE,
     UP_EXCHANGE,
     control_key,
     generation_key,
+    intake_queue,
+    intake_topology,
     reply_key,
     reply_queue,
-    shard_queue,
 )
-from broker.transport import REASON_HEADER, BindingSpec, Delivery, ExchangeSpec, QueueSpec, Topology
+from broker.transport import (
+    ORIGINAL_USER_HEADER,
+    REASON_HEADER,
+    BindingSpec,
+    Delivery,
+    ExchangeSpec,
+    QueueSpec,
+    Topology,
+)
 from coordinator.embedding import HashingEmbedder
 from coordinator.prompts import load_prompts
 from coordinator.service import Coordinator
@@ -70,6 +79,8 @@ async def connections(federation: Federation) -> AsyncIterator[dict[str, AmqpTra
     }
     for transport in opened.values():
         await transport.connect()
+    # The coordinator's part: the participants' intake queues, which only it declares.
+    await opened[COORDINATOR_USER].declare(intake_topology([federation.alice, federation.bob]))
     try:
         yield opened
     finally:
@@ -125,7 +136,7 @@ async def test_a_participant_cannot_publish_under_another_participants_key(
     alice, bob = federation.alice, federation.bob
     mallory = connections[alice]  # alice's login, acting against bob
     coordinator = connections[COORDINATOR_USER]
-    watched = [shard_queue(0), shard_queue(1), CONTROL_QUEUE]
+    watched = [intake_queue(alice), intake_queue(bob), LOBBY_QUEUE]
     before = await depths(coordinator, watched)
     assert before == dict.fromkeys(watched, 0)
 
@@ -153,10 +164,14 @@ async def test_a_participant_cannot_publish_under_another_participants_key(
         (control_key(alice), heartbeat(alice)),
     ]:
         await mallory.publish(UP_EXCHANGE, key, body, message_id=message_id)
-    assert await depths(coordinator, watched) == {shard_queue(0): 1, shard_queue(1): 0, CONTROL_QUEUE: 1}
-    for queue in (shard_queue(0), CONTROL_QUEUE):
-        (delivery,) = await drain(coordinator, queue)
-        assert delivery.user_id == alice
+    # Both land in alice's own intake queue; the lobby gets a copy of the control message.
+    assert await depths(coordinator, watched) == {
+        intake_queue(alice): 2,
+        intake_queue(bob): 0,
+        LOBBY_QUEUE: 1,
+    }
+    for queue in (intake_queue(alice), LOBBY_QUEUE):
+        assert {d.user_id for d in await drain(coordinator, queue)} == {alice}
 
 
 async def test_the_broker_refuses_a_forged_user_id(
@@ -173,13 +188,13 @@ async def test_the_broker_refuses_a_forged_user_id(
             )
         assert "PRECONDITION_FAILED" in str(caught.value.__cause__)
         assert "user_id property set to" in str(caught.value.__cause__)
-    assert await coordinator.queue_depth(shard_queue(0)) == 0
+    assert await coordinator.queue_depth(intake_queue(alice)) == 0
     # the raw path is no loophole: user_id = the login is accepted, as from `publish`
     body, message_id = batch(alice)
     await mallory.publish_with_user_id_for_tests(
         UP_EXCHANGE, generation_key(0, alice), body, message_id=message_id, user_id=alice
     )
-    (delivery,) = await drain(coordinator, shard_queue(0))
+    (delivery,) = await drain(coordinator, intake_queue(alice))
     assert delivery.user_id == alice and delivery.message_id == message_id
 
 
@@ -195,7 +210,7 @@ async def test_a_participant_cannot_read_another_participants_reply_queue(
     async def steal(delivery: Delivery) -> None:
         got.append(delivery)
 
-    for queue in (reply_queue(bob), shard_queue(0), CONTROL_QUEUE, DEAD_LETTER_QUEUE):
+    for queue in (reply_queue(bob), intake_queue(bob), intake_queue(alice), LOBBY_QUEUE, DEAD_LETTER_QUEUE):
         with pytest.raises(AccessRefused, match="may not consume"):
             await connections[alice].consume(queue, steal)
     assert got == []
@@ -238,9 +253,9 @@ async def test_a_participant_cannot_declare_bind_delete_or_purge(
     for operation, arguments in [
         ("queue_delete", {"queue": reply_queue(bob)}),
         ("queue_delete", {"queue": own}),
-        ("queue_delete", {"queue": shard_queue(0)}),
+        ("queue_delete", {"queue": intake_queue(bob)}),
         ("queue_purge", {"queue": reply_queue(bob)}),
-        ("queue_purge", {"queue": shard_queue(0)}),
+        ("queue_purge", {"queue": intake_queue(bob)}),
         (
             "queue_unbind",
             {"queue": reply_queue(bob), "exchange": DIRECT_EXCHANGE, "routing_key": reply_key(bob)},
@@ -253,7 +268,7 @@ async def test_a_participant_cannot_declare_bind_delete_or_purge(
 
     # everything is still in place: the queues, bob's waiting message, the binding that delivers to bob
     assert await coordinator.queue_depth(reply_queue(bob)) == 1
-    for queue in (own, shard_queue(0), CONTROL_QUEUE):
+    for queue in (own, intake_queue(bob), LOBBY_QUEUE):
         assert await coordinator.queue_depth(queue) == 0
     body, second = heartbeat(COORDINATOR_USER)
     await coordinator.publish(DIRECT_EXCHANGE, reply_key(bob), body, message_id=second)
@@ -267,6 +282,8 @@ async def test_the_coordinator_dead_letters_a_generation_without_user_id(
     alice = federation.alice
     name = f"f{secrets.token_hex(3)}"
     settings = load_coordinator_settings(federation_config(tmp_path, name, min_participants=9), env={})
+    # alice is on the roster: the coordinator takes her intake queue (declared above) from the start.
+    settings = msgspec.structs.replace(settings, roster=[alice])
     coordinator_transport = AmqpTransport(
         federation.urls[COORDINATOR_USER], connection_name="test coordinator"
     )

@@ -1,0 +1,382 @@
+"""What one hostile participant could do to the others, tried on a real RabbitMQ node.
+
+Each test runs a real coordinator with honest scripted participants in a vhost of its own, has a
+participant attack with nothing but its own broker login, and checks that the honest members'
+rounds, answers and labels are what they are without the attack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+import pytest
+from attackers import (
+    Attacker,
+    DeadLetters,
+    IdThief,
+    directory_bytes,
+    participant_at,
+    reset_peak_rss,
+    rss_status,
+)
+from conftest import eventually
+from fault_helpers import (
+    FEDERATION,
+    SHARDS,
+    coordinator_at,
+    label_table,
+    reference_labels,
+    round_config,
+    stored_batches,
+)
+from scripted import ScriptedParticipant, consensus_answers
+
+from broker.amqp import AmqpTransport
+from broker.recorder import Recorder, RecordingTransport
+from broker.topology import (
+    COORDINATOR_USER,
+    DEAD_LETTER_MAX_BYTES,
+    DEAD_LETTER_QUEUE,
+    UP_EXCHANGE,
+    control_key,
+    generation_key,
+)
+from broker.transport import BODY_BYTES_HEADER, DEAD_LETTER_BODY_BYTES, ORIGINAL_USER_HEADER
+from coordinator.service import Coordinator
+from schemas import Answer, GenerationBatch, Heartbeat, ParticipantReport, RoundClosed, encode, new_message_id
+
+pytestmark = pytest.mark.amqp
+
+Vhost = Callable[..., dict[str, str]]
+
+
+def names(*roles: str) -> list[str]:
+    tag = secrets.token_hex(3)
+    return [f"{role}-{tag}" for role in roles]
+
+
+@asynccontextmanager
+async def federation(
+    urls: dict[str, str], config: Path, dead: DeadLetters | None = None, records: Path | None = None
+) -> AsyncIterator[tuple[Coordinator, list[ScriptedParticipant]]]:
+    """A started coordinator (recording into `records` if given, and an inspector on chorus.dead);
+    whatever the test opens is closed after."""
+    coordinator = await coordinator_at(urls[COORDINATOR_USER], config)
+    if records is not None:
+        recorder = Recorder(records, federation=FEDERATION, settings={})
+        recorder.open()
+        coordinator.transport = RecordingTransport(coordinator.transport, recorder)
+    inspector = AmqpTransport(urls[COORDINATOR_USER], connection_name="test inspector")
+    await inspector.__aenter__()
+    if dead is not None:
+        await inspector.consume(DEAD_LETTER_QUEUE, dead)
+    participants: list[ScriptedParticipant] = []
+    await coordinator.start()
+    try:
+        yield coordinator, participants
+    finally:
+        for participant in participants:
+            await participant.leave()
+            await participant.transport.close()
+        await coordinator.stop_intake()
+        await coordinator.transport.close()
+        coordinator.store.close()
+        await inspector.close()
+
+
+async def drive(coordinator: Coordinator, rounds: int, timeout: float = 60.0) -> list[RoundClosed]:
+    """Run the coordinator until `rounds` rounds in all are closed; summaries of those this call closed."""
+    settings = coordinator.settings
+    coordinator.settings = msgspec.structs.replace(
+        settings, round=msgspec.structs.replace(settings.round, rounds=rounds)
+    )
+    before = len(coordinator.closed_rounds)
+    await asyncio.wait_for(coordinator.drive(), timeout)
+    return coordinator.closed_rounds[before:]
+
+
+def seconds(summary: RoundClosed) -> float:
+    return summary.closed_unix - summary.opened_unix
+
+
+# -- 1. somebody else's message ids ------------------------------------------
+
+
+async def test_a_participant_using_another_ones_message_ids_erases_nothing(
+    tmp_path: Path, rabbit_vhost: Vhost
+) -> None:
+    alice, bob, mallory = names("alice", "bob", "mallory")
+    urls = rabbit_vhost(participants=(alice, bob, mallory))
+    reference = await reference_labels(tmp_path / "reference", [alice, bob, mallory])
+    dead = DeadLetters()
+    async with federation(urls, round_config(tmp_path / "attack", 3), dead) as (coordinator, participants):
+        thief_transport = AmqpTransport(urls[mallory], connection_name="test thief")
+        await thief_transport.__aenter__()
+        thief = IdThief(mallory, thief_transport, consensus_answers, federation=FEDERATION, victim=alice)
+        # The victim and bob answer a second later, with PROTOCOL §7.4's deterministic ids: the thief's
+        # copies of those ids are in first.
+        for name in (alice, bob):
+            participants.append(
+                await participant_at(urls[name], name, FEDERATION, protocol_ids=True, delay=1.0)
+            )
+        participants.append(thief)
+        for participant in participants:
+            await participant.join()
+        (summary,) = await drive(coordinator, 1)
+        victim = participants[0]
+        await eventually(lambda: len(victim.labels) == SHARDS)
+
+        assert label_table(victim) == reference  # as if there had been no attack
+        assert summary.answered == sorted([alice, bob, mallory])
+        assert all(o.status == "labelled" and alice in o.answered for o in summary.shards)
+        assert {(1, s, alice) for s in range(SHARDS)} <= stored_batches(coordinator, 1)
+        stolen = f"names participant {alice!r}, not the sender {mallory!r}"
+        await eventually(lambda: sum(stolen in r for r in dead.reasons()) == SHARDS + 1)
+        assert any(f"arrived in participant {alice!r}'s intake queue" in r for r in dead.reasons())
+
+        # The victim's report, sent after the thief's copy of its id, is stored as its own.
+        report = ParticipantReport(
+            federation=FEDERATION,
+            round_id=1,
+            message_id=f"{alice}.r1.report",
+            participant_id=alice,
+            metrics={"loss": 1.5},
+        )
+        await victim.transport.publish(
+            UP_EXCHANGE, control_key(alice), encode(report), message_id=report.message_id
+        )
+        await eventually(lambda: any(p == alice for _, p, _ in coordinator.store.reports(1)))
+        assert [(p, m) for _, p, m in coordinator.store.reports(1)] == [(alice, {"loss": 1.5})]
+
+
+# -- 2. one huge control message ---------------------------------------------
+
+
+async def test_a_huge_hostile_control_message_delays_no_round_and_costs_little_memory(
+    tmp_path: Path, rabbit_vhost: Vhost
+) -> None:
+    alice, bob, mallory = names("alice", "bob", "mallory")
+    urls = rabbit_vhost(participants=(alice, bob, mallory))
+    config = round_config(tmp_path, 2, grace_seconds=0.0)
+    dead = DeadLetters()
+    # Eight million keys: decoding it into Python objects takes seconds and most of a gigabyte.
+    attacker = Attacker(urls[mallory], mallory, FEDERATION, "huge", 8_000_000)
+    try:
+        async with federation(urls, config, dead) as (coordinator, participants):
+            for name in (alice, bob):
+                participants.append(await participant_at(urls[name], name, FEDERATION, delay=2.0))
+                await participants[-1].join()
+            await attacker.ready()
+            (quiet,) = await drive(coordinator, 1)
+            reset_peak_rss()
+            rss_before = rss_status("VmRSS")
+            attacker.go()  # lands while round 2 waits for the honest answers
+            (attacked,) = await drive(coordinator, 2)
+            await attacker.finish()
+            await eventually(lambda: any("too_large" in r for r in dead.reasons()), timeout=30)
+            peak = rss_status("VmHWM") - rss_before
+    finally:
+        attacker.kill()
+    print(
+        f"round without attack {seconds(quiet):.2f}s, with {seconds(attacked):.2f}s; peak +{peak >> 20} MiB"
+    )
+    assert all(o.status == "labelled" for o in attacked.shards)
+    assert seconds(attacked) < seconds(quiet) + 1.5
+    # The body itself (48 MB) arrives once, in AMQP frames; nothing of it is decoded.
+    assert peak < 256 * 1024 * 1024
+
+
+# -- 3. one member's flood ---------------------------------------------------
+
+
+async def test_a_flooding_member_delays_no_one_and_fills_no_shared_storage(
+    tmp_path: Path, rabbit_vhost: Vhost
+) -> None:
+    alice, bob, mallory = names("alice", "bob", "mallory")
+    urls = rabbit_vhost(participants=(alice, bob, mallory))
+    config = round_config(tmp_path, 2, min_participants=3, grace_seconds=0.0)
+    records = tmp_path / "records"
+    dead = DeadLetters()
+    # Small malformed batches as fast as it can, and a 4 MiB + 1 byte body every tenth burst.
+    attacker = Attacker(urls[mallory], mallory, FEDERATION, "flood", 0, seconds=14.0)
+    try:
+        async with federation(urls, config, dead, records) as (coordinator, participants):
+            await attacker.ready()
+            await eventually(lambda: len(coordinator.store.members()) == 1)  # the flooder joined
+            for name in (alice, bob):
+                participants.append(await participant_at(urls[name], name, FEDERATION, delay=1.0))
+                await participants[-1].join()
+            (quiet,) = await drive(coordinator, 1)
+            # The flood builds a backlog while the coordinator is away (as behind a slow consensus or a
+            # restart), and goes on through round 2.
+            await coordinator.stop_intake()
+            attacker.go()
+            await asyncio.sleep(6.0)
+            reset_peak_rss()
+            rss_before = rss_status("VmRSS")
+            await coordinator.start()
+            (flooded,) = await drive(coordinator, 2)
+            peak = rss_status("VmHWM") - rss_before
+            tally = await attacker.finish()
+            assert isinstance(coordinator.transport, RecordingTransport)
+            coordinator.transport.recorder.flush()
+            await eventually(lambda: len(dead.deliveries) >= coordinator.counters.dead_lettered, timeout=30)
+    finally:
+        attacker.kill()
+    dead_bytes = sum(len(d.body) for d in dead.deliveries)
+    print(
+        f"round without flood {seconds(quiet):.2f}s, with {seconds(flooded):.2f}s; attacker {tally}; "
+        f"peak +{peak >> 20} MiB; {len(dead.deliveries)} dead letters, {dead_bytes} B; "
+        f"records {directory_bytes(records)} B"
+    )
+    assert all(o.status == "labelled" for o in flooded.shards)
+    assert sorted(flooded.answered) == sorted([alice, bob])
+    assert seconds(flooded) < seconds(quiet) + 3.0
+    assert any(int(str(d.headers[BODY_BYTES_HEADER])) > DEAD_LETTER_BODY_BYTES for d in dead.deliveries)
+    assert all(len(d.body) <= DEAD_LETTER_BODY_BYTES for d in dead.deliveries)
+    assert dead_bytes <= DEAD_LETTER_MAX_BYTES
+    assert directory_bytes(records) < 16 * 1024 * 1024
+    assert peak < 512 * 1024 * 1024
+
+
+# -- 4. a silent member ------------------------------------------------------
+
+
+async def test_a_silent_member_is_benched_and_comes_back_when_it_answers(
+    tmp_path: Path, rabbit_vhost: Vhost
+) -> None:
+    alice, bob, carol = names("alice", "bob", "carol")
+    urls = rabbit_vhost(participants=(alice, bob, carol))
+    # The default quorum (1.0: every active member) and a short deadline.
+    config = round_config(tmp_path, 3, quorum=1.0, deadline_seconds=1.5, bench_after_missed_rounds=2)
+    async with federation(urls, config) as (coordinator, participants):
+        for name in (alice, bob, carol):
+            participants.append(await participant_at(urls[name], name, FEDERATION, silent=name == carol))
+            await participants[-1].join()
+        first, second, third = await drive(coordinator, 3)
+        assert [o.status for o in first.shards + second.shards] == ["failed"] * 2 * SHARDS
+        assert first.missing == second.missing == [carol]
+        # Benched after two silent rounds: asked, not waited for.
+        assert coordinator.counters.benched == [(3, carol)]
+        assert all(o.status == "labelled" for o in third.shards)
+        assert seconds(third) < 1.0
+        assert carol in coordinator.store.expected(3)
+        participants[2].silent = False  # it answers round 4, and is waited for again in round 5
+        fourth, fifth = await drive(coordinator, 5)
+        assert carol in fourth.answered or carol in fourth.late
+        assert all(carol in o.answered for o in fifth.shards)
+
+
+# -- 5. smaller holes ---------------------------------------------------------
+
+
+async def test_forged_audit_headers_replayed_ids_and_non_finite_numbers_are_refused(
+    tmp_path: Path, rabbit_vhost: Vhost
+) -> None:
+    alice, mallory = names("alice", "mallory")
+    urls = rabbit_vhost(participants=(alice, mallory))
+    dead = DeadLetters()
+    config = round_config(tmp_path, 2, grace_seconds=0.0)
+    async with federation(urls, config, dead) as (coordinator, participants):
+        for name in (alice, mallory):
+            participants.append(await participant_at(urls[name], name, FEDERATION, protocol_ids=True))
+            await participants[-1].join()
+        await drive(coordinator, 1)
+        hostile = participants[1].transport
+        assert isinstance(hostile, AmqpTransport)
+        expected_reasons: list[str] = []
+
+        async def attack(reason: str, send: Awaitable[None]) -> None:
+            expected_reasons.append(reason)
+            await send
+
+        # No user_id, and headers that would name the victim and a reason in the dead letter.
+        heartbeat = Heartbeat(
+            federation=FEDERATION,
+            round_id=1,
+            message_id=new_message_id(),
+            participant_id=mallory,
+            sent_unix=1.0,
+        )
+        await attack(
+            "user_id is missing",
+            hostile.publish_with_user_id_for_tests(
+                UP_EXCHANGE,
+                control_key(mallory),
+                encode(heartbeat),
+                message_id=heartbeat.message_id,
+                user_id=None,
+                headers={ORIGINAL_USER_HEADER: alice, "x-chorus-reason": "alice did it"},
+            ),
+        )
+        # Heartbeat times and report metrics must be finite.
+        for bad in (math.inf, math.nan):
+            beat = Heartbeat(
+                federation=FEDERATION,
+                round_id=1,
+                message_id=new_message_id(),
+                participant_id=mallory,
+                sent_unix=bad,
+            )
+            await attack(
+                "schema invalid",
+                hostile.publish(UP_EXCHANGE, control_key(mallory), encode(beat), message_id=beat.message_id),
+            )
+            report = ParticipantReport(
+                federation=FEDERATION,
+                round_id=1,
+                message_id=new_message_id(),
+                participant_id=mallory,
+                metrics={"loss": bad},
+            )
+            await attack(
+                "schema invalid",
+                hostile.publish(
+                    UP_EXCHANGE, control_key(mallory), encode(report), message_id=report.message_id
+                ),
+            )
+        await eventually(lambda: len(dead.deliveries) == len(expected_reasons))
+        for delivery, reason in zip(dead.deliveries, expected_reasons, strict=True):
+            assert reason in str(delivery.headers["x-chorus-reason"])
+        forged = dead.deliveries[0]
+        assert ORIGINAL_USER_HEADER not in forged.headers  # no user_id, and the forged one is gone
+        assert forged.headers[BODY_BYTES_HEADER] == len(encode(heartbeat))
+
+        # Round 2: mallory replays its round-1 batch id for shard 0 before answering: refused, and
+        # it is not counted as having answered with it.
+        participants[1].delay = 1.0
+        drive_two = asyncio.create_task(drive(coordinator, 2))
+        await eventually(lambda: coordinator.round is not None and coordinator.round.round_id == 2)
+        state = coordinator.round
+        assert state is not None
+        replayed = GenerationBatch(
+            federation=FEDERATION,
+            round_id=2,
+            message_id=f"{mallory}.r1.s0.gen",
+            participant_id=mallory,
+            shard_id=0,
+            model_id="scripted",
+            answers=[Answer(prompt_id=p, text="replayed") for p in state.shards[0].prompt_ids],
+        )
+        await hostile.publish(
+            UP_EXCHANGE, generation_key(0, mallory), encode(replayed), message_id=replayed.message_id
+        )
+        (second,) = await drive_two
+        await eventually(lambda: any("was already used for (1, 0)" in r for r in dead.reasons()))
+
+        # A recovering participant republishes its round-1 batches after round 1 closed: duplicates, not
+        # rejections.
+        duplicates, rejections = coordinator.counters.duplicates, coordinator.counters.dead_lettered
+        batch = coordinator.store.batches(1, 0)[0]
+        await participants[0].transport.publish(
+            UP_EXCHANGE, generation_key(0, alice), batch.body, message_id=f"{alice}.r1.s0.gen"
+        )
+        await eventually(lambda: coordinator.counters.duplicates == duplicates + 1)
+        assert coordinator.counters.dead_lettered == rejections
+        assert second.round_id == 2
