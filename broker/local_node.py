@@ -4,7 +4,12 @@ Everything the node writes lives in one data directory: its config, the
 definitions it loads at boot, its Mnesia/quorum data, logs, and `HOME` (the
 Erlang cookie). RabbitMQ 3.10.8 silently ignores a definitions file it cannot
 parse, so every start ends by *checking* with rabbitmqctl that the vhost,
-exchanges, queues, bindings and permissions are really there.
+exchanges, queues, bindings, permissions and participants' limits are really there.
+
+Hardened for a shared machine: the node's Erlang distribution port (and an epmd
+that it starts) listen on loopback only, it runs the memory and disk alarms of
+deploy/rabbitmq/rabbitmq.conf, and each participant user has connection and
+channel limits (`PARTICIPANT_LIMITS`).
 
     node = LocalNode(Path(".chorus/rabbitmq"))
     node.start()                       # free ports picked, state kept in node.json
@@ -23,6 +28,7 @@ import base64
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -31,6 +37,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,7 +48,7 @@ from urllib.parse import quote
 import structlog
 
 from broker import topology
-from broker.amqp import queue_arguments
+from broker.amqp import exchange_arguments, queue_arguments
 from broker.errors import BrokerError
 from broker.tls import TlsFiles
 from broker.transport import Topology
@@ -60,6 +67,32 @@ PARTICIPANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 # Idle Erlang schedulers otherwise busy-wait, which starves everything else on a small machine.
 _ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none"
+LOOPBACK = "127.0.0.1"
+# The node's Erlang distribution listener (and rabbitmqctl's) on loopback only: anyone who reaches it
+# and has the cookie controls the node, so it is never exposed, whatever the AMQP host.
+_DIST_ON_LOOPBACK = "-kernel inet_dist_use_interface {127,0,0,1}"
+EPMD_PORT = 4369  # epmd's default; ERL_EPMD_PORT moves it
+
+# The alarms shipped in deploy/rabbitmq/rabbitmq.conf (a test keeps the two in step): publishers
+# are blocked before memory or disk run out, rather than the node crashing.
+MEMORY_HIGH_WATERMARK = 0.6
+DISK_FREE_LIMIT = "1GB"
+# Overrides DISK_FREE_LIMIT on a machine with less free disk than that (e.g. 200MB).
+DISK_FREE_LIMIT_ENV = "CHORUS_DISK_FREE_LIMIT"
+# RabbitMQ's information units: k/K/kiB/KiB, M/MiB, G/GiB are powers of 2; kB/KB, MB, GB powers of 10.
+_SIZE = re.compile(r"^[0-9]+(k|K|kiB|KiB|kB|KB|M|MiB|MB|G|GiB|GB)?$")
+
+# Per participant login. One participant needs one connection (a robust reconnect may briefly
+# overlap the old one) and a few channels (one per consumer, one for confirmed publishes, short-
+# lived ones for passive declares); without limits one login could open connections and channels
+# until the broker runs out of file descriptors or memory, starving every other member. The
+# coordinator's user stays unlimited.
+PARTICIPANT_MAX_CONNECTIONS = 8
+PARTICIPANT_MAX_CHANNELS = 64
+PARTICIPANT_LIMITS: Mapping[str, int] = {
+    "max-connections": PARTICIPANT_MAX_CONNECTIONS,
+    "max-channels": PARTICIPANT_MAX_CHANNELS,
+}
 
 
 class NodeError(BrokerError):
@@ -104,6 +137,7 @@ class UserGrant:
     write: str
     read: str
     topic: tuple[TopicGrant, ...] = ()
+    limits: Mapping[str, int] = field(default_factory=dict)  # `rabbitmqctl set_user_limits`; empty: none
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -127,6 +161,7 @@ def participant_grant(name: str, password: str) -> UserGrant:
         write=f"^{re.escape(topology.UP_EXCHANGE)}$",
         read=f"^{re.escape(topology.reply_queue(name))}$",
         topic=(TopicGrant(topology.UP_EXCHANGE, topology.participant_topic_pattern(name), "^$"),),
+        limits=PARTICIPANT_LIMITS,
     )
 
 
@@ -148,7 +183,7 @@ def definitions(topo: Topology, vhost: str, users: Sequence[UserGrant]) -> dict[
                 "password_hash": user.password_hash,
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
                 "tags": [],
-                "limits": {},
+                "limits": dict(user.limits),
             }
             for user in users
         ],
@@ -183,7 +218,7 @@ def definitions(topo: Topology, vhost: str, users: Sequence[UserGrant]) -> dict[
                 "durable": True,
                 "auto_delete": False,
                 "internal": False,
-                "arguments": {},
+                "arguments": exchange_arguments(e),
             }
             for e in topo.exchanges
         ],
@@ -226,6 +261,15 @@ class Listings:
     bindings: list[dict[str, Any]]
     permissions: list[dict[str, Any]]
     topic_permissions: list[dict[str, Any]]
+    # `list_user_limits --global`: {"user": ..., "limits": "<JSON object>"} for each user that has any.
+    user_limits: list[dict[str, Any]] = field(default_factory=list)
+
+    def limits_of(self, user: str) -> dict[str, int]:
+        for row in self.user_limits:
+            if row.get("user") == user:
+                limits = row.get("limits") or {}
+                return dict(json.loads(limits) if isinstance(limits, str) else limits)
+        return {}
 
 
 def find_problems(topo: Topology, vhost: str, users: Sequence[UserGrant], found: Listings) -> list[str]:
@@ -257,6 +301,8 @@ def find_problems(topo: Topology, vhost: str, users: Sequence[UserGrant], found:
         for grant in user.topic:
             if topic.get((user.name, grant.exchange)) != (grant.write, grant.read):
                 problems.append(f"user {user.name!r} lacks its topic permission on {grant.exchange!r}")
+        if user.limits and found.limits_of(user.name) != dict(user.limits):
+            problems.append(f"user {user.name!r} lacks its limits {dict(user.limits)}")
     return problems
 
 
@@ -319,7 +365,7 @@ class LocalNode:
             self.state = NodeState(
                 nodename=f"chorus-{secrets.token_hex(4)}@localhost",
                 port=port or _free_port(host),
-                dist_port=dist_port or _free_port("0.0.0.0"),
+                dist_port=dist_port or _free_port(LOOPBACK),
                 host=host,
                 vhost=vhost or DEFAULT_VHOST,
                 shards=shards or topology.DEFAULT_SHARDS,
@@ -370,7 +416,7 @@ class LocalNode:
         return f"{scheme}://{quote(user, safe='')}:{quoted_password}@{where}"
 
     def topology(self, participants: Iterable[str] = ()) -> Topology:
-        return topology.full_topology(participants, self.state.shards, self.state.delivery_limit)
+        return topology.full_topology(participants, self.state.delivery_limit)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -381,7 +427,7 @@ class LocalNode:
             raise UsageError(f"the node in {self.data_dir} is already running (pid {self.state.pid})")
         for name, port, host in (
             ("AMQP", self.state.port, self.state.host),
-            ("distribution", self.state.dist_port, "0.0.0.0"),
+            ("distribution", self.state.dist_port, LOOPBACK),
         ):
             if not _port_is_free(host, port):
                 raise PortInUse(
@@ -407,7 +453,9 @@ class LocalNode:
         )
         try:
             self._wait_until_serving(timeout)
-            self.verify()
+            self._check_listeners()
+            found = self._listings(self.state.vhost, limits=bool(self.state.participants))
+            self._raise_problems(self._restore_participant_limits(found))
             if self.state.tls and _speaks_plain_amqp(self.state.host, self.state.port):
                 raise NodeError(f"port {self.state.port} serves plain AMQP although TLS was asked for")
         except BaseException:
@@ -487,9 +535,9 @@ class LocalNode:
         passwords = {name: secrets.token_urlsafe(18) for name in names}
         grants = [coordinator_grant(self.state.coordinator_password)]
         grants += [participant_grant(name, passwords[name]) for name in names]
-        topo = topology.full_topology(names, self.state.shards, self.state.delivery_limit)
+        topo = topology.full_topology(names, self.state.delivery_limit)
         self._import(definitions(topo, vhost, grants))
-        problems = find_problems(topo, vhost, grants, self._listings(vhost))
+        problems = find_problems(topo, vhost, grants, self._listings(vhost, limits=bool(names)))
         if problems:
             raise NodeVerificationError(f"vhost {vhost!r} was not set up: " + "; ".join(problems))
         urls = {
@@ -505,11 +553,15 @@ class LocalNode:
         self._ctl("close_all_connections", "-p", self.state.vhost, explanation)
 
     def verify(self) -> None:
-        """Check the vhost, topology and permissions exist (3.10.8 skips an unparsable definitions file)."""
+        """Check the vhost, topology, permissions and participants' limits exist (3.10.8 skips
+        an unparsable definitions file)."""
+        self._raise_problems(self._listings(self.state.vhost, limits=bool(self.state.participants)))
+
+    def _raise_problems(self, found: Listings) -> None:
         grants = [coordinator_grant(self.state.coordinator_password)]
         grants += [participant_grant(name, "unused") for name in self.state.participants]
         topo = self.topology(self.state.participants)
-        problems = find_problems(topo, self.state.vhost, grants, self._listings(self.state.vhost))
+        problems = find_problems(topo, self.state.vhost, grants, found)
         if problems:
             raise NodeVerificationError(
                 "RabbitMQ started but did not load its definitions ("
@@ -527,7 +579,7 @@ class LocalNode:
     def _write_files(self) -> None:
         for sub in ("home", "mnesia", "log"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        core = topology.core_topology(self.state.shards, self.state.delivery_limit)
+        core = topology.core_topology(self.state.delivery_limit)
         document = definitions(core, self.state.vhost, [coordinator_grant(self.state.coordinator_password)])
         _write_private(self.data_dir / "definitions.json", render_definitions(document))
         (self.data_dir / "rabbitmq.conf").write_text(self._config())
@@ -542,6 +594,8 @@ class LocalNode:
             f"load_definitions = {self.data_dir / 'definitions.json'}\n"
             f"default_vhost = {self.state.vhost}\n"
             f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n"
+            f"vm_memory_high_watermark.relative = {MEMORY_HIGH_WATERMARK}\n"
+            f"disk_free_limit.absolute = {disk_free_limit()}\n"
             "log.console = false\n"
             "log.file.level = info\n"
         )
@@ -561,7 +615,10 @@ class LocalNode:
         return config
 
     def _env(self) -> dict[str, str]:
+        """The node's environment, also used for rabbitmqctl and the other CLI tools."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        if "ERL_EPMD_PORT" in os.environ:  # where this host's epmd is: every Erlang tool must agree
+            env["ERL_EPMD_PORT"] = os.environ["ERL_EPMD_PORT"]
         env.update(
             HOME=str(self.data_dir / "home"),
             RABBITMQ_NODENAME=self.state.nodename,
@@ -574,7 +631,11 @@ class LocalNode:
             RABBITMQ_ADVANCED_CONFIG_FILE=str(self.data_dir / "advanced.config"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.data_dir / "enabled_plugins"),
             RABBITMQ_CONF_ENV_FILE=str(self.data_dir / "rabbitmq-env.conf"),
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=_ERL_ARGS,
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=f"{_ERL_ARGS} {_DIST_ON_LOOPBACK}",
+            RABBITMQ_CTL_ERL_ARGS=_DIST_ON_LOOPBACK,
+            # Only an epmd that the node (or rabbitmqctl) starts itself: one already running stays
+            # where it listens, which `_check_listeners` reports.
+            ERL_EPMD_ADDRESS=LOOPBACK,
             ERL_CRASH_DUMP=str(self._log_dir / "erl_crash.dump"),
         )
         if self.state.tls:
@@ -582,6 +643,28 @@ class LocalNode:
             # port) unless the config says `listeners.tcp = none`; leave it out all the same.
             del env["RABBITMQ_NODE_IP_ADDRESS"], env["RABBITMQ_NODE_PORT"]
         return env
+
+    def _check_listeners(self) -> None:
+        """The distribution port must listen on loopback only; an exposed epmd is reported."""
+        exposed = _exposed_addresses(self.state.dist_port)
+        if exposed:
+            raise NodeError(
+                f"the Erlang distribution port {self.state.dist_port} listens on {', '.join(exposed)}, "
+                f"not only on {LOOPBACK}; see the log in {self._log_dir}"
+            )
+        warn_if_epmd_exposed()
+
+    def _restore_participant_limits(self, found: Listings) -> Listings:
+        """Set the limits of participants that lack them (made before they existed, or changed by
+        hand); returns the listings, fetched again when anything changed."""
+        names = [n for n in self.state.participants if found.limits_of(n) != dict(PARTICIPANT_LIMITS)]
+        if not names:
+            return found
+        limits = json.dumps(dict(PARTICIPANT_LIMITS))
+        for name in names:
+            self._ctl("set_user_limits", name, limits)
+        log.info("participant limits set", participants=sorted(names), limits=limits)
+        return self._listings(self.state.vhost)
 
     def _wait_until_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -665,20 +748,24 @@ class LocalNode:
             results.append(json.loads(out) if out.strip() else [])
         return results
 
-    def _listings(self, vhost: str, *, full: bool = True) -> Listings:
-        """What the node has; `full=False` skips vhosts and exchanges (participants add neither)."""
+    def _listings(self, vhost: str, *, full: bool = True, limits: bool = True) -> Listings:
+        """What the node has; `full=False` skips vhosts and exchanges (participants add neither),
+        `limits=False` users' limits (only participants have them)."""
         commands = [
             ["list_queues", "-p", vhost, "name", "type"],
             ["list_bindings", "-p", vhost, "source_name", "destination_name", "routing_key"],
             ["list_permissions", "-p", vhost],
             ["list_topic_permissions", "-p", vhost],
         ]
+        if limits:
+            commands.append(["list_user_limits", "--global"])
         if full:
             commands += [["list_vhosts", "name"], ["list_exchanges", "-p", vhost, "name", "type"]]
         answers = self._ctl_json_many(commands)
         queues, bindings, permissions, topic = answers[:4]
-        vhosts, exchanges = answers[4:] if full else ([{"name": vhost}], [])
-        return Listings(vhosts, exchanges, queues, bindings, permissions, topic)
+        user_limits = answers[4] if limits else []
+        vhosts, exchanges = answers[-2:] if full else ([{"name": vhost}], [])
+        return Listings(vhosts, exchanges, queues, bindings, permissions, topic, user_limits)
 
     def _import(self, document: dict[str, Any]) -> None:
         self._ctl("import_definitions", "--format", "json", stdin=json.dumps(document))
@@ -698,6 +785,77 @@ def _require_rabbitmq() -> None:
             f"RabbitMQ is not installed ({RABBITMQ_BIN / 'rabbitmq-server'} or erl missing); "
             "run: apt-get install -y rabbitmq-server"
         )
+
+
+def disk_free_limit() -> str:
+    """The disk alarm's free-space limit: `$CHORUS_DISK_FREE_LIMIT`, else the shipped 1GB."""
+    value = os.environ.get(DISK_FREE_LIMIT_ENV, "").strip() or DISK_FREE_LIMIT
+    if not _SIZE.match(value):
+        raise UsageError(
+            f"{DISK_FREE_LIMIT_ENV}={value!r} is not a RabbitMQ size; use e.g. 1GB, 200MB or 500000000"
+        )
+    return value
+
+
+def epmd_port() -> int:
+    value = os.environ.get("ERL_EPMD_PORT", "")
+    return int(value) if value.isdigit() else EPMD_PORT
+
+
+def warn_if_epmd_exposed() -> list[str]:
+    """Warn when this host's epmd listens beyond loopback; returns those addresses.
+
+    ERL_EPMD_ADDRESS only binds an epmd that our node starts: one already running (e.g. the
+    Debian package's system node started it) keeps listening where it does, and tells whoever
+    asks which node names and distribution ports this host has.
+    """
+    port = epmd_port()
+    exposed = _exposed_addresses(port)
+    if exposed:
+        log.warning(
+            "epmd listens beyond loopback",
+            port=port,
+            addresses=exposed,
+            hint=(
+                "it was started before this node, without ERL_EPMD_ADDRESS=127.0.0.1; stop it once no "
+                "node uses it (`epmd -kill`, or stop the system rabbitmq-server first) so the next start "
+                "binds a new one to loopback, or firewall the port"
+            ),
+        )
+    return exposed
+
+
+def _exposed_addresses(port: int) -> list[str]:
+    """The non-loopback addresses a TCP socket listens on at `port` (from /proc/net; [] if unreadable)."""
+    return sorted(a for a in _listening_addresses(port) if not _is_loopback(a))
+
+
+def _listening_addresses(port: int) -> set[str]:
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            columns = line.split()
+            if len(columns) < 4 or columns[3] != "0A":  # 0A: LISTEN
+                continue
+            address, _, hex_port = columns[1].partition(":")
+            if int(hex_port, 16) != port:
+                continue
+            raw = bytes.fromhex(address)
+            if sys.byteorder == "little":  # the kernel prints each 32-bit word in host order
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _free_port(host: str) -> int:

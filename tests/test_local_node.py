@@ -84,20 +84,20 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_find_problems_names_what_is_missing() -> None:
-    topo = topology.full_topology(["alice"], shards=1)
+    topo = topology.full_topology(["alice"])
     grant = UserGrant("alice", "hash", "^$", r"^chorus\.up$", r"^chorus\.reply\.alice$")
     found = Listings(
         vhosts=[{"name": "chorus"}],
         exchanges=[{"name": e.name, "type": e.type} for e in topo.exchanges],
-        queues=[{"name": q.name, "type": "quorum"} for q in topo.queues if q.name != "chorus.gen.0"],
+        queues=[{"name": q.name, "type": "quorum"} for q in topo.queues if q.name != "chorus.lobby"],
         bindings=[],
         permissions=[],
         topic_permissions=[],
     )
     problems = find_problems(topo, "chorus", [grant], found)
-    assert "queue 'chorus.gen.0' is missing" in problems
+    assert "queue 'chorus.lobby' is missing" in problems
     assert "user 'alice' lacks its permissions on vhost 'chorus'" in problems
-    assert any("binding chorus.up -[gen.0.*]-> chorus.gen.0" in p for p in problems)
+    assert any("binding chorus.up -[ctl.*]-> chorus.lobby" in p for p in problems)
     assert find_problems(topo, "other", [grant], found) == ["vhost 'other' does not exist"]
 
 
