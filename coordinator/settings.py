@@ -43,6 +43,14 @@ class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     bench_after_missed_rounds: Annotated[int, Meta(ge=0, le=1_000)] = 2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # msgspec reports a ValueError raised here with the table's path (`$.round`).
+        quorum = self.quorum
+        if isinstance(quorum, int) and quorum < 1:
+            raise ValueError(f"quorum must be a count of at least 1 or a fraction in (0, 1], got {quorum!r}")
+        if isinstance(quorum, float) and not 0.0 < quorum <= 1.0:
+            raise ValueError(f"quorum as a fraction must be in (0, 1], got {quorum!r}")
+
 
 class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     index: Literal["hnsw", "exact"] = "hnsw"
