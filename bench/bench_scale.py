@@ -35,7 +35,7 @@ from broker.amqp import AmqpTransport
 from broker.cli import bring_up
 from broker.topology import UP_EXCHANGE, generation_key, reply_queue
 from broker.transport import Delivery
-from coordinator.logs import configure_logging
+from common.logs import configure_logging
 from schemas import (
     Answer,
     GenerationBatch,

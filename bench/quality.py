@@ -44,6 +44,7 @@ import msgspec
 import structlog
 
 from bench.common import machine
+from common.logs import configure_logging
 from coordinator.settings import ConsensusSettingsTable
 from coordinator.store import CoordinatorStore
 from coordinator.wiring import build_embedder
@@ -165,7 +166,7 @@ def run_federated(
     started = time.perf_counter()
     error: str | None = None
     with (work / cli.LOG_FILE).open("w", encoding="utf-8", buffering=1) as log_file:
-        cli.configure_file_logging(log_file, "info")
+        configure_logging("info", json=True, file=log_file, capture_stdlib=True)
         reporter = Reporter(work.resolve(), ids)
         options = RunOptions(results=work, rounds=rounds, warm_start=warm_start or {})
         run = FederationRun(loaded, options, reporter)

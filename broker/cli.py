@@ -13,18 +13,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import structlog
-
 from broker import topology
 from broker.errors import BrokerError
 from broker.local_node import LocalNode, UsageError
 from broker.tls import TlsError, TlsFiles, add_client_cert, make_dev_certs, with_client_files
+from common.logs import configure_logging
 
 DEFAULT_DIR = Path(os.environ.get("CHORUS_BROKER_DIR", ".chorus/rabbitmq"))
 EXIT_NOT_RUNNING = 3  # like `systemctl status` for a stopped service
@@ -33,7 +31,7 @@ EXIT_NOT_RUNNING = 3  # like `systemctl status` for a stopped service
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    configure_logging(verbose=args.verbose)
+    configure_logging("debug" if args.verbose else "info")
     try:
         result: int = args.run(args)
         return result
@@ -43,24 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokerError as e:
         print(f"chorus-broker: failed: {e}", file=sys.stderr)
         return 1
-
-
-def configure_logging(verbose: bool = False) -> None:
-    """Console lines on a terminal, JSON lines otherwise; always on stderr (stdout carries URLs)."""
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,  # tests call main() and then reset structlog
-    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from broker.connect import open_transport
-from coordinator.logs import configure_logging
+from common.logs import configure_logging
 from coordinator.prompts import load_prompts
 from coordinator.recording import with_recording
 from coordinator.runtime import prepare_service_process

@@ -11,8 +11,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+from common.logs import configure_logging
 from coordinator.labelling import labels_message_id
-from coordinator.logs import configure_logging
 from coordinator.replay import RecordedLog, ReplayError, interpret, load_log
 from coordinator.replay_consensus import ConsensusOverrides, replay_consensus, replay_settings
 from coordinator.replay_publish import (

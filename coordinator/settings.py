@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
-from schemas.errors import ChorusError
+from common.settings import SettingsError, convert, read_settings
 from schemas.messages import GenerationParams, Id
 
-T = TypeVar("T")
+__all__ = ["CoordinatorSettings", "SettingsError", "load_coordinator_settings"]
+
 PositiveSeconds = Annotated[float, Meta(gt=0.0)]
-
-
-class SettingsError(ChorusError):
-    """A settings file or override is missing, unreadable or invalid."""
 
 
 class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -115,52 +111,3 @@ def load_coordinator_settings(
     if isinstance(recording, dict) and isinstance(recording.get("directory"), str):
         recording["directory"] = str((path.parent / recording["directory"]).resolve())
     return convert(raw, CoordinatorSettings, path)
-
-
-def read_settings(
-    path: Path,
-    env_overrides: Mapping[str, str],
-    path_keys: tuple[str, ...],
-    env: Mapping[str, str] | None,
-    overrides: Mapping[str, object],
-) -> dict[str, object]:
-    """A settings file's top-level table after environment and keyword overrides.
-
-    `env_overrides` maps environment variables to keys; keyword overrides given as None are
-    ignored; relative paths under `path_keys` are resolved against the file's folder, after
-    "{participant_id}" in them is replaced by the settings' participant id.
-    """
-    raw = read_toml(path)
-    for variable, key in env_overrides.items():
-        value = (os.environ if env is None else env).get(variable)
-        if value:
-            raw[key] = value
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    # One file can serve several participants: "{participant_id}" in a path names each its own.
-    participant_id = raw.get("participant_id")
-    for key in path_keys:
-        given = raw.get(key)
-        if isinstance(given, str):
-            if isinstance(participant_id, str):
-                given = given.replace("{participant_id}", participant_id)
-            raw[key] = str((path.parent / given).resolve())
-    return raw
-
-
-def read_toml(path: Path) -> dict[str, object]:
-    try:
-        raw = msgspec.toml.decode(path.read_bytes())
-    except FileNotFoundError as e:
-        raise SettingsError(f"settings file {path} does not exist") from e
-    except msgspec.DecodeError as e:
-        raise SettingsError(f"{path}: not valid TOML ({e})") from e
-    if not isinstance(raw, dict):
-        raise SettingsError(f"{path}: expected a TOML table")
-    return raw
-
-
-def convert(raw: Mapping[str, object], kind: type[T], source: Path) -> T:
-    try:
-        return msgspec.convert(raw, kind)
-    except msgspec.ValidationError as e:
-        raise SettingsError(f"{source}: {e}") from e

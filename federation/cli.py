@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
 
-import structlog
-
+from common.logs import configure_logging
 from federation.config import RunConfigError, load_run_config
 from federation.report import Reporter
 from federation.runner import FederationRun, RunOptions, check_options
@@ -76,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     _quiet_library_progress_bars()
     with (results / LOG_FILE).open("w", encoding="utf-8", buffering=1) as log_file:
-        configure_file_logging(log_file, args.log_level)
+        configure_logging(args.log_level, json=True, file=log_file, capture_stdlib=True)
         reporter = Reporter(results.resolve(), [p.id for p in config.run.participants])
         run = FederationRun(config, options, reporter)
         error: str | None = None
@@ -132,30 +128,6 @@ def _quiet_library_progress_bars() -> None:
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     transformers_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-
-
-def configure_file_logging(file: TextIO, level: str) -> None:
-    """structlog (and stdlib logging, and warnings) as JSON lines into the run's log file."""
-    numeric = getattr(logging, level.upper(), logging.INFO)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=file),
-        cache_logger_on_first_use=False,
-    )
-    handler = logging.StreamHandler(file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers = [handler]
-    root.setLevel(max(numeric, logging.WARNING))
-    logging.captureWarnings(True)
-    warnings.simplefilter("default")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from coordinator.settings import CoordinatorSettings, SettingsError, read_toml
+from common.settings import SettingsError, read_toml
+from coordinator.settings import CoordinatorSettings
 from participant.settings import TrainTable
 from schemas.messages import GenerationParams, Id
 

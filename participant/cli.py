@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from broker.connect import open_transport
-from coordinator.logs import configure_logging
+from common.logs import configure_logging
 from participant.service import Participant
 from participant.settings import ParticipantSettings, load_participant_settings
 from participant.wiring import build_learner, load_data

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from coordinator.settings import SettingsError, convert, read_settings
+from common.settings import SettingsError, convert, read_settings
 from schemas.messages import Id
 
 __all__ = ["ParticipantSettings", "SettingsError", "TrainTable", "load_participant_settings"]
