@@ -161,8 +161,6 @@ def intake_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAUL
     return Topology(queues=tuple(queues), bindings=tuple(bindings))
 
 
-def full_topology(
-    participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT
-) -> Topology:
+def full_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
     """The core topology and these participants' reply queues (their intake queues are the coordinator's)."""
     return core_topology(delivery_limit).merged(participant_topology(participant_ids, delivery_limit))
