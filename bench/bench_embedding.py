@@ -3,9 +3,10 @@
     .venv/bin/python -m bench.bench_embedding [--quick]
 
 The answer set is realistic: for each public prompt of the stdlib docstring task
-(`bench.stdlib_data.build_task`) ten simulated participants answer with the reference (several of them
-verbatim: greedy decoding repeats itself across participants), a word dropped or swapped, a truncation,
-a paraphrase, or another prompt's reference (wrong). Measured side by side, alternating, in one run:
+(`federation.stdlib_task.split.build_task`) ten simulated participants answer with the reference
+(several of them verbatim: greedy decoding repeats itself across participants), a word dropped or swapped,
+a truncation, a paraphrase, or another prompt's reference (wrong). Measured side by side, alternating, in
+one run:
 - `default`: `SentenceTransformer.encode(texts)` with its defaults (batch 32, torch's default thread count),
   fp32; and the same pinned to one torch thread (raw only), to separate the thread count from the backend;
 - `minilm`: the coordinator's `SentenceEmbedder` (torch fp32, batch 64);
@@ -48,7 +49,6 @@ import numpy as np
 import torch
 
 from bench.common import machine, machine_line, table, timed, write_results
-from bench.stdlib_data import Example, build_task
 from coordinator.consensus import (
     Candidate,
     ConsensusSettings,
@@ -62,6 +62,8 @@ from coordinator.consensus import (
 )
 from coordinator.embedding import CachedEmbedder, Embedder, SentenceEmbedder, default_model_dir
 from coordinator.embedding_onnx import OnnxEmbedder, default_threads
+from federation.stdlib_task.harvest import Example
+from federation.stdlib_task.split import build_task
 
 PARTICIPANTS = 10
 SHARD = 25  # prompts per consensus call, as a coordinator shard

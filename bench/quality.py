@@ -49,8 +49,9 @@ from coordinator.settings import ConsensusSettingsTable
 from coordinator.store import CoordinatorStore
 from coordinator.wiring import build_embedder
 from federation.config import LoadedConfig, ParticipantEntry, load_run_config
+from federation.data import DataPaths, prepare_data
 from federation.report import Reporter
-from federation.runner import DataPaths, FederationRun, RunOptions, participant_settings, prepare_data
+from federation.runner import FederationRun, RunOptions, participant_settings
 from participant.data import Example
 from participant.learner import Learner
 from participant.settings import TrainTable

@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["data"]:
-        from bench import stdlib_data
+        from federation.stdlib_task import cli as task_cli
 
-        return stdlib_data.main(args_list[1:])
+        return task_cli.main(args_list[1:])
     args = build_parser().parse_args(args_list)
     results = args.results or Path("results") / args.config.stem
     options = RunOptions(results=results, broker=args.broker, rounds=args.rounds, broker_dir=args.broker_dir)

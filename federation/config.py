@@ -27,6 +27,8 @@ from msgspec import Meta
 
 from common.settings import SettingsError, read_toml
 from coordinator.settings import CoordinatorSettings
+from federation.stdlib_task import TaskError
+from federation.stdlib_task.split import default_families
 from participant.settings import TrainTable
 from schemas.messages import GenerationParams, Id
 
@@ -42,9 +44,9 @@ class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 class TaskTable(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The stdlib-docstring benchmark (`bench.stdlib_data`), generated into `<results>/data`."""
+    """The stdlib-docstring task (`federation.stdlib_task`), generated into `<results>/data`."""
 
-    families: list[str] | None = None  # names from bench.stdlib_data.DEFAULT_FAMILIES; default all
+    families: list[str] | None = None  # names from stdlib_task.split.DEFAULT_FAMILIES; default all
     modules: list[str] | None = None  # or explicit modules, each optionally "module:family"
     seed: int = 0
     split: Literal["family", "dirichlet"] = "family"
@@ -110,13 +112,10 @@ def load_run_config(path: Path) -> LoadedConfig:
         raise RunConfigError(f"{path}: 'coordinator' is reserved; pick another participant id")
     prompts = _resolve(run.prompts_path, base)
     if run.task is not None and run.task.families:
-        from bench.stdlib_data import DEFAULT_FAMILIES
-
-        unknown = sorted(set(run.task.families) - set(DEFAULT_FAMILIES))
-        if unknown:
-            raise RunConfigError(
-                f"{path}: [task] unknown families {unknown}; choose from {sorted(DEFAULT_FAMILIES)}"
-            )
+        try:
+            default_families(run.task.families)
+        except TaskError as e:
+            raise RunConfigError(f"{path}: [task] {e}") from e
     if run.task is None:
         missing = [e.id for e in entries if e.train_data is None or e.test_data is None]
         if prompts is None or missing:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from coordinator.settings import ConsensusSettingsTable, CoordinatorSettings, Se
 from coordinator.store import CoordinatorStore
 from coordinator.wiring import build_embedder, build_strategy
 from federation.config import LoadedConfig, ParticipantEntry, RunConfigError
+from federation.data import DataPaths, prepare_data
 from federation.report import Reporter
 from participant.data import Example
 from participant.learner import Learner
@@ -45,7 +45,6 @@ from schemas.messages import GenerationParams
 
 log = structlog.get_logger(__name__)
 
-DATA_DIR = "data"
 STATE_DIR = "state"
 NODE_DIR = "rabbitmq"
 POLL_SECONDS = 0.25
@@ -65,13 +64,6 @@ class RunOptions:
     # participant id -> an adapter checkpoint it starts from instead of warming up (bench/quality.py
     # gives every method the same warm-up this way)
     warm_start: Mapping[str, Path] = field(default_factory=dict)
-
-
-@dataclass
-class DataPaths:
-    prompts: Path
-    train: dict[str, Path | None]
-    test: dict[str, Path | None]
 
 
 # ---- compute: one participant at a time, and what each phase cost --------------------------------
@@ -139,70 +131,6 @@ class TrackedLearner:
 
     def __getattr__(self, name: str) -> Any:  # adapter_state and friends, for the FedAvg baseline
         return getattr(self.inner, name)
-
-
-# ---- data -----------------------------------------------------------------------------------------
-
-
-def prepare_data(config: LoadedConfig, results: Path) -> DataPaths:
-    """Generate the task into `<results>/data` if the config asks; otherwise use the given files."""
-    run = config.run
-    ids = [p.id for p in run.participants]
-    train: dict[str, Path | None] = {p.id: _path(p.train_data) for p in run.participants}
-    test: dict[str, Path | None] = {p.id: _path(p.test_data) for p in run.participants}
-    if run.task is None:
-        assert run.prompts_path is not None  # checked when the config loaded
-        return DataPaths(Path(run.prompts_path), train, test)
-    from bench import stdlib_data
-
-    table = run.task
-    families: dict[str, list[str]] | None = None
-    modules: list[str] | None = None
-    if table.modules:
-        modules, named = stdlib_data.parse_modules(",".join(table.modules))
-        families = named or None
-    elif table.families:
-        unknown = sorted(set(table.families) - set(stdlib_data.DEFAULT_FAMILIES))
-        if unknown:
-            raise RunConfigError(
-                f"{config.path}: [task] unknown families {unknown}; "
-                f"choose from {sorted(stdlib_data.DEFAULT_FAMILIES)}"
-            )
-        families = {name: list(stdlib_data.DEFAULT_FAMILIES[name]) for name in table.families}
-    try:
-        task = stdlib_data.build_task(
-            modules, families, len(ids), table.seed, table.public_fraction, table.test_fraction,
-            table.split, table.alpha, table.home_share,
-        )  # fmt: skip
-    except stdlib_data.TaskError as e:
-        raise RunConfigError(f"{config.path}: [task] {e}") from e
-    task = _trimmed(task, table.max_public, table.max_train, table.max_test, table.seed)
-    out = results / DATA_DIR
-    stdlib_data.write_task(task, out)
-    for pid, generated in zip(ids, task.participants, strict=True):
-        train[pid] = train[pid] or out / "participants" / generated / "train.jsonl"
-        test[pid] = test[pid] or out / stdlib_data.SCORE_SET
-    prompts = Path(run.prompts_path) if run.prompts_path else out / "public_prompts.jsonl"
-    return DataPaths(prompts, train, test)
-
-
-def _trimmed(task: Any, max_public: int, max_train: int, max_test: int, seed: int) -> Any:
-    def pick(items: list[Any], cap: int, salt: str) -> list[Any]:
-        if not cap or len(items) <= cap:
-            return items
-        chosen = random.Random(f"{seed}:{salt}").sample(items, cap)
-        return sorted(chosen, key=lambda e: e.prompt_id)
-
-    return replace(
-        task,
-        public=pick(task.public, max_public, "public"),
-        test=pick(task.test, max_test, "test"),
-        train={pid: pick(examples, max_train, pid) for pid, examples in task.train.items()},
-    )
-
-
-def _path(value: str | None) -> Path | None:
-    return None if value is None else Path(value)
 
 
 # ---- settings -------------------------------------------------------------------------------------

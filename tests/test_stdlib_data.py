@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bench import stdlib_data as sd
-from bench.stdlib_data import Task, TaskError, build_task, first_sentence
 from coordinator.prompts import load_prompts
+from federation.stdlib_task import TaskError
+from federation.stdlib_task import cli as task_cli
+from federation.stdlib_task import harvest as sd
+from federation.stdlib_task.harvest import first_sentence
+from federation.stdlib_task.split import Task, build_task, home_fraction, resolve_families
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_a_class_opening_with_a_bare_constructor_signature_is_skipped() -> None:
 
 
 def test_prompts_are_free_of_memory_addresses_and_builtins_get_an_ellipsis() -> None:
-    harvest = sd.harvest(sd.resolve_families(None, None))
+    harvest = sd.harvest(resolve_families(None, None))
     assert not [e.prompt for e in harvest.examples if " at 0x" in e.prompt]
     no_signature = [e for e in harvest.examples if "(...)" in e.prompt]
     assert no_signature, "some C callables have no inspectable signature"
@@ -130,7 +133,7 @@ def test_family_split_gives_each_participant_mostly_its_own_families(n_participa
     for pid in task.participants:
         homes = task.home_families[pid]
         assert homes
-        assert sd.home_fraction(task.train[pid], homes) > 0.5, (pid, homes)
+        assert home_fraction(task.train[pid], homes) > 0.5, (pid, homes)
 
 
 def test_dirichlet_split_is_a_deterministic_partition_of_the_private_pool() -> None:
@@ -181,7 +184,9 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
 
 def test_cli_writes_the_task_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "task"
-    assert sd.main(["--out", str(out), "--participants", "3", "--modules", "json,csv,textwrap,heapq"]) == 0
+    assert (
+        task_cli.main(["--out", str(out), "--participants", "3", "--modules", "json,csv,textwrap,heapq"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "participant" in printed and "p02" in printed
 
@@ -202,5 +207,5 @@ def test_cli_writes_the_task_files(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_cli_reports_a_bad_module_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert sd.main(["--out", str(tmp_path), "--participants", "2", "--modules", "json,not_a_mod"]) == 2
+    assert task_cli.main(["--out", str(tmp_path), "--participants", "2", "--modules", "json,not_a_mod"]) == 2
     assert "not_a_mod" in capsys.readouterr().err
