@@ -380,7 +380,8 @@ def _finish_plain(result: MethodResult, data: DataPaths, started: float) -> None
 
 def fedavg_refusal(loaded: LoadedConfig, work: Path, deadline: float) -> dict[str, Any]:
     """One FedAvg round of a heterogeneous config: what the coordinator did with mismatched adapters."""
-    from coordinator.fedavg import AggregationError, average_wire, tensors_to_wire
+    from coordinator.strategies.fedavg import AggregationError, average_wire
+    from participant.adapters import tensors_to_wire
 
     config = with_coordinator(loaded, "fedavg", deadline_seconds=deadline)
     result, run = run_federated("fedavg-heterogeneous", config, work, rounds=1)

@@ -35,7 +35,7 @@ from federation.config import LoadedConfig, ParticipantEntry, RunConfigError
 from federation.data import DataPaths, prepare_data
 from federation.report import Reporter
 from participant.data import Example
-from participant.learner import Learner
+from participant.learner import AdapterLearner, AdapterState, Learner
 from participant.service import Participant
 from participant.settings import ParticipantSettings
 from participant.training import TrainStats
@@ -129,8 +129,26 @@ class TrackedLearner:
         )
         return result
 
-    def __getattr__(self, name: str) -> Any:  # adapter_state and friends, for the FedAvg baseline
-        return getattr(self.inner, name)
+
+class TrackedAdapterLearner(TrackedLearner):
+    """A tracked learner that can also do FedAvg; reading or loading its adapter is not a timed phase."""
+
+    def __init__(self, pid: str, inner: AdapterLearner, phases: Phases, evaluation: GenerationParams) -> None:
+        super().__init__(pid, inner, phases, evaluation)
+        self.adapter_inner = inner
+
+    def adapter_state(self) -> AdapterState:
+        return self.adapter_inner.adapter_state()
+
+    def load_adapter_state(self, state: AdapterState) -> None:
+        self.adapter_inner.load_adapter_state(state)
+
+
+def track(pid: str, inner: Learner, phases: Phases, evaluation: GenerationParams) -> TrackedLearner:
+    """Wrap a learner for the run, keeping its FedAvg capability visible to the participant service."""
+    if isinstance(inner, AdapterLearner):
+        return TrackedAdapterLearner(pid, inner, phases, evaluation)
+    return TrackedLearner(pid, inner, phases, evaluation)
 
 
 # ---- settings -------------------------------------------------------------------------------------
@@ -340,9 +358,7 @@ class FederationRun:
                 raise StopRequested("stopped while loading models")
             self.reporter.note(f"loading {entry.model} for {entry.id}")
             settings = participant_settings(self.config, entry, data, results)
-            learners[entry.id] = TrackedLearner(
-                entry.id, build_learner(settings), self.phases, run.generation
-            )
+            learners[entry.id] = track(entry.id, build_learner(settings), self.phases, run.generation)
             datasets[entry.id] = load_data(settings)
         return learners, datasets, embedder
 

@@ -20,7 +20,8 @@ reports quality on held-out examples. Three implementations ship:
 
 To plug in anything else, write a class with the attributes and methods of `Learner` (no base class
 needed; it is a structural protocol). A generate-only model sets `can_train = False`, returns None from
-`train`, and False from `load_checkpoint`.
+`train`, and False from `load_checkpoint`. A learner that can also take part in FedAvg rounds adds the
+two methods of `AdapterLearner` (`LoraLearner` does); one without them sends nothing in such rounds.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -55,6 +56,7 @@ from schemas.errors import ChorusError
 from schemas.messages import GenerationParams
 
 PromptBatch = Sequence[tuple[str, str]]  # (prompt_id, prompt text)
+AdapterState = dict[str, torch.Tensor]  # a LoRA adapter's weights by name
 
 
 class LearnerError(ChorusError):
@@ -87,6 +89,19 @@ class Learner(Protocol):
         self, test: Sequence[Example], embed: Embedder, params: GenerationParams | None = None
     ) -> dict[str, float]:
         """Answer the test prompts and score them: `rouge_l`, `embedding_similarity`, `n`."""
+        ...
+
+
+@runtime_checkable
+class AdapterLearner(Learner, Protocol):
+    """A `Learner` whose adapter can be read and replaced: what FedAvg rounds need (`isinstance` tells)."""
+
+    def adapter_state(self) -> AdapterState:
+        """The adapter's weights by name, as detached CPU copies."""
+        ...
+
+    def load_adapter_state(self, state: AdapterState) -> None:
+        """Overwrite the adapter's weights; names and shapes must match this learner's adapter."""
         ...
 
 
@@ -144,10 +159,10 @@ class LoraLearner:
     ) -> dict[str, float]:
         return evaluate(self.lm, test, params or GenerationParams(), embed, batch_size=self.batch_size)
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
+    def adapter_state(self) -> AdapterState:
         return adapter_state(self.lm)
 
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_adapter_state(self, state: AdapterState) -> None:
         load_adapter_state(self.lm, state)
 
 

@@ -20,13 +20,15 @@ import structlog
 
 from broker.topology import UP_EXCHANGE, control_key, generation_key, reply_queue
 from broker.transport import Delivery, Subscription, Transport
+from participant.adapters import tensors_from_wire, tensors_to_wire
 from participant.data import Example
 from participant.evaluation import Embedder
-from participant.learner import Learner
+from participant.learner import AdapterLearner, Learner
 from participant.ledger import ParticipantLedger
 from participant.settings import ParticipantSettings
 from schemas.codec import decode_reply, encode
 from schemas.errors import SchemaError
+from schemas.ids import adapter_update_id, batch_id, report_id
 from schemas.messages import (
     AdapterUpdate,
     AggregatedAdapter,
@@ -242,7 +244,7 @@ class Participant:
                 federation=self.settings.federation,
                 round_id=opened.round_id,
                 # stable per (round, shard, participant): a republish after a crash is a duplicate
-                message_id=f"{self.pid}.r{opened.round_id}.s{shard.shard_id}.gen",
+                message_id=batch_id(self.pid, opened.round_id, shard.shard_id),
                 participant_id=self.pid,
                 shard_id=shard.shard_id,
                 model_id=self.learner.model_id[:256],
@@ -295,22 +297,32 @@ class Participant:
         await self._finish_round(round_id, samples, train_seconds)
 
     async def _fedavg_train_and_upload(self, opened: RoundOpened) -> None:
-        from coordinator.fedavg import tensors_to_wire  # the baseline alone needs tensor conversion
-
         if self.ledger.was_answered(opened.round_id):
             return
-        state_of = getattr(self.learner, "adapter_state", None)
-        if state_of is None or not self.learner.can_train:
-            log.warning("fedavg_unsupported", round=opened.round_id, participant=self.pid)
+        learner = self.learner
+        if not isinstance(learner, AdapterLearner) or not learner.can_train:
+            # PROTOCOL §7.1 step 9: a participant that cannot do FedAvg sends nothing.
+            reason = (
+                "the learner cannot train"
+                if not learner.can_train
+                else f"{type(learner).__name__} has no adapter_state/load_adapter_state (see AdapterLearner)"
+            )
+            log.warning(
+                "fedavg_unsupported",
+                round=opened.round_id,
+                participant=self.pid,
+                reason=reason,
+                sent="nothing",
+            )
             return
         private = self._training_mix(opened.round_id)
         async with self._model_lock:
-            await asyncio.to_thread(self.learner.train, private)
-            state = await asyncio.to_thread(state_of)
+            await asyncio.to_thread(learner.train, private)
+            state = await asyncio.to_thread(learner.adapter_state)
         update = AdapterUpdate(
             federation=self.settings.federation,
             round_id=opened.round_id,
-            message_id=f"{self.pid}.r{opened.round_id}.adapter",
+            message_id=adapter_update_id(self.pid, opened.round_id),
             participant_id=self.pid,
             tensors=tensors_to_wire(state),
             num_samples=max(1, len(private)),
@@ -319,15 +331,19 @@ class Participant:
         self.ledger.mark_answered(opened.round_id)
 
     async def _apply_adapter(self, message: AggregatedAdapter) -> None:
-        from coordinator.fedavg import tensors_from_wire
-
         if self.ledger.was_applied(message.round_id):
             return
-        load = getattr(self.learner, "load_adapter_state", None)
-        if load is None:
+        learner = self.learner
+        if not isinstance(learner, AdapterLearner):
+            log.warning(
+                "fedavg_adapter_ignored",
+                round=message.round_id,
+                participant=self.pid,
+                reason=f"{type(learner).__name__} cannot load an adapter (see AdapterLearner)",
+            )
             return
         async with self._model_lock:
-            await asyncio.to_thread(load, tensors_from_wire(message.tensors))
+            await asyncio.to_thread(learner.load_adapter_state, tensors_from_wire(message.tensors))
             await asyncio.to_thread(self.learner.save_checkpoint, self._checkpoint_dir(message.round_id))
         await self._finish_round(message.round_id, 0, 0.0)
 
@@ -342,7 +358,7 @@ class Participant:
         report = ParticipantReport(
             federation=self.settings.federation,
             round_id=round_id,
-            message_id=f"{self.pid}.r{round_id}.report",
+            message_id=report_id(self.pid, round_id),
             participant_id=self.pid,
             metrics={k: float(v) for k, v in metrics.items()},
             train_samples=samples,

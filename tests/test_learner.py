@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from participant.data import Example
-from participant.learner import CommandLearner, FunctionLearner, Learner, LearnerError, LoraLearner
+from participant.learner import (
+    AdapterLearner,
+    CommandLearner,
+    FunctionLearner,
+    Learner,
+    LearnerError,
+    LoraLearner,
+)
 from participant.models import load_model
 from participant.training import TrainSettings
 from schemas.messages import GenerationParams
@@ -61,6 +68,7 @@ def test_lora_learner_generates_trains_and_checkpoints(tmp_path: Path) -> None:
 def test_lora_learner_ships_adapter_state_for_fedavg() -> None:
     first = LoraLearner(load_model("tiny-llama"), TrainSettings(rank=2, learning_rate=1e-2))
     second = LoraLearner(load_model("tiny-llama"), TrainSettings(rank=2, seed=5))
+    assert isinstance(first, AdapterLearner)
     first.train(EXAMPLES)
     state = first.adapter_state()
     assert state and all("lora_" in name for name in state)
@@ -73,6 +81,7 @@ def test_function_learner_answers_in_order_and_cannot_train(tmp_path: Path) -> N
     answers = learner.generate(PROMPTS, PARAMS)
     assert [(a.prompt_id, a.text) for a in answers] == [(pid, f"echo: {text}") for pid, text in PROMPTS]
     assert not learner.can_train
+    assert not isinstance(learner, AdapterLearner)  # so it sends nothing in FedAvg rounds
     assert learner.train(EXAMPLES) is None
     learner.save_checkpoint(tmp_path)
     assert not learner.load_checkpoint(tmp_path)

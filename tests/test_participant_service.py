@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from structlog.testing import capture_logs
 
 from broker.memory import MemoryBroker
-from broker.topology import COORDINATOR_USER, full_topology
+from broker.topology import COORDINATOR_USER, control_key, full_topology
 from coordinator.embedding import HashingEmbedder
 from coordinator.prompts import load_prompts
 from coordinator.service import Coordinator
@@ -21,11 +22,13 @@ from coordinator.settings import load_coordinator_settings
 from coordinator.store import CoordinatorStore
 from coordinator.wiring import build_strategy
 from participant.data import Example
-from participant.learner import LoraLearner
+from participant.learner import FunctionLearner, LoraLearner
 from participant.models import load_model
 from participant.service import Participant
 from participant.settings import ParticipantSettings, TrainTable
 from participant.training import TrainSettings, TrainStats
+from schemas.ids import report_id
+from schemas.messages import AggregatedAdapter, Prompt, PromptShard, RoundClosed, RoundOpened
 
 PRIVATE = [Example(prompt=f"What is {i} plus one?", response=f"It is {i + 1}.") for i in range(6)]
 
@@ -196,3 +199,53 @@ def test_label_weight_scales_pseudo_labels_not_private_examples(tmp_path: Path) 
     assert labels == {"zero": 0.5 * 0.8, "one": 0.5}  # label_weight times the confidence
     private = [e for e in mix if not e.prompt.startswith("Say")]
     assert len(private) == 2 and all(e.weight == 1.0 for e in private)
+
+
+class RecordingTransport:
+    """Just enough of a transport for `Participant._handle`: remembers what was published where."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str]] = []
+
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, *, message_id: str, **_: Any
+    ) -> None:
+        self.published.append((routing_key, message_id))
+
+
+async def test_a_fedavg_round_reaching_a_generate_only_learner_sends_nothing(tmp_path: Path) -> None:
+    settings = ParticipantSettings(
+        federation="t",
+        participant_id="box",
+        model="tiny-llama",
+        state_dir=str(tmp_path / "box"),
+        progress=False,
+    )
+    transport = RecordingTransport()
+    learner = FunctionLearner(lambda prompt: "an answer", model_id="box")
+    participant = Participant(settings, transport, learner, private_train=PRIVATE)  # type: ignore[arg-type]
+    sent = {"federation": "t", "round_id": 1, "participant_id": "coordinator"}
+    opened = RoundOpened(
+        **sent,
+        message_id="t.r1.opened",
+        strategy="fedavg",
+        shards=[PromptShard(shard_id=0, prompts=[Prompt(prompt_id="q0", text="Say 0.")])],
+        expected=["box", "other"],
+        quorum=1,
+        deadline_unix=60.0,
+        opened_unix=0.0,
+    )
+    average = AggregatedAdapter(**sent, message_id="t.r1.adapter", tensors=[], contributors=["other"])
+    with capture_logs() as logs:
+        await participant._handle(opened)
+        await participant._handle(average)
+    assert transport.published == []  # PROTOCOL §7.1 step 9: no AdapterUpdate, no GenerationBatch
+    warnings = {entry["event"]: entry["reason"] for entry in logs if entry["log_level"] == "warning"}
+    assert "cannot train" in warnings["fedavg_unsupported"]
+    assert "FunctionLearner cannot load an adapter" in warnings["fedavg_adapter_ignored"]
+    closed = RoundClosed(
+        **sent, message_id="t.r1.closed", shards=[], answered=["other"], opened_unix=0.0, closed_unix=1.0
+    )
+    await participant._handle(closed)
+    assert transport.published == [(control_key("box"), report_id("box", 1))]  # the round still reports
+    participant.ledger.close()
