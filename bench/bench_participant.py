@@ -1,8 +1,10 @@
-"""Participant overhead: `LoraLearner.generate` / `.train` vs a plain transformers + peft loop, same model.
+"""Participant speed: its overhead against plain loops, and its absolute rates on this machine.
 
-    .venv/bin/python -m bench.bench_participant [--quick]
+    .venv/bin/python -m bench.bench_participant [--quick]              overhead (what `make bench` runs)
+    .venv/bin/python -m bench.bench_participant --speed [--quick] [--skip-conversion] [--reps N] [--threads N]
 
-One SmolLM2-135M-Instruct (`participant.models.load_model("smollm2-135m-instruct")`) with the participant's
+Overhead: `LoraLearner.generate` / `.train` vs a plain transformers + peft loop, same model. One
+SmolLM2-135M-Instruct (`participant.models.load_model("smollm2-135m-instruct")`) with the participant's
 LoRA adapter attached (peft) serves both sides, so the model, the prompts, the data, the batch sizes and
 the adapter are the same; only the code around them differs:
 - generation: `LoraLearner.generate` (length-sorted, left-padded batches of 16, greedy) vs a plain loop
@@ -11,25 +13,38 @@ the adapter are the same; only the code around them differs:
 - training: `LoraLearner.train` (per-example weighted loss, AdamW, clipping) vs a plain loop (chat
   template, prompt tokens masked with -100, `model(..., labels=...)` loss, AdamW, clipping), batch 8.
 The two alternate (A B B A ...) within one run; the ratio is taken per adjacent pair, then the median, and
-also between each side's fastest run (noise only adds time).
-Writes bench/results/participant.{json,md}.
+also between each side's fastest run (noise only adds time). Writes bench/results/participant.{json,md}.
+
+Speed (`--speed`): SmolLM2-135M conversion, load, batched generation, LoRA training. Generation counts
+only real answer tokens (an answer's EOS included, the padding after it excluded), so the figure is what a
+participant delivers, not what the batch computes. Training runs LoRA with the default targets (q_proj,
+v_proj) on short question/answer pairs. Each measurement runs `--reps` times and reports every run with
+the 1-minute load average beside it: on a shared machine the best run is the closest to the hardware's
+speed. Torch's intra-op threads spin at every barrier, so on a loaded machine fewer threads per process
+can be faster: `--threads` sets them. Writes bench/results/participant_speed_<threads>t.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import machine, machine_line, table, write_results
+from bench.common import RESULTS, machine, machine_line, table, timed, write_results
 from participant.data import Example
+from participant.generation import generate_answers
 from participant.learner import LoraLearner
 from participant.models import SMOLLM2_SPEC, LocalModel, eos_token_ids, load_model
-from participant.training import TrainSettings
+from participant.training import TrainSettings, adapter_state, attach_lora, encode_example, finetune
 from schemas.messages import GenerationParams
 
 TOPICS = [
@@ -45,12 +60,13 @@ def prompts(count: int) -> list[tuple[str, str]]:
     return [(f"p{i}", f"In two sentences, explain {TOPICS[i % len(TOPICS)]}.") for i in range(count)]
 
 
-def examples(count: int) -> list[Example]:
+def examples(count: int, key_ideas: bool = True) -> list[Example]:
+    """Short question/answer pairs; `key_ideas=False` gives the shorter answers `--speed` has always timed."""
     return [
         Example(
             f"In one sentence, what is {TOPICS[i % len(TOPICS)]}?",
-            f"{TOPICS[i % len(TOPICS)].capitalize()} is a topic that example {i} describes briefly, "
-            f"with {i % 5 + 1} key ideas.",
+            f"{TOPICS[i % len(TOPICS)].capitalize()} is a topic that example {i} describes briefly"
+            + (f", with {i % 5 + 1} key ideas." if key_ideas else "."),
         )
         for i in range(count)
     ]
@@ -111,23 +127,13 @@ def plain_train(lm: LocalModel, data: Sequence[Example], settings: TrainSettings
     return len(data)
 
 
-def timed(function: Callable[[], int]) -> tuple[int, float, float]:
-    started, cpu = time.perf_counter(), time.process_time()
-    count = function()
-    return count, time.perf_counter() - started, time.process_time() - cpu
+# ---- overhead: the participant's loops against plain ones -------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=6, help="pairs of each measurement")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args(argv)
+def overhead(args: argparse.Namespace) -> None:
     if args.quick:
         args.prompts, args.max_new_tokens, args.examples, args.reps = 16, 24, 16, 2
+    args.reps = args.reps or 6
     host = machine()
     lm = load_model(SMOLLM2_SPEC)
     settings = TrainSettings(batch_size=TRAIN_BATCH)
@@ -241,6 +247,122 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if not args.no_write:
         write_results("participant", report, markdown)
+
+
+# ---- speed: absolute rates on this machine ----------------------------------------------------
+
+
+def time_conversion() -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as cache:
+        started = time.perf_counter()
+        load_model(SMOLLM2_SPEC, cache_dir=Path(cache))
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        load_model(SMOLLM2_SPEC, cache_dir=Path(cache))
+        cached = time.perf_counter() - started
+    return {"first_load_with_conversion_s": first, "load_from_cache_s": cached}
+
+
+def time_generation(lm: LocalModel, batch_size: int, count: int, max_new_tokens: int) -> dict[str, float]:
+    params = GenerationParams(max_new_tokens=max_new_tokens)
+    generate_answers(lm, prompts(2), GenerationParams(max_new_tokens=4))  # warm-up
+    started = time.perf_counter()
+    answers = generate_answers(lm, prompts(count), params, batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    tokens = sum(a.completion_tokens for a in answers)
+    return {
+        "load_average_1m": os.getloadavg()[0],
+        "batch_size": batch_size,
+        "prompts": count,
+        "max_new_tokens": max_new_tokens,
+        "completion_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "mean_prompt_tokens": sum(a.prompt_tokens for a in answers) / len(answers),
+    }
+
+
+def time_training(lm: LocalModel, count: int, settings: TrainSettings) -> dict[str, float]:
+    data = examples(count, key_ideas=False)
+    finetune(lm, data[: settings.batch_size], settings)  # warm-up, attaches the adapter
+    stats = finetune(lm, data, settings)
+    lengths = [len(encode_example(lm, e, settings.max_length).input_ids) for e in data]
+    return {
+        "load_average_1m": os.getloadavg()[0],
+        "rank": settings.rank,
+        "batch_size": settings.batch_size,
+        "samples": stats.samples,
+        "mean_sequence_tokens": sum(lengths) / len(lengths),
+        "seconds": stats.seconds,
+        "samples_per_second": stats.samples_per_second,
+        "trainable_parameters": sum(t.numel() for t in adapter_state(lm).values()),
+    }
+
+
+def all_linear_adapter_size(rank: int) -> dict[str, float]:
+    """What one FedAvg exchange ships per participant for a LoRA on every linear layer."""
+    lm = load_model(SMOLLM2_SPEC)
+    attach_lora(lm, TrainSettings(rank=rank, target_modules="all-linear"))
+    parameters = sum(t.numel() for t in adapter_state(lm).values())
+    return {"rank": rank, "parameters": parameters, "fp32_megabytes": parameters * 4 / 1e6}
+
+
+def best_of(runs: list[dict[str, float]], key: str) -> dict[str, Any]:
+    rates = sorted(run[key] for run in runs)
+    return {f"best_{key}": rates[-1], f"median_{key}": rates[len(rates) // 2], "runs": runs}
+
+
+def speed(args: argparse.Namespace) -> None:
+    reps = args.reps or 3
+    torch.set_num_threads(args.threads)
+    versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft")}
+    host = machine() | {"torch_threads": torch.get_num_threads(), "versions": versions}
+    result: dict[str, Any] = {"model": SMOLLM2_SPEC, "machine": host}
+    if not args.skip_conversion:
+        result["conversion"] = time_conversion()
+    started = time.perf_counter()
+    lm = load_model(SMOLLM2_SPEC)
+    result["load_from_default_cache_s"] = time.perf_counter() - started
+    count = 16 if args.quick else 32
+    result["generation_batch_16"] = best_of(
+        [time_generation(lm, batch_size=16, count=count, max_new_tokens=64) for _ in range(reps)],
+        "tokens_per_second",
+    )
+    result["generation_batch_1"] = best_of(
+        [time_generation(lm, batch_size=1, count=2, max_new_tokens=64) for _ in range(reps)],
+        "tokens_per_second",
+    )
+    settings = TrainSettings(rank=8, batch_size=8)
+    result["training_r8"] = best_of(
+        [time_training(lm, count=count, settings=settings) for _ in range(reps)], "samples_per_second"
+    )
+    result["adapter_r16_all_linear"] = all_linear_adapter_size(16)
+    text = json.dumps(result, indent=2) + "\n"
+    if not args.no_write:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"participant_speed_{args.threads}t.json").write_text(text)
+    print(text, end="")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--speed", action="store_true", help="absolute rates instead of the overhead")
+    parser.add_argument("--quick", action="store_true", help="fewer prompts and examples")
+    parser.add_argument("--reps", type=int, help="pairs (overhead, default 6) or runs (--speed, default 3)")
+    parser.add_argument("--no-write", action="store_true")
+    overhead_args = parser.add_argument_group("overhead")
+    overhead_args.add_argument("--prompts", type=int, default=16)
+    overhead_args.add_argument("--max-new-tokens", type=int, default=32)
+    overhead_args.add_argument("--examples", type=int, default=32)
+    speed_args = parser.add_argument_group("--speed")
+    speed_args.add_argument("--skip-conversion", action="store_true", help="do not time the GGUF conversion")
+    speed_args.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.speed:
+        speed(args)
+    else:
+        overhead(args)
     return 0
 
 

@@ -26,12 +26,10 @@ Writes `<out>/quality.json`, `quality.md`, `quality.png`; each method's run dire
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import gc
 import hashlib
 import json
-import logging
 import random
 import sys
 import time
@@ -41,22 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import structlog
 
-from bench.common import machine
-from common.logs import configure_logging
+from bench.common import machine, machine_line, table
 from coordinator.settings import ConsensusSettingsTable
 from coordinator.store import CoordinatorStore
 from coordinator.wiring import build_embedder
 from federation.config import LoadedConfig, ParticipantEntry, load_run_config
 from federation.data import DataPaths, prepare_data
-from federation.report import Reporter
+from federation.launch import quiet_library_progress_bars, run_to_end
 from federation.runner import FederationRun, RunOptions, participant_settings
 from participant.data import Example
 from participant.learner import Learner
 from participant.settings import TrainTable
 from participant.wiring import build_learner, load_data
-from schemas.errors import ChorusError
 
 METHODS = ("local", "semantic", "fedavg", "centralized")
 LABELS = {
@@ -159,34 +154,12 @@ def run_federated(
     warm_start: dict[str, Path] | None = None,
 ) -> tuple[MethodResult, FederationRun]:
     """One chorus-run federation, as `chorus-run` runs it (log lines to `<work>/run.log`)."""
-    from federation import cli
-
-    work.mkdir(parents=True, exist_ok=True)
     ids = [p.id for p in loaded.run.participants]
-    handlers = logging.getLogger().handlers[:]
     started = time.perf_counter()
-    error: str | None = None
-    with (work / cli.LOG_FILE).open("w", encoding="utf-8", buffering=1) as log_file:
-        configure_logging("info", json=True, file=log_file, capture_stdlib=True)
-        reporter = Reporter(work.resolve(), ids)
-        options = RunOptions(results=work, rounds=rounds, warm_start=warm_start or {})
-        run = FederationRun(loaded, options, reporter)
-        try:
-            asyncio.run(run.run())
-        except ChorusError as e:
-            error = str(e)
-        finally:
-            reporter.finish(
-                rounds_wanted=run.rounds,
-                interrupted=run.interrupted,
-                error=error,
-                extra={"federation": loaded.run.federation, "config": str(loaded.path), "method": method},
-            )
-            structlog.reset_defaults()
-            logging.getLogger().handlers = handlers
-            logging.captureWarnings(False)
+    options = RunOptions(results=work, rounds=rounds, warm_start=warm_start or {})
+    finished = run_to_end(loaded, options, extra={"method": method}, handle_signals=False)
     wall = time.perf_counter() - started
-    records = reporter.records
+    records = finished.reporter.records
     rouge: dict[str, list[float | None]] = {pid: [] for pid in ids}
     similarity: dict[str, list[float | None]] = {pid: [] for pid in ids}
     up = down = 0
@@ -210,9 +183,9 @@ def run_federated(
         wall_seconds=round(wall, 2),
         test_sha256=_sha256(test) if test.is_file() else "",
         test_examples=_count_lines(test),
-        error=error,
+        error=finished.error,
     )
-    return result, run
+    return result, finished.run
 
 
 def _count_lines(path: Path) -> int:
@@ -469,19 +442,6 @@ def comm_cross_check(loaded: LoadedConfig) -> dict[str, Any]:
 # ---- report ---------------------------------------------------------------------------------------
 
 
-def machine_line(host: dict[str, Any]) -> str:
-    return (
-        f"Machine: {host['platform']}; {host['cpus']} x {host['cpu']}; {host['memory_mib']} MiB; "
-        f"Python {host['python']}; torch {host['torch']}; load average at start "
-        f"{host['load_average_at_start']} (a shared, noisy machine: wall times are indicative)."
-    )
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-
-
 def criteria(results: dict[str, MethodResult], cross: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     semantic, local, fedavg = results.get("semantic"), results.get("local"), results.get("fedavg")
@@ -688,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
-    _quiet()
+    quiet_library_progress_bars()
     started = time.perf_counter()
     host = machine()
     loaded = load_run_config(args.config)
@@ -768,12 +728,6 @@ def _brief(result: MethodResult) -> dict[str, Any]:
         "wall_seconds": result.wall_seconds,
         "error": result.error,
     }
-
-
-def _quiet() -> None:
-    from federation import cli
-
-    cli._quiet_library_progress_bars()
 
 
 if __name__ == "__main__":

@@ -11,20 +11,15 @@ of the rounds that finished; a second Ctrl-C aborts at once.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.logs import configure_logging
-from federation.config import RunConfigError, load_run_config
-from federation.report import Reporter
-from federation.runner import FederationRun, RunOptions, check_options
+from federation.config import load_run_config
+from federation.launch import LOG_FILE, quiet_library_progress_bars, run_to_end
+from federation.runner import RunOptions, check_options
 from schemas.errors import ChorusError
 
-LOG_FILE = "run.log"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -69,65 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChorusError as e:
         print(f"chorus-run: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    results.mkdir(parents=True, exist_ok=True)
-    _quiet_library_progress_bars()
-    with (results / LOG_FILE).open("w", encoding="utf-8", buffering=1) as log_file:
-        configure_logging(args.log_level, json=True, file=log_file, capture_stdlib=True)
-        reporter = Reporter(results.resolve(), [p.id for p in config.run.participants])
-        run = FederationRun(config, options, reporter)
-        error: str | None = None
-        exit_code = EXIT_FAILED
-        try:
-            asyncio.run(_run_with_signals(run))
-        except RunConfigError as e:  # found while preparing the run (data, brokers): the config's fault
-            error, exit_code = str(e), EXIT_USAGE
-        except ChorusError as e:
-            error = str(e)
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            run.interrupted = True
-        finally:
-            reporter.finish(
-                rounds_wanted=run.rounds,
-                interrupted=run.interrupted,
-                error=error,
-                extra={"federation": config.run.federation, "config": str(config.path), "log": LOG_FILE},
-            )
-    if error is not None:
-        print(f"chorus-run: error: {error} (log: {results / LOG_FILE})", file=sys.stderr)
-        return exit_code
-    return EXIT_INTERRUPTED if run.interrupted else 0
-
-
-async def _run_with_signals(run: FederationRun) -> None:
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    presses = 0
-
-    def on_signal() -> None:
-        nonlocal presses
-        presses += 1
-        if presses == 1:
-            run.request_stop()
-        else:
-            main_task.cancel()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal)
-    try:
-        await run.run()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-
-
-def _quiet_library_progress_bars() -> None:
-    """transformers' and the hub's tqdm bars ("Loading weights") would tear through the table."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    transformers_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    quiet_library_progress_bars()
+    finished = run_to_end(config, options, log_level=args.log_level)
+    if finished.error is not None:
+        print(f"chorus-run: error: {finished.error} (log: {results / LOG_FILE})", file=sys.stderr)
+        return EXIT_USAGE if finished.config_fault else EXIT_FAILED
+    return EXIT_INTERRUPTED if finished.run.interrupted else 0
 
 
 if __name__ == "__main__":
