@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench.bench_ingest [--quick] [--profile]
 
-Each repetition pre-fills the shard queues with the same kind of GenerationBatch messages (P participants,
-each its own RabbitMQ user, one batch per shard), then drains them with either
+Each repetition pre-fills the intake queues with the same kind of GenerationBatch messages (P participants,
+each its own RabbitMQ user and intake queue, one batch per shard), then drains them with either
 - the bare consumer: `AmqpTransport.consume` with a handler that only decodes
   (`schemas.codec.decode_generation`) and acks — the floor of the transport; or
 - the coordinator: `Coordinator.start()` + `drive()` with HNSW consensus on (SQLite store with
@@ -34,19 +34,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, machine_line, table, write_results
-from broker.amqp import AmqpTransport
+from broker.amqp import AmqpSubscription, AmqpTransport
 from broker.cli import bring_up
-from broker.topology import UP_EXCHANGE, core_topology, generation_key, shard_queue
-from broker.transport import Delivery
+from broker.topology import UP_EXCHANGE, core_topology, generation_key, intake_queue, intake_topology
+from broker.transport import DEFAULT_PREFETCH, Delivery, Handler
+from common.logs import configure_logging
 from coordinator.consensus import ConsensusSettings, HnswConsensus
 from coordinator.embedding import CachedEmbedder, Embedder, HashingEmbedder
 from coordinator.embedding_onnx import OnnxEmbedder
-from coordinator.logs import configure_logging
 from coordinator.prompts import PublicPrompt
 from coordinator.runtime import SWITCH_INTERVAL_SECONDS, prepare_service_process
 from coordinator.service import Coordinator
 from coordinator.settings import ConsensusSettingsTable, CoordinatorSettings, RoundSettings
 from coordinator.store import CoordinatorStore
+from coordinator.strategies import StrategyContext
+from coordinator.strategies.semantic import SemanticStrategy
 from schemas import Answer, GenerationBatch, decode_generation, encode, new_message_id
 
 FEDERATION = "ingest"
@@ -120,15 +122,15 @@ async def prefill(
     await asyncio.gather(*(one(*b) for b in batches))
 
 
-async def wait_until_queued(transport: AmqpTransport, shards: int, count: int) -> None:
+async def wait_until_queued(transport: AmqpTransport, participants: Sequence[str], count: int) -> None:
     for _ in range(200):
         depth = 0
-        for shard in range(shards):
-            depth += await transport.queue_depth(shard_queue(shard))
+        for name in participants:
+            depth += await transport.queue_depth(intake_queue(name))
         if depth >= count:
             return
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"only {depth} of {count} messages reached the shard queues")
+    raise RuntimeError(f"only {depth} of {count} messages reached the intake queues")
 
 
 def settings_for(args: argparse.Namespace, state_path: Path) -> CoordinatorSettings:
@@ -171,6 +173,10 @@ class Bench:
             n: AmqpTransport(u, connection_name=f"bench {n}") for n, u in self.participant_urls.items()
         }
         await asyncio.gather(*(p.connect() for p in self.publishers.values()))
+        # Intake queues are the coordinator's to declare (it does for its members as it starts); the bare
+        # consumer needs them from its first repetition on.
+        async with AmqpTransport(self.coordinator_url, connection_name="bench setup") as setup:
+            await setup.declare(core_topology().merged(intake_topology(self.names)))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -183,32 +189,38 @@ class Bench:
         now = time.time()
         for name in self.names:
             store.upsert_member(name, "bench", True, now)
-        strategy = HnswConsensus(embedder, ConsensusSettings(min_confidence=0.3))
-        return Coordinator(settings_for(self.args, state), transport, store, self.prompts, strategy)
+        settings = settings_for(self.args, state)
+        strategy = SemanticStrategy(
+            StrategyContext(settings, store, self.prompts),
+            HnswConsensus(embedder, ConsensusSettings(min_confidence=0.3)),
+        )
+        return Coordinator(settings, transport, store, strategy)
 
     async def warm_cache(self) -> None:
         texts = sorted({answer_text(p.prompt_id, n) for p in self.prompts for n in range(len(self.names))})
         await asyncio.to_thread(self.warm.embed, texts)
 
     async def coordinator_rep(self, cold: bool) -> Rep:
-        transport = AmqpTransport(
-            self.coordinator_url, connection_name="bench coordinator", coalesce_acks=not self.args.ack_each
+        first = FirstDelivery()
+        transport = FirstNotingTransport(
+            self.coordinator_url,
+            first,
+            connection_name="bench coordinator",
+            coalesce_acks=not self.args.ack_each,
         )
         await transport.connect()
         embedder = CachedEmbedder(self.inner) if cold else self.warm
+        # Its members' queues exist already (reply queues from the vhost, intake queues from __aenter__);
+        # start() takes their intake, below, once the round is pre-filled.
         coordinator = self._new_coordinator(transport, embedder)
-        await transport.declare(core_topology(self.args.shards))
-        await coordinator._declare_participants(self.names)
         assert await coordinator._open_round()
         assert coordinator.round is not None
         shards = {s: t.prompt_ids for s, t in coordinator.round.shards.items()}
         batches = build_batches(shards, self.names, coordinator.round.round_id)
         await prefill(self.publishers, batches)
-        await wait_until_queued(transport, self.args.shards, len(batches))
+        await wait_until_queued(transport, self.names, len(batches))
         coordinator.round = None
         generations = sum(len(s) for s in shards.values()) * len(self.names)
-        first = FirstDelivery()
-        coordinator._on_generation = first.wrap(coordinator._on_generation)  # type: ignore[method-assign,assignment]
         if self.profile is not None:
             self.profile.enable()
         started = time.perf_counter()
@@ -256,7 +268,7 @@ class Bench:
         }
         batches = build_batches(shards, self.names, 1)
         await prefill(self.publishers, batches)
-        await wait_until_queued(transport, self.args.shards, len(batches))
+        await wait_until_queued(transport, self.names, len(batches))
         done = asyncio.Event()
         seen = 0
 
@@ -270,11 +282,11 @@ class Bench:
 
         first = FirstDelivery()
         started = time.perf_counter()
-        # Subscribed concurrently, as Coordinator.start() does.
+        # One consumer per participant's intake queue, subscribed concurrently, as Coordinator.start() does.
         subscriptions = await asyncio.gather(
             *(
-                transport.consume(shard_queue(s), first.wrap(handler), prefetch=self.args.prefetch)
-                for s in range(self.args.shards)
+                transport.consume(intake_queue(n), first.wrap(handler), prefetch=self.args.prefetch)
+                for n in self.names
             )
         )
         await asyncio.wait_for(done.wait(), 300.0)
@@ -296,6 +308,20 @@ class Bench:
             transport.acked,
             first.gc_ms_since(),
         )
+
+
+class FirstNotingTransport(AmqpTransport):
+    """An `AmqpTransport` whose consumers note the first delivery: times the coordinator from its first
+    delivery without reaching into it."""
+
+    def __init__(self, url: str, first: FirstDelivery, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.first = first
+
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int = DEFAULT_PREFETCH
+    ) -> AmqpSubscription:
+        return await super().consume(queue, self.first.wrap(handler), prefetch=prefetch)
 
 
 class GcPauses:
@@ -468,7 +494,8 @@ def render(summary: dict[str, Any], host: dict[str, Any], args: argparse.Namespa
         "(a commit of 50 batches took 140-220 ms). The GC pause column is what the collector still "
         "paused a drain (median).",
         "",
-        "Both consumers subscribe to their 20 shard queues concurrently, and both are timed from their "
+        f"Both consumers subscribe to the {args.participants} participants' intake queues concurrently "
+        "(one consumer each), and both are timed from their "
         "first delivery: what comes before it (subscribing; for the coordinator also declaring the "
         "topology and restoring the open round from its store) is start-up, shown as setup and left out "
         "of both rates. Earlier versions of this bench subscribed the bare consumer one queue after "
@@ -534,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     host = machine()
     names = [f"in{i:03d}" for i in range(args.participants)]
     with tempfile.TemporaryDirectory(prefix="chorus-ingest-") as tmp:
-        node, _ = bring_up(Path(tmp) / "rabbitmq", shards=args.shards)
+        node, _ = bring_up(Path(tmp) / "rabbitmq")
         try:
             urls = node.add_vhost(VHOST, names)
             work = Path(tmp) / "work"

@@ -27,16 +27,23 @@ from typing import Any
 
 from broker.memory import MemoryBroker
 from broker.recorder import FsyncPolicy, Recorder, RecordingTransport
-from broker.topology import COORDINATOR_USER, UP_EXCHANGE, full_topology, generation_key, shard_queue
+from broker.topology import (
+    COORDINATOR_USER,
+    UP_EXCHANGE,
+    full_topology,
+    generation_key,
+    intake_queue,
+    intake_topology,
+)
 from broker.transport import Delivery, Transport
+from common.logs import configure_logging
 from coordinator.embedding import HashingEmbedder
-from coordinator.logs import configure_logging
 from coordinator.prompts import PublicPrompt
 from coordinator.recording import recorded_settings
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings, RoundSettings
 from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
+from coordinator.strategies import build_round_strategy
 from schemas.codec import encode
 from schemas.messages import Answer, GenerationBatch
 
@@ -138,7 +145,7 @@ async def _pump(transport: Transport, publisher: Transport, bodies: list[bytes])
         if received == len(bodies):
             done.set()
 
-    subscription = await transport.consume(shard_queue(0), handler)
+    subscription = await transport.consume(intake_queue("alice"), handler)
     watch = Stopwatch()
     for number, body in enumerate(bodies):
         await publisher.publish(UP_EXCHANGE, "gen.0.alice", body, message_id=str(number))
@@ -151,7 +158,7 @@ async def _pump(transport: Transport, publisher: Transport, bodies: list[bytes])
 def bench_transport(messages: int, body: bytes, record: bool) -> Timing:
     async def once() -> Timing:
         broker = MemoryBroker()
-        broker.declare(full_topology(["alice"], shards=1))
+        broker.declare(full_topology(["alice"]).merged(intake_topology(["alice"])))
         with tempfile.TemporaryDirectory() as directory:
             inner = broker.connect(COORDINATOR_USER)
             transport: Transport = inner
@@ -186,7 +193,7 @@ def bench_coordinator(
                 ),
             )
             broker = MemoryBroker()
-            broker.declare(full_topology(names, shards=shards))
+            broker.declare(full_topology(names))
             inner = broker.connect(COORDINATOR_USER)
             transport: Transport = inner
             if record:
@@ -196,16 +203,13 @@ def bench_coordinator(
                 transport = RecordingTransport(inner, recorder)
             prompt_set = [PublicPrompt(f"q{i}", f"Question {i}?") for i in range(prompts)]
             async with transport:
-                coordinator = Coordinator(
-                    settings,
-                    transport,
-                    CoordinatorStore(settings.state_path),
-                    prompt_set,
-                    build_strategy(settings, HashingEmbedder()),
-                )
-                await coordinator.start()
+                store = CoordinatorStore(settings.state_path)
+                # Members before start(): it declares and consumes their intake queues.
                 for name in names:
-                    coordinator.store.upsert_member(name, "m", True, time.time())
+                    store.upsert_member(name, "m", True, time.time())
+                strategy = build_round_strategy(settings, store, prompt_set, HashingEmbedder())
+                coordinator = Coordinator(settings, transport, store, strategy)
+                await coordinator.start()
                 await coordinator._open_round()
                 state = coordinator.round
                 assert state is not None

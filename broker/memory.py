@@ -81,15 +81,16 @@ class _Queue:
     def depth(self) -> int:
         return len(self.ready) + len(self.returned)
 
-    def is_full(self) -> bool:
-        """At its length limit (in messages or body bytes), as RabbitMQ counts ready messages."""
+    def is_over_limit(self) -> bool:
+        """Beyond its length limit (in messages or body bytes), as RabbitMQ counts ready messages: a
+        quorum queue refuses (reject-publish) only once it is over, so it holds one more than the limit."""
         spec = self.spec
-        if spec.max_length is not None and self.depth() >= spec.max_length:
+        if spec.max_length is not None and self.depth() > spec.max_length:
             return True
         if spec.max_length_bytes is None:
             return False
         held = sum(len(m.body) for m in self.ready) + sum(len(m.body) for m in self.returned)
-        return held >= spec.max_length_bytes
+        return held > spec.max_length_bytes
 
     def take(self) -> _Message:
         return self.returned.popleft() if self.returned else self.ready.popleft()
@@ -195,11 +196,9 @@ class MemoryBroker:
             )
         refused = []
         for queue in queues:
-            if queue.is_full():
-                if queue.spec.overflow == "reject-publish":
-                    refused.append(queue.spec.name)
-                    continue
-                queue.ready.popleft() if queue.ready else queue.returned.popleft()
+            if queue.spec.overflow == "reject-publish" and queue.is_over_limit():
+                refused.append(queue.spec.name)
+                continue
             copy = _Message(
                 body=message.body,
                 exchange=message.exchange,
@@ -210,6 +209,8 @@ class MemoryBroker:
                 timestamp=message.timestamp,
             )
             queue.ready.append(copy)
+            while queue.spec.overflow == "drop-head" and queue.is_over_limit():
+                queue.take()  # the oldest goes
             self._dispatch(queue)
         if refused:
             raise QueueFull(

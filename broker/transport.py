@@ -63,6 +63,13 @@ class QueueSpec:
     max_length_bytes: int | None = None
     overflow: Literal["reject-publish", "drop-head"] = "reject-publish"
 
+    def __post_init__(self) -> None:
+        if self.dead_letter_exchange is not None and self.overflow != "reject-publish":
+            # At-least-once dead-lettering, which Chorus's work queues use, needs reject-publish.
+            raise ValueError(
+                f"queue {self.name!r}: a queue with a dead-letter exchange must use reject-publish"
+            )
+
 
 @dataclass(frozen=True)
 class BindingSpec:

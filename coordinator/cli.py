@@ -18,7 +18,7 @@ from coordinator.runtime import prepare_service_process
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings, load_coordinator_settings
 from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
+from coordinator.strategies import build_round_strategy
 from schemas.codec import decode_reply
 from schemas.errors import ChorusError
 from schemas.messages import RoundClosed
@@ -83,13 +83,11 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             "give --broker amqp://..., or use chorus-run for an embedded federation"
         )
     store = CoordinatorStore(settings.state_path)
-    strategy = build_strategy(settings)
+    strategy = build_round_strategy(settings, store, load_prompts(Path(settings.prompts_path)))
     try:
         connection = open_transport(settings.broker_url, connection_name="chorus-coordinator")
         async with with_recording(connection, settings) as transport:
-            coordinator = Coordinator(
-                settings, transport, store, load_prompts(Path(settings.prompts_path)), strategy
-            )
+            coordinator = Coordinator(settings, transport, store, strategy)
             log.debug("service_process_prepared", frozen_objects=prepare_service_process())
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):

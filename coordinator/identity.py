@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from broker.transport import Delivery
+from schemas.ids import named_sender
 from schemas.messages import Message
-
-# The deterministic ids of PROTOCOL §7.4 start with their sender: `<participant>.r<round>.`.
-_NAMED_SENDER = re.compile(r"^([A-Za-z0-9_-]{1,64})\.r[0-9]+\.")
 
 
 def identity_problem(delivery: Delivery, message: Message, federation: str) -> str | None:
@@ -48,8 +44,7 @@ def ownership_problem(message: Message, owner: str | None) -> str | None:
     sender = message.participant_id
     if owner is not None and owner != sender:
         return f"arrived in participant {owner!r}'s intake queue but comes from {sender!r}"
-    named = _NAMED_SENDER.match(message.message_id)
-    if named is not None and named.group(1) != sender:
-        named_id = named.group(1)
-        return f"message_id {message.message_id!r} names participant {named_id!r}, not the sender {sender!r}"
+    named = named_sender(message.message_id)
+    if named is not None and named != sender:
+        return f"message_id {message.message_id!r} names participant {named!r}, not the sender {sender!r}"
     return None

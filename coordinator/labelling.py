@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 from broker.topology import COORDINATOR_USER
 from coordinator.consensus import Candidate, ShardConsensus
+from schemas.ids import pseudo_labels_id
 from schemas.messages import GenerationBatch, Label, PseudoLabels
 
 
@@ -42,10 +43,6 @@ def shard_candidates(
     return candidates
 
 
-def labels_message_id(federation: str, round_id: int, shard_id: int) -> str:
-    return f"{federation}.r{round_id}.s{shard_id}.labels"
-
-
 def pseudo_labels_message(
     federation: str, round_id: int, shard_id: int, result: ShardConsensus
 ) -> PseudoLabels:
@@ -64,7 +61,7 @@ def pseudo_labels_message(
     return PseudoLabels(
         federation=federation,
         round_id=round_id,
-        message_id=labels_message_id(federation, round_id, shard_id),
+        message_id=pseudo_labels_id(federation, round_id, shard_id),
         participant_id=COORDINATOR_USER,
         shard_id=shard_id,
         labels=labels,

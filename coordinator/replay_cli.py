@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from common.logs import configure_logging
-from coordinator.labelling import labels_message_id
 from coordinator.replay import RecordedLog, ReplayError, interpret, load_log
 from coordinator.replay_consensus import ConsensusOverrides, replay_consensus, replay_settings
 from coordinator.replay_publish import (
@@ -24,6 +23,7 @@ from coordinator.replay_publish import (
 )
 from coordinator.replay_report import consensus_text, damage_lines, inspect_text, republish_text
 from schemas.errors import ChorusError
+from schemas.ids import pseudo_labels_id
 
 PROG = "chorus-replay"
 
@@ -143,7 +143,7 @@ def run_consensus(log: RecordedLog, args: argparse.Namespace) -> int:
         for side in ("recorded", "replayed"):
             (args.write / side).mkdir(parents=True, exist_ok=True)
         for shard in replay.shards:
-            name = labels_message_id(log.federation, shard.round_id, shard.shard_id) + ".msgpack"
+            name = pseudo_labels_id(log.federation, shard.round_id, shard.shard_id) + ".msgpack"
             if shard.recorded is not None:
                 (args.write / "recorded" / name).write_bytes(shard.recorded)
             if shard.replayed is not None:

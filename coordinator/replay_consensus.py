@@ -22,7 +22,7 @@ from coordinator.labelling import pseudo_labels_message, shard_candidates
 from coordinator.replay import Recording, ReplayError
 from coordinator.rounds import RoundState, resolve_quorum
 from coordinator.settings import CoordinatorSettings
-from coordinator.wiring import build_strategy
+from coordinator.wiring import build_consensus
 from schemas.codec import decode_reply, encode
 from schemas.messages import GenerationBatch, Label, PseudoLabels, RoundOpened
 
@@ -128,8 +128,7 @@ def replay_consensus(
     """
     if settings.strategy != "semantic":
         raise ReplayError("this log is of a fedavg federation: there is no consensus to replay")
-    strategy = build_strategy(settings, embedder)
-    assert strategy is not None
+    strategy = build_consensus(settings.consensus, embedder)
     recorded_quorum = None if recording.settings is None else recording.settings.round.quorum
     resimulate = settings.round.quorum != recorded_quorum
     accepted = recording.accepted_batches()

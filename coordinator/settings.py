@@ -83,7 +83,7 @@ class CoordinatorSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fiel
     state_path: str = "coordinator.sqlite3"
     prompts_path: str
     roster: list[Id] = []  # participants known up front; others may join
-    strategy: Literal["semantic", "fedavg"] = "semantic"
+    strategy: str = "semantic"  # a name in coordinator.strategies.STRATEGIES
     publish_timeout_seconds: PositiveSeconds = 10.0
     # Deliveries in flight per intake queue (one per member, and the lobby): bounds what one member's
     # traffic holds in coordinator memory at a time.
@@ -92,6 +92,12 @@ class CoordinatorSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fiel
     generation: GenerationParams = GenerationParams()
     consensus: ConsensusSettingsTable = ConsensusSettingsTable()
     recording: RecordingSettings = RecordingSettings()
+
+    def __post_init__(self) -> None:
+        from coordinator.strategies import STRATEGIES  # the registry imports these settings
+
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
 
 
 # Environment variable -> top-level key it overrides.

@@ -304,6 +304,11 @@ class CoordinatorStore:
         )
         return [r[0] for r in rows]
 
+    def announcement(self, round_id: int) -> bytes | None:
+        """The encoded RoundOpened of a round."""
+        rows = self._read("SELECT announcement FROM rounds WHERE round_id = ?", (round_id,))
+        return bytes(rows[0][0]) if rows else None
+
     def expected(self, round_id: int) -> list[str]:
         rows = self._read("SELECT expected FROM rounds WHERE round_id = ?", (round_id,))
         return list(json.loads(rows[0][0])) if rows else []

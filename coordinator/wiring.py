@@ -1,4 +1,4 @@
-"""Build the consensus strategy and embedder a settings file asks for."""
+"""Build the consensus rule and embedder a settings file asks for."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from coordinator.consensus import ConsensusSettings, ConsensusStrategy, ExactConsensus, HnswConsensus
 from coordinator.embedding import CachedEmbedder, Embedder, HashingEmbedder, SentenceEmbedder
-from coordinator.settings import ConsensusSettingsTable, CoordinatorSettings
+from coordinator.settings import ConsensusSettingsTable
 
 
 def build_embedder(table: ConsensusSettingsTable) -> Embedder:
@@ -23,13 +23,8 @@ def build_embedder(table: ConsensusSettingsTable) -> Embedder:
     return CachedEmbedder(inner, max_entries=table.cache_entries) if table.cache_entries else inner
 
 
-def build_strategy(
-    settings: CoordinatorSettings, embedder: Embedder | None = None
-) -> ConsensusStrategy | None:
-    """The consensus strategy for a semantic federation; None for FedAvg (no text to agree on)."""
-    if settings.strategy != "semantic":
-        return None
-    table = settings.consensus
+def build_consensus(table: ConsensusSettingsTable, embedder: Embedder | None = None) -> ConsensusStrategy:
+    """The consensus rule the settings name, over `embedder` (None: the one the settings name)."""
     consensus = ConsensusSettings(
         neighbours=table.neighbours, min_confidence=table.min_confidence, min_answers=table.min_answers
     )

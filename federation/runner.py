@@ -30,7 +30,8 @@ from coordinator.recording import with_recording
 from coordinator.service import Coordinator
 from coordinator.settings import ConsensusSettingsTable, CoordinatorSettings, SettingsError
 from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_embedder, build_strategy
+from coordinator.strategies import build_round_strategy
+from coordinator.wiring import build_embedder
 from federation.config import LoadedConfig, ParticipantEntry, RunConfigError
 from federation.data import DataPaths, prepare_data
 from federation.report import Reporter
@@ -373,15 +374,17 @@ class FederationRun:
     ) -> None:
         store = CoordinatorStore(settings.state_path)
         try:
-            strategy = build_strategy(
-                settings, embedder if settings.consensus.embedder == self.config.run.embedder else None
+            strategy = build_round_strategy(
+                settings,
+                store,
+                load_prompts(data.prompts),
+                embedder if settings.consensus.embedder == self.config.run.embedder else None,
             )
-            prompts = load_prompts(data.prompts)
             async with contextlib.AsyncExitStack() as stack:
                 coordinator_transport = await stack.enter_async_context(
                     with_recording(plan.coordinator(), settings)
                 )
-                self.coordinator = Coordinator(settings, coordinator_transport, store, prompts, strategy)
+                self.coordinator = Coordinator(settings, coordinator_transport, store, strategy)
                 await self.coordinator.start()
                 for entry in self.config.run.participants:
                     transport = await stack.enter_async_context(plan.participants[entry.id]())

@@ -89,7 +89,7 @@ def arrays_to_wire(arrays: Mapping[str, AnyArray], dtypes: Mapping[str, WireDtyp
         dtype = dtypes[name]
         if dtype not in _STORAGE:
             raise TensorWireError(f"tensor {name!r}: {dtype!r} is not a wire dtype; use one of {WIRE_DTYPES}")
-        values = np.ascontiguousarray(array)
+        values = np.asarray(array)  # keeps a 0-d array 0-d; tobytes() is row-major whatever the layout
         if dtype == "bfloat16":
             stored = float32_to_bfloat16_bits(values.astype(np.float32))
         else:
@@ -105,8 +105,10 @@ def bfloat16_bits_to_float32(bits: AnyArray) -> AnyArray:
 
 
 def float32_to_bfloat16_bits(values: AnyArray) -> AnyArray:
-    """Round to nearest, ties to even (torch's rule); NaN stays a quiet NaN."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    out: AnyArray = np.where(np.isnan(values), np.uint32(0x7FC0), rounded).astype(np.uint16)
+    """Round to nearest, ties to even (torch's rule). A NaN keeps its sign and top payload bits, made
+    quiet, so a bfloat16 read from the wire goes back bit for bit."""
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32)
+    high = bits >> np.uint32(16)
+    rounded = (bits + (np.uint32(0x7FFF) + (high & np.uint32(1)))) >> np.uint32(16)
+    out: AnyArray = np.where(np.isnan(values), high | np.uint32(0x0040), rounded).astype(np.uint16)
     return out

@@ -85,7 +85,10 @@ def isolated(topo: Topology, prefix: str) -> Topology:
         return f"{prefix}{name}" if name else name
 
     return Topology(
-        exchanges=tuple(replace(e, name=f"{prefix}{e.name}") for e in topo.exchanges),
+        exchanges=tuple(
+            replace(e, name=f"{prefix}{e.name}", alternate_exchange=rename(e.alternate_exchange))
+            for e in topo.exchanges
+        ),
         queues=tuple(
             replace(q, name=f"{prefix}{q.name}", dead_letter_exchange=rename(q.dead_letter_exchange))
             for q in topo.queues
@@ -110,10 +113,11 @@ class TransportFactory:
         """A test-local name for a Chorus exchange or queue (`chorus.up` -> `tXXXX.chorus.up`)."""
         return f"{self.prefix}{base}"
 
-    def topology(
-        self, shards: int = 2, participants: tuple[str, ...] = (), delivery_limit: int = 2
-    ) -> Topology:
-        return isolated(chorus.full_topology(participants, shards, delivery_limit), self.prefix)
+    def topology(self, participants: tuple[str, ...] = ("alice",), delivery_limit: int = 2) -> Topology:
+        """The Chorus topology under this test's names, with a reply queue per participant and the intake
+        queue the coordinator declares for each."""
+        topo = chorus.full_topology(participants, delivery_limit)
+        return isolated(topo.merged(chorus.intake_topology(participants, delivery_limit)), self.prefix)
 
     async def connect(self, user: str = chorus.COORDINATOR_USER) -> Transport:
         """An open transport; closed when the test ends. On RabbitMQ only the coordinator user is set up."""

@@ -23,11 +23,8 @@ from broker.errors import BrokerError, PublishTimeout
 from broker.memory import MemoryBroker
 from broker.topology import UP_EXCHANGE, full_topology, generation_key
 from coordinator.embedding import HashingEmbedder
-from coordinator.prompts import load_prompts
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
-from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
 from schemas import Answer, GenerationBatch, RoundOpened, encode, new_message_id
 
 FEDERATION = "faults"
@@ -59,13 +56,7 @@ async def coordinator_at(url: str, config: Path, name: str = "test coordinator")
     settings = load_coordinator_settings(config, env={})
     transport = AmqpTransport(url, connection_name=name)
     await transport.__aenter__()
-    return Coordinator(
-        settings,
-        transport,
-        CoordinatorStore(settings.state_path),
-        load_prompts(Path(settings.prompts_path)),
-        build_strategy(settings, HashingEmbedder()),
-    )
+    return build_coordinator(settings, transport, embedder=HashingEmbedder())
 
 
 @dataclass

@@ -15,12 +15,9 @@ from scripted import ScriptedParticipant, consensus_answers
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, UP_EXCHANGE, full_topology, generation_key
 from coordinator.embedding import HashingEmbedder
-from coordinator.prompts import load_prompts
 from coordinator.recording import with_recording
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import CoordinatorSettings, load_coordinator_settings
-from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
 from schemas import Answer, GenerationBatch, encode, new_message_id
 
 NAMES = ["alice", "bob", "carol", "dave", "erin"]
@@ -80,12 +77,8 @@ class RecordedRun:
 
 
 def coordinator_for(settings: CoordinatorSettings, broker: MemoryBroker) -> Coordinator:
-    return Coordinator(
-        settings,
-        with_recording(broker.connect(COORDINATOR_USER), settings),
-        CoordinatorStore(settings.state_path),
-        load_prompts(Path(settings.prompts_path)),
-        build_strategy(settings, HashingEmbedder()),
+    return build_coordinator(
+        settings, with_recording(broker.connect(COORDINATOR_USER), settings), embedder=HashingEmbedder()
     )
 
 

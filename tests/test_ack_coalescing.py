@@ -18,6 +18,8 @@ from broker.local_node import LocalNode
 from broker.transport import Delivery
 
 GEN = topology.generation_key
+# Any participant's intake queue serves as the work queue.
+ALICE_IN = topology.intake_queue("alice")
 
 
 def test_plan_coalesces_only_up_to_the_first_unsettled_tag() -> None:
@@ -69,7 +71,7 @@ async def _connect(f: TransportFactory) -> AmqpTransport:
 
 
 async def _filled(f: TransportFactory, count: int) -> tuple[list[str], AmqpTransport]:
-    """`count` messages (m00, m01, ...) waiting in shard queue 0, and a fresh connection to consume them."""
+    """`count` messages (m00, m01, ...) in alice's intake queue, and a fresh connection to consume them."""
     publisher = await _connect(f)
     await publisher.declare(f.topology())
     ids = [f"m{i:02d}" for i in range(count)]
@@ -79,10 +81,10 @@ async def _filled(f: TransportFactory, count: int) -> tuple[list[str], AmqpTrans
 
 
 async def _consume_again(f: TransportFactory) -> Group:
-    """What a new consumer on a new connection gets from shard queue 0 (acked as it arrives)."""
+    """What a new consumer on a new connection gets from alice's intake queue (acked as it arrives)."""
     again = Group()
     again.release.set()
-    await (await _connect(f)).consume(f.name(topology.shard_queue(0)), again)
+    await (await _connect(f)).consume(f.name(ALICE_IN), again)
     return again
 
 
@@ -90,7 +92,7 @@ async def _consume_again(f: TransportFactory) -> Group:
 async def test_a_group_settled_together_takes_one_ack_frame(f: TransportFactory) -> None:
     ids, consumer = await _filled(f, 20)
     group = Group()
-    subscription = await consumer.consume(f.name(topology.shard_queue(0)), group, prefetch=50)
+    subscription = await consumer.consume(f.name(ALICE_IN), group, prefetch=50)
     await eventually(lambda: len(group.seen) == 20)
     group.release.set()
     await eventually(lambda: len(group.done) == 20)
@@ -108,7 +110,7 @@ async def test_a_group_settled_together_takes_one_ack_frame(f: TransportFactory)
 async def test_a_later_group_never_acks_an_unsettled_lower_tag(f: TransportFactory) -> None:
     ids, consumer = await _filled(f, 12)
     group = Group(held="m05")  # tag 6 on the consumer's channel
-    await consumer.consume(f.name(topology.shard_queue(0)), group, prefetch=50)
+    await consumer.consume(f.name(ALICE_IN), group, prefetch=50)
     await eventually(lambda: len(group.seen) == 12)
     group.release.set()
     await eventually(lambda: consumer.acked == 11)
@@ -146,7 +148,7 @@ async def test_nacked_and_dead_lettered_tags_let_a_later_multiple_ack_cover_them
         await release.wait()
         done.append(delivery.message_id)
 
-    await consumer.consume(f.name(topology.shard_queue(0)), handler, prefetch=50)
+    await consumer.consume(f.name(ALICE_IN), handler, prefetch=50)
     await asyncio.wait_for(settled_first.wait(), 10)
     await eventually(lambda: len(seen) >= 10)
     frames_before = consumer.ack_frames  # the dead-letter copy's own ack

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from cluster import LocalCluster
-from fault_helpers import SHARDS, close_all
+from fault_helpers import close_all
 from test_faults import NAMES, check_round, run_round_with_fault
 
-from broker.topology import reply_queue, shard_queue
+from broker.connect import open_transport
+from broker.topology import intake_queue, intake_topology, reply_queue
 
 pytestmark = [pytest.mark.amqp, pytest.mark.soak, pytest.mark.timeout(600)]
 
@@ -32,7 +33,11 @@ async def test_round_survives_losing_the_quorum_leader_node(
     nodes, passwords = cluster
     doomed, serving = nodes.nodes[0], nodes.nodes[1]
     everyone = {n.state.nodename for n in nodes.nodes}
-    watched = {shard_queue(s) for s in range(SHARDS)} | {reply_queue(n) for n in NAMES}
+    # Intake queues are the coordinator's to declare: declared through the first node, they are led by
+    # it (client-local); the coordinator's own declare, later through the second node, finds them there.
+    async with open_transport(nodes.coordinator_url(doomed)) as on_doomed:
+        await on_doomed.declare(intake_topology(NAMES))
+    watched = {intake_queue(n) for n in NAMES} | {reply_queue(n) for n in NAMES}
     before = {q["name"]: q for q in nodes.quorum_queues(serving) if q["name"] in watched}
     assert before.keys() == watched
     for queue in before.values():

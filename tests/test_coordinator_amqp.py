@@ -16,11 +16,8 @@ from broker.local_node import LocalNode
 from broker.topology import DEAD_LETTER_QUEUE, UP_EXCHANGE, generation_key
 from broker.transport import REASON_HEADER, Delivery
 from coordinator.embedding import HashingEmbedder
-from coordinator.prompts import load_prompts
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
-from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
 from schemas import Answer, GenerationBatch, encode, new_message_id
 
 pytestmark = pytest.mark.amqp
@@ -36,13 +33,7 @@ async def coordinator_on(node: LocalNode, config: Path) -> Coordinator:
     settings = load_coordinator_settings(config, env={})
     transport = AmqpTransport(node.coordinator_url, connection_name="test coordinator")
     await transport.__aenter__()
-    return Coordinator(
-        settings,
-        transport,
-        CoordinatorStore(settings.state_path),
-        load_prompts(Path(settings.prompts_path)),
-        build_strategy(settings, HashingEmbedder()),
-    )
+    return build_coordinator(settings, transport, embedder=HashingEmbedder())
 
 
 async def participant_on(

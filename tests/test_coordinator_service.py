@@ -23,11 +23,8 @@ from broker.topology import (
 )
 from broker.transport import REASON_HEADER, Delivery
 from coordinator.embedding import HashingEmbedder
-from coordinator.prompts import load_prompts
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
-from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
 from schemas import Answer, GenerationBatch, encode, new_message_id
 
 
@@ -60,13 +57,7 @@ def write_config(tmp_path: Path, **round_overrides: object) -> Path:
 
 def make_coordinator(config: Path, broker: MemoryBroker) -> Coordinator:
     settings = load_coordinator_settings(config, env={})
-    return Coordinator(
-        settings,
-        broker.connect(COORDINATOR_USER),
-        CoordinatorStore(settings.state_path),
-        load_prompts(Path(settings.prompts_path)),
-        build_strategy(settings, HashingEmbedder()),
-    )
+    return build_coordinator(settings, broker.connect(COORDINATOR_USER), embedder=HashingEmbedder())
 
 
 async def run_with_participants(
@@ -274,10 +265,10 @@ async def test_crash_while_publishing_labels_resumes_without_duplicates(tmp_path
 async def test_a_shard_never_closes_over_a_batch_still_waiting_for_its_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import coordinator.service as service
+    import coordinator.intake as intake
 
-    monkeypatch.setattr(service, "GROUP_COMMIT_PAUSE", 30.0)  # intake writes stay pending
-    monkeypatch.setattr(service, "GROUP_COMMIT_WAIT", 60.0)
+    monkeypatch.setattr(intake, "GROUP_COMMIT_PAUSE", 30.0)  # intake writes stay pending
+    monkeypatch.setattr(intake, "GROUP_COMMIT_WAIT", 60.0)
     broker = MemoryBroker()
     names = ["alice", "bob"]
     broker.declare(full_topology(names))
@@ -289,7 +280,9 @@ async def test_a_shard_never_closes_over_a_batch_still_waiting_for_its_commit(
     await coordinator._open_round()
     state = coordinator.round
     assert state is not None
-    await eventually_true(lambda: len(coordinator._pending_writes) == 2)  # both recorded, neither committed
+    await eventually_true(
+        lambda: len(coordinator.intake._pending_writes) == 2
+    )  # both recorded, neither committed
     assert coordinator.store.batches(1) == []
     await coordinator._advance_round()  # closes the shard ("all answered")
     (closing,) = coordinator.store.closings(1)
@@ -310,9 +303,9 @@ async def eventually_true(check: Callable[[], bool], timeout: float = 5.0) -> No
 async def test_labels_reach_every_member_once_across_bcc_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import coordinator.service as service
+    import coordinator.outbox as outbox
 
-    monkeypatch.setattr(service, "MAX_BCC_KEYS", 2)  # 5 recipients: publishes of 2, 2 and 1 keys
+    monkeypatch.setattr(outbox, "MAX_BCC_KEYS", 2)  # 5 recipients: publishes of 2, 2 and 1 keys
     names = ["alice", "bob", "carol", "dave", "erin"]
     broker = MemoryBroker()
     broker.declare(full_topology(names))

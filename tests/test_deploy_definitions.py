@@ -17,6 +17,7 @@ from broker.local_node import (
     DEV_COORDINATOR_PASSWORD,
     LocalNode,
     checked_in_definitions,
+    definitions,
     hash_password,
     participant_grant,
 )
@@ -32,20 +33,62 @@ def test_checked_in_definitions_match_the_topology() -> None:
     )
 
 
-def test_checked_in_definitions_declare_quorum_queues_that_dead_letter_at_least_once() -> None:
+def test_checked_in_definitions_declare_bounded_quorum_queues() -> None:
     document = checked_in_definitions()
     queues = {q["name"]: q["arguments"] for q in document["queues"]}
-    assert set(queues) == {q.name for q in topology.core_topology().queues}
-    work = queues[topology.shard_queue(0)]
-    assert work == {
+    assert set(queues) == {topology.LOBBY_QUEUE, topology.DEAD_LETTER_QUEUE}
+    # Both keep their newest when full: a flood there drops old messages, and never has the broker
+    # refuse anyone's publish.
+    assert queues[topology.LOBBY_QUEUE] == {
         "x-queue-type": "quorum",
         "x-delivery-limit": topology.DEFAULT_DELIVERY_LIMIT,
-        "x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE,
-        "x-dead-letter-routing-key": topology.DEAD_LETTER_KEY,
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
+        "x-overflow": "drop-head",
+        "x-max-length": topology.LOBBY_MAX_MESSAGES,
+        "x-max-length-bytes": topology.LOBBY_MAX_BYTES,
     }
-    assert queues[topology.DEAD_LETTER_QUEUE] == {"x-queue-type": "quorum"}
+    assert queues[topology.DEAD_LETTER_QUEUE] == {
+        "x-queue-type": "quorum",
+        "x-overflow": "drop-head",
+        "x-max-length": topology.DEAD_LETTER_MAX_MESSAGES,
+        "x-max-length-bytes": topology.DEAD_LETTER_MAX_BYTES,
+    }
+
+
+def test_checked_in_definitions_send_unclaimed_up_traffic_to_the_lobby() -> None:
+    document = checked_in_definitions()
+    exchanges = {e["name"]: (e["type"], e["arguments"]) for e in document["exchanges"]}
+    assert exchanges[topology.UP_EXCHANGE] == ("topic", {"alternate-exchange": topology.LOBBY_EXCHANGE})
+    assert exchanges[topology.LOBBY_EXCHANGE] == ("fanout", {})
+    bindings = {(b["source"], b["destination"], b["routing_key"]) for b in document["bindings"]}
+    # No intake queue exists until the coordinator declares one: only the lobby listens on chorus.up.
+    assert {b for b in bindings if b[0] in (topology.UP_EXCHANGE, topology.LOBBY_EXCHANGE)} == {
+        (topology.UP_EXCHANGE, topology.LOBBY_QUEUE, "ctl.*"),
+        (topology.LOBBY_EXCHANGE, topology.LOBBY_QUEUE, ""),
+    }
+
+
+def test_intake_queues_are_bounded_quorum_queues_bound_to_their_owners_keys_only() -> None:
+    document = definitions(topology.intake_topology(["alice", "bob"]), "v", [])
+    queues = {q["name"]: q["arguments"] for q in document["queues"]}
+    assert set(queues) == {"chorus.in.alice", "chorus.in.bob"}
+    for arguments in queues.values():
+        # Dead-lettered at least once; a member that floods fills its own queue and is refused.
+        assert arguments == {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": topology.DEFAULT_DELIVERY_LIMIT,
+            "x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE,
+            "x-dead-letter-routing-key": topology.DEAD_LETTER_KEY,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-max-length": topology.INTAKE_MAX_MESSAGES,
+            "x-max-length-bytes": topology.INTAKE_MAX_BYTES,
+        }
+    assert {(b["source"], b["destination"], b["routing_key"]) for b in document["bindings"]} == {
+        (topology.UP_EXCHANGE, "chorus.in.alice", "gen.*.alice"),
+        (topology.UP_EXCHANGE, "chorus.in.alice", "ctl.alice"),
+        (topology.UP_EXCHANGE, "chorus.in.bob", "gen.*.bob"),
+        (topology.UP_EXCHANGE, "chorus.in.bob", "ctl.bob"),
+    }
 
 
 def test_dev_password_hash_is_rabbitmq_sha256_with_its_salt() -> None:

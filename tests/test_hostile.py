@@ -26,11 +26,8 @@ from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, DEAD_LETTER_QUEUE, UP_EXCHANGE, full_topology, generation_key
 from broker.transport import REASON_HEADER, Delivery
 from coordinator.embedding import HashingEmbedder
-from coordinator.prompts import load_prompts
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
-from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
 from schemas import Answer, GenerationBatch, encode
 from schemas.codec import decode_control, decode_generation, decode_reply
 from schemas.errors import SchemaError
@@ -63,13 +60,7 @@ async def coordinator_at(url: str, config: Path) -> Coordinator:
     settings = load_coordinator_settings(config, env={})
     transport = AmqpTransport(url, connection_name="test hostile coordinator")
     await transport.connect()
-    return Coordinator(
-        settings,
-        transport,
-        CoordinatorStore(settings.state_path),
-        load_prompts(Path(settings.prompts_path)),
-        build_strategy(settings, HashingEmbedder()),
-    )
+    return build_coordinator(settings, transport, embedder=HashingEmbedder())
 
 
 async def clean_run(tmp_path: Path, federation: str, names: list[str]) -> list[ScriptedParticipant]:

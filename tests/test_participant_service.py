@@ -16,11 +16,8 @@ from structlog.testing import capture_logs
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, control_key, full_topology
 from coordinator.embedding import HashingEmbedder
-from coordinator.prompts import load_prompts
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
-from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
 from participant.data import Example
 from participant.learner import FunctionLearner, LoraLearner
 from participant.models import load_model
@@ -69,13 +66,7 @@ def make_participant(broker: MemoryBroker, tmp_path: Path, name: str, spec: str)
 
 def make_coordinator(config: Path, broker: MemoryBroker) -> Coordinator:
     settings = load_coordinator_settings(config, env={})
-    return Coordinator(
-        settings,
-        broker.connect(COORDINATOR_USER),
-        CoordinatorStore(settings.state_path),
-        load_prompts(Path(settings.prompts_path)),
-        build_strategy(settings, HashingEmbedder()),
-    )
+    return build_coordinator(settings, broker.connect(COORDINATOR_USER), embedder=HashingEmbedder())
 
 
 async def test_two_architectures_complete_rounds_together(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ from broker.amqp import AmqpTransport
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, full_topology
 from coordinator.embedding import HashingEmbedder
-from coordinator.prompts import load_prompts
 from coordinator.replay import ReplayError, interpret, load_log
 from coordinator.replay_cli import main
 from coordinator.replay_consensus import ConsensusOverrides, replay_consensus, replay_settings
@@ -33,9 +32,7 @@ from coordinator.replay_publish import (
     plan_republish,
     republish,
 )
-from coordinator.service import Coordinator
-from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
+from coordinator.service import build_coordinator
 
 
 @pytest.fixture(autouse=True)
@@ -288,13 +285,7 @@ async def test_republished_log_drives_a_coordinator_on_rabbitmq(
         recording=msgspec.structs.replace(original.settings.recording, enabled=False),
     )
     async with AmqpTransport(urls[COORDINATOR_USER], connection_name="test replay coordinator") as transport:
-        coordinator = Coordinator(
-            settings,
-            transport,
-            CoordinatorStore(settings.state_path),
-            load_prompts(Path(settings.prompts_path)),
-            build_strategy(settings, HashingEmbedder()),
-        )
+        coordinator = build_coordinator(settings, transport, embedder=HashingEmbedder())
         await coordinator.start()
         drive = asyncio.create_task(coordinator.drive())
         arguments = [

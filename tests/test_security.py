@@ -45,11 +45,8 @@ from broker.transport import (
     Topology,
 )
 from coordinator.embedding import HashingEmbedder
-from coordinator.prompts import load_prompts
-from coordinator.service import Coordinator
+from coordinator.service import build_coordinator
 from coordinator.settings import load_coordinator_settings
-from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
 from schemas import Answer, GenerationBatch, Heartbeat, encode, new_message_id
 
 pytestmark = pytest.mark.amqp
@@ -287,13 +284,7 @@ async def test_the_coordinator_dead_letters_a_generation_without_user_id(
     coordinator_transport = AmqpTransport(
         federation.urls[COORDINATOR_USER], connection_name="test coordinator"
     )
-    coordinator = Coordinator(
-        settings,
-        coordinator_transport,
-        CoordinatorStore(settings.state_path),
-        load_prompts(Path(settings.prompts_path)),
-        build_strategy(settings, HashingEmbedder()),
-    )
+    coordinator = build_coordinator(settings, coordinator_transport, embedder=HashingEmbedder())
     await coordinator_transport.connect()
     await coordinator.start()
     try:

@@ -27,11 +27,8 @@ from broker.local_node import LocalNode, UsageError
 from broker.tls import TlsError, TlsFiles, add_client_cert, make_dev_certs
 from broker.transport import Transport
 from coordinator.embedding import HashingEmbedder
-from coordinator.prompts import load_prompts
-from coordinator.service import Coordinator
+from coordinator.service import build_coordinator
 from coordinator.settings import load_coordinator_settings
-from coordinator.store import CoordinatorStore
-from coordinator.wiring import build_strategy
 
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
 
@@ -159,13 +156,7 @@ async def test_round_over_tls_with_client_certificates(tmp_path: Path) -> None:
         settings = load_coordinator_settings(config, env={})
         coordinator_transport = tls_transport(node.coordinator_url, clients["coordinator"], certs.ca_file)
         await coordinator_transport.__aenter__()
-        coordinator = Coordinator(
-            settings,
-            coordinator_transport,
-            CoordinatorStore(settings.state_path),
-            load_prompts(Path(settings.prompts_path)),
-            build_strategy(settings, HashingEmbedder()),
-        )
+        coordinator = build_coordinator(settings, coordinator_transport, embedder=HashingEmbedder())
         await coordinator.start()
         passwords = await adding
         participants: list[ScriptedParticipant] = []
