@@ -39,7 +39,7 @@ from broker.transport import Delivery, Transport
 from common.logs import configure_logging
 from coordinator.embedding import HashingEmbedder
 from coordinator.prompts import PublicPrompt
-from coordinator.recording import recorded_settings
+from coordinator.replay.recording import recorded_settings
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings, RoundSettings
 from coordinator.store import CoordinatorStore

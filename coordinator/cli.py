@@ -13,7 +13,7 @@ import structlog
 from broker.connect import open_transport
 from common.logs import configure_logging
 from coordinator.prompts import load_prompts
-from coordinator.recording import with_recording
+from coordinator.replay.recording import with_recording
 from coordinator.runtime import prepare_service_process
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings, load_coordinator_settings

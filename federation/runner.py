@@ -26,7 +26,7 @@ from broker.topology import COORDINATOR_USER, full_topology
 from broker.transport import Transport
 from coordinator.embedding import Embedder
 from coordinator.prompts import load_prompts
-from coordinator.recording import with_recording
+from coordinator.replay.recording import with_recording
 from coordinator.service import Coordinator
 from coordinator.settings import ConsensusSettingsTable, CoordinatorSettings, SettingsError
 from coordinator.store import CoordinatorStore

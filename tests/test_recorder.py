@@ -16,8 +16,8 @@ from broker.memory import MemoryBroker
 from broker.record_format import FORMAT_VERSION, MessageFrame, read_log_file
 from broker.recorder import Recorder, RecordingTransport
 from broker.transport import REASON_HEADER, BindingSpec, Delivery, ExchangeSpec, QueueSpec, Topology
-from coordinator.recording import recorded_settings, redact_password
-from coordinator.replay import load_log
+from coordinator.replay.log import load_log
+from coordinator.replay.recording import recorded_settings, redact_password
 from coordinator.settings import CoordinatorSettings
 
 TOPOLOGY = Topology(

@@ -22,10 +22,10 @@ from broker.amqp import AmqpTransport
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, full_topology
 from coordinator.embedding import HashingEmbedder
-from coordinator.replay import ReplayError, interpret, load_log
-from coordinator.replay_cli import main
-from coordinator.replay_consensus import ConsensusOverrides, replay_consensus, replay_settings
-from coordinator.replay_publish import (
+from coordinator.replay.cli import main
+from coordinator.replay.consensus import ConsensusOverrides, replay_consensus, replay_settings
+from coordinator.replay.log import ReplayError, interpret, load_log
+from coordinator.replay.publish import (
     RepublishReport,
     amqp_connector,
     load_credentials,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from coordinator.replay import RecordedLog, Recording
-from coordinator.replay_consensus import ConsensusReplay, LabelChange, ShardReplay
-from coordinator.replay_publish import RepublishPlan, RepublishReport
+from coordinator.replay.consensus import ConsensusReplay, LabelChange, ShardReplay
+from coordinator.replay.log import RecordedLog, Recording
+from coordinator.replay.publish import RepublishPlan, RepublishReport
 from schemas.codec import decode_reply
 from schemas.errors import SchemaError
 from schemas.messages import Label, PseudoLabels

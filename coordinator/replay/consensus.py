@@ -19,7 +19,7 @@ import msgspec
 
 from coordinator.embedding import Embedder
 from coordinator.labelling import pseudo_labels_message, shard_candidates
-from coordinator.replay import Recording, ReplayError
+from coordinator.replay.log import Recording, ReplayError
 from coordinator.rounds import RoundState, resolve_quorum
 from coordinator.settings import CoordinatorSettings
 from coordinator.wiring import build_consensus

@@ -12,16 +12,16 @@ import sys
 from pathlib import Path
 
 from common.logs import configure_logging
-from coordinator.replay import RecordedLog, ReplayError, interpret, load_log
-from coordinator.replay_consensus import ConsensusOverrides, replay_consensus, replay_settings
-from coordinator.replay_publish import (
+from coordinator.replay.consensus import ConsensusOverrides, replay_consensus, replay_settings
+from coordinator.replay.log import RecordedLog, ReplayError, interpret, load_log
+from coordinator.replay.publish import (
     DEFAULT_ROUND_TIMEOUT,
     amqp_connector,
     load_credentials,
     plan_republish,
     republish,
 )
-from coordinator.replay_report import consensus_text, damage_lines, inspect_text, republish_text
+from coordinator.replay.report import consensus_text, damage_lines, inspect_text, republish_text
 from schemas.errors import ChorusError
 from schemas.ids import pseudo_labels_id
 

@@ -37,7 +37,7 @@ from broker.connect import AMQP_SCHEMES, open_transport
 from broker.errors import BrokerError
 from broker.topology import reply_queue
 from broker.transport import Delivery, HeaderValue, Transport
-from coordinator.replay import Recording, ReplayError
+from coordinator.replay.log import Recording, ReplayError
 from schemas.codec import decode_reply
 from schemas.errors import SchemaError
 from schemas.messages import AdapterUpdate, GenerationBatch, RoundOpened
@@ -261,7 +261,7 @@ def amqp_connector(url: str, passwords: Mapping[str, str], users: Sequence[str])
     if parts.scheme not in AMQP_SCHEMES:
         raise ReplayError(
             f"publish needs a RabbitMQ URL (amqp://HOST:PORT/VHOST or amqps://...), got {parts.scheme}://; "
-            "an in-process memory:// broker is reachable only from Python (coordinator.replay_publish)"
+            "an in-process memory:// broker is reachable only from Python (coordinator.replay.publish)"
         )
     if parts.username is not None:
         raise ReplayError(
