@@ -60,8 +60,8 @@ from coordinator.consensus import (
     _weighted_mean_without,
     _winner,
 )
-from coordinator.embedding import CachedEmbedder, Embedder, SentenceEmbedder, default_model_dir
-from coordinator.embedding_onnx import OnnxEmbedder, default_threads
+from common.embedding import CachedEmbedder, Embedder, SentenceEmbedder, default_model_dir
+from common.embedding_onnx import OnnxEmbedder, default_threads
 from federation.stdlib_task.harvest import Example
 from federation.stdlib_task.split import build_task
 

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.consensus import Candidate, ConsensusSettings, ExactConsensus, HnswConsensus, ShardConsensus
-from coordinator.embedding import Embeddings
+from common.embedding import Embeddings
 
 RESULTS = Path(__file__).parent / "results"
 DIM = 384
@@ -145,7 +145,7 @@ def run_scenario(scenario: Scenario, variant: str, settings: ConsensusSettings, 
 
 def minilm_sentences_per_second(count: int = 512) -> dict[str, float]:
     """Sentences per wall second and per CPU second (torch may use every core)."""
-    from coordinator.embedding import SentenceEmbedder
+    from common.embedding import SentenceEmbedder
 
     embedder = SentenceEmbedder()
     sentences = [

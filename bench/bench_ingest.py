@@ -40,8 +40,8 @@ from broker.topology import UP_EXCHANGE, core_topology, generation_key, intake_q
 from broker.transport import DEFAULT_PREFETCH, Delivery, Handler
 from common.logs import configure_logging
 from coordinator.consensus import ConsensusSettings, HnswConsensus
-from coordinator.embedding import CachedEmbedder, Embedder, HashingEmbedder
-from coordinator.embedding_onnx import OnnxEmbedder
+from common.embedding import CachedEmbedder, Embedder, HashingEmbedder
+from common.embedding_onnx import OnnxEmbedder
 from coordinator.prompts import PublicPrompt
 from coordinator.runtime import SWITCH_INTERVAL_SECONDS, prepare_service_process
 from coordinator.service import Coordinator

@@ -37,7 +37,7 @@ from broker.topology import (
 )
 from broker.transport import Delivery, Transport
 from common.logs import configure_logging
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.prompts import PublicPrompt
 from coordinator.replay.recording import recorded_settings
 from coordinator.service import Coordinator

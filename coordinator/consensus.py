@@ -34,7 +34,7 @@ import hnswlib
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.embedding import Embedder
+from common.embedding import Embedder
 from schemas.errors import ChorusError
 
 FloatArray = npt.NDArray[np.float64]

@@ -19,7 +19,7 @@ import structlog
 
 from broker.topology import COORDINATOR_USER, core_topology
 from broker.transport import Transport
-from coordinator.embedding import Embedder
+from common.embedding import Embedder
 from coordinator.intake import Counters, Intake
 from coordinator.outbox import Outbox
 from coordinator.prompts import load_prompts

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.embedding import CachedEmbedder, Embedder, HashingEmbedder, SentenceEmbedder
 from coordinator.consensus import ConsensusSettings, ConsensusStrategy, ExactConsensus, HnswConsensus
-from coordinator.embedding import CachedEmbedder, Embedder, HashingEmbedder, SentenceEmbedder
 from coordinator.settings import ConsensusSettingsTable
 
 
@@ -15,7 +15,7 @@ def build_embedder(table: ConsensusSettingsTable) -> Embedder:
     elif table.embedder == "minilm":
         inner = SentenceEmbedder(batch_size=table.embed_batch_size)
     elif table.embedder == "minilm-onnx":
-        from coordinator.embedding_onnx import OnnxEmbedder  # onnxruntime only when asked for
+        from common.embedding_onnx import OnnxEmbedder  # onnxruntime only when asked for
 
         inner = OnnxEmbedder(batch_size=table.embed_batch_size, threads=table.embed_threads or None)
     else:

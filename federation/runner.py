@@ -24,7 +24,7 @@ import structlog
 
 from broker.topology import COORDINATOR_USER, full_topology
 from broker.transport import Transport
-from coordinator.embedding import Embedder
+from common.embedding import Embedder
 from coordinator.prompts import load_prompts
 from coordinator.replay.recording import with_recording
 from coordinator.service import Coordinator

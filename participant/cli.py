@@ -68,7 +68,7 @@ async def run_participant(settings: ParticipantSettings, rounds: int | None = No
     train, test = load_data(settings)
     embed = None
     if settings.evaluate and test:
-        from coordinator.embedding import SentenceEmbedder  # the same encoder the coordinator scores with
+        from common.embedding import SentenceEmbedder  # the same encoder the coordinator scores with
 
         embed = SentenceEmbedder().embed
     async with open_transport(

@@ -22,7 +22,7 @@ from broker.amqp import AmqpTransport
 from broker.errors import BrokerError, PublishTimeout
 from broker.memory import MemoryBroker
 from broker.topology import UP_EXCHANGE, full_topology, generation_key
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
 from schemas import Answer, GenerationBatch, RoundOpened, encode, new_message_id

@@ -14,7 +14,7 @@ from scripted import ScriptedParticipant, consensus_answers
 
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, UP_EXCHANGE, full_topology, generation_key
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.replay.recording import with_recording
 from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import CoordinatorSettings, load_coordinator_settings

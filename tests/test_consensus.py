@@ -20,7 +20,7 @@ from coordinator.consensus import (
     HnswConsensus,
     ShardConsensus,
 )
-from coordinator.embedding import Embedder, Embeddings, HashingEmbedder, SentenceEmbedder
+from common.embedding import Embedder, Embeddings, HashingEmbedder, SentenceEmbedder
 
 Answers = dict[str, list[Candidate]]
 STRATEGIES = [ExactConsensus, HnswConsensus]

@@ -15,7 +15,7 @@ from broker.amqp import AmqpTransport
 from broker.local_node import LocalNode
 from broker.topology import DEAD_LETTER_QUEUE, UP_EXCHANGE, generation_key
 from broker.transport import REASON_HEADER, Delivery
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
 from schemas import Answer, GenerationBatch, encode, new_message_id

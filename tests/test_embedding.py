@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.embedding import (
+from common.embedding import (
     CachedEmbedder,
     Embedder,
     EmbeddingError,

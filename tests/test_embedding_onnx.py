@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.embedding import (
+from common.embedding import (
     CachedEmbedder,
     Embedder,
     EmbeddingError,
     SentenceEmbedder,
     default_model_dir,
 )
-from coordinator.embedding_onnx import OnnxEmbedder, _cache_key, default_threads, onnx_cache_dir
+from common.embedding_onnx import OnnxEmbedder, _cache_key, default_threads, onnx_cache_dir
 from coordinator.settings import ConsensusSettingsTable
 from coordinator.wiring import build_embedder
 

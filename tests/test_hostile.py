@@ -25,7 +25,7 @@ from broker.local_node import LocalNode
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, DEAD_LETTER_QUEUE, UP_EXCHANGE, full_topology, generation_key
 from broker.transport import REASON_HEADER, Delivery
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
 from schemas import Answer, GenerationBatch, encode

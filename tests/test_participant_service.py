@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, control_key, full_topology
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
 from participant.data import Example

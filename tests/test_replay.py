@@ -21,7 +21,7 @@ from recorded import NAMES, SHARDS, RecordedRun, coordinator_for, published_labe
 from broker.amqp import AmqpTransport
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, full_topology
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.replay.cli import main
 from coordinator.replay.consensus import ConsensusOverrides, replay_consensus, replay_settings
 from coordinator.replay.log import ReplayError, interpret, load_log

@@ -44,7 +44,7 @@ from broker.transport import (
     QueueSpec,
     Topology,
 )
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.service import build_coordinator
 from coordinator.settings import load_coordinator_settings
 from schemas import Answer, GenerationBatch, Heartbeat, encode, new_message_id

@@ -22,7 +22,7 @@ from test_participant_service import PRIVATE, CrashOnSecondTrain, coordinator_co
 from broker.amqp import AmqpTransport
 from broker.topology import DIRECT_EXCHANGE
 from broker.transport import DEFAULT_PREFETCH, DEFAULT_PUBLISH_TIMEOUT, Handler, Headers, Subscription
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.service import Coordinator
 from participant.data import Example
 from participant.generation import GeneratedAnswer

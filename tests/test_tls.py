@@ -26,7 +26,7 @@ from broker.errors import BrokerError
 from broker.local_node import LocalNode, UsageError
 from broker.tls import TlsError, TlsFiles, add_client_cert, make_dev_certs
 from broker.transport import Transport
-from coordinator.embedding import HashingEmbedder
+from common.embedding import HashingEmbedder
 from coordinator.service import build_coordinator
 from coordinator.settings import load_coordinator_settings
 

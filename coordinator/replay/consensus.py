@@ -17,7 +17,7 @@ from typing import Literal
 
 import msgspec
 
-from coordinator.embedding import Embedder
+from common.embedding import Embedder
 from coordinator.labelling import pseudo_labels_message, shard_candidates
 from coordinator.replay.log import Recording, ReplayError
 from coordinator.rounds import RoundState, resolve_quorum

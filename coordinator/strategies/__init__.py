@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from coordinator.embedding import Embedder
+from common.embedding import Embedder
 from coordinator.prompts import PublicPrompt
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import CoordinatorStore

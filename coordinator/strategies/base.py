@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from coordinator.embedding import Embedder
+from common.embedding import Embedder
 from coordinator.prompts import PublicPrompt
 from coordinator.rounds import ShardClosing
 from coordinator.settings import CoordinatorSettings

