@@ -49,6 +49,8 @@ import numpy as np
 import torch
 
 from bench.common import machine, machine_line, table, timed, write_results
+from common.embedding import CachedEmbedder, Embedder, SentenceEmbedder, default_model_dir
+from common.embedding_onnx import OnnxEmbedder, default_threads
 from coordinator.consensus import (
     Candidate,
     ConsensusSettings,
@@ -60,8 +62,6 @@ from coordinator.consensus import (
     _weighted_mean_without,
     _winner,
 )
-from common.embedding import CachedEmbedder, Embedder, SentenceEmbedder, default_model_dir
-from common.embedding_onnx import OnnxEmbedder, default_threads
 from federation.stdlib_task.harvest import Example
 from federation.stdlib_task.split import build_task
 

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.consensus import Candidate, ConsensusSettings, ExactConsensus, HnswConsensus, ShardConsensus
 from common.embedding import Embeddings
+from coordinator.consensus import Candidate, ConsensusSettings, ExactConsensus, HnswConsensus, ShardConsensus
 
 RESULTS = Path(__file__).parent / "results"
 DIM = 384

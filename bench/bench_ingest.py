@@ -38,10 +38,10 @@ from broker.amqp import AmqpSubscription, AmqpTransport
 from broker.cli import bring_up
 from broker.topology import UP_EXCHANGE, core_topology, generation_key, intake_queue, intake_topology
 from broker.transport import DEFAULT_PREFETCH, Delivery, Handler
-from common.logs import configure_logging
-from coordinator.consensus import ConsensusSettings, HnswConsensus
 from common.embedding import CachedEmbedder, Embedder, HashingEmbedder
 from common.embedding_onnx import OnnxEmbedder
+from common.logs import configure_logging
+from coordinator.consensus import ConsensusSettings, HnswConsensus
 from coordinator.prompts import PublicPrompt
 from coordinator.runtime import SWITCH_INTERVAL_SECONDS, prepare_service_process
 from coordinator.service import Coordinator

@@ -36,8 +36,8 @@ from broker.topology import (
     intake_topology,
 )
 from broker.transport import Delivery, Transport
-from common.logs import configure_logging
 from common.embedding import HashingEmbedder
+from common.logs import configure_logging
 from coordinator.prompts import PublicPrompt
 from coordinator.replay.recording import recorded_settings
 from coordinator.service import Coordinator

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from common.embedding import Embedder, Embeddings, HashingEmbedder, SentenceEmbedder
 from coordinator.consensus import (
     Candidate,
     ConsensusError,
@@ -20,7 +21,6 @@ from coordinator.consensus import (
     HnswConsensus,
     ShardConsensus,
 )
-from common.embedding import Embedder, Embeddings, HashingEmbedder, SentenceEmbedder
 
 Answers = dict[str, list[Candidate]]
 STRATEGIES = [ExactConsensus, HnswConsensus]
