@@ -10,11 +10,13 @@ import msgspec
 from msgspec import Meta
 
 from common.settings import SettingsError, convert, read_settings
+from coordinator.consensus import ConsensusSettings
 from schemas.messages import GenerationParams, Id
 
 __all__ = ["CoordinatorSettings", "SettingsError", "load_coordinator_settings"]
 
 PositiveSeconds = Annotated[float, Meta(gt=0.0)]
+_CONSENSUS = ConsensusSettings()
 
 
 class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -50,19 +52,19 @@ class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
 class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     index: Literal["hnsw", "exact"] = "hnsw"
-    neighbours: Annotated[int, Meta(ge=1, le=1_000)] = 8
-    min_confidence: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.5
-    min_answers: Annotated[int, Meta(ge=2)] = 2  # confidence needs at least one other answer
-    # "minilm-onnx": all-MiniLM-L6-v2 on ONNX Runtime (exported once into $CHORUS_CACHE_DIR/onnx; the same
-    # labels as "minilm" on 100% of the benchmark's prompts, about 1.9x the sentences per CPU-second of
-    # torch); "minilm": the same model on torch (sentence-transformers); "hashing": n-gram hashing, for
-    # tests; or a local sentence-transformers directory (torch).
+    # The defaults are consensus's own (coordinator.consensus.ConsensusSettings, where they are explained).
+    neighbours: Annotated[int, Meta(ge=1, le=1_000)] = _CONSENSUS.neighbours
+    min_confidence: Annotated[float, Meta(ge=-1.0, le=1.0)] = _CONSENSUS.min_confidence
+    min_answers: Annotated[int, Meta(ge=2)] = _CONSENSUS.min_answers  # confidence needs another answer
+    # "minilm-onnx": all-MiniLM-L6-v2 on ONNX Runtime (exported once into $CHORUS_CACHE_DIR/onnx; it gave the
+    # same labels as "minilm" in bench/bench_embedding.py, faster); "minilm": the same model on torch
+    # (sentence-transformers); "hashing": n-gram hashing, for tests; or a local sentence-transformers
+    # directory (torch).
     embedder: str = "minilm-onnx"
     embed_batch_size: Annotated[int, Meta(ge=1, le=4_096)] = 32  # the ONNX batches are sorted by length
     # ONNX Runtime intra-op threads for "minilm-onnx". 0 (default): every CPU, at most 4, since consensus
-    # embeds while the event loop mostly waits and the threads do not spin; on 2 cores that measured 1.6-1.9x
-    # the sentences/s of 1 thread on a quiet machine, 0.95-1.2x while other processes kept both cores busy
-    # (bench/results/embedding.md). Set 1 to leave the other cores to a broker on the same machine.
+    # embeds while the event loop mostly waits and the threads do not spin (bench/results/embedding.md has
+    # the measurements). Set 1 to leave the other cores to a broker on the same machine.
     embed_threads: Annotated[int, Meta(ge=0, le=256)] = 0
     cache_entries: Annotated[int, Meta(ge=0)] = 200_000
 
