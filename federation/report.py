@@ -19,92 +19,15 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
-from schemas.codec import decode_reply
-from schemas.messages import ParticipantReport, PseudoLabels, RoundClosed
+from federation.plots import write_plots
+from federation.records import RoundRecord, round_record
+from schemas.messages import Message, ParticipantReport, PseudoLabels, RoundClosed, RoundOpened
 
 if TYPE_CHECKING:
-    from coordinator.service import Coordinator
     from federation.runner import Phases
-    from participant.service import Participant
 
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
-PLOT_FILES = {"scores": "scores.png", "bytes": "bytes.png", "agreement": "agreement.png"}
-
-
-@dataclass
-class ParticipantRound:
-    participant_id: str
-    status: str  # answered | late | missing
-    rouge_l: float | None
-    embedding_similarity: float | None
-    agreement: float | None
-    bytes_up: int
-    bytes_down: int
-    train_samples: int | None
-    train_seconds: float | None
-
-
-@dataclass
-class RoundRecord:
-    round_id: int
-    opened_unix: float
-    closed_unix: float
-    round_seconds: float  # opened -> closed at the coordinator
-    elapsed_seconds: float  # since the rounds started, when the round was reported
-    consensus_seconds: float
-    labelled: int
-    abstained: int
-    failed_shards: list[int]
-    mean_confidence: float | None
-    late: list[str]
-    missing: list[str]
-    participants: list[ParticipantRound]
-
-
-def round_record(
-    closed: RoundClosed,
-    labels: Sequence[PseudoLabels],
-    reports: dict[tuple[int, str], ParticipantReport],
-    participant_ids: Sequence[str],
-    elapsed: float,
-) -> RoundRecord:
-    confidences = [label.confidence for message in labels for label in message.labels]
-    rows = []
-    for pid in participant_ids:
-        report = reports.get((closed.round_id, pid))
-        metrics = {} if report is None else report.metrics
-        status = "late" if pid in closed.late else "missing" if pid in closed.missing else "answered"
-        if status == "answered" and pid not in closed.answered:
-            status = "missing"
-        rows.append(
-            ParticipantRound(
-                participant_id=pid,
-                status=status,
-                rouge_l=metrics.get("rouge_l"),
-                embedding_similarity=metrics.get("embedding_similarity"),
-                agreement=closed.agreement.get(pid),
-                bytes_up=closed.bytes_received.get(pid, 0),
-                bytes_down=closed.bytes_sent.get(pid, 0),
-                train_samples=None if report is None else report.train_samples,
-                train_seconds=None if report is None else round(report.train_seconds, 3),
-            )
-        )
-    return RoundRecord(
-        round_id=closed.round_id,
-        opened_unix=closed.opened_unix,
-        closed_unix=closed.closed_unix,
-        round_seconds=round(closed.closed_unix - closed.opened_unix, 3),
-        elapsed_seconds=round(elapsed, 3),
-        consensus_seconds=round(closed.consensus_seconds, 3),
-        labelled=sum(s.labelled for s in closed.shards),
-        abstained=sum(s.abstained for s in closed.shards),
-        failed_shards=[s.shard_id for s in closed.shards if s.status == "failed"],
-        mean_confidence=round(sum(confidences) / len(confidences), 4) if confidences else None,
-        late=list(closed.late),
-        missing=list(closed.missing),
-        participants=rows,
-    )
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -177,6 +100,11 @@ class Reporter:
     rounds_started: float | None = None
     broker: str = ""
     _status: Status | None = None
+    # What the services published (see federation/observe.py), in the order they published it.
+    _open_round: int | None = None
+    _closed: list[RoundClosed] = field(default_factory=list)
+    _labels: dict[int, dict[str, PseudoLabels]] = field(default_factory=dict)  # round -> message id -> labels
+    _reports: dict[tuple[int, str], ParticipantReport] = field(default_factory=dict)
 
     # -- live -------------------------------------------------------------------------------------
 
@@ -201,43 +129,41 @@ class Reporter:
         self._status = self.console.status("waiting for the first round")
         self._status.start()
 
-    def poll(self, coordinator: Coordinator, participants: Sequence[Participant], phases: Phases) -> None:
+    def observe(self, message: Message) -> None:
+        """Take note of a message a service published."""
+        if isinstance(message, RoundOpened):
+            self._open_round = message.round_id
+        elif isinstance(message, PseudoLabels):  # a body sent in several BCC publishes counts once
+            self._labels.setdefault(message.round_id, {})[message.message_id] = message
+        elif isinstance(message, RoundClosed):
+            if message.round_id not in {closed.round_id for closed in self._closed}:
+                self._closed.append(message)
+            if self._open_round == message.round_id:
+                self._open_round = None
+        elif isinstance(message, ParticipantReport):
+            self._reports[(message.round_id, message.participant_id)] = message
+
+    def poll(self, phases: Phases) -> None:
         self.compute_seconds = {pid: dict(s) for pid, s in phases.seconds.items()}
-        self.flush(coordinator, participants, final=False)
+        self.flush(final=False)
         if self._status is not None:
-            open_round = coordinator.round.round_id if coordinator.round is not None else None
-            where = f"round {open_round}" if open_round is not None else "between rounds"
+            where = f"round {self._open_round}" if self._open_round is not None else "between rounds"
             doing = ", ".join(f"{pid}: {phases.current.get(pid, 'idle')}" for pid in self.participant_ids)
             self._status.update(f"{where} · {doing}")
 
-    def flush(
-        self, coordinator: Coordinator | None, participants: Sequence[Participant], *, final: bool
-    ) -> None:
+    def flush(self, *, final: bool) -> None:
         """Report closed rounds whose reports are in (all of them when `final`)."""
-        if coordinator is None:
-            return
-        reports = {(r.round_id, p.pid): r for p in participants for r in p.reports}
-        for closed in coordinator.closed_rounds[len(self.records) :]:
-            waiting = [pid for pid in closed.answered if (closed.round_id, pid) not in reports]
+        for closed in self._closed[len(self.records) :]:
+            waiting = [pid for pid in closed.answered if (closed.round_id, pid) not in self._reports]
             if waiting and not final:
                 return
-            labels = self._labels(coordinator, closed.round_id)
+            labels = list(self._labels.get(closed.round_id, {}).values())
             elapsed = time.perf_counter() - (self.rounds_started or self.started)
-            record = round_record(closed, labels, reports, self.participant_ids, elapsed)
+            record = round_record(closed, labels, self._reports, self.participant_ids, elapsed)
             self.records.append(record)
             with (self.results / ROUNDS_FILE).open("a", encoding="utf-8") as out:
                 out.write(json.dumps(asdict(record)) + "\n")
             self.console.print(rounds_table([record], title=f"round {record.round_id}"))
-
-    @staticmethod
-    def _labels(coordinator: Coordinator, round_id: int) -> list[PseudoLabels]:
-        labels = []
-        for closing in coordinator.store.closings(round_id):
-            if closing.labels is not None:
-                message = decode_reply(closing.labels)
-                if isinstance(message, PseudoLabels):
-                    labels.append(message)
-        return labels
 
     def stop_status(self) -> None:
         if self._status is not None:
@@ -308,86 +234,3 @@ class Reporter:
 def _mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return round(sum(present) / len(present), 4) if present else None
-
-
-def write_plots(records: Sequence[RoundRecord], results: Path) -> dict[str, str]:
-    """Three PNGs (matplotlib, Agg); with no finished round they say so instead of being blank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ids = [r.participant_id for r in records[0].participants] if records else []
-    rounds = [r.round_id for r in records]
-
-    def series(attr: str, pid: str) -> list[float]:
-        values = []
-        for record in records:
-            row = next(r for r in record.participants if r.participant_id == pid)
-            value = getattr(row, attr)
-            values.append(float("nan") if value is None else float(value))
-        return values
-
-    def empty(ax: Any) -> None:
-        ax.text(0.5, 0.5, "no round finished", ha="center", va="center", transform=ax.transAxes)
-
-    written = {}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for ax, attr, label in zip(
-        axes, ("rouge_l", "embedding_similarity"), ("ROUGE-L", "embedding similarity"), strict=True
-    ):
-        for pid in ids:
-            ax.plot(rounds, series(attr, pid), marker="o", label=pid)
-        ax.set(title=f"test {label} per round", xlabel="round", ylabel=label)
-        ax.set_xticks(rounds)
-        ax.grid(alpha=0.3)
-        if ids:
-            ax.legend()
-        else:
-            empty(ax)
-    fig.savefig(results / PLOT_FILES["scores"], dpi=110)
-    written["scores"] = PLOT_FILES["scores"]
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
-    width = 0.8 / max(1, 2 * len(ids))
-    for i, pid in enumerate(ids):
-        up = [v / 1024 for v in series("bytes_up", pid)]
-        down = [v / 1024 for v in series("bytes_down", pid)]
-        ax.bar([r + (2 * i) * width - 0.4 for r in rounds], up, width, label=f"{pid} up", align="edge")
-        ax.bar(
-            [r + (2 * i + 1) * width - 0.4 for r in rounds],
-            down,
-            width,
-            label=f"{pid} down",
-            align="edge",
-            hatch="//",
-        )
-    ax.set(title="bytes per round per participant", xlabel="round", ylabel="KiB")
-    ax.set_xticks(rounds)
-    ax.grid(axis="y", alpha=0.3)
-    if ids:  # below the axes: bars reach the top
-        ax.legend(ncols=max(1, len(ids)), fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15))
-    else:
-        empty(ax)
-    fig.savefig(results / PLOT_FILES["bytes"], dpi=110)
-    written["bytes"] = PLOT_FILES["bytes"]
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
-    for pid in ids:
-        ax.plot(rounds, series("agreement", pid), marker="o", label=pid)
-    confidence = [float("nan") if r.mean_confidence is None else r.mean_confidence for r in records]
-    if records:
-        ax.plot(rounds, confidence, linestyle="--", color="grey", label="mean label confidence")
-    ax.set(title="agreement with the consensus per round", xlabel="round", ylabel="cosine similarity")
-    ax.set_xticks(rounds)
-    ax.grid(alpha=0.3)
-    if ids:
-        ax.legend()
-    else:
-        empty(ax)
-    fig.savefig(results / PLOT_FILES["agreement"], dpi=110)
-    written["agreement"] = PLOT_FILES["agreement"]
-    plt.close(fig)
-    return written

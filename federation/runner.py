@@ -34,6 +34,7 @@ from coordinator.strategies import build_round_strategy
 from coordinator.wiring import build_embedder
 from federation.config import LoadedConfig, ParticipantEntry, RunConfigError
 from federation.data import DataPaths, prepare_data
+from federation.observe import ObservedTransport
 from federation.report import Reporter
 from participant.data import Example
 from participant.learner import AdapterLearner, AdapterState, Learner
@@ -382,12 +383,14 @@ class FederationRun:
             )
             async with contextlib.AsyncExitStack() as stack:
                 coordinator_transport = await stack.enter_async_context(
-                    with_recording(plan.coordinator(), settings)
+                    with_recording(ObservedTransport(plan.coordinator(), self.reporter.observe), settings)
                 )
                 self.coordinator = Coordinator(settings, coordinator_transport, store, strategy)
                 await self.coordinator.start()
                 for entry in self.config.run.participants:
-                    transport = await stack.enter_async_context(plan.participants[entry.id]())
+                    transport = await stack.enter_async_context(
+                        ObservedTransport(plan.participants[entry.id](), self.reporter.observe)
+                    )
                     train, test = datasets[entry.id]
                     psettings = participant_settings(self.config, entry, data, self.options.results)
                     self.participants.append(
@@ -405,7 +408,7 @@ class FederationRun:
                 await self._drive()
                 await self.coordinator.stop_intake()
         finally:
-            self.reporter.flush(self.coordinator, self.participants, final=True)
+            self.reporter.flush(final=True)
             store.close()
 
     def request_stop_all(self) -> None:
@@ -432,7 +435,7 @@ class FederationRun:
                         who = runs.get(task, "coordinator")
                         self.request_stop()
                         raise ChorusError(f"{who} failed: {error}") from error
-                self.reporter.poll(coordinator, self.participants, self.phases)
+                self.reporter.poll(self.phases)
                 if drive.done() and finished_at is None:
                     finished_at = time.monotonic()
                 if finished_at is not None and time.monotonic() - finished_at > FINISH_TIMEOUT_SECONDS:

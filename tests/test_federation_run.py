@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from broker.local_node import LocalNode
-from coordinator import replay_cli
+from coordinator.replay import cli as replay_cli
 from federation import cli
 from federation.config import RunConfigError, load_run_config
 from federation.report import Reporter

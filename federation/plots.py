@@ -1,0 +1,90 @@
+"""The run's plots: scores, bytes and agreement per round and participant (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from federation.records import RoundRecord
+
+PLOT_FILES = {"scores": "scores.png", "bytes": "bytes.png", "agreement": "agreement.png"}
+
+
+def write_plots(records: Sequence[RoundRecord], results: Path) -> dict[str, str]:
+    """Three PNGs; with no finished round they say so instead of being blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = [r.participant_id for r in records[0].participants] if records else []
+    rounds = [r.round_id for r in records]
+
+    def series(attr: str, pid: str) -> list[float]:
+        values = []
+        for record in records:
+            row = next(r for r in record.participants if r.participant_id == pid)
+            value = getattr(row, attr)
+            values.append(float("nan") if value is None else float(value))
+        return values
+
+    def lines_per_participant(ax: Any, attr: str) -> None:
+        for pid in ids:
+            ax.plot(rounds, series(attr, pid), marker="o", label=pid)
+
+    def finish(
+        ax: Any, title: str, ylabel: str, grid: str = "both", legend: dict[str, Any] | None = None
+    ) -> None:
+        ax.set(title=title, xlabel="round", ylabel=ylabel)
+        ax.set_xticks(rounds)
+        ax.grid(axis=grid, alpha=0.3)
+        if ids:
+            ax.legend(**(legend or {}))
+        else:
+            ax.text(0.5, 0.5, "no round finished", ha="center", va="center", transform=ax.transAxes)
+
+    def save(fig: Any, name: str) -> None:
+        fig.savefig(results / PLOT_FILES[name], dpi=110)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, attr, label in zip(
+        axes, ("rouge_l", "embedding_similarity"), ("ROUGE-L", "embedding similarity"), strict=True
+    ):
+        lines_per_participant(ax, attr)
+        finish(ax, f"test {label} per round", label)
+    save(fig, "scores")
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
+    width = 0.8 / max(1, 2 * len(ids))
+    for i, pid in enumerate(ids):
+        up = [v / 1024 for v in series("bytes_up", pid)]
+        down = [v / 1024 for v in series("bytes_down", pid)]
+        ax.bar([r + (2 * i) * width - 0.4 for r in rounds], up, width, label=f"{pid} up", align="edge")
+        ax.bar(
+            [r + (2 * i + 1) * width - 0.4 for r in rounds],
+            down,
+            width,
+            label=f"{pid} down",
+            align="edge",
+            hatch="//",
+        )
+    # The legend goes below the axes: bars reach the top.
+    below: dict[str, Any] = {
+        "ncols": max(1, len(ids)),
+        "fontsize": "small",
+        "loc": "upper center",
+        "bbox_to_anchor": (0.5, -0.15),
+    }
+    finish(ax, "bytes per round per participant", "KiB", grid="y", legend=below)
+    save(fig, "bytes")
+
+    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    lines_per_participant(ax, "agreement")
+    confidence = [float("nan") if r.mean_confidence is None else r.mean_confidence for r in records]
+    if records:
+        ax.plot(rounds, confidence, linestyle="--", color="grey", label="mean label confidence")
+    finish(ax, "agreement with the consensus per round", "cosine similarity")
+    save(fig, "agreement")
+    return dict(PLOT_FILES)
