@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def modules_loaded_by(*modules: str) -> list[str]:
@@ -20,3 +22,55 @@ def modules_loaded_by(*modules: str) -> list[str]:
 def test_participant_imports_nothing_from_the_coordinator() -> None:
     loaded = modules_loaded_by("participant.service", "participant.cli")
     assert [m for m in loaded if m == "coordinator" or m.startswith("coordinator.")] == []
+
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = ("schemas", "common", "broker", "coordinator", "participant", "federation")
+
+
+def imported_by(package: str) -> dict[str, set[str]]:
+    """Source file -> full names of the modules it imports, lazily imported ones included (read from
+    the source, not from running it)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((REPO / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+        found[str(path.relative_to(REPO))] = names
+    return found
+
+
+def offenders(package: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    return {
+        path: sorted(n for n in names if n.split(".")[0] in forbidden)
+        for path, names in imported_by(package).items()
+        if any(n.split(".")[0] in forbidden for n in names)
+    }
+
+
+def test_participant_source_names_no_coordinator_module_even_lazily() -> None:
+    assert offenders("participant", ("coordinator",)) == {}
+
+
+def test_nothing_shipped_imports_the_benchmarks() -> None:
+    for package in SHIPPED:
+        assert offenders(package, ("bench",)) == {}, package
+
+
+def test_shared_code_imports_neither_side() -> None:
+    for package in ("schemas", "common"):
+        assert offenders(package, ("coordinator", "participant", "federation", "broker")) == {}, package
+
+
+def test_only_the_amqp_transport_imports_aio_pika() -> None:
+    for package in SHIPPED:
+        found = offenders(package, ("aio_pika", "aiormq"))
+        assert all(path.startswith("broker/amqp") for path in found), found
+
+
+def test_the_coordinator_service_and_cli_load_without_torch() -> None:
+    loaded = modules_loaded_by("coordinator.service", "coordinator.cli", "coordinator.strategies")
+    assert [m for m in loaded if m.split(".")[0] in ("torch", "transformers", "peft")] == []
