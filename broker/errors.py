@@ -21,3 +21,11 @@ class TopologyMissing(BrokerError):
 
 class QueueFull(BrokerError):
     """A queue at its length limit refused the message (`reject-publish`): it was not stored there."""
+
+
+class AccessRefused(BrokerError):
+    """The broker refused an operation for lack of permission."""
+
+
+class ChannelUnavailable(BrokerError):
+    """No channel could be opened because the connection is down (a robust one is reconnecting)."""

@@ -48,9 +48,9 @@ from urllib.parse import quote
 import structlog
 
 from broker import topology
-from broker.amqp import exchange_arguments, queue_arguments
 from broker.errors import BrokerError
 from broker.tls import TlsFiles
+from broker.topology import exchange_arguments, queue_arguments
 from broker.transport import Topology
 
 log = structlog.get_logger(__name__)

@@ -164,3 +164,33 @@ def intake_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAUL
 def full_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
     """The core topology and these participants' reply queues (their intake queues are the coordinator's)."""
     return core_topology(delivery_limit).merged(participant_topology(participant_ids, delivery_limit))
+
+
+def queue_arguments(spec: QueueSpec) -> dict[str, str | int]:
+    """The `x-` arguments a queue is declared with (by `AmqpTransport`, and in definitions.json)."""
+    if not spec.quorum:
+        return {}
+    arguments: dict[str, str | int] = {"x-queue-type": "quorum"}
+    if spec.delivery_limit is not None:
+        arguments["x-delivery-limit"] = spec.delivery_limit
+    if spec.dead_letter_exchange is not None:
+        arguments["x-dead-letter-exchange"] = spec.dead_letter_exchange
+        if spec.dead_letter_routing_key is not None:
+            arguments["x-dead-letter-routing-key"] = spec.dead_letter_routing_key
+        # At-least-once dead-lettering keeps a message until the DLX confirms it; it needs reject-publish.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    elif spec.max_length is not None or spec.max_length_bytes is not None:
+        arguments["x-overflow"] = spec.overflow
+    if spec.max_length is not None:
+        arguments["x-max-length"] = spec.max_length
+    if spec.max_length_bytes is not None:
+        arguments["x-max-length-bytes"] = spec.max_length_bytes
+    return arguments
+
+
+def exchange_arguments(spec: ExchangeSpec) -> dict[str, str]:
+    """The arguments an exchange is declared with (by `AmqpTransport`, and in definitions.json)."""
+    if spec.alternate_exchange is None:
+        return {}
+    return {"alternate-exchange": spec.alternate_exchange}

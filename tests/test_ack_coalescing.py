@@ -13,7 +13,8 @@ import pytest
 from conftest import TransportFactory, eventually
 
 from broker import topology
-from broker.amqp import AmqpTransport, _ChannelTags
+from broker.amqp import AmqpTransport
+from broker.amqp.subscription import ChannelTags
 from broker.local_node import LocalNode
 from broker.transport import Delivery
 
@@ -23,7 +24,7 @@ ALICE_IN = topology.intake_queue("alice")
 
 
 def test_plan_coalesces_only_up_to_the_first_unsettled_tag() -> None:
-    tags = _ChannelTags()
+    tags = ChannelTags()
     assert tags.plan([1, 2, 3, 4]) == [(4, True)]
     assert tags.plan([1]) == [(1, False)]
     # Tag 3 is still being handled: one frame for 1-2, then one each past it.

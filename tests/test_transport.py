@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
@@ -726,7 +727,29 @@ def test_open_transport_picks_the_implementation(tmp_path: Path) -> None:
     ca.write_text("not read until connecting")
     amqps = open_transport("amqps://bob:pw@broker.example:5671/chorus", ca_file=ca)
     assert isinstance(amqps, AmqpTransport) and amqps.user == "bob"
-    assert f"cafile={ca}".replace("/", "%2F") in amqps._url
+    assert f"cafile={ca}".replace("/", "%2F") in amqps.connection.url
+
+
+SHIPPED_PACKAGES = ("schemas", "common", "broker", "coordinator", "participant", "federation", "bench")
+
+
+def test_only_broker_amqp_imports_aio_pika() -> None:
+    root = Path(__file__).resolve().parents[1]
+    offenders: list[str] = []
+    for package in SHIPPED_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            if path.is_relative_to(root / "broker" / "amqp"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module or ""]
+                else:
+                    continue
+                if any(name.split(".")[0] in ("aio_pika", "aiormq") for name in names):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
 
 
 @pytest.mark.parametrize(

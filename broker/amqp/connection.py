@@ -1,0 +1,207 @@
+"""`AmqpConnection`: one robust aio-pika connection as the user named in the URL, and its channels.
+
+It opens the connection once, hands out channels (with or without publisher confirms), and turns
+what aiormq raises into Chorus's errors (`guard`): a refusal names the user and the permission to
+check, a missing queue or exchange says to declare the topology, a lost connection says to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from broker.errors import AccessRefused, BrokerError, ChannelUnavailable, TopologyMissing
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_RECONNECT_INTERVAL = 1.0
+
+# Errors that mean "the connection or channel went away", not "the broker said no".
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ConnectionClosed,
+    aiormq.exceptions.AMQPConnectionError,
+    ConnectionError,
+)
+CHANNEL_GONE: tuple[type[BaseException], ...] = (*CONNECTION_LOST, aiormq.exceptions.ChannelClosed)
+
+T = TypeVar("T")
+
+
+def describe_url(url: str) -> str:
+    """host:port/vhost as user, without the password, for error messages and logs."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    return (
+        f"{parts.scheme}://{parts.hostname}:{port} vhost {vhost!r} as user {unquote(parts.username or '')!r}"
+    )
+
+
+def user_of(url: str) -> str:
+    """The login user of an AMQP URL (`guest` when it names none, as aio-pika assumes)."""
+    return unquote(urlsplit(url).username or "guest")
+
+
+def rpc_cancelled_by_connection_loss() -> bool:
+    """Whether a CancelledError came from aiormq dropping a pending RPC as its connection closed.
+
+    aiormq cancels the futures of RPCs in flight (channel open, declare, publish) when the
+    connection dies; that is a lost connection, not a cancellation of the task awaiting it.
+    """
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
+
+
+async def close_quietly(channel: AbstractChannel) -> None:
+    """Close `channel` unless it is closed already; a connection lost meanwhile is no error."""
+    if channel.is_closed:
+        return
+    with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError):
+        await channel.close()
+
+
+class AmqpConnection:
+    """A robust connection to RabbitMQ, opened on first use, and the channels opened on it."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connection_name: str = "chorus",
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        reconnect_interval: float = DEFAULT_RECONNECT_INTERVAL,
+    ) -> None:
+        self.user = user_of(url)
+        self.where = describe_url(url)  # for messages: never the password
+        self._url = url
+        self._connection_name = connection_name
+        self._connect_timeout = connect_timeout
+        self._reconnect_interval = reconnect_interval
+        self._connection: AbstractRobustConnection | None = None
+        self._lock = asyncio.Lock()
+        self._refused = False
+
+    @property
+    def url(self) -> str:
+        """The URL it connects to (with the password: never log it, log `where`)."""
+        return self._url
+
+    async def connect(self) -> AbstractRobustConnection:
+        """Open the robust connection (once); later calls return it."""
+        if self._refused:
+            raise BrokerError(f"the transport to {self.where} is closed; open a new one")
+        async with self._lock:
+            if self._connection is None:
+                self._connection = await self._open()
+            return self._connection
+
+    def refuse_new_use(self) -> None:
+        """From now on `connect` and `channel` raise: the owner is closing."""
+        self._refused = True
+
+    async def close(self) -> None:
+        """Close the connection; it cannot be opened again."""
+        self.refuse_new_use()
+        if self._connection is not None:
+            with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError):
+                await self._connection.close()
+            self._connection = None
+
+    async def _open(self) -> AbstractRobustConnection:
+        try:
+            connection = await aio_pika.connect_robust(
+                self._url,
+                timeout=self._connect_timeout,
+                reconnect_interval=self._reconnect_interval,
+                client_properties={"connection_name": self._connection_name},
+            )
+        except aiormq.exceptions.ProbableAuthenticationError as e:
+            raise BrokerError(
+                f"RabbitMQ refused the login at {self.where}: check the user exists, the password, "
+                "and that the user has permissions on the vhost (rabbitmqctl list_permissions -p VHOST)"
+            ) from e
+        except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as e:
+            tls = (
+                " For amqps, check the CA and client certificate files."
+                if self._url.startswith("amqps")
+                else ""
+            )
+            raise BrokerError(
+                f"cannot connect to RabbitMQ at {self.where} ({type(e).__name__}: {e}); "
+                f"is the broker running (chorus-broker status) and is the URL right?{tls}"
+            ) from e
+        log.debug("connected", broker=self.where)
+        return connection
+
+    async def channel(self, *, confirms: bool = False) -> AbstractChannel:
+        """A new channel; with `confirms`, publisher confirms on and returned messages raised."""
+        connection = await self.connect()
+        try:
+            return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+        except CONNECTION_LOST as e:
+            raise ChannelUnavailable(f"cannot open a channel to {self.where}: {e}") from e
+        except RuntimeError as e:
+            # aiormq's way of saying the underlying connection is already closed (the broker went
+            # away and the robust connection has not swapped in a new one yet).
+            if "closed" not in str(e):
+                raise
+            raise ChannelUnavailable(f"the connection to {self.where} is closed; reconnecting") from e
+        except asyncio.CancelledError as e:
+            if not rpc_cancelled_by_connection_loss():
+                raise
+            raise ChannelUnavailable(f"lost the connection to {self.where} while opening a channel") from e
+
+    async def guard(self, operation: Awaitable[T], what: str, hint: str = "") -> T:
+        """Await `operation` (something the broker may refuse), raising what it says as Chorus errors."""
+        try:
+            return await operation
+        except aiormq.exceptions.ChannelAccessRefused as e:
+            raise AccessRefused(
+                f"user {self.user!r} may not {what} at {self.where}; check its permissions "
+                f"(rabbitmqctl list_permissions -p VHOST){hint}"
+            ) from e
+        except aiormq.exceptions.ChannelPreconditionFailed as e:
+            raise BrokerError(
+                f"cannot {what}: it exists with different settings ({e}); delete it "
+                "(rabbitmqctl delete_queue / delete_exchange) or declare it the same way"
+            ) from e
+        except aiormq.exceptions.ChannelNotFoundEntity as e:
+            raise TopologyMissing(f"cannot {what}: {e}; declare the topology first") from e
+        except CHANNEL_GONE as e:
+            raise BrokerError(f"lost the connection to {self.where} while trying to {what}; retry") from e
+
+    async def check_queue_exists(self, queue: str) -> None:
+        """Raise `TopologyMissing` unless `queue` exists (probed on a throwaway channel, since a 404
+        closes the channel it happens on)."""
+        channel = await self.channel()
+        try:
+            await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as e:
+            raise TopologyMissing(
+                f"queue {queue!r} does not exist at {self.where}; start the broker with the Chorus "
+                "topology (chorus-broker up) or have the coordinator declare it"
+            ) from e
+        finally:
+            await close_quietly(channel)
+
+    async def check_exchange_exists(self, exchange: str) -> None:
+        """Raise `TopologyMissing` unless `exchange` exists (on a throwaway channel)."""
+        channel = await self.channel()
+        try:
+            await (await channel.get_underlay_channel()).exchange_declare(exchange, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as e:
+            raise TopologyMissing(
+                f"exchange {exchange!r} does not exist at {self.where}; declare the topology first"
+            ) from e
+        finally:
+            await close_quietly(channel)
