@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine, machine_line, table, timed, write_results
+from bench.common import machine, machine_line, show_results, table, timed
 from common.embedding import CachedEmbedder, Embedder, SentenceEmbedder, default_model_dir
 from common.embedding_onnx import OnnxEmbedder, default_threads
 from coordinator.consensus import (
@@ -483,10 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Regenerate: `.venv/bin/python -m bench.bench_embedding` (`--quick` for a smoke run).",
     ]
-    markdown = "\n".join(lines) + "\n"
-    print(markdown)
-    if not args.no_write:
-        write_results("embedding", report, markdown)
+    show_results("embedding", report, lines, write=not args.no_write)
     return 0
 
 

@@ -10,24 +10,19 @@ consensus alone: the embedder is a table lookup. Writes bench/results/hnsw_vs_ex
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from bench.common import machine, machine_line, versions, write_results
 from common.embedding import Embeddings
 from coordinator.consensus import Candidate, ConsensusSettings, ExactConsensus, HnswConsensus, ShardConsensus
 
-RESULTS = Path(__file__).parent / "results"
 DIM = 384
 
 
@@ -160,23 +155,6 @@ def minilm_sentences_per_second(count: int = 512) -> dict[str, float]:
     }
 
 
-def machine() -> dict[str, Any]:
-    versions = {}
-    for package in ("numpy", "hnswlib", "torch", "sentence-transformers"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "load_average_1m_at_start": os.getloadavg()[0],
-        "versions": versions,
-    }
-
-
 VARIANTS = {
     "default (M 16, efC 100, ef 64)": ConsensusSettings(min_confidence=0.3),
     "fast (M 8, efC 32, ef 16)": ConsensusSettings(
@@ -190,9 +168,8 @@ def markdown(rows: Sequence[Row], about: Mapping[str, Any], minilm: Mapping[str,
     lines = [
         "# HNSW vs exact consensus",
         "",
-        f"Machine: {about['platform']}, {about['cpu_count']} CPUs, Python {about['python']}, "
-        + ", ".join(f"{name} {version}" for name, version in about["versions"].items())
-        + f"; 1-minute load average at start {about['load_average_1m_at_start']:.1f} (shared machine).",
+        machine_line(about),
+        "Versions: " + ", ".join(f"{name} {version}" for name, version in about["versions"].items()) + ".",
         "",
         "Synthetic 384-d answers around 1-4 topics per prompt, 10% repeated texts, 10% stale (weight 0.5);",
         "neighbours 8, min_confidence 0.3. Times: median per shard of consensus alone (no model), in CPU",
@@ -239,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         Scenario(1_000, 2, shards),
         Scenario(3_000, 1, 1 if args.quick else 2),
     ]
-    about = machine()
+    about = machine() | {"versions": versions("numpy", "hnswlib", "torch", "sentence-transformers")}
     rows = []
     for scenario in scenarios:
         for variant, settings in VARIANTS.items():
@@ -247,10 +224,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows.append(run_scenario(scenario, variant, settings, seed=seed))
             print(rows[-1], flush=True)
     minilm = None if args.no_minilm else minilm_sentences_per_second()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"machine": about, "minilm_sentences_per_second": minilm, "rows": [asdict(row) for row in rows]}
-    (RESULTS / "hnsw_vs_exact.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "hnsw_vs_exact.md").write_text(markdown(rows, about, minilm))
+    write_results("hnsw_vs_exact", report, markdown(rows, about, minilm))
 
 
 if __name__ == "__main__":

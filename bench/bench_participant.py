@@ -27,7 +27,6 @@ can be faster: `--threads` sets them. Writes bench/results/participant_speed_<th
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import statistics
@@ -39,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, machine, machine_line, table, timed, write_results
+from bench.common import RESULTS, machine, machine_line, show_results, table, timed, versions
 from participant.data import Example
 from participant.generation import generate_answers
 from participant.learner import LoraLearner
@@ -243,10 +242,7 @@ def overhead(args: argparse.Namespace) -> None:
         "",
         "Regenerate: `.venv/bin/python -m bench.bench_participant` (`--quick` for a smoke run).",
     ]
-    markdown = "\n".join(lines) + "\n"
-    print(markdown)
-    if not args.no_write:
-        write_results("participant", report, markdown)
+    show_results("participant", report, lines, write=not args.no_write)
 
 
 # ---- speed: absolute rates on this machine ----------------------------------------------------
@@ -315,8 +311,8 @@ def best_of(runs: list[dict[str, float]], key: str) -> dict[str, Any]:
 def speed(args: argparse.Namespace) -> None:
     reps = args.reps or 3
     torch.set_num_threads(args.threads)
-    versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft")}
-    host = machine() | {"torch_threads": torch.get_num_threads(), "versions": versions}
+    installed = versions("torch", "transformers", "peft")
+    host = machine() | {"torch_threads": torch.get_num_threads(), "versions": installed}
     result: dict[str, Any] = {"model": SMOLLM2_SPEC, "machine": host}
     if not args.skip_conversion:
         result["conversion"] = time_conversion()

@@ -8,7 +8,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,7 +53,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def machine_line(host: dict[str, Any]) -> str:
+def versions(*packages: str) -> dict[str, str | None]:
+    """Installed versions of `packages` (None where one is absent)."""
+    return {package: _version(package) for package in packages}
+
+
+def machine_line(host: Mapping[str, Any]) -> str:
     return (
         f"Machine: {host['platform']}; {host['cpus']} × {host['cpu']}; {host['memory_mib']} MiB; "
         f"Python {host['python']}; torch {host['torch']}; RabbitMQ {host['rabbitmq']}; "
@@ -76,6 +81,14 @@ def write_results(name: str, report: dict[str, Any], markdown: str, out: Path = 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown)
+
+
+def show_results(name: str, report: dict[str, Any], lines: Sequence[str], *, write: bool) -> None:
+    """Print the Markdown lines; with `write`, also save them and the report as `<name>.{md,json}`."""
+    markdown = "\n".join(lines) + "\n"
+    print(markdown)
+    if write:
+        write_results(name, report, markdown)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:

@@ -6,20 +6,13 @@ coordinator, ParticipantReport from each participant), never from a service's st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import msgspec
 
-from broker.transport import (
-    DEFAULT_PREFETCH,
-    DEFAULT_PUBLISH_TIMEOUT,
-    Handler,
-    Headers,
-    Subscription,
-    Topology,
-    Transport,
-)
+from broker.transport import DEFAULT_PREFETCH, Handler, Subscription, Topology, Transport
 from schemas.codec import MAX_BODY_BYTES, Codec
 from schemas.messages import Message, ParticipantReport, PseudoLabels, RoundClosed, RoundOpened
 
@@ -71,20 +64,9 @@ class ObservedTransport:
     async def declare(self, topology: Topology) -> None:
         await self.inner.declare(topology)
 
-    async def publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        *,
-        message_id: str,
-        headers: Headers | None = None,
-        timeout: float = DEFAULT_PUBLISH_TIMEOUT,
-        bcc: Sequence[str] = (),
-    ) -> None:
-        await self.inner.publish(
-            exchange, routing_key, body, message_id=message_id, headers=headers, timeout=timeout, bcc=bcc
-        )
+    async def publish(self, exchange: str, routing_key: str, body: bytes, **options: Any) -> None:
+        """`Transport.publish`, its keyword options passed on unchanged."""
+        await self.inner.publish(exchange, routing_key, body, **options)
         message = reported_message(body)
         if message is not None:
             self.observer(message)

@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 
 from broker.local_node import LocalNode
+from broker.memory import MemoryBroker
+from broker.topology import UP_EXCHANGE, control_key, full_topology
 from coordinator.replay import cli as replay_cli
 from federation import cli
 from federation.config import RunConfigError, load_run_config
+from federation.observe import ObservedTransport
 from federation.report import Reporter
 from federation.runner import FederationRun, RunOptions
+from schemas.codec import encode
+from schemas.messages import Heartbeat, Message, ParticipantReport
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny.toml"
@@ -143,3 +148,19 @@ def test_warm_start_naming_an_unknown_participant_is_refused(tmp_path: Path) -> 
     run = FederationRun(loaded, options, Reporter(results, [p.id for p in loaded.run.participants]))
     with pytest.raises(RunConfigError, match=r"warm_start names participants not in .*\['nobody'\]"):
         asyncio.run(run.run())
+
+
+async def test_the_report_sees_the_confirmed_messages_it_shows_and_no_others() -> None:
+    broker = MemoryBroker()
+    broker.declare(full_topology(["p0"]))
+    seen: list[Message] = []
+    report = ParticipantReport(
+        federation="f", round_id=1, participant_id="p0", message_id="p0.r1.report", metrics={"rouge_l": 0.5}
+    )
+    beat = Heartbeat(federation="f", round_id=1, participant_id="p0", message_id="p0.beat", sent_unix=1.0)
+    async with ObservedTransport(broker.connect("p0"), seen.append) as transport:
+        for message in (beat, report):
+            await transport.publish(
+                UP_EXCHANGE, control_key("p0"), encode(message), message_id=message.message_id
+            )
+    assert seen == [report]
