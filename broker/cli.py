@@ -1,10 +1,11 @@
 """`chorus-broker`: run a local RabbitMQ node for Chorus (tests, the demo, one-machine rounds).
 
-    chorus-broker up [--dir D] [--port P] [--shards N] [--participants a,b] [--tls-dir T]
+    chorus-broker up [--dir D] [--port P] [--participants a,b] [--tls-dir T]
     chorus-broker dev-certs T [--clients a,b]
     chorus-broker status [--dir D]
     chorus-broker add-participant NAME [--password-file F] [--dir D]
     chorus-broker down [--dir D]
+    chorus-broker write-definitions [PATH]      # regenerates deploy/rabbitmq/definitions.json
 
 `up` prints the coordinator's AMQP URL on the first line of stdout, so
 `URL=$(chorus-broker up | head -n1)` works; logs go to stderr.
@@ -19,12 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from broker import topology
-from broker.errors import BrokerError
-from broker.local_node import LocalNode, UsageError
+from broker.definitions import checked_in_definitions, render_definitions
+from broker.errors import BrokerError, UsageError
+from broker.local_node import LocalNode
 from broker.tls import TlsError, TlsFiles, add_client_cert, make_dev_certs, with_client_files
 from common.logs import configure_logging
 
 DEFAULT_DIR = Path(os.environ.get("CHORUS_BROKER_DIR", ".chorus/rabbitmq"))
+DEFINITIONS_FILE = Path("deploy/rabbitmq/definitions.json")  # from the repository root
 EXIT_NOT_RUNNING = 3  # like `systemctl status` for a stopped service
 
 
@@ -60,7 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     _add_dir(up)
     up.add_argument("--port", type=int, help="AMQP port (default: a free one, remembered in the dir)")
     up.add_argument("--dist-port", type=int, help="Erlang distribution port (default: a free one)")
-    up.add_argument("--shards", type=_positive, help="generation shard queues (default 4)")
     up.add_argument("--vhost", help="virtual host (default chorus)")
     up.add_argument(
         "--participants", type=_names, default=[], help="comma-separated participant ids to create"
@@ -107,6 +109,22 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--password-file", type=Path, help="read the password from this file instead")
     _add_dir(add)
     add.set_defaults(run=_add_participant)
+
+    write = commands.add_parser(
+        "write-definitions",
+        help="regenerate deploy/rabbitmq/definitions.json from broker.topology and broker.definitions",
+        description="Write the definitions document for an operator's broker (core topology, the "
+        "coordinator with the development password) to PATH; '-' writes it to stdout.",
+    )
+    write.add_argument(
+        "path",
+        metavar="PATH",
+        type=Path,
+        nargs="?",
+        default=DEFINITIONS_FILE,
+        help=f"where to write it (default {DEFINITIONS_FILE}, from the repository root)",
+    )
+    write.set_defaults(run=_write_definitions)
     return parser
 
 
@@ -119,13 +137,6 @@ def _add_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -136,16 +147,19 @@ def bring_up(
     port: int | None = None,
     dist_port: int | None = None,
     vhost: str | None = None,
-    shards: int | None = None,
     participants: Sequence[str] = (),
     tls_dir: Path | None = None,
+    shards: int | None = None,
 ) -> tuple[LocalNode, dict[str, str]]:
     """What `chorus-broker up` does: start the node unless it runs, add new participants.
 
-    Returns the node and the passwords of the participants it created.
+    Returns the node and the passwords of the participants it created. `shards` is ignored (the node
+    has no shard queues any more); it stays until its last callers (federation/runner.py,
+    bench/bench_scale.py) stop passing it.
     """
+    del shards
     tls = _server_files(tls_dir) if tls_dir is not None else None
-    node = LocalNode(data_dir, port=port, dist_port=dist_port, vhost=vhost, shards=shards, tls=tls)
+    node = LocalNode(data_dir, port=port, dist_port=dist_port, vhost=vhost, tls=tls)
     if not node.is_running():
         node.start()
     new = [name for name in participants if name not in node.state.participants]
@@ -159,7 +173,6 @@ def _up(args: argparse.Namespace) -> int:
         port=args.port,
         dist_port=args.dist_port,
         vhost=args.vhost,
-        shards=args.shards,
         participants=args.participants,
         tls_dir=args.tls_dir,
     )
@@ -228,6 +241,19 @@ def _add_participant(args: argparse.Namespace) -> int:
     chosen = node.add_participant(args.name, password)
     # A generated password is shown this once; one read from a file stays there.
     print(f"{args.name} {node.display_url(args.name) if password else node.url_for(args.name, chosen)}")
+    return 0
+
+
+def _write_definitions(args: argparse.Namespace) -> int:
+    text = render_definitions(checked_in_definitions())
+    if str(args.path) == "-":
+        sys.stdout.write(text)
+        return 0
+    try:
+        args.path.write_text(text)
+    except OSError as e:
+        raise UsageError(f"cannot write {args.path}: {e.strerror}; give another PATH, or - for stdout") from e
+    print(f"wrote {args.path}")
     return 0
 
 

@@ -29,3 +29,11 @@ class AccessRefused(BrokerError):
 
 class ChannelUnavailable(BrokerError):
     """No channel could be opened because the connection is down (a robust one is reconnecting)."""
+
+
+class NodeError(BrokerError):
+    """The local node could not be started, stopped or changed; the message says what to do."""
+
+
+class UsageError(NodeError):
+    """The request itself is wrong (bad id, options that contradict the data dir, busy port...)."""

@@ -17,17 +17,14 @@ channel limits (`PARTICIPANT_LIMITS`).
     node.add_participant("alice")      # -> generated password
     node.stop()
 
-`python -m broker.local_node --write-definitions deploy/rabbitmq/definitions.json`
-regenerates the checked-in definitions file.
+What the node should hold (users, permissions, limits, topology) is `broker.definitions`; this
+module runs the process, imports the definitions into it, and checks that they took.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
 import contextlib
 import errno
-import hashlib
 import ipaddress
 import json
 import os
@@ -48,22 +45,26 @@ from urllib.parse import quote
 import structlog
 
 from broker import topology
-from broker.errors import BrokerError
+from broker.definitions import (
+    DEFAULT_VHOST,
+    PARTICIPANT_LIMITS,
+    Listings,
+    coordinator_grant,
+    definitions,
+    find_problems,
+    participant_grant,
+    render_definitions,
+)
+from broker.definitions import RABBITMQ_VERSION as RABBITMQ_VERSION  # the release the node runs
+from broker.errors import NodeError, UsageError
 from broker.tls import TlsFiles
-from broker.topology import exchange_arguments, queue_arguments
 from broker.transport import Topology
 
 log = structlog.get_logger(__name__)
 
 RABBITMQ_BIN = Path(os.environ.get("CHORUS_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
-RABBITMQ_VERSION = "3.10.8"
-DEFAULT_VHOST = "chorus"
 DEFAULT_HOST = "127.0.0.1"
 STATE_FILE = "node.json"
-# Only for the checked-in deploy/rabbitmq/definitions.json: change it before exposing a broker.
-DEV_COORDINATOR_PASSWORD = "chorus-dev-password"
-_DEV_SALT = b"chrs"
-PARTICIPANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 # Idle Erlang schedulers otherwise busy-wait, which starves everything else on a small machine.
 _ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none"
@@ -82,26 +83,6 @@ DISK_FREE_LIMIT_ENV = "CHORUS_DISK_FREE_LIMIT"
 # RabbitMQ's information units: k/K/kiB/KiB, M/MiB, G/GiB are powers of 2; kB/KB, MB, GB powers of 10.
 _SIZE = re.compile(r"^[0-9]+(k|K|kiB|KiB|kB|KB|M|MiB|MB|G|GiB|GB)?$")
 
-# Per participant login. One participant needs one connection (a robust reconnect may briefly
-# overlap the old one) and a few channels (one per consumer, one for confirmed publishes, short-
-# lived ones for passive declares); without limits one login could open connections and channels
-# until the broker runs out of file descriptors or memory, starving every other member. The
-# coordinator's user stays unlimited.
-PARTICIPANT_MAX_CONNECTIONS = 8
-PARTICIPANT_MAX_CHANNELS = 64
-PARTICIPANT_LIMITS: Mapping[str, int] = {
-    "max-connections": PARTICIPANT_MAX_CONNECTIONS,
-    "max-channels": PARTICIPANT_MAX_CHANNELS,
-}
-
-
-class NodeError(BrokerError):
-    """The local node could not be started, stopped or changed; the message says what to do."""
-
-
-class UsageError(NodeError):
-    """The request itself is wrong (bad id, options that contradict the data dir, busy port...)."""
-
 
 class RabbitMQMissing(UsageError):
     pass
@@ -113,197 +94,6 @@ class PortInUse(UsageError):
 
 class NodeVerificationError(NodeError):
     """The node runs, but the definitions it should have loaded are not (all) there."""
-
-
-# ---------------------------------------------------------------------------
-# Definitions: users, permissions and topology as RabbitMQ's JSON document
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TopicGrant:
-    exchange: str
-    write: str
-    read: str
-
-
-@dataclass(frozen=True)
-class UserGrant:
-    """A user, its password hash and its rights on one vhost."""
-
-    name: str
-    password_hash: str
-    configure: str
-    write: str
-    read: str
-    topic: tuple[TopicGrant, ...] = ()
-    limits: Mapping[str, int] = field(default_factory=dict)  # `rabbitmqctl set_user_limits`; empty: none
-
-
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """RabbitMQ's `rabbit_password_hashing_sha256`: base64(salt + sha256(salt + password))."""
-    salt = secrets.token_bytes(4) if salt is None else salt
-    digest = hashlib.sha256(salt + password.encode()).digest()
-    return base64.b64encode(salt + digest).decode()
-
-
-def coordinator_grant(password: str, salt: bytes | None = None) -> UserGrant:
-    return UserGrant(topology.COORDINATOR_USER, hash_password(password, salt), ".*", ".*", ".*")
-
-
-def participant_grant(name: str, password: str) -> UserGrant:
-    """Least privilege: configure nothing, publish only under its own id, read only its replies."""
-    check_participant_id(name)
-    return UserGrant(
-        name=name,
-        password_hash=hash_password(password),
-        configure="^$",
-        write=f"^{re.escape(topology.UP_EXCHANGE)}$",
-        read=f"^{re.escape(topology.reply_queue(name))}$",
-        topic=(TopicGrant(topology.UP_EXCHANGE, topology.participant_topic_pattern(name), "^$"),),
-        limits=PARTICIPANT_LIMITS,
-    )
-
-
-def check_participant_id(name: str) -> None:
-    if not PARTICIPANT_ID.match(name):
-        raise UsageError(f"participant id {name!r} must be 1-64 letters, digits, '_' or '-'")
-    if name == topology.COORDINATOR_USER:
-        raise UsageError(f"{name!r} is the coordinator's user, not a participant id")
-
-
-def definitions(topo: Topology, vhost: str, users: Sequence[UserGrant]) -> dict[str, Any]:
-    """The definitions document RabbitMQ imports (at boot, or with `rabbitmqctl import_definitions`)."""
-    return {
-        "rabbit_version": RABBITMQ_VERSION,
-        "rabbitmq_version": RABBITMQ_VERSION,
-        "users": [
-            {
-                "name": user.name,
-                "password_hash": user.password_hash,
-                "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": [],
-                "limits": dict(user.limits),
-            }
-            for user in users
-        ],
-        "vhosts": [{"name": vhost}],
-        "permissions": [
-            {"user": u.name, "vhost": vhost, "configure": u.configure, "write": u.write, "read": u.read}
-            for u in users
-        ],
-        "topic_permissions": [
-            {"user": u.name, "vhost": vhost, "exchange": t.exchange, "write": t.write, "read": t.read}
-            for u in users
-            for t in u.topic
-        ],
-        "parameters": [],
-        "global_parameters": [],
-        "policies": [],
-        "queues": [
-            {
-                "name": q.name,
-                "vhost": vhost,
-                "durable": True,
-                "auto_delete": False,
-                "arguments": queue_arguments(q),
-            }
-            for q in topo.queues
-        ],
-        "exchanges": [
-            {
-                "name": e.name,
-                "vhost": vhost,
-                "type": e.type,
-                "durable": True,
-                "auto_delete": False,
-                "internal": False,
-                "arguments": exchange_arguments(e),
-            }
-            for e in topo.exchanges
-        ],
-        "bindings": [
-            {
-                "source": b.exchange,
-                "vhost": vhost,
-                "destination": b.queue,
-                "destination_type": "queue",
-                "routing_key": b.routing_key,
-                "arguments": {},
-            }
-            for b in topo.bindings
-        ],
-    }
-
-
-def checked_in_definitions() -> dict[str, Any]:
-    """What deploy/rabbitmq/definitions.json holds: core topology, the coordinator with the dev password."""
-    coordinator = coordinator_grant(DEV_COORDINATOR_PASSWORD, salt=_DEV_SALT)
-    return definitions(topology.core_topology(), DEFAULT_VHOST, [coordinator])
-
-
-def render_definitions(document: dict[str, Any]) -> str:
-    return json.dumps(document, indent=2) + "\n"
-
-
-# ---------------------------------------------------------------------------
-# Verification: what rabbitmqctl lists against what should be there
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Listings:
-    """rabbitmqctl's answers, parsed from its JSON formatter."""
-
-    vhosts: list[dict[str, Any]]
-    exchanges: list[dict[str, Any]]
-    queues: list[dict[str, Any]]
-    bindings: list[dict[str, Any]]
-    permissions: list[dict[str, Any]]
-    topic_permissions: list[dict[str, Any]]
-    # `list_user_limits --global`: {"user": ..., "limits": "<JSON object>"} for each user that has any.
-    user_limits: list[dict[str, Any]] = field(default_factory=list)
-
-    def limits_of(self, user: str) -> dict[str, int]:
-        for row in self.user_limits:
-            if row.get("user") == user:
-                limits = row.get("limits") or {}
-                return dict(json.loads(limits) if isinstance(limits, str) else limits)
-        return {}
-
-
-def find_problems(topo: Topology, vhost: str, users: Sequence[UserGrant], found: Listings) -> list[str]:
-    """Everything expected but missing or different; empty when the node is as it should be."""
-    problems: list[str] = []
-    if vhost not in {v["name"] for v in found.vhosts}:
-        return [f"vhost {vhost!r} does not exist"]
-    exchanges = {e["name"]: e["type"] for e in found.exchanges}
-    for exchange in topo.exchanges:
-        if exchanges.get(exchange.name) != exchange.type:
-            problems.append(f"{exchange.type} exchange {exchange.name!r} is missing")
-    queues = {q["name"]: q.get("type") for q in found.queues}
-    for queue in topo.queues:
-        if queue.name not in queues:
-            problems.append(f"queue {queue.name!r} is missing")
-        elif queue.quorum and queues[queue.name] != "quorum":
-            problems.append(f"queue {queue.name!r} is {queues[queue.name]}, not quorum")
-    bindings = {(b["source_name"], b["destination_name"], b["routing_key"]) for b in found.bindings}
-    for binding in topo.bindings:
-        if (binding.exchange, binding.queue, binding.routing_key) not in bindings:
-            problems.append(
-                f"binding {binding.exchange} -[{binding.routing_key}]-> {binding.queue} is missing"
-            )
-    permissions = {p["user"]: (p["configure"], p["write"], p["read"]) for p in found.permissions}
-    topic = {(p["user"], p["exchange"]): (p["write"], p["read"]) for p in found.topic_permissions}
-    for user in users:
-        if permissions.get(user.name) != (user.configure, user.write, user.read):
-            problems.append(f"user {user.name!r} lacks its permissions on vhost {vhost!r}")
-        for grant in user.topic:
-            if topic.get((user.name, grant.exchange)) != (grant.write, grant.read):
-                problems.append(f"user {user.name!r} lacks its topic permission on {grant.exchange!r}")
-        if user.limits and found.limits_of(user.name) != dict(user.limits):
-            problems.append(f"user {user.name!r} lacks its limits {dict(user.limits)}")
-    return problems
 
 
 # ---------------------------------------------------------------------------
@@ -320,7 +110,6 @@ class NodeState:
     dist_port: int
     host: str = DEFAULT_HOST
     vhost: str = DEFAULT_VHOST
-    shards: int = topology.DEFAULT_SHARDS
     delivery_limit: int = topology.DEFAULT_DELIVERY_LIMIT
     coordinator_password: str = ""
     participants: list[str] = field(default_factory=list)
@@ -343,7 +132,7 @@ class LocalNode:
     """One RabbitMQ node whose every file lives under `data_dir`.
 
     A data directory that held a node before keeps its node name, ports, vhost,
-    shards and coordinator password (node.json); passing different ones is an error.
+    delivery limit and coordinator password (node.json); passing different ones is an error.
     """
 
     def __init__(
@@ -353,7 +142,6 @@ class LocalNode:
         port: int | None = None,
         dist_port: int | None = None,
         vhost: str | None = None,
-        shards: int | None = None,
         delivery_limit: int | None = None,
         host: str = DEFAULT_HOST,
         tls: TlsFiles | None = None,
@@ -368,7 +156,6 @@ class LocalNode:
                 dist_port=dist_port or _free_port(LOOPBACK),
                 host=host,
                 vhost=vhost or DEFAULT_VHOST,
-                shards=shards or topology.DEFAULT_SHARDS,
                 delivery_limit=delivery_limit or topology.DEFAULT_DELIVERY_LIMIT,
                 coordinator_password=secrets.token_urlsafe(18),
             )
@@ -377,7 +164,6 @@ class LocalNode:
             _check_same("port", port, previous.port, self.data_dir)
             _check_same("dist port", dist_port, previous.dist_port, self.data_dir)
             _check_same("vhost", vhost, previous.vhost, self.data_dir)
-            _check_same("shards", shards, previous.shards, self.data_dir)
             _check_same("delivery limit", delivery_limit, previous.delivery_limit, self.data_dir)
         if tls is not None:  # kept in node.json; new files (a renewed certificate) replace the old ones
             self.state.tls = {k: str(Path(v).resolve()) for k, v in asdict(tls).items()}
@@ -917,11 +703,19 @@ def _write_private(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+# Keys of node.json files that earlier versions wrote and this one ignores (shard queues are gone).
+_RETIRED_STATE_KEYS = ("shards",)
+
+
 def _load_state(path: Path) -> NodeState | None:
     if not path.is_file():
         return None
     try:
-        return NodeState(**json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        if isinstance(saved, dict):
+            for key in _RETIRED_STATE_KEYS:
+                saved.pop(key, None)
+        return NodeState(**saved)
     except (ValueError, TypeError) as e:
         raise UsageError(f"{path} is not a Chorus broker state file ({e}); use another --dir") from e
 
@@ -929,19 +723,3 @@ def _load_state(path: Path) -> NodeState | None:
 def _save_state(path: Path, state: NodeState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_private(path, json.dumps(asdict(state), indent=2) + "\n")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m broker.local_node",
-        description="Regenerate deploy/rabbitmq/definitions.json from broker.topology.",
-    )
-    parser.add_argument("--write-definitions", metavar="PATH", type=Path, required=True)
-    args = parser.parse_args(argv)
-    args.write_definitions.write_text(render_definitions(checked_in_definitions()))
-    print(f"wrote {args.write_definitions}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Every exchange, queue and binding of a Chorus deployment, declared in one place.
 
-`deploy/rabbitmq/definitions.json` is generated from this module (and a test
-fails if the two drift).
+`deploy/rabbitmq/definitions.json` is generated from this module and broker.definitions (a test
+fails if it drifts).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ DEAD_LETTER_KEY = "dead"
 LOBBY_EXCHANGE = "chorus.lobby"
 LOBBY_QUEUE = "chorus.lobby"
 
-DEFAULT_SHARDS = 4
 DEFAULT_DELIVERY_LIMIT = 5
 COORDINATOR_USER = "coordinator"
 

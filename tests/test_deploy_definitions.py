@@ -7,20 +7,22 @@ import json
 from pathlib import Path
 
 import pytest
+import structlog
 from conftest import eventually, participant_url
 
 from broker import topology
 from broker.amqp import AccessRefused
+from broker.cli import main
 from broker.connect import open_transport
-from broker.errors import BrokerError
-from broker.local_node import (
+from broker.definitions import (
     DEV_COORDINATOR_PASSWORD,
-    LocalNode,
     checked_in_definitions,
     definitions,
     hash_password,
     participant_grant,
 )
+from broker.errors import BrokerError
+from broker.local_node import LocalNode
 from broker.transport import REASON_HEADER, Delivery
 
 DEFINITIONS = Path(__file__).resolve().parents[1] / "deploy" / "rabbitmq" / "definitions.json"
@@ -29,8 +31,24 @@ DEFINITIONS = Path(__file__).resolve().parents[1] / "deploy" / "rabbitmq" / "def
 def test_checked_in_definitions_match_the_topology() -> None:
     assert json.loads(DEFINITIONS.read_text()) == checked_in_definitions(), (
         "deploy/rabbitmq/definitions.json is stale; run: "
-        "python -m broker.local_node --write-definitions deploy/rabbitmq/definitions.json"
+        "chorus-broker write-definitions deploy/rabbitmq/definitions.json"
     )
+
+
+def test_chorus_broker_write_definitions_regenerates_the_checked_in_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "definitions.json"
+    try:
+        assert main(["write-definitions", str(target)]) == 0
+        assert target.read_text() == DEFINITIONS.read_text()
+        assert capsys.readouterr().out == f"wrote {target}\n"
+        assert main(["write-definitions", "-"]) == 0
+        assert json.loads(capsys.readouterr().out) == checked_in_definitions()
+        assert main(["write-definitions", str(tmp_path / "no-such-dir" / "definitions.json")]) == 2
+        assert "cannot write" in capsys.readouterr().err
+    finally:
+        structlog.reset_defaults()  # main() configures logging for the CLI
 
 
 def test_checked_in_definitions_declare_bounded_quorum_queues() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,8 @@ import structlog
 from broker import local_node, topology
 from broker.cli import main
 from broker.connect import open_transport
-from broker.local_node import Listings, LocalNode, NodeVerificationError, UserGrant, find_problems
+from broker.definitions import Listings, UserGrant, find_problems
+from broker.local_node import LocalNode, NodeVerificationError
 
 
 @pytest.fixture(autouse=True)
@@ -79,8 +82,31 @@ def test_commands_on_a_dir_without_a_broker_are_user_errors(
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["up", "--shards", "0"])
+        main(["up", "--port", "not-a-port"])
     assert exit_info.value.code == 2
+
+
+def test_a_node_json_from_the_days_of_shard_queues_still_loads(tmp_path: Path) -> None:
+    saved = {
+        "nodename": "chorus-0ld@localhost",
+        "port": 5999,
+        "dist_port": 25999,
+        "vhost": "chorus",
+        "shards": 4,  # written by versions that had shard queues; ignored now
+        "delivery_limit": 5,
+        "coordinator_password": "pw",
+        "participants": ["alice"],
+        "pid": None,
+        "tls": None,
+    }
+    (tmp_path / local_node.STATE_FILE).write_text(json.dumps(saved))
+    node = LocalNode.existing(tmp_path)
+    assert (node.state.nodename, node.state.port, node.state.participants) == (
+        "chorus-0ld@localhost",
+        5999,
+        ["alice"],
+    )
+    assert "shards" not in dataclasses.asdict(node.state)
 
 
 def test_find_problems_names_what_is_missing() -> None:
@@ -122,8 +148,8 @@ def test_status_of_the_running_node(rabbit_node: LocalNode, capsys: pytest.Captu
 def test_options_that_contradict_the_dir_are_refused(
     rabbit_node: LocalNode, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["up", "--dir", str(rabbit_node.data_dir), "--shards", "9"]) == 2
-    assert "was set up with shards 4, not 9" in one_line_error(capsys)
+    assert main(["up", "--dir", str(rabbit_node.data_dir), "--vhost", "other"]) == 2
+    assert "was set up with vhost chorus, not other" in one_line_error(capsys)
 
 
 @pytest.mark.amqp

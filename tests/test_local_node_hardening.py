@@ -25,16 +25,15 @@ from structlog.testing import capture_logs
 
 from broker import local_node, topology
 from broker.cli import main
-from broker.local_node import (
-    DISK_FREE_LIMIT_ENV,
+from broker.definitions import (
     PARTICIPANT_LIMITS,
     PARTICIPANT_MAX_CHANNELS,
     PARTICIPANT_MAX_CONNECTIONS,
     Listings,
-    LocalNode,
     find_problems,
     participant_grant,
 )
+from broker.local_node import DISK_FREE_LIMIT_ENV, LocalNode
 from broker.transport import Topology
 
 SHIPPED_CONF = Path(__file__).resolve().parents[1] / "deploy" / "rabbitmq" / "rabbitmq.conf"

@@ -22,8 +22,8 @@ from test_coordinator_amqp import federation_config
 
 from broker import cli
 from broker.connect import open_transport
-from broker.errors import BrokerError
-from broker.local_node import LocalNode, UsageError
+from broker.errors import BrokerError, UsageError
+from broker.local_node import LocalNode
 from broker.tls import TlsError, TlsFiles, add_client_cert, make_dev_certs
 from broker.transport import Transport
 from common.embedding import HashingEmbedder

@@ -5,6 +5,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -750,6 +753,18 @@ def test_only_broker_amqp_imports_aio_pika() -> None:
                 if any(name.split(".")[0] in ("aio_pika", "aiormq") for name in names):
                     offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert offenders == []
+
+
+def test_the_node_definitions_and_cli_load_no_amqp_client() -> None:
+    code = (
+        "import json, sys\n"
+        "import broker.definitions, broker.local_node, broker.cli\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    amqp = [m for m in loaded if m.split(".")[0] in ("aio_pika", "aiormq") or m.startswith("broker.amqp")]
+    assert amqp == []
 
 
 @pytest.mark.parametrize(
