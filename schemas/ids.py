@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 
+from schemas.messages import ID_CHARS, ID_MAX_LENGTH
+
 # An id in the participants' deterministic format, and the participant it names.
-NAMED_SENDER = re.compile(r"^([A-Za-z0-9_-]{1,64})\.r[0-9]+\.")
+NAMED_SENDER = re.compile(rf"^([{ID_CHARS}]{{1,{ID_MAX_LENGTH}}})\.r[0-9]+\.")
 
 
 def batch_id(participant_id: str, round_id: int, shard_id: int) -> str:

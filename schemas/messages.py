@@ -17,7 +17,8 @@ SCHEMA_VERSION = 1
 
 # Ids travel inside routing keys and queue names, so they may not contain dots. A participant id is
 # also its broker user name: broker.definitions refuses any other with the same pattern and length.
-ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+ID_CHARS = "A-Za-z0-9_-"
+ID_PATTERN = rf"^[{ID_CHARS}]+$"
 ID_MAX_LENGTH = 64
 Id = Annotated[str, Meta(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]
 MessageId = Annotated[str, Meta(min_length=1, max_length=128)]

@@ -243,9 +243,9 @@ async def test_a_participant_cannot_declare_bind_delete_or_purge(
     await coordinator.publish(DIRECT_EXCHANGE, reply_key(bob), body, message_id=message_id)
 
     async def raw(operation: str, **arguments: Any) -> None:
-        channel = await mallory._channel()
+        channel = await mallory.connection.channel()
         underlay = await channel.get_underlay_channel()
-        await mallory._guard(getattr(underlay, operation)(**arguments), operation)
+        await mallory.connection.guard(getattr(underlay, operation)(**arguments), operation)
 
     for operation, arguments in [
         ("queue_delete", {"queue": reply_queue(bob)}),

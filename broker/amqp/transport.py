@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from broker.amqp.connection import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -238,11 +238,3 @@ class AmqpTransport:
             return int(declared.message_count or 0)
         finally:
             await close_quietly(channel)
-
-    # -- kept for tests/test_security.py, which probes raw AMQP operations; use `connection` instead --
-
-    async def _channel(self, *, confirms: bool = False) -> AbstractChannel:
-        return await self.connection.channel(confirms=confirms)
-
-    async def _guard(self, operation: Any, what: str, hint: str = "") -> Any:
-        return await self.connection.guard(operation, what, hint)
