@@ -215,7 +215,7 @@ class BrokerPlan:
 
 
 def plan_broker(
-    options: RunOptions, config: LoadedConfig, results: Path, shards: int, on_node: Callable[[str], None]
+    options: RunOptions, config: LoadedConfig, results: Path, on_node: Callable[[str], None]
 ) -> BrokerPlan:
     ids = [p.id for p in config.run.participants]
     if options.broker == "memory":
@@ -240,7 +240,7 @@ def plan_broker(
                 LocalNode.existing(node_dir).stop()
         shutil.rmtree(node_dir, ignore_errors=True)
         on_node(f"starting a local RabbitMQ node in {node_dir}")
-        node, passwords = bring_up(node_dir, shards=shards, participants=ids)
+        node, passwords = bring_up(node_dir, participants=ids)
         coordinator_url = node.coordinator_url
         urls = {pid: node.url_for(pid, passwords[pid]) for pid in ids}
         description = f"local RabbitMQ node {node.display_url()}"
@@ -341,7 +341,7 @@ class FederationRun:
         with reporter.phase("models"):
             learners, datasets, embedder = await asyncio.to_thread(self._load, data, results)
         settings = coordinator_settings(self.config, data, results, self.rounds, "memory://")
-        plan = plan_broker(self.options, self.config, results, settings.round.shards, reporter.note)
+        plan = plan_broker(self.options, self.config, results, reporter.note)
         reporter.start_rounds(plan.description)
         try:
             await self._federate(settings, plan, data, learners, datasets, embedder)
