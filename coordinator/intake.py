@@ -375,6 +375,7 @@ class Intake:
             if not self.store.add_report(message.message_id, message.round_id, pid, dict(message.metrics)):
                 self.counters.duplicates += 1
             self._touch(pid, now)
+            self.wake()  # the driver may be waiting for the last round's reports
         elif isinstance(message, AdapterUpdate):
             problem = self._take_adapter(message, delivery.body, now)
             if problem is not None:

@@ -91,11 +91,29 @@ class Coordinator:
         self._wake.set()
 
     async def run(self) -> None:
+        """Start, run every round, wait (bounded) for the last round's reports, stop intake."""
         await self.start()
         try:
             await self.drive()
+            await self.collect_final_reports()
         finally:
             await self.stop_intake()
+
+    async def collect_final_reports(self) -> None:
+        """Keep taking intake until everyone counted in the last round has reported it, or
+        `round.final_reports_seconds` passed: otherwise the last reports would stay unread."""
+        if not self.closed_rounds or not self.closed_rounds[-1].final:
+            return
+        last = self.closed_rounds[-1]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.round.final_reports_seconds
+        while not self._stopping.is_set():
+            reported = {p for _, p, _ in self.store.reports(last.round_id)}
+            waiting = sorted(set(last.answered) - reported)
+            if not waiting or loop.time() >= deadline:
+                log.info("final_reports", round=last.round_id, reported=len(reported), missing=waiting)
+                return
+            await self._sleep_until_woken(deadline - loop.time())
 
     async def start(self) -> None:
         await self.transport.declare(core_topology())
@@ -306,6 +324,7 @@ class Coordinator:
             opened_unix=state.opened_at,
             closed_unix=now,
             consensus_seconds=self._decide_seconds,
+            final=0 < self.settings.round.rounds <= state.round_id,
         )
         body = encode(summary)
         await self.outbox.announce(state.round_id, summary.message_id, body, [], "round_closed")

@@ -39,6 +39,8 @@ class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     # A member that answered nothing (in time or late) in this many rounds in a row is benched: still
     # asked, not waited for and not counted in the quorum, until it answers again. 0: never bench.
     bench_after_missed_rounds: Annotated[int, Meta(ge=0, le=1_000)] = 2
+    # After the last round, how long `run()` waits for its members' reports before it stops.
+    final_reports_seconds: Annotated[float, Meta(ge=0.0, le=3_600.0)] = 30.0
     seed: int = 0
 
     def __post_init__(self) -> None:

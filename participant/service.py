@@ -72,6 +72,7 @@ class Participant:
         self.rounds_done: list[int] = []  # rounds whose labels (or adapter) were applied in this process
         self.reports: list[ParticipantReport] = []
         self.round_seen = asyncio.Event()
+        self.federation_ended = False  # a final RoundClosed was handled
         self._model_lock = asyncio.Lock()  # one torch job at a time: generation and training share weights
         self._subscription: Subscription | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -127,7 +128,7 @@ class Participant:
         await self.start()
         try:
             while not self._stopping.is_set():
-                if rounds is not None and len(self.rounds_done) >= rounds:
+                if self.federation_ended or (rounds is not None and len(self.rounds_done) >= rounds):
                     return
                 self.round_seen.clear()
                 stop = asyncio.create_task(self._stopping.wait())
@@ -205,6 +206,9 @@ class Participant:
         await self._handle(message)
         self.ledger.mark_handled(key)
         await delivery.ack()
+        if isinstance(message, RoundClosed) and message.final:
+            self.federation_ended = True  # applied and reported: nothing more will come
+            self.round_seen.set()
 
     async def _handle(self, message: Message) -> None:
         if isinstance(message, RoundOpened):

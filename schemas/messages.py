@@ -135,6 +135,7 @@ class RoundClosed(Message, frozen=True, kw_only=True, tag="round_closed"):
     opened_unix: Seconds
     closed_unix: Seconds
     consensus_seconds: Seconds = 0.0
+    final: bool = False  # the federation's last round: no RoundOpened follows
 
 
 class AggregatedAdapter(Message, frozen=True, kw_only=True, tag="aggregated_adapter"):

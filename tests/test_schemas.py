@@ -94,7 +94,7 @@ PINNED = {
     "round_opened": "682a1fe7265a2d0111a4fbe8280149a3a753d7925bf57555c2ed2218775902b9",
     "generation_batch": "bb92214216c63a283a9aaeacdff1e9ae6536d18e3d0208bbfd25c6e3235d81cb",
     "pseudo_labels": "e2b1bf497ba90e7a62b2cc57654be40995721e10db85fd698afacaa70a4f1550",
-    "round_closed": "ba434ec743c30c6ae5c467f6c92da90a1008d5b97d82926ed3a1de7b4a6e68fc",
+    "round_closed": "2b4b10a268446b3c4b96197459e4494ca5df06e93bc9674f8ba7d4a816b67507",  # with `final`
     "join": "83cb555a91260475911cf6b9c581e38060026607cdb507c809c230d45fc2fb28",
     "heartbeat": "fee71c3e30a8d89ba9bf3df54fabd9a979037998cdd3f6734ee8181e0a1b4130",
     "participant_report": "1de4b5038a7dc43f77a3f465c62f67ffead762a7d843fda323b982481d269fef",
