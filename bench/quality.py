@@ -47,7 +47,8 @@ from coordinator.wiring import build_embedder
 from federation.config import LoadedConfig, ParticipantEntry, load_run_config
 from federation.data import DataPaths, prepare_data
 from federation.launch import quiet_library_progress_bars, run_to_end
-from federation.runner import FederationRun, RunOptions, participant_settings
+from federation.runner import FederationRun, RunOptions
+from federation.settings import participant_settings
 from participant.data import Example
 from participant.learner import Learner
 from participant.settings import TrainTable

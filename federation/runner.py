@@ -1,10 +1,8 @@
 """Run a whole federation in one process: the coordinator and every participant, on one broker.
 
-Brokers: the embedded `MemoryBroker` (default); `local`, a RabbitMQ node started
-in `<results>/rabbitmq` the way `chorus-broker up` starts one (participant users
-with least privilege), stopped at the end; or `amqp://...`, an existing broker
-whose participant users exist already (each `[[participants]]` entry names its
-own `broker_url`) or are created in the local node directory given as `broker_dir`.
+The broker is chosen in `federation.brokers`, each service's settings come from
+`federation.settings`, the data from `federation.data`; this module loads the models and drives
+the rounds, one participant's model work at a time when the config asks for it.
 """
 
 from __future__ import annotations
@@ -19,11 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 
-from broker.topology import COORDINATOR_USER, full_topology
-from broker.transport import Transport
 from common.embedding import Embedder
 from coordinator.prompts import load_prompts
 from coordinator.replay.recording import with_recording
@@ -32,14 +27,15 @@ from coordinator.settings import ConsensusSettingsTable, CoordinatorSettings, Se
 from coordinator.store import CoordinatorStore
 from coordinator.strategies import build_round_strategy
 from coordinator.wiring import build_embedder
-from federation.config import LoadedConfig, ParticipantEntry, RunConfigError
+from federation.brokers import BrokerPlan, plan_broker
+from federation.config import LoadedConfig, RunConfigError
 from federation.data import DataPaths, prepare_data
 from federation.observe import ObservedTransport
 from federation.report import Reporter
+from federation.settings import STATE_DIR, coordinator_settings, participant_settings
 from participant.data import Example
 from participant.learner import AdapterLearner, AdapterState, Learner
 from participant.service import Participant
-from participant.settings import ParticipantSettings
 from participant.training import TrainStats
 from participant.wiring import build_learner, load_data
 from schemas.errors import ChorusError
@@ -47,8 +43,6 @@ from schemas.messages import GenerationParams
 
 log = structlog.get_logger(__name__)
 
-STATE_DIR = "state"
-NODE_DIR = "rabbitmq"
 POLL_SECONDS = 0.25
 FINISH_TIMEOUT_SECONDS = 600.0  # after the last round closes: participants train, evaluate, report
 
@@ -153,143 +147,6 @@ def track(pid: str, inner: Learner, phases: Phases, evaluation: GenerationParams
     return TrackedLearner(pid, inner, phases, evaluation)
 
 
-# ---- settings -------------------------------------------------------------------------------------
-
-
-def coordinator_settings(
-    config: LoadedConfig, data: DataPaths, results: Path, rounds: int, broker_url: str
-) -> CoordinatorSettings:
-    run = config.run
-    raw: dict[str, Any] = dict(config.coordinator_raw)
-    round_table = dict(raw.get("round") or {})
-    round_table["rounds"] = rounds
-    round_table.setdefault("min_participants", len(run.participants))
-    raw["round"] = round_table
-    consensus = dict(raw.get("consensus") or {})
-    consensus.setdefault("embedder", run.embedder)
-    raw["consensus"] = consensus
-    raw.setdefault("generation", msgspec.to_builtins(run.generation))
-    raw.setdefault("roster", [p.id for p in run.participants])
-    recording = dict(raw.get("recording") or {})  # on by default, as for chorus-coordinator
-    recording.setdefault("directory", str(results / "records"))
-    raw["recording"] = recording
-    raw.update(
-        federation=run.federation,
-        prompts_path=str(data.prompts),
-        state_path=str(results / STATE_DIR / "coordinator.sqlite3"),
-        broker_url=broker_url,
-    )
-    try:
-        return msgspec.convert(raw, CoordinatorSettings)
-    except msgspec.ValidationError as e:
-        raise RunConfigError(f"{config.path}: [coordinator] {e}") from e
-
-
-def participant_settings(
-    config: LoadedConfig, entry: ParticipantEntry, data: DataPaths, results: Path
-) -> ParticipantSettings:
-    train, test = data.train[entry.id], data.test[entry.id]
-    return ParticipantSettings(
-        federation=config.run.federation,
-        participant_id=entry.id,
-        model=entry.model,
-        state_dir=str(results / STATE_DIR / entry.id),
-        private_data=None if train is None else str(train),
-        test_data=None if test is None else str(test),
-        generation_batch_size=entry.generation_batch_size,
-        heartbeat_seconds=5.0,
-        progress=False,  # the runner shows what each participant does; bars would garble the table
-        train=entry.train or config.run.train,
-    )
-
-
-# ---- brokers --------------------------------------------------------------------------------------
-
-
-@dataclass
-class BrokerPlan:
-    coordinator: Callable[[], Transport]
-    participants: dict[str, Callable[[], Transport]]
-    description: str
-    close: Callable[[], None] = lambda: None
-
-
-def plan_broker(
-    options: RunOptions, config: LoadedConfig, results: Path, on_node: Callable[[str], None]
-) -> BrokerPlan:
-    ids = [p.id for p in config.run.participants]
-    if options.broker == "memory":
-        from broker.memory import MemoryBroker
-
-        memory = MemoryBroker()
-        memory.declare(full_topology(ids))
-        return BrokerPlan(
-            coordinator=lambda: memory.connect(COORDINATOR_USER),
-            participants={pid: (lambda pid=pid: memory.connect(pid)) for pid in ids},  # type: ignore[misc]
-            description="embedded memory broker",
-        )
-    from broker.connect import open_transport
-
-    if options.broker == "local":
-        from broker.cli import bring_up
-        from broker.local_node import LocalNode
-
-        node_dir = results / NODE_DIR
-        if (node_dir / "node.json").is_file():
-            with contextlib.suppress(ChorusError):
-                LocalNode.existing(node_dir).stop()
-        shutil.rmtree(node_dir, ignore_errors=True)
-        on_node(f"starting a local RabbitMQ node in {node_dir}")
-        node, passwords = bring_up(node_dir, participants=ids)
-        coordinator_url = node.coordinator_url
-        urls = {pid: node.url_for(pid, passwords[pid]) for pid in ids}
-        description = f"local RabbitMQ node {node.display_url()}"
-        close: Callable[[], None] = node.stop
-    elif options.broker.startswith(("amqp://", "amqps://")):
-        coordinator_url = options.broker
-        urls = _participant_urls(options, config)
-        description = f"RabbitMQ at {_masked(options.broker)}"
-        close = lambda: None  # noqa: E731 - someone else's broker
-    else:
-        raise RunConfigError(f"--broker must be memory, local or amqp://..., got {options.broker!r}")
-    return BrokerPlan(
-        coordinator=lambda: open_transport(coordinator_url, connection_name="chorus-run-coordinator"),
-        participants={
-            pid: (lambda pid=pid: open_transport(urls[pid], user=pid, connection_name=f"chorus-run-{pid}"))  # type: ignore[misc]
-            for pid in ids
-        },
-        description=description,
-        close=close,
-    )
-
-
-def _participant_urls(options: RunOptions, config: LoadedConfig) -> dict[str, str]:
-    given = {p.id: p.broker_url for p in config.run.participants if p.broker_url}
-    missing = [p.id for p in config.run.participants if p.id not in given]
-    if not missing:
-        return given
-    if options.broker_dir is None:
-        raise RunConfigError(
-            f"with --broker amqp://..., every participant needs its own broker user: give broker_url = "
-            f'"amqp://ID:PASSWORD@HOST:PORT/VHOST" in its [[participants]] entry (create users with '
-            f"`chorus-broker add-participant ID`), or pass --broker-dir DIR of a chorus-broker node to "
-            f"create them there (missing: {', '.join(missing)})"
-        )
-    from broker.local_node import LocalNode
-
-    node = LocalNode.existing(options.broker_dir)
-    passwords = node.add_participants(dict.fromkeys(missing))
-    return given | {pid: node.url_for(pid, passwords[pid]) for pid in missing}
-
-
-def _masked(url: str) -> str:
-    head, at, tail = url.partition("@")
-    if not at:
-        return url
-    scheme, _, credentials = head.partition("://")
-    return f"{scheme}://{credentials.split(':')[0]}:***@{tail}"
-
-
 # ---- the run --------------------------------------------------------------------------------------
 
 
@@ -341,7 +198,7 @@ class FederationRun:
         with reporter.phase("models"):
             learners, datasets, embedder = await asyncio.to_thread(self._load, data, results)
         settings = coordinator_settings(self.config, data, results, self.rounds, "memory://")
-        plan = plan_broker(self.options, self.config, results, reporter.note)
+        plan = plan_broker(self.options.broker, self.options.broker_dir, self.config, results, reporter.note)
         reporter.start_rounds(plan.description)
         try:
             await self._federate(settings, plan, data, learners, datasets, embedder)

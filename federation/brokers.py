@@ -1,0 +1,105 @@
+"""Where a run's services connect: the embedded broker, a local RabbitMQ node, or an existing one.
+
+Brokers: the embedded `MemoryBroker` (default); `local`, a RabbitMQ node started
+in `<results>/rabbitmq` the way `chorus-broker up` starts one (participant users
+with least privilege), stopped at the end; or `amqp://...`, an existing broker
+whose participant users exist already (each `[[participants]]` entry names its
+own `broker_url`) or are created in the local node directory given as `broker_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.topology import COORDINATOR_USER, full_topology
+from broker.transport import Transport
+from coordinator.replay.recording import redact_password
+from federation.config import LoadedConfig, RunConfigError
+from schemas.errors import ChorusError
+
+NODE_DIR = "rabbitmq"
+
+
+@dataclass
+class BrokerPlan:
+    coordinator: Callable[[], Transport]
+    participants: dict[str, Callable[[], Transport]]
+    description: str
+    close: Callable[[], None] = lambda: None
+
+
+def plan_broker(
+    broker: str,
+    broker_dir: Path | None,
+    config: LoadedConfig,
+    results: Path,
+    on_node: Callable[[str], None],
+) -> BrokerPlan:
+    """How the coordinator and each participant connect to `broker`: "memory", "local" or an amqp:// URL."""
+    ids = [p.id for p in config.run.participants]
+    if broker == "memory":
+        from broker.memory import MemoryBroker
+
+        memory = MemoryBroker()
+        memory.declare(full_topology(ids))
+        return BrokerPlan(
+            coordinator=lambda: memory.connect(COORDINATOR_USER),
+            participants={pid: (lambda pid=pid: memory.connect(pid)) for pid in ids},  # type: ignore[misc]
+            description="embedded memory broker",
+        )
+    from broker.connect import open_transport
+
+    if broker == "local":
+        from broker.cli import bring_up
+        from broker.local_node import LocalNode
+
+        node_dir = results / NODE_DIR
+        if (node_dir / "node.json").is_file():
+            with contextlib.suppress(ChorusError):
+                LocalNode.existing(node_dir).stop()
+        shutil.rmtree(node_dir, ignore_errors=True)
+        on_node(f"starting a local RabbitMQ node in {node_dir}")
+        node, passwords = bring_up(node_dir, participants=ids)
+        coordinator_url = node.coordinator_url
+        urls = {pid: node.url_for(pid, passwords[pid]) for pid in ids}
+        description = f"local RabbitMQ node {node.display_url()}"
+        close: Callable[[], None] = node.stop
+    elif broker.startswith(("amqp://", "amqps://")):
+        coordinator_url = broker
+        urls = _participant_urls(broker_dir, config)
+        description = f"RabbitMQ at {redact_password(broker)}"
+        close = lambda: None  # noqa: E731 - someone else's broker
+    else:
+        raise RunConfigError(f"--broker must be memory, local or amqp://..., got {broker!r}")
+    return BrokerPlan(
+        coordinator=lambda: open_transport(coordinator_url, connection_name="chorus-run-coordinator"),
+        participants={
+            pid: (lambda pid=pid: open_transport(urls[pid], user=pid, connection_name=f"chorus-run-{pid}"))  # type: ignore[misc]
+            for pid in ids
+        },
+        description=description,
+        close=close,
+    )
+
+
+def _participant_urls(broker_dir: Path | None, config: LoadedConfig) -> dict[str, str]:
+    given = {p.id: p.broker_url for p in config.run.participants if p.broker_url}
+    missing = [p.id for p in config.run.participants if p.id not in given]
+    if not missing:
+        return given
+    if broker_dir is None:
+        raise RunConfigError(
+            f"with --broker amqp://..., every participant needs its own broker user: give broker_url = "
+            f'"amqp://ID:PASSWORD@HOST:PORT/VHOST" in its [[participants]] entry (create users with '
+            f"`chorus-broker add-participant ID`), or pass --broker-dir DIR of a chorus-broker node to "
+            f"create them there (missing: {', '.join(missing)})"
+        )
+    from broker.local_node import LocalNode
+
+    node = LocalNode.existing(broker_dir)
+    passwords = node.add_participants(dict.fromkeys(missing))
+    return given | {pid: node.url_for(pid, passwords[pid]) for pid in missing}
