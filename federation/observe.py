@@ -7,7 +7,6 @@ coordinator, ParticipantReport from each participant), never from a service's st
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import msgspec
@@ -53,13 +52,8 @@ class ObservedTransport:
         await self.inner.__aenter__()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.inner.__aexit__(exc_type, exc, tb)
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.inner.__aexit__(*exc_info)
 
     async def declare(self, topology: Topology) -> None:
         await self.inner.declare(topology)
