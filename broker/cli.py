@@ -228,6 +228,8 @@ def _status(args: argparse.Namespace) -> int:
     state = f"running, pid {status.pid}" if status.running else "stopped"
     print(f"node:         {status.nodename} ({state})")
     print(f"url:          {_with_certificate(node, node.coordinator_url, topology.COORDINATOR_USER)}")
+    print(f"management:   {node.management_url} (coordinator login; monitoring only)")
+    print(f"metrics:      {node.prometheus_url}")
     print(f"data dir:     {status.data_dir}")
     print(f"participants: {', '.join(status.participants) or '-'}")
     return 0 if status.running else EXIT_NOT_RUNNING

@@ -72,6 +72,7 @@ class UserGrant:
     read: str
     topic: tuple[TopicGrant, ...] = ()
     limits: Mapping[str, int] = field(default_factory=dict)  # `rabbitmqctl set_user_limits`; empty: none
+    tags: tuple[str, ...] = ()  # management tags; none: no access to the management API
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -82,7 +83,10 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
 
 
 def coordinator_grant(password: str, salt: bytes | None = None) -> UserGrant:
-    return UserGrant(topology.COORDINATOR_USER, hash_password(password, salt), ".*", ".*", ".*")
+    # "monitoring": read-only access to the management API and its metrics, for operators' dashboards.
+    return UserGrant(
+        topology.COORDINATOR_USER, hash_password(password, salt), ".*", ".*", ".*", tags=("monitoring",)
+    )
 
 
 def participant_grant(name: str, password: str) -> UserGrant:
@@ -122,7 +126,7 @@ def definitions(topo: Topology, vhost: str, users: Sequence[UserGrant]) -> dict[
                 "name": user.name,
                 "password_hash": user.password_hash,
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": [],
+                "tags": list(user.tags),
                 "limits": dict(user.limits),
             }
             for user in users

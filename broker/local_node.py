@@ -69,6 +69,8 @@ CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 # Idle Erlang schedulers otherwise busy-wait, which starves everything else on a small machine.
 _ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none"
 LOOPBACK = "127.0.0.1"
+# The management API and RabbitMQ's Prometheus endpoint, for operators (both bound to loopback).
+PLUGINS = ("rabbitmq_management", "rabbitmq_prometheus")
 # The node's Erlang distribution listener (and rabbitmqctl's) on loopback only: anyone who reaches it
 # and has the cookie controls the node, so it is never exposed, whatever the AMQP host.
 _DIST_ON_LOOPBACK = "-kernel inet_dist_use_interface {127,0,0,1}"
@@ -114,6 +116,8 @@ class NodeState:
     coordinator_password: str = ""
     participants: list[str] = field(default_factory=list)
     pid: int | None = None
+    management_port: int = 0  # the management API and UI, on loopback (0: not chosen yet)
+    prometheus_port: int = 0  # the Prometheus metrics endpoint, on loopback
     tls: dict[str, str] | None = None  # TlsFiles' paths: AMQP over TLS only, client certificates required
 
 
@@ -167,6 +171,9 @@ class LocalNode:
             _check_same("delivery limit", delivery_limit, previous.delivery_limit, self.data_dir)
         if tls is not None:  # kept in node.json; new files (a renewed certificate) replace the old ones
             self.state.tls = {k: str(Path(v).resolve()) for k, v in asdict(tls).items()}
+        # A node.json from before the plugins were enabled has no ports for them yet.
+        self.state.management_port = self.state.management_port or _free_port(LOOPBACK)
+        self.state.prometheus_port = self.state.prometheus_port or _free_port(LOOPBACK)
 
     @classmethod
     def existing(cls, data_dir: Path) -> LocalNode:
@@ -188,6 +195,16 @@ class LocalNode:
     @property
     def coordinator_url(self) -> str:
         return self.url_for(topology.COORDINATOR_USER, self.state.coordinator_password)
+
+    @property
+    def management_url(self) -> str:
+        """The management HTTP API (users tagged for it only: the coordinator, not participants)."""
+        return f"http://{LOOPBACK}:{self.state.management_port}/api"
+
+    @property
+    def prometheus_url(self) -> str:
+        """RabbitMQ's own metrics, in the Prometheus text format."""
+        return f"http://{LOOPBACK}:{self.state.prometheus_port}/metrics"
 
     def url_for(self, user: str, password: str, vhost: str | None = None) -> str:
         return self._url(user, quote(password, safe=""), vhost)
@@ -214,6 +231,8 @@ class LocalNode:
         for name, port, host in (
             ("AMQP", self.state.port, self.state.host),
             ("distribution", self.state.dist_port, LOOPBACK),
+            ("management", self.state.management_port, LOOPBACK),
+            ("Prometheus", self.state.prometheus_port, LOOPBACK),
         ):
             if not _port_is_free(host, port):
                 raise PortInUse(
@@ -369,7 +388,7 @@ class LocalNode:
         document = definitions(core, self.state.vhost, [coordinator_grant(self.state.coordinator_password)])
         _write_private(self.data_dir / "definitions.json", render_definitions(document))
         (self.data_dir / "rabbitmq.conf").write_text(self._config())
-        (self.data_dir / "enabled_plugins").write_text("[].\n")
+        (self.data_dir / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
         (self.data_dir / "rabbitmq-env.conf").write_text(
             "# empty: keeps /etc/rabbitmq/rabbitmq-env.conf out\n"
         )
@@ -382,6 +401,11 @@ class LocalNode:
             f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n"
             f"vm_memory_high_watermark.relative = {MEMORY_HIGH_WATERMARK}\n"
             f"disk_free_limit.absolute = {disk_free_limit()}\n"
+            # Operators' views, on loopback only: reach them through an SSH tunnel or a reverse proxy.
+            f"management.tcp.ip = {LOOPBACK}\n"
+            f"management.tcp.port = {self.state.management_port}\n"
+            f"prometheus.tcp.ip = {LOOPBACK}\n"
+            f"prometheus.tcp.port = {self.state.prometheus_port}\n"
             "log.console = false\n"
             "log.file.level = info\n"
         )
