@@ -10,7 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import TransportFactory, eventually
+from support.brokers import TransportFactory
+from support.waiting import eventually
 
 from broker import topology
 from broker.amqp import AmqpTransport

@@ -16,26 +16,11 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from attackers import (
-    Attacker,
-    DeadLetters,
-    IdThief,
-    directory_bytes,
-    participant_at,
-    reset_peak_rss,
-    rss_status,
-)
-from conftest import eventually
-from fault_helpers import (
-    FEDERATION,
-    SHARDS,
-    coordinator_at,
-    label_table,
-    reference_labels,
-    round_config,
-    stored_batches,
-)
-from scripted import ScriptedParticipant, consensus_answers
+from support.attackers import Attacker, DeadLetters, IdThief, directory_bytes, reset_peak_rss, rss_status
+from support.coordinators import coordinator_at
+from support.faults import FEDERATION, SHARDS, label_table, reference_labels, round_config, stored_batches
+from support.scripted import ScriptedParticipant, consensus_answers, participant_at
+from support.waiting import eventually
 
 from broker.amqp import AmqpTransport
 from broker.recorder import Recorder, RecordingTransport
@@ -50,6 +35,7 @@ from broker.topology import (
 from broker.transport import BODY_BYTES_HEADER, DEAD_LETTER_BODY_BYTES, ORIGINAL_USER_HEADER
 from coordinator.service import Coordinator
 from schemas import Answer, GenerationBatch, Heartbeat, ParticipantReport, RoundClosed, encode, new_message_id
+from schemas.ids import batch_id, report_id
 
 pytestmark = pytest.mark.amqp
 
@@ -144,7 +130,7 @@ async def test_a_participant_using_another_ones_message_ids_erases_nothing(
         report = ParticipantReport(
             federation=FEDERATION,
             round_id=1,
-            message_id=f"{alice}.r1.report",
+            message_id=report_id(alice, 1),
             participant_id=alice,
             metrics={"loss": 1.5},
         )
@@ -358,7 +344,7 @@ async def test_forged_audit_headers_replayed_ids_and_non_finite_numbers_are_refu
         replayed = GenerationBatch(
             federation=FEDERATION,
             round_id=2,
-            message_id=f"{mallory}.r1.s0.gen",
+            message_id=batch_id(mallory, 1, 0),
             participant_id=mallory,
             shard_id=0,
             model_id="scripted",
@@ -375,7 +361,7 @@ async def test_forged_audit_headers_replayed_ids_and_non_finite_numbers_are_refu
         duplicates, rejections = coordinator.counters.duplicates, coordinator.counters.dead_lettered
         batch = coordinator.store.batches(1, 0)[0]
         await participants[0].transport.publish(
-            UP_EXCHANGE, generation_key(0, alice), batch.body, message_id=f"{alice}.r1.s0.gen"
+            UP_EXCHANGE, generation_key(0, alice), batch.body, message_id=batch_id(alice, 1, 0)
         )
         await eventually(lambda: coordinator.counters.duplicates == duplicates + 1)
         assert coordinator.counters.dead_lettered == rejections

@@ -6,9 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import LocalCluster
-from fault_helpers import close_all
-from test_faults import NAMES, check_round, run_round_with_fault
+from support.cluster import LocalCluster
+from support.faults import NAMES, check_round, close_all, run_round_with_fault
 
 from broker.connect import open_transport
 from broker.topology import intake_queue, intake_topology, reply_queue

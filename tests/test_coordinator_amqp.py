@@ -7,41 +7,18 @@ import secrets
 from pathlib import Path
 
 import pytest
-from conftest import eventually, participant_url
-from scripted import ScriptedParticipant, consensus_answers
-from test_coordinator_service import write_config
+from support.brokers import participant_url
+from support.coordinators import coordinator_at, federation_config
+from support.scripted import participant_at
+from support.waiting import eventually
 
 from broker.amqp import AmqpTransport
 from broker.local_node import LocalNode
 from broker.topology import DEAD_LETTER_QUEUE, UP_EXCHANGE, generation_key
 from broker.transport import REASON_HEADER, Delivery
-from common.embedding import HashingEmbedder
-from coordinator.service import Coordinator, build_coordinator
-from coordinator.settings import load_coordinator_settings
 from schemas import Answer, GenerationBatch, encode, new_message_id
 
 pytestmark = pytest.mark.amqp
-
-
-def federation_config(tmp_path: Path, federation: str, **round_overrides: object) -> Path:
-    config = write_config(tmp_path, **round_overrides)
-    config.write_text(config.read_text().replace('federation = "test"', f'federation = "{federation}"'))
-    return config
-
-
-async def coordinator_on(node: LocalNode, config: Path) -> Coordinator:
-    settings = load_coordinator_settings(config, env={})
-    transport = AmqpTransport(node.coordinator_url, connection_name="test coordinator")
-    await transport.__aenter__()
-    return build_coordinator(settings, transport, embedder=HashingEmbedder())
-
-
-async def participant_on(
-    node: LocalNode, name: str, federation: str, delay: float = 0.0
-) -> ScriptedParticipant:
-    transport = AmqpTransport(participant_url(node, name), connection_name=f"test {name}")
-    await transport.__aenter__()
-    return ScriptedParticipant(name, transport, consensus_answers, federation=federation, delay=delay)
 
 
 async def test_round_with_a_straggler_and_a_forger_on_rabbitmq(
@@ -49,7 +26,7 @@ async def test_round_with_a_straggler_and_a_forger_on_rabbitmq(
 ) -> None:
     federation = f"f{secrets.token_hex(3)}"
     config = federation_config(tmp_path, federation, min_participants=4, quorum=3, grace_seconds=0.5)
-    coordinator = await coordinator_on(rabbit_node, config)
+    coordinator = await coordinator_at(rabbit_node.coordinator_url, config)
     names = [rabbit_participants[r] for r in ("alice", "bob", "carol", "dave")]
     dead: list[Delivery] = []
 
@@ -62,7 +39,10 @@ async def test_round_with_a_straggler_and_a_forger_on_rabbitmq(
     await inspector.consume(DEAD_LETTER_QUEUE, collect)
     await coordinator.start()
     participants = [
-        await participant_on(rabbit_node, n, federation, 6.0 if n == names[3] else 0.0) for n in names
+        await participant_at(
+            participant_url(rabbit_node, n), n, federation, delay=6.0 if n == names[3] else 0.0
+        )
+        for n in names
     ]
     for participant in participants:
         await participant.join()
@@ -105,10 +85,13 @@ async def test_coordinator_killed_mid_round_resumes_on_rabbitmq(
     federation = f"f{secrets.token_hex(3)}"
     names = [rabbit_participants[r] for r in ("alice", "bob", "carol")]
     config = federation_config(tmp_path, federation, min_participants=3, quorum=3)
-    first = await coordinator_on(rabbit_node, config)
+    first = await coordinator_at(rabbit_node.coordinator_url, config)
     await first.start()
     participants = [
-        await participant_on(rabbit_node, n, federation, 0.0 if n != names[2] else 1.0) for n in names
+        await participant_at(
+            participant_url(rabbit_node, n), n, federation, delay=0.0 if n != names[2] else 1.0
+        )
+        for n in names
     ]
     for participant in participants:
         await participant.join()
@@ -118,7 +101,7 @@ async def test_coordinator_killed_mid_round_resumes_on_rabbitmq(
     await first.transport.close()  # the crash: unacked deliveries go back to the queues
     first.store.close()
 
-    second = await coordinator_on(rabbit_node, config)
+    second = await coordinator_at(rabbit_node.coordinator_url, config)
     await second.start()
     await asyncio.wait_for(second.drive(), 30)
     await asyncio.sleep(0.3)

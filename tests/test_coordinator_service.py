@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from scripted import ScriptedParticipant, consensus_answers
+from support.coordinators import memory_coordinator, run_with_participants, write_config
+from support.scripted import ScriptedParticipant, consensus_answers
+from support.waiting import eventually
 
 from broker.memory import MemoryBroker
 from broker.topology import (
-    COORDINATOR_USER,
     DEAD_LETTER_QUEUE,
     SHARED_REPLY_KEY,
     UP_EXCHANGE,
@@ -22,58 +21,13 @@ from broker.topology import (
     reply_key,
 )
 from broker.transport import REASON_HEADER, Delivery
-from common.embedding import HashingEmbedder
-from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import load_coordinator_settings
 from schemas import Answer, GenerationBatch, encode, new_message_id
 
 
-def write_config(tmp_path: Path, **round_overrides: object) -> Path:
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "\n".join(json.dumps({"prompt_id": f"q{i}", "prompt": f"Question {i}?"}) for i in range(12)) + "\n"
-    )
-    rounds = {
-        "rounds": 1,
-        "prompts_per_round": 6,
-        "shards": 3,
-        "quorum": 3,
-        "min_participants": 5,
-        "deadline_seconds": 3.0,
-        "grace_seconds": 0.2,
-    } | round_overrides
-    lines = [
-        'federation = "test"',
-        'prompts_path = "prompts.jsonl"',
-        'state_path = "state.sqlite3"',
-        "[round]",
-    ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in rounds.items()]
-    lines += ["[consensus]", 'embedder = "hashing"', "min_confidence = 0.3"]
-    config = tmp_path / "coordinator.toml"
-    config.write_text("\n".join(lines) + "\n")
-    return config
-
-
-def make_coordinator(config: Path, broker: MemoryBroker) -> Coordinator:
-    settings = load_coordinator_settings(config, env={})
-    return build_coordinator(settings, broker.connect(COORDINATOR_USER), embedder=HashingEmbedder())
-
-
-async def run_with_participants(
-    coordinator: Coordinator, participants: list[ScriptedParticipant], timeout: float = 20.0
-) -> None:
-    await coordinator.start()
-    for participant in participants:
-        await participant.join()
-    await asyncio.wait_for(coordinator.drive(), timeout)
-    await asyncio.sleep(0.05)  # let the last replies land
-    await coordinator.stop_intake()
-
-
 async def test_round_closes_on_time_with_a_straggler(tmp_path: Path) -> None:
     broker = MemoryBroker()
-    coordinator = make_coordinator(write_config(tmp_path, grace_seconds=0.3), broker)
+    coordinator = memory_coordinator(write_config(tmp_path, grace_seconds=0.3), broker)
     names = ["alice", "bob", "carol", "dave", "erin"]
     broker.declare(full_topology(names))
     participants = [
@@ -98,7 +52,7 @@ async def test_round_closes_on_time_with_a_straggler(tmp_path: Path) -> None:
 
 async def test_outlier_never_labels_and_ranks_last(tmp_path: Path) -> None:
     broker = MemoryBroker()
-    coordinator = make_coordinator(write_config(tmp_path, min_participants=4, quorum=4), broker)
+    coordinator = memory_coordinator(write_config(tmp_path, min_participants=4, quorum=4), broker)
     names = ["alice", "bob", "carol", "mallory"]
     broker.declare(full_topology(names))
     participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
@@ -111,7 +65,7 @@ async def test_outlier_never_labels_and_ranks_last(tmp_path: Path) -> None:
 
 async def test_bad_generations_are_dead_lettered_with_reasons(tmp_path: Path) -> None:
     broker = MemoryBroker()
-    coordinator = make_coordinator(write_config(tmp_path, min_participants=1, quorum=1, rounds=1), broker)
+    coordinator = memory_coordinator(write_config(tmp_path, min_participants=1, quorum=1, rounds=1), broker)
     broker.declare(full_topology(["alice", "mallory"]))
     dead: list[Delivery] = []
 
@@ -173,7 +127,7 @@ async def test_restart_mid_round_finishes_with_the_same_labels(tmp_path: Path) -
     reference_dir.mkdir()
     broker = MemoryBroker()
     broker.declare(full_topology(names))
-    reference = make_coordinator(write_config(reference_dir, min_participants=3, quorum=3), broker)
+    reference = memory_coordinator(write_config(reference_dir, min_participants=3, quorum=3), broker)
     clean = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
     await run_with_participants(reference, clean)
 
@@ -182,7 +136,7 @@ async def test_restart_mid_round_finishes_with_the_same_labels(tmp_path: Path) -
     config = write_config(crash_dir, min_participants=3, quorum=3)
     broker = MemoryBroker()
     broker.declare(full_topology(names))
-    first = make_coordinator(config, broker)
+    first = memory_coordinator(config, broker)
     await first.start()
     participants = [
         ScriptedParticipant(n, broker.connect(n), consensus_answers, delay=0.0 if n != "carol" else 0.5)
@@ -197,7 +151,7 @@ async def test_restart_mid_round_finishes_with_the_same_labels(tmp_path: Path) -
     first.store.close()
     assert first.closed_rounds == []
 
-    second = make_coordinator(config, broker)
+    second = memory_coordinator(config, broker)
     await second.start()
     await asyncio.wait_for(second.drive(), 10.0)
     await asyncio.sleep(0.05)
@@ -226,7 +180,7 @@ async def test_crash_while_publishing_labels_resumes_without_duplicates(tmp_path
     config = write_config(tmp_path, min_participants=3, quorum=3)
     broker = MemoryBroker()
     broker.declare(full_topology(names))
-    first = make_coordinator(config, broker)
+    first = memory_coordinator(config, broker)
     participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
     publish = first.transport.publish
     label_publishes = 0
@@ -250,7 +204,7 @@ async def test_crash_while_publishing_labels_resumes_without_duplicates(tmp_path
     first.store.close()
     assert first.closed_rounds == []
 
-    second = make_coordinator(config, broker)
+    second = memory_coordinator(config, broker)
     await second.start()
     await asyncio.wait_for(second.drive(), 10.0)
     await asyncio.sleep(0.05)
@@ -272,7 +226,7 @@ async def test_a_shard_never_closes_over_a_batch_still_waiting_for_its_commit(
     broker = MemoryBroker()
     names = ["alice", "bob"]
     broker.declare(full_topology(names))
-    coordinator = make_coordinator(write_config(tmp_path, min_participants=2, quorum=2, shards=1), broker)
+    coordinator = memory_coordinator(write_config(tmp_path, min_participants=2, quorum=2, shards=1), broker)
     await coordinator.start()
     participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
     for participant in participants:
@@ -280,8 +234,8 @@ async def test_a_shard_never_closes_over_a_batch_still_waiting_for_its_commit(
     await coordinator._open_round()
     state = coordinator.round
     assert state is not None
-    await eventually_true(
-        lambda: len(coordinator.intake._pending_writes) == 2
+    await eventually(
+        lambda: len(coordinator.intake._pending_writes) == 2, timeout=5.0
     )  # both recorded, neither committed
     assert coordinator.store.batches(1) == []
     await coordinator._advance_round()  # closes the shard ("all answered")
@@ -290,14 +244,6 @@ async def test_a_shard_never_closes_over_a_batch_still_waiting_for_its_commit(
     assert {b.participant_id for b in coordinator.store.batches(1)} == {"alice", "bob"}
     assert sum(o.labelled for o in coordinator.closed_rounds[0].shards) == 6  # both answers were counted
     await coordinator.stop_intake()
-
-
-async def eventually_true(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_labels_reach_every_member_once_across_bcc_chunks(
@@ -309,7 +255,7 @@ async def test_labels_reach_every_member_once_across_bcc_chunks(
     names = ["alice", "bob", "carol", "dave", "erin"]
     broker = MemoryBroker()
     broker.declare(full_topology(names))
-    coordinator = make_coordinator(write_config(tmp_path, min_participants=5, quorum=5), broker)
+    coordinator = memory_coordinator(write_config(tmp_path, min_participants=5, quorum=5), broker)
     publishes: list[tuple[str, list[str]]] = []
     publish = coordinator.transport.publish
 

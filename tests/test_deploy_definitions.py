@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import structlog
-from conftest import eventually, participant_url
+from support.brokers import participant_url
+from support.waiting import eventually
 
 from broker import topology
 from broker.amqp import AccessRefused

@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripted import ScriptedParticipant, consensus_answers
-from test_coordinator_service import make_coordinator, run_with_participants, write_config
+from support.coordinators import memory_coordinator, run_with_participants, write_config
+from support.scripted import ScriptedParticipant, consensus_answers
 
 from broker.memory import MemoryBroker
 from broker.topology import UP_EXCHANGE, full_topology, generation_key
@@ -52,7 +52,7 @@ class DuplicatingParticipant(ScriptedParticipant):
 async def run(tmp_path: Path, duplicating: bool) -> tuple[list[ScriptedParticipant], int, int]:
     broker = MemoryBroker()
     broker.declare(full_topology(NAMES))
-    coordinator = make_coordinator(write_config(tmp_path, min_participants=3, quorum=3), broker)
+    coordinator = memory_coordinator(write_config(tmp_path, min_participants=3, quorum=3), broker)
     participants: list[ScriptedParticipant] = [
         DuplicatingParticipant(n, broker.connect(n), consensus_answers, seed=i)
         if duplicating

@@ -14,27 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import eventually
-from fault_helpers import (
-    SHARDS,
-    GatedParticipant,
-    close_all,
-    coordinator_at,
-    gated_at,
-    label_table,
-    reference_labels,
-    round_config,
-    stored_batches,
-)
-from tcp_proxy import TcpProxy
+from support.faults import NAMES, check_round, close_all, run_round_with_fault
+from support.tcp_proxy import TcpProxy
 
 from broker.cli import bring_up
 from broker.local_node import LocalNode
-from coordinator.service import Coordinator
 
 pytestmark = [pytest.mark.amqp, pytest.mark.slow]
-
-NAMES = ["ana", "ben", "cyd"]
 
 
 @pytest.fixture
@@ -46,58 +32,6 @@ def own_node(tmp_path: Path) -> Iterator[tuple[LocalNode, dict[str, str]]]:
     finally:
         node.stop()
         assert not node.is_running()
-
-
-async def run_round_with_fault(
-    tmp_path: Path,
-    urls: dict[str, str],
-    fault: Callable[[], object],
-    after_fault: Callable[[], object] | None = None,
-) -> tuple[Coordinator, list[GatedParticipant]]:
-    """ana and ben answer at once, cyd answers shard 0 then waits; `fault` runs; cyd answers the rest."""
-    coordinator: Coordinator | None = None
-    participants: list[GatedParticipant] = []
-    gate = asyncio.Event()
-    try:
-        coordinator = await coordinator_at(urls["coordinator"], round_config(tmp_path / "run", 3))
-        await coordinator.start()
-        for name in NAMES:
-            held = name == "cyd"
-            participant = await gated_at(urls[name], name, gate if held else None, hold_after=1)
-            participants.append(participant)
-            await participant.join()
-        drive = asyncio.create_task(coordinator.drive())
-        try:
-            await eventually(lambda: coordinator.counters.accepted == 2 * SHARDS + 1, timeout=30)
-            result = fault()
-            if asyncio.iscoroutine(result):
-                await result
-            gate.set()  # cyd's last shards are published during (or right after) the fault
-            if after_fault is not None:
-                result = after_fault()
-                if asyncio.iscoroutine(result):
-                    await result
-            await asyncio.wait_for(asyncio.shield(drive), 150)
-        finally:
-            if not drive.done():
-                drive.cancel()
-        await eventually(lambda: all(len(p.labels) == SHARDS and p.closed for p in participants), 60)
-        return coordinator, participants
-    except BaseException:
-        await close_all(coordinator, participants)
-        raise
-
-
-async def check_round(tmp_path: Path, coordinator: Coordinator, participants: list[GatedParticipant]) -> None:
-    (summary,) = coordinator.closed_rounds
-    assert summary.answered == sorted(NAMES) and summary.missing == [] and summary.late == []
-    assert [o.status for o in summary.shards] == ["labelled"] * SHARDS
-    confirmed = {c for p in participants for c in p.confirmed}
-    assert len(confirmed) == len(NAMES) * SHARDS
-    assert confirmed == stored_batches(coordinator, summary.round_id)  # no confirmed generation lost
-    expected = await reference_labels(tmp_path / "reference", NAMES)
-    for participant in participants:
-        assert label_table(participant) == expected
 
 
 async def test_broker_killed_mid_round_loses_nothing(

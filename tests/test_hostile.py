@@ -14,20 +14,16 @@ from pathlib import Path
 import pytest
 import structlog
 import structlog.testing
-from conftest import eventually
-from hostile import Hostile, Target, draw_hostile, oversized_bodies
-from scripted import ScriptedParticipant, consensus_answers
-from test_coordinator_amqp import federation_config
-from test_coordinator_service import make_coordinator, run_with_participants
+from support.coordinators import coordinator_at, federation_config, memory_coordinator, run_with_participants
+from support.hostile import Hostile, Target, draw_hostile, oversized_bodies
+from support.scripted import ScriptedParticipant, consensus_answers
+from support.waiting import eventually
 
 from broker.amqp import AmqpTransport
 from broker.local_node import LocalNode
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, DEAD_LETTER_QUEUE, UP_EXCHANGE, full_topology, generation_key
 from broker.transport import REASON_HEADER, Delivery
-from common.embedding import HashingEmbedder
-from coordinator.service import Coordinator, build_coordinator
-from coordinator.settings import load_coordinator_settings
 from schemas import Answer, GenerationBatch, encode
 from schemas.codec import decode_control, decode_generation, decode_reply
 from schemas.errors import SchemaError
@@ -56,18 +52,11 @@ def test_the_codec_turns_every_decoder_failure_into_a_schema_error(body: bytes) 
         assert caught.value.problem in ("malformed", "too_large")
 
 
-async def coordinator_at(url: str, config: Path) -> Coordinator:
-    settings = load_coordinator_settings(config, env={})
-    transport = AmqpTransport(url, connection_name="test hostile coordinator")
-    await transport.connect()
-    return build_coordinator(settings, transport, embedder=HashingEmbedder())
-
-
 async def clean_run(tmp_path: Path, federation: str, names: list[str]) -> list[ScriptedParticipant]:
     """The same round on the in-memory broker, with no hostile traffic: the labels to match."""
     broker = MemoryBroker()
     broker.declare(full_topology(names))
-    coordinator = make_coordinator(federation_config(tmp_path, federation, **ROUND), broker)
+    coordinator = memory_coordinator(federation_config(tmp_path, federation, **ROUND), broker)
     participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers, federation) for n in names]
     await run_with_participants(coordinator, participants)
     coordinator.store.close()
@@ -127,9 +116,8 @@ async def test_ten_thousand_hostile_payloads_are_dead_lettered_and_the_round_is_
     urls = rabbit_node.add_vhost(f"hostile-{tag}", (*names, outsider))
     capture = structlog.testing.capture_logs()
     logs = capture.__enter__()
-    coordinator = await coordinator_at(
-        urls[COORDINATOR_USER], federation_config(tmp_path / "live", federation, **ROUND)
-    )
+    config = federation_config(tmp_path / "live", federation, **ROUND)
+    coordinator = await coordinator_at(urls[COORDINATOR_USER], config, "test hostile coordinator")
     inspector = AmqpTransport(urls[COORDINATOR_USER], connection_name="test hostile inspector")
     connections = {
         user: AmqpTransport(urls[user], connection_name=f"test hostile {user}") for user in (*names, outsider)

@@ -74,3 +74,28 @@ def test_only_the_amqp_transport_imports_aio_pika() -> None:
 def test_the_coordinator_service_and_cli_load_without_torch() -> None:
     loaded = modules_loaded_by("coordinator.service", "coordinator.cli", "coordinator.strategies")
     assert [m for m in loaded if m.split(".")[0] in ("torch", "transformers", "peft")] == []
+
+
+def names_a_test_module(module: str) -> bool:
+    """`conftest`, `test_x` (or either under `tests.`): modules pytest loads itself, not helpers."""
+    parts = module.split(".")
+    if parts[0] == "tests":
+        parts = parts[1:]
+    return bool(parts) and (parts[0] == "conftest" or parts[0].startswith("test_"))
+
+
+def test_no_test_module_imports_another_test_module_or_conftest() -> None:
+    found = {
+        path: sorted(name for name in names if names_a_test_module(name))
+        for path, names in imported_by("tests").items()
+    }
+    assert {path: names for path, names in found.items() if names} == {}
+
+
+def test_helpers_live_in_tests_support() -> None:
+    """tests/ holds conftest.py and test modules; what they share is in the tests/support package."""
+    tests = REPO / "tests"
+    helpers = [p.name for p in tests.glob("*.py") if not names_a_test_module(p.stem)]
+    assert helpers == []
+    assert (tests / "support" / "__init__.py").is_file()
+    assert [p.name for p in (tests / "support").glob("test_*.py")] == []  # pytest would collect them

@@ -4,77 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from structlog.testing import capture_logs
+from support.coordinators import memory_coordinator
+from support.tiny_models import PRIVATE, CrashOnSecondTrain, coordinator_config, tiny_participant
 
 from broker.memory import MemoryBroker
-from broker.topology import COORDINATOR_USER, control_key, full_topology
-from common.embedding import HashingEmbedder
-from coordinator.service import Coordinator, build_coordinator
-from coordinator.settings import load_coordinator_settings
+from broker.topology import control_key, full_topology
 from participant.data import Example
 from participant.learner import FunctionLearner, LoraLearner
 from participant.models import load_model
 from participant.service import Participant
 from participant.settings import ParticipantSettings, TrainTable
-from participant.training import TrainSettings, TrainStats
+from participant.training import TrainSettings
 from schemas.ids import report_id
 from schemas.messages import AggregatedAdapter, Prompt, PromptShard, RoundClosed, RoundOpened
-
-PRIVATE = [Example(prompt=f"What is {i} plus one?", response=f"It is {i + 1}.") for i in range(6)]
-
-
-def coordinator_config(tmp_path: Path, rounds: int) -> Path:
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt_id": f"q{i}", "prompt": f"Say {i}."}) for i in range(8)))
-    config = tmp_path / "coordinator.toml"
-    config.write_text(
-        'federation = "t"\nprompts_path = "prompts.jsonl"\nstate_path = "c.sqlite3"\n'
-        f"[round]\nrounds = {rounds}\nprompts_per_round = 4\nshards = 2\nquorum = 2\nmin_participants = 2\n"
-        "deadline_seconds = 60.0\ngrace_seconds = 0.0\n"
-        '[generation]\nmax_new_tokens = 6\n[consensus]\nembedder = "hashing"\nmin_confidence = -1.0\n'
-    )
-    return config
-
-
-def make_participant(broker: MemoryBroker, tmp_path: Path, name: str, spec: str) -> Participant:
-    settings = ParticipantSettings(
-        federation="t",
-        participant_id=name,
-        model=spec,
-        state_dir=str(tmp_path / name),
-        heartbeat_seconds=0.5,
-        progress=False,
-        train=TrainTable(batch_size=4, warmup_epochs=1, private_examples_per_round=2),
-    )
-    learner = LoraLearner(load_model(spec), TrainSettings(batch_size=4, max_length=64))
-    return Participant(
-        settings,
-        broker.connect(name),
-        learner,
-        private_train=PRIVATE,
-        test=PRIVATE[:2],
-        embed=HashingEmbedder().embed,
-    )
-
-
-def make_coordinator(config: Path, broker: MemoryBroker) -> Coordinator:
-    settings = load_coordinator_settings(config, env={})
-    return build_coordinator(settings, broker.connect(COORDINATOR_USER), embedder=HashingEmbedder())
 
 
 async def test_two_architectures_complete_rounds_together(tmp_path: Path) -> None:
     broker = MemoryBroker()
     broker.declare(full_topology(["llama", "gpt2"]))
-    coordinator = make_coordinator(coordinator_config(tmp_path, rounds=2), broker)
-    llama = make_participant(broker, tmp_path, "llama", "tiny-llama")
-    gpt2 = make_participant(broker, tmp_path, "gpt2", "tiny-gpt2")
+    coordinator = memory_coordinator(coordinator_config(tmp_path, rounds=2), broker)
+    llama = tiny_participant(broker.connect("llama"), tmp_path, "llama", "tiny-llama")
+    gpt2 = tiny_participant(broker.connect("gpt2"), tmp_path, "gpt2", "tiny-gpt2")
     assert llama.learner.model_id != gpt2.learner.model_id
     await coordinator.start()
     runs = [asyncio.create_task(p.run_until(rounds=2)) for p in (llama, gpt2)]
@@ -90,36 +45,13 @@ async def test_two_architectures_complete_rounds_together(tmp_path: Path) -> Non
     assert {(r, p) for r, p, _ in reports} == {(1, "gpt2"), (1, "llama"), (2, "gpt2"), (2, "llama")}
 
 
-class CrashOnSecondTrain:
-    """Wraps a learner; its second `train` (the first after warm-up) blocks until released, then fails."""
-
-    def __init__(self, inner: LoraLearner) -> None:
-        self.inner = inner
-        self.model_id = inner.model_id
-        self.can_train = True
-        self.calls = 0
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def train(self, examples: Sequence[Example]) -> TrainStats:
-        self.calls += 1
-        if self.calls >= 2:
-            self.entered.set()
-            self.release.wait(30)
-            raise RuntimeError("process killed mid-training")
-        return self.inner.train(examples)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 async def test_killed_participant_resumes_from_checkpoint_and_applies_missed_labels(tmp_path: Path) -> None:
     broker = MemoryBroker()
     broker.declare(full_topology(["llama", "gpt2"]))
-    coordinator = make_coordinator(coordinator_config(tmp_path, rounds=2), broker)
+    coordinator = memory_coordinator(coordinator_config(tmp_path, rounds=2), broker)
     await coordinator.start()
-    llama = make_participant(broker, tmp_path, "llama", "tiny-llama")
-    doomed = make_participant(broker, tmp_path, "gpt2", "tiny-gpt2")
+    llama = tiny_participant(broker.connect("llama"), tmp_path, "llama", "tiny-llama")
+    doomed = tiny_participant(broker.connect("gpt2"), tmp_path, "gpt2", "tiny-gpt2")
     crashing = CrashOnSecondTrain(doomed.learner)  # type: ignore[arg-type]
     doomed.learner = crashing
     llama_run = asyncio.create_task(llama.run_until(rounds=2))
@@ -135,7 +67,7 @@ async def test_killed_participant_resumes_from_checkpoint_and_applies_missed_lab
     await doomed.transport.close()  # unacked deliveries go back to gpt2's queue
     assert doomed.reports == []
 
-    restarted = make_participant(broker, tmp_path, "gpt2", "tiny-gpt2")
+    restarted = tiny_participant(broker.connect("gpt2"), tmp_path, "gpt2", "tiny-gpt2")
     restarted_run = asyncio.create_task(restarted.run_until(rounds=2))
     await asyncio.wait_for(asyncio.gather(drive, llama_run, restarted_run), 120)
     await coordinator.stop_intake()
@@ -150,9 +82,9 @@ async def test_fedavg_round_averages_adapters_of_the_same_architecture(tmp_path:
     broker.declare(full_topology(["one", "two"]))
     config = coordinator_config(tmp_path, rounds=1)
     config.write_text(config.read_text().replace('federation = "t"', 'federation = "t"\nstrategy = "fedavg"'))
-    coordinator = make_coordinator(config, broker)
-    one = make_participant(broker, tmp_path, "one", "tiny-llama")
-    two = make_participant(broker, tmp_path, "two", "tiny-llama")
+    coordinator = memory_coordinator(config, broker)
+    one = tiny_participant(broker.connect("one"), tmp_path, "one", "tiny-llama")
+    two = tiny_participant(broker.connect("two"), tmp_path, "two", "tiny-llama")
     # different local data, so the two adapters differ before averaging
     two.private_train = [Example(prompt=e.prompt, response=e.response.upper()) for e in PRIVATE]
     await coordinator.start()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from recorded import record_federation
+from support.recorded import record_federation
 
 from broker.errors import Unroutable
 from broker.memory import MemoryBroker

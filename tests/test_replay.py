@@ -16,7 +16,7 @@ import msgpack  # type: ignore[import-untyped]
 import msgspec
 import pytest
 import structlog
-from recorded import NAMES, SHARDS, RecordedRun, coordinator_for, published_labels, record_federation
+from support.recorded import NAMES, SHARDS, RecordedRun, coordinator_for, published_labels, record_federation
 
 from broker.amqp import AmqpTransport
 from broker.memory import MemoryBroker

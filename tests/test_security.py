@@ -14,8 +14,8 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import eventually
-from test_coordinator_amqp import federation_config
+from support.coordinators import federation_config, hashing_coordinator
+from support.waiting import eventually
 
 from broker.amqp import AccessRefused, AmqpTransport
 from broker.errors import BrokerError
@@ -44,8 +44,6 @@ from broker.transport import (
     QueueSpec,
     Topology,
 )
-from common.embedding import HashingEmbedder
-from coordinator.service import build_coordinator
 from coordinator.settings import load_coordinator_settings
 from schemas import Answer, GenerationBatch, Heartbeat, encode, new_message_id
 
@@ -284,7 +282,7 @@ async def test_the_coordinator_dead_letters_a_generation_without_user_id(
     coordinator_transport = AmqpTransport(
         federation.urls[COORDINATOR_USER], connection_name="test coordinator"
     )
-    coordinator = build_coordinator(settings, coordinator_transport, embedder=HashingEmbedder())
+    coordinator = hashing_coordinator(settings, coordinator_transport)
     await coordinator_transport.connect()
     await coordinator.start()
     try:

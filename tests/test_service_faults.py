@@ -16,22 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_helpers import coordinator_at
-from test_participant_service import PRIVATE, CrashOnSecondTrain, coordinator_config
+from support.coordinators import coordinator_at
+from support.tiny_models import CrashOnSecondTrain, coordinator_config, tiny_participant
 
 from broker.amqp import AmqpTransport
 from broker.topology import DIRECT_EXCHANGE
 from broker.transport import DEFAULT_PREFETCH, DEFAULT_PUBLISH_TIMEOUT, Handler, Headers, Subscription
-from common.embedding import HashingEmbedder
 from coordinator.service import Coordinator
 from participant.data import Example
 from participant.generation import GeneratedAnswer
 from participant.learner import LoraLearner, PromptBatch
 from participant.ledger import ParticipantLedger
-from participant.models import load_model
 from participant.service import Participant
-from participant.settings import ParticipantSettings, TrainTable
-from participant.training import TrainSettings, TrainStats
+from participant.training import TrainStats
 from schemas.messages import GenerationParams
 
 pytestmark = [pytest.mark.amqp, pytest.mark.slow]
@@ -66,24 +63,8 @@ class CountingLearner:
 
 
 def participant_at(url: str, tmp_path: Path, name: str) -> Participant:
-    settings = ParticipantSettings(
-        federation="t",
-        participant_id=name,
-        model=SPECS[name],
-        state_dir=str(tmp_path / name),
-        heartbeat_seconds=0.5,
-        progress=False,
-        train=TrainTable(batch_size=4, warmup_epochs=1, private_examples_per_round=2),
-    )
-    learner = LoraLearner(load_model(SPECS[name]), TrainSettings(batch_size=4, max_length=64))
-    return Participant(
-        settings,
-        AmqpTransport(url, connection_name=f"test {name}"),
-        CountingLearner(learner),
-        private_train=PRIVATE,
-        test=PRIVATE[:2],
-        embed=HashingEmbedder().embed,
-    )
+    transport = AmqpTransport(url, connection_name=f"test {name}")
+    return tiny_participant(transport, tmp_path, name, SPECS[name], wrap=CountingLearner)
 
 
 class FreezesAfterPublishing:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
-from scripted import ScriptedParticipant
+from support.scripted import ScriptedParticipant
 
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, full_topology

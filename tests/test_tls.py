@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import structlog
-from conftest import eventually
-from scripted import ScriptedParticipant, consensus_answers
-from test_coordinator_amqp import federation_config
+from support.coordinators import federation_config
+from support.scripted import ScriptedParticipant, consensus_answers
+from support.waiting import eventually
 
 from broker import cli
 from broker.connect import open_transport

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TransportFactory, eventually, participant_url
+from support.brokers import TransportFactory, participant_url
+from support.waiting import eventually
 
 from broker import topology
 from broker.amqp import AmqpTransport

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scripted import ScriptedParticipant
 
-from broker.amqp import AmqpTransport
 from broker.local_node import LocalNode
 from broker.topology import UP_EXCHANGE, control_key, generation_key
 from broker.transport import Delivery
 from schemas import Answer, GenerationBatch, ParticipantReport, RoundOpened, encode
+from support.scripted import ScriptedParticipant
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -84,14 +83,6 @@ class IdThief(ScriptedParticipant):
         await self.transport.publish(UP_EXCHANGE, key, encode(message), message_id=message.message_id)
 
 
-async def participant_at(url: str, name: str, federation: str, **options: object) -> ScriptedParticipant:
-    from scripted import consensus_answers
-
-    transport = AmqpTransport(url, connection_name=f"test {name}")
-    await transport.__aenter__()
-    return ScriptedParticipant(name, transport, consensus_answers, federation=federation, **options)  # type: ignore[arg-type]
-
-
 @dataclass
 class DeadLetters:
     """Everything that reaches chorus.dead of one vhost, collected by an inspector connection."""
@@ -146,7 +137,7 @@ import asyncio, sys, time
 from broker.amqp import AmqpTransport
 from broker.topology import UP_EXCHANGE, control_key, generation_key
 from schemas import Join, encode, new_message_id
-from attackers import hostile_map
+from support.attackers import hostile_map
 
 async def main(url, user, federation, mode, amount, seconds):
     transport = AmqpTransport(url, connection_name="attacker")

@@ -1,4 +1,4 @@
-"""Shared pieces of the fault tests: gated scripted participants, a coordinator at a URL, a reference run.
+"""Shared pieces of the fault tests: gated scripted participants, a round with a fault in it, a reference run.
 
 A fault test runs one round over RabbitMQ while something breaks, then checks
 three things against what a fault-free run produces from the same inputs:
@@ -11,23 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from scripted import ScriptedParticipant, consensus_answers
-from test_coordinator_service import make_coordinator as memory_coordinator
-from test_coordinator_service import write_config
 
 from broker.amqp import AmqpTransport
 from broker.errors import BrokerError, PublishTimeout
 from broker.memory import MemoryBroker
 from broker.topology import UP_EXCHANGE, full_topology, generation_key
-from common.embedding import HashingEmbedder
-from coordinator.service import Coordinator, build_coordinator
-from coordinator.settings import load_coordinator_settings
+from coordinator.service import Coordinator
 from schemas import Answer, GenerationBatch, RoundOpened, encode, new_message_id
+from support.coordinators import coordinator_at, memory_coordinator, write_config
+from support.scripted import ScriptedParticipant, consensus_answers
+from support.waiting import eventually
 
 FEDERATION = "faults"
+NAMES = ["ana", "ben", "cyd"]  # the participants of `run_round_with_fault`
 SHARDS = 3
 # Long enough to ride out a broker restart or a stalled link (each publish waits for its confirm).
 PUBLISH_TIMEOUT = 90.0
@@ -39,24 +38,14 @@ LabelTable = dict[LabelKey, list[tuple[str, str, float]]]
 
 def round_config(directory: Path, participants: int, **overrides: object) -> Path:
     """One semantic round of 6 prompts in 3 shards that waits for all `participants` (deadline 120 s)."""
-    directory.mkdir(parents=True, exist_ok=True)
     settings: dict[str, object] = {
         "min_participants": participants,
         "quorum": participants,
         "deadline_seconds": 120.0,
         "grace_seconds": 0.0,
     }
-    config = write_config(directory, **(settings | overrides))
-    text = config.read_text().replace('federation = "test"', f'federation = "{FEDERATION}"')
-    config.write_text(f"publish_timeout_seconds = {PUBLISH_TIMEOUT}\n" + text)
-    return config
-
-
-async def coordinator_at(url: str, config: Path, name: str = "test coordinator") -> Coordinator:
-    settings = load_coordinator_settings(config, env={})
-    transport = AmqpTransport(url, connection_name=name)
-    await transport.__aenter__()
-    return build_coordinator(settings, transport, embedder=HashingEmbedder())
+    top = {"publish_timeout_seconds": PUBLISH_TIMEOUT}
+    return write_config(directory, federation=FEDERATION, top=top, **(settings | overrides))
 
 
 @dataclass
@@ -165,3 +154,55 @@ async def close_all(coordinator: Coordinator | None, participants: list[GatedPar
             await asyncio.wait_for(coordinator.stop_intake(), 10)
         await coordinator.transport.close()
         coordinator.store.close()
+
+
+async def run_round_with_fault(
+    tmp_path: Path,
+    urls: dict[str, str],
+    fault: Callable[[], object],
+    after_fault: Callable[[], object] | None = None,
+) -> tuple[Coordinator, list[GatedParticipant]]:
+    """ana and ben answer at once, cyd answers shard 0 then waits; `fault` runs; cyd answers the rest."""
+    coordinator: Coordinator | None = None
+    participants: list[GatedParticipant] = []
+    gate = asyncio.Event()
+    try:
+        coordinator = await coordinator_at(urls["coordinator"], round_config(tmp_path / "run", 3))
+        await coordinator.start()
+        for name in NAMES:
+            held = name == "cyd"
+            participant = await gated_at(urls[name], name, gate if held else None, hold_after=1)
+            participants.append(participant)
+            await participant.join()
+        drive = asyncio.create_task(coordinator.drive())
+        try:
+            await eventually(lambda: coordinator.counters.accepted == 2 * SHARDS + 1, timeout=30)
+            result = fault()
+            if asyncio.iscoroutine(result):
+                await result
+            gate.set()  # cyd's last shards are published during (or right after) the fault
+            if after_fault is not None:
+                result = after_fault()
+                if asyncio.iscoroutine(result):
+                    await result
+            await asyncio.wait_for(asyncio.shield(drive), 150)
+        finally:
+            if not drive.done():
+                drive.cancel()
+        await eventually(lambda: all(len(p.labels) == SHARDS and p.closed for p in participants), 60)
+        return coordinator, participants
+    except BaseException:
+        await close_all(coordinator, participants)
+        raise
+
+
+async def check_round(tmp_path: Path, coordinator: Coordinator, participants: list[GatedParticipant]) -> None:
+    (summary,) = coordinator.closed_rounds
+    assert summary.answered == sorted(NAMES) and summary.missing == [] and summary.late == []
+    assert [o.status for o in summary.shards] == ["labelled"] * SHARDS
+    confirmed = {c for p in participants for c in p.confirmed}
+    assert len(confirmed) == len(NAMES) * SHARDS
+    assert confirmed == stored_batches(coordinator, summary.round_id)  # no confirmed generation lost
+    expected = await reference_labels(tmp_path / "reference", NAMES)
+    for participant in participants:
+        assert label_table(participant) == expected

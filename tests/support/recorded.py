@@ -6,56 +6,37 @@ Shared by tests/test_recorder.py and tests/test_replay.py.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scripted import ScriptedParticipant, consensus_answers
-
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, UP_EXCHANGE, full_topology, generation_key
-from common.embedding import HashingEmbedder
 from coordinator.replay.recording import with_recording
-from coordinator.service import Coordinator, build_coordinator
+from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings, load_coordinator_settings
 from schemas import Answer, GenerationBatch, encode, new_message_id
+from support import coordinators
+from support.scripted import ScriptedParticipant, consensus_answers
 
 NAMES = ["alice", "bob", "carol", "dave", "erin"]
 SHARDS = 3
 
 
 def write_config(directory: Path, *, rotate_bytes: int = 1 << 20, **round_overrides: object) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    prompts = directory / "prompts.jsonl"
-    prompts.write_text(
-        "\n".join(json.dumps({"prompt_id": f"q{i}", "prompt": f"Question {i}?"}) for i in range(24)) + "\n"
-    )
-    rounds = {
+    """Two rounds of all five `NAMES`, recording into directory/records (files rotated at `rotate_bytes`)."""
+    rounds: dict[str, object] = {
         "rounds": 2,
-        "prompts_per_round": 6,
-        "shards": SHARDS,
         "quorum": len(NAMES),
         "min_participants": len(NAMES),
         "deadline_seconds": 5.0,
-        "grace_seconds": 0.2,
-    } | round_overrides
-    lines = [
-        'federation = "test"',
-        'broker_url = "amqp://coordinator:secret@localhost:5672/chorus"',
-        'prompts_path = "prompts.jsonl"',
-        'state_path = "state.sqlite3"',
-        "[round]",
-        *[f"{k} = {json.dumps(v)}" for k, v in rounds.items()],
-        "[consensus]",
-        'embedder = "hashing"',
-        "min_confidence = 0.3",
-        "[recording]",
-        'directory = "records"',
-        f"rotate_bytes = {rotate_bytes}",
-    ]
-    config = directory / "coordinator.toml"
-    config.write_text("\n".join(lines) + "\n")
-    return config
+    }
+    return coordinators.write_config(
+        directory,
+        prompts=24,
+        top={"broker_url": "amqp://coordinator:secret@localhost:5672/chorus"},
+        recording={"directory": "records", "rotate_bytes": rotate_bytes},
+        **(rounds | round_overrides),
+    )
 
 
 def answers(participant_id: str, prompt_id: str) -> str:
@@ -77,8 +58,8 @@ class RecordedRun:
 
 
 def coordinator_for(settings: CoordinatorSettings, broker: MemoryBroker) -> Coordinator:
-    return build_coordinator(
-        settings, with_recording(broker.connect(COORDINATOR_USER), settings), embedder=HashingEmbedder()
+    return coordinators.hashing_coordinator(
+        settings, with_recording(broker.connect(COORDINATOR_USER), settings)
     )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.common import publish_join
+from broker.amqp import AmqpTransport
 from broker.topology import UP_EXCHANGE, generation_key, reply_queue
 from broker.transport import Delivery, Subscription, Transport
 from schemas import (
@@ -109,3 +110,10 @@ def consensus_answers(participant_id: str, prompt_id: str) -> str:
         return f"purple zebra {prompt_id} xylophone quantum banana"
     variants = ["The answer to {p} is the standard one.", "For {p}, the answer is the standard one."]
     return variants[hash(participant_id) % 2].format(p=prompt_id)
+
+
+async def participant_at(url: str, name: str, federation: str, **options: object) -> ScriptedParticipant:
+    """A scripted participant with `consensus_answers`, logged in to RabbitMQ at `url` (connected)."""
+    transport = AmqpTransport(url, connection_name=f"test {name}")
+    await transport.__aenter__()
+    return ScriptedParticipant(name, transport, consensus_answers, federation=federation, **options)  # type: ignore[arg-type]
