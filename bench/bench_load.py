@@ -23,24 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import machine, publish_join
+from bench.common import machine
+from bench.fake_participant import ScriptedParticipant
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
-from broker.topology import UP_EXCHANGE, generation_key, reply_queue
-from broker.transport import Delivery
-from schemas import (
-    Answer,
-    GenerationBatch,
-    PseudoLabels,
-    RoundClosed,
-    RoundOpened,
-    decode_reply,
-    encode,
-    new_message_id,
-)
 
 RESULTS = Path(__file__).parent / "results"
 FEDERATION = "load"
@@ -49,57 +38,23 @@ PROMPTS_PER_ROUND = 8
 PUBLISH_TIMEOUT = 60.0
 
 
-@dataclass
-class LoadParticipant:
-    name: str
-    transport: AmqpTransport
-    confirmed: dict[int, list[float]] = field(default_factory=dict)  # round -> confirm times
-    labels: dict[int, set[int]] = field(default_factory=dict)  # round -> shards labelled
-    closed: dict[int, tuple[float, RoundClosed]] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+def standard_answer(participant_id: str, prompt_id: str) -> str:
+    """Every participant gives the same answer: consensus has nothing to weigh, the load is all there is."""
+    return f"The answer to {prompt_id} is the standard one."
 
-    async def join(self) -> None:
-        await self.transport.consume(reply_queue(self.name), self._on_reply, prefetch=50)
-        await publish_join(self.transport, FEDERATION, self.name, "load")
 
-    async def _on_reply(self, delivery: Delivery) -> None:
-        message = decode_reply(delivery.body)
-        if isinstance(message, RoundOpened) and message.round_id not in self.confirmed:
-            self.confirmed[message.round_id] = []
-            task = asyncio.create_task(self._answer(message))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif isinstance(message, PseudoLabels):
-            self.labels.setdefault(message.round_id, set()).add(message.shard_id)
-        elif isinstance(message, RoundClosed):
-            self.closed.setdefault(message.round_id, (time.time(), message))
-
-    async def _answer(self, opened: RoundOpened) -> None:
-        async def one(shard_id: int, ids: list[str]) -> None:
-            batch = GenerationBatch(
-                federation=FEDERATION,
-                round_id=opened.round_id,
-                message_id=new_message_id(),
-                participant_id=self.name,
-                shard_id=shard_id,
-                model_id="load",
-                answers=[Answer(prompt_id=p, text=f"The answer to {p} is the standard one.") for p in ids],
-            )
-            try:
-                await self.transport.publish(
-                    UP_EXCHANGE,
-                    generation_key(shard_id, self.name),
-                    encode(batch),
-                    message_id=batch.message_id,
-                    timeout=PUBLISH_TIMEOUT,
-                )
-            except Exception as e:  # counted as lost: the check fails on it
-                self.errors.append(repr(e))
-                return
-            self.confirmed[opened.round_id].append(time.time())
-
-        await asyncio.gather(*(one(s.shard_id, [p.prompt_id for p in s.prompts]) for s in opened.shards))
+def load_participant(name: str, url: str) -> ScriptedParticipant:
+    """A scripted participant with its own AMQP connection, publishing a round's shards all at once."""
+    return ScriptedParticipant(
+        name,
+        AmqpTransport(url, connection_name=f"load {name}"),
+        standard_answer,
+        federation=FEDERATION,
+        concurrent=True,
+        model_id="load",
+        prefetch=50,
+        publish_timeout=PUBLISH_TIMEOUT,
+    )
 
 
 @dataclass
@@ -171,15 +126,12 @@ async def run_load(
 ) -> LoadResult:
     """Run `rounds` rounds with a coordinator process and one connection per participant URL."""
     started = time.time()
-    participants = [
-        LoadParticipant(name, AmqpTransport(url, connection_name=f"load {name}"))
-        for name, url in participant_urls.items()
-    ]
+    participants = [load_participant(name, url) for name, url in participant_urls.items()]
     config = write_config(work_dir, len(participants), rounds)
     coordinator = start_coordinator(config, coordinator_url, work_dir)
     peak = 0.0
     try:
-        await asyncio.gather(*(p.transport.connect() for p in participants))
+        await asyncio.gather(*(p.transport.__aenter__() for p in participants))
         connect_seconds = time.time() - started
         await asyncio.sleep(2.0)  # the coordinator declares its queues and starts consuming
         await asyncio.gather(*(p.join() for p in participants))
@@ -193,7 +145,7 @@ async def run_load(
                 + (work_dir / "coordinator.log").read_text()[-2000:]
             )
         for _ in range(100):  # the last labels and announcements may still be in flight
-            if all(len(p.closed) == rounds for p in participants):
+            if all(len(p.closed_at) == rounds for p in participants):
                 break
             await asyncio.sleep(0.1)
     finally:
@@ -205,22 +157,25 @@ async def run_load(
 
 
 def _summarise(
-    participants: list[LoadParticipant], rounds: int, peak: float, total: float, connect: float
+    participants: list[ScriptedParticipant], rounds: int, peak: float, total: float, connect: float
 ) -> LoadResult:
     per_second, round_seconds, latency, answered = [], [], [], []
     for round_id in range(1, rounds + 1):
-        confirms = [t for p in participants for t in p.confirmed.get(round_id, [])]
-        closings = [p.closed[round_id] for p in participants if round_id in p.closed]
-        if not confirms or not closings:
+        confirms = [t for p in participants for (r, _), t in p.confirmed_at.items() if r == round_id]
+        closed_at = [p.closed_at[round_id] for p in participants if round_id in p.closed_at]
+        summary = next((c for p in participants if (c := p.closing(round_id)) is not None), None)
+        if not confirms or summary is None:
             continue
-        summary = closings[0][1]
         per_second.append(len(confirms) / max(1e-6, max(confirms) - summary.opened_unix))
         round_seconds.append(summary.closed_unix - summary.opened_unix)
-        latency.append(min(t for t, _ in closings) - max(confirms))
+        latency.append(min(closed_at) - max(confirms))
         answered.append(len(summary.answered))
-    confirmed = sum(len(times) for p in participants for times in p.confirmed.values())
+    confirmed = sum(len(p.confirmed_at) for p in participants)
     missing_labels = sum(
-        1 for p in participants for r in range(1, rounds + 1) if len(p.labels.get(r, set())) != SHARDS
+        1
+        for p in participants
+        for r in range(1, rounds + 1)
+        if sum(1 for labelled_round, _ in p.labels if labelled_round == r) != SHARDS
     )
     return LoadResult(
         participants=len(participants),

@@ -26,26 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, machine_line, publish_join, table, write_results
+from bench.common import machine, machine_line, table, write_results
+from bench.fake_participant import ScriptedParticipant
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
-from broker.topology import UP_EXCHANGE, generation_key, reply_queue
-from broker.transport import Delivery
 from common.logs import configure_logging
-from schemas import (
-    Answer,
-    GenerationBatch,
-    PseudoLabels,
-    RoundClosed,
-    RoundOpened,
-    decode_reply,
-    encode,
-    new_message_id,
-)
 
 FEDERATION = "scale"
 PUBLISH_TIMEOUT = 300.0
@@ -63,61 +51,6 @@ def answer(prompt_id: str, participant: int) -> str:
     core = f"It returns the value of item {n} computed from its {n % 7 + 2} inputs."
     variant = VARIANTS[(participant * 7 + n) % len(VARIANTS)]
     return variant.format(core=core, core_lower=core[0].lower() + core[1:], n=n)
-
-
-@dataclass
-class ScaleParticipant:
-    number: int
-    name: str
-    transport: AmqpTransport
-    confirmed: dict[tuple[int, int], float] = field(default_factory=dict)  # (round, shard) -> confirm time
-    labels: dict[tuple[int, int], float] = field(default_factory=dict)  # (round, shard) -> received time
-    closed: dict[int, RoundClosed] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    published: int = 0
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def join(self) -> None:
-        await self.transport.consume(reply_queue(self.name), self._on_reply, prefetch=50)
-        await publish_join(self.transport, FEDERATION, self.name, "scale")
-
-    async def _on_reply(self, delivery: Delivery) -> None:
-        message = decode_reply(delivery.body)
-        if isinstance(message, RoundOpened):
-            task = asyncio.create_task(self._answer(message))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif isinstance(message, PseudoLabels):
-            self.labels.setdefault((message.round_id, message.shard_id), time.time())
-        elif isinstance(message, RoundClosed):
-            self.closed.setdefault(message.round_id, message)
-
-    async def _answer(self, opened: RoundOpened) -> None:
-        async def one(shard_id: int, ids: list[str]) -> None:
-            batch = GenerationBatch(
-                federation=FEDERATION,
-                round_id=opened.round_id,
-                message_id=new_message_id(),
-                participant_id=self.name,
-                shard_id=shard_id,
-                model_id="scale",
-                answers=[Answer(prompt_id=p, text=answer(p, self.number)) for p in ids],
-            )
-            self.published += 1
-            try:
-                await self.transport.publish(
-                    UP_EXCHANGE,
-                    generation_key(shard_id, self.name),
-                    encode(batch),
-                    message_id=batch.message_id,
-                    timeout=PUBLISH_TIMEOUT,
-                )
-            except Exception as e:
-                self.errors.append(repr(e))
-                return
-            self.confirmed[(opened.round_id, shard_id)] = time.time()
-
-        await asyncio.gather(*(one(s.shard_id, [p.prompt_id for p in s.prompts]) for s in opened.shards))
 
 
 def write_config(directory: Path, args: argparse.Namespace) -> Path:
@@ -160,9 +93,23 @@ def percentile(values: list[float], q: float) -> float:
 
 async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dict[str, Any]:
     coordinator_url = urls.pop("coordinator")
+    numbers = {name: i for i, name in enumerate(sorted(urls))}
+
+    def text(participant_id: str, prompt_id: str) -> str:
+        return answer(prompt_id, numbers[participant_id])
+
     participants = [
-        ScaleParticipant(i, name, AmqpTransport(urls[name], connection_name=f"scale {name}"))
-        for i, name in enumerate(sorted(urls))
+        ScriptedParticipant(
+            name,
+            AmqpTransport(urls[name], connection_name=f"scale {name}"),
+            text,
+            federation=FEDERATION,
+            concurrent=True,
+            model_id="scale",
+            prefetch=50,
+            publish_timeout=PUBLISH_TIMEOUT,
+        )
+        for name in sorted(urls)
     ]
     config = write_config(work, args)
     log = open(work / "coordinator.log", "wb")  # noqa: SIM115, ASYNC230 - closed below; before any I/O
@@ -177,9 +124,9 @@ async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dic
     try:
         gate = asyncio.Semaphore(50)
 
-        async def connect(p: ScaleParticipant) -> None:
+        async def connect(p: ScriptedParticipant) -> None:
             async with gate:
-                await p.transport.connect()
+                await p.transport.__aenter__()
 
         await asyncio.gather(*(connect(p) for p in participants))
         connected = time.time() - started
@@ -195,7 +142,7 @@ async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dic
                 + (work / "coordinator.log").read_text()[-3000:]
             )
         for _ in range(300):  # the last labels and announcements may still be in flight
-            if all(len(p.closed) == args.rounds for p in participants):
+            if all(len(p.closed_at) == args.rounds for p in participants):
                 break
             await asyncio.sleep(0.1)
     finally:
@@ -210,7 +157,7 @@ async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dic
 
 def summarise(
     args: argparse.Namespace,
-    participants: list[ScaleParticipant],
+    participants: list[ScriptedParticipant],
     state: Path,
     peak: float,
     total: float,
@@ -222,34 +169,36 @@ def summarise(
         for r, s, p, t in db.execute("SELECT round_id, shard_id, participant_id, received_unix FROM batches")
     }
     db.close()
-    confirmed_keys = {(r, s, p.name) for p in participants for (r, s) in p.confirmed}
+    confirmed_keys = {key for p in participants for key in p.confirmed}
     published = sum(p.published for p in participants)
     lost = len(confirmed_keys - set(stored))
     from_confirm, from_receipt = [], []
     for round_id in range(1, args.rounds + 1):
         for shard_id in range(args.shards):
-            quorum_confirm = max(p.confirmed.get((round_id, shard_id), float("nan")) for p in participants)
+            quorum_confirm = max(p.confirmed_at.get((round_id, shard_id), float("nan")) for p in participants)
             receipts = [t for (r, s, _), t in stored.items() if r == round_id and s == shard_id]
             labelled = [
-                p.labels[(round_id, shard_id)] for p in participants if (round_id, shard_id) in p.labels
+                p.labelled_at[(round_id, shard_id)]
+                for p in participants
+                if (round_id, shard_id) in p.labelled_at
             ]
             if not labelled or not receipts:
                 continue
             from_confirm.append(min(labelled) - quorum_confirm)
             from_receipt.append(min(labelled) - max(receipts))
-    closed = [p.closed.get(r) for p in participants for r in range(1, args.rounds + 1)]
+    closed = [p.closing(r) for p in participants for r in range(1, args.rounds + 1)]
     not_named = sum(
         1
         for p in participants
         for r in range(1, args.rounds + 1)
-        if (c := p.closed.get(r)) is None or p.name not in c.answered
+        if (c := p.closing(r)) is None or p.participant_id not in c.answered
     )
     missing_labels = sum(
         1
         for p in participants
         for r in range(1, args.rounds + 1)
         for s in range(args.shards)
-        if (r, s) not in p.labels
+        if (r, s) not in p.labelled_at
     )
     summaries = [c for c in closed if c is not None]
     round_seconds = sorted({round(c.closed_unix - c.opened_unix, 2) for c in summaries})
@@ -340,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     host = machine()
     names = [f"sc{i:03d}" for i in range(args.participants)]
     with tempfile.TemporaryDirectory(prefix="chorus-scale-") as tmp:
-        node, _ = bring_up(Path(tmp) / "rabbitmq", shards=args.shards)
+        node, _ = bring_up(Path(tmp) / "rabbitmq")
         try:
             urls = node.add_vhost("scale", names)
             result = asyncio.run(run(args, urls, Path(tmp)))

@@ -12,11 +12,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from broker.topology import UP_EXCHANGE, control_key
-from broker.transport import Transport
-from schemas.codec import encode
-from schemas.messages import Join, new_message_id
-
 RESULTS = Path(__file__).parent / "results"
 T = TypeVar("T")
 
@@ -95,17 +90,3 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
-
-
-async def publish_join(transport: Transport, federation: str, participant_id: str, model_id: str) -> None:
-    """A simulated participant's Join, on its own control key (what a real participant sends first)."""
-    join = Join(
-        federation=federation,
-        round_id=0,
-        message_id=new_message_id(),
-        participant_id=participant_id,
-        model_id=model_id,
-    )
-    await transport.publish(
-        UP_EXCHANGE, control_key(participant_id), encode(join), message_id=join.message_id
-    )

@@ -10,8 +10,8 @@ from support.coordinators import memory_coordinator, run_with_participants, writ
 from support.scripted import ScriptedParticipant, consensus_answers
 
 from broker.memory import MemoryBroker
-from broker.topology import UP_EXCHANGE, full_topology, generation_key
-from schemas import Answer, GenerationBatch, RoundOpened, encode
+from broker.topology import full_topology
+from schemas import RoundOpened
 
 NAMES = ["alice", "bob", "carol"]
 
@@ -20,33 +20,14 @@ NAMES = ["alice", "bob", "carol"]
 class DuplicatingParticipant(ScriptedParticipant):
     """Publishes every batch twice (same message id, as after a lost confirm), shards shuffled."""
 
+    protocol_ids: bool = True
     seed: int = 0
 
     async def _answer(self, opened: RoundOpened) -> None:
-        batches = [
-            GenerationBatch(
-                federation=self.federation,
-                round_id=opened.round_id,
-                message_id=f"{self.participant_id}.r{opened.round_id}.s{shard.shard_id}.gen",
-                participant_id=self.participant_id,
-                shard_id=shard.shard_id,
-                model_id="scripted",
-                answers=[
-                    Answer(prompt_id=p.prompt_id, text=self.answer(self.participant_id, p.prompt_id))
-                    for p in shard.prompts
-                ],
-            )
-            for shard in opened.shards
-        ]
-        sends = batches * 2
+        sends = [self.batch(opened, shard) for shard in opened.shards] * 2
         random.Random(self.seed).shuffle(sends)
         for batch in sends:
-            await self.transport.publish(
-                UP_EXCHANGE,
-                generation_key(batch.shard_id, self.participant_id),
-                encode(batch),
-                message_id=batch.message_id,
-            )
+            await self.send(batch)
 
 
 async def run(tmp_path: Path, duplicating: bool) -> tuple[list[ScriptedParticipant], int, int]:

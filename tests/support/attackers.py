@@ -14,12 +14,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from broker.local_node import LocalNode
 from broker.topology import UP_EXCHANGE, control_key, generation_key
 from broker.transport import Delivery
 from schemas import Answer, GenerationBatch, ParticipantReport, RoundOpened, encode
+from schemas.ids import batch_id, report_id
 from support.scripted import ScriptedParticipant
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,55 +32,35 @@ class IdThief(ScriptedParticipant):
     """Publishes, under its own login and keys, batches and a report carrying `victim`'s message ids
     before its own honest batches; one honest batch also goes to the victim's key in BCC."""
 
+    protocol_ids: bool = True
     victim: str = ""
     thefts: list[str] = field(default_factory=list)
 
     async def _answer(self, opened: RoundOpened) -> None:
         r = opened.round_id
         for shard in opened.shards:
-            stolen = GenerationBatch(
-                federation=self.federation,
-                round_id=r,
-                message_id=f"{self.victim}.r{r}.s{shard.shard_id}.gen",
-                participant_id=self.participant_id,
-                shard_id=shard.shard_id,
+            stolen = msgspec.structs.replace(
+                self.batch(opened, shard),
+                message_id=batch_id(self.victim, r, shard.shard_id),
                 model_id="thief",
                 answers=[Answer(prompt_id=p.prompt_id, text="stolen slot") for p in shard.prompts],
             )
-            await self._publish(generation_key(shard.shard_id, self.participant_id), stolen)
+            await self._steal(generation_key(shard.shard_id, self.participant_id), stolen)
         report = ParticipantReport(
             federation=self.federation,
             round_id=r,
-            message_id=f"{self.victim}.r{r}.report",
+            message_id=report_id(self.victim, r),
             participant_id=self.participant_id,
             metrics={"loss": 0.0},
         )
-        await self._publish(control_key(self.participant_id), report)
+        await self._steal(control_key(self.participant_id), report)
         for index, shard in enumerate(opened.shards):
-            honest = GenerationBatch(
-                federation=self.federation,
-                round_id=r,
-                message_id=f"{self.participant_id}.r{r}.s{shard.shard_id}.gen",
-                participant_id=self.participant_id,
-                shard_id=shard.shard_id,
-                model_id="scripted",
-                answers=[
-                    Answer(prompt_id=p.prompt_id, text=self.answer(self.participant_id, p.prompt_id))
-                    for p in shard.prompts
-                ],
-            )
             # RabbitMQ 3.10.8 does not check topic permissions on BCC keys: a copy lands in the
             # victim's intake queue.
             bcc = [generation_key(shard.shard_id, self.victim)] if index == 0 else []
-            await self.transport.publish(
-                UP_EXCHANGE,
-                generation_key(shard.shard_id, self.participant_id),
-                encode(honest),
-                message_id=honest.message_id,
-                bcc=bcc,
-            )
+            await self.send(self.batch(opened, shard), bcc)
 
-    async def _publish(self, key: str, message: GenerationBatch | ParticipantReport) -> None:
+    async def _steal(self, key: str, message: GenerationBatch | ParticipantReport) -> None:
         self.thefts.append(message.message_id)
         await self.transport.publish(UP_EXCHANGE, key, encode(message), message_id=message.message_id)
 
@@ -135,17 +117,16 @@ def directory_bytes(path: Path) -> int:
 _ATTACKER = """
 import asyncio, sys, time
 from broker.amqp import AmqpTransport
+from bench.fake_participant import publish_join
 from broker.topology import UP_EXCHANGE, control_key, generation_key
-from schemas import Join, encode, new_message_id
+from schemas import new_message_id
 from support.attackers import hostile_map
 
 async def main(url, user, federation, mode, amount, seconds):
     transport = AmqpTransport(url, connection_name="attacker")
     await transport.connect()
     if mode == "flood":
-        join = Join(federation=federation, round_id=0, message_id=new_message_id(), participant_id=user,
-                    model_id="flood")
-        await transport.publish(UP_EXCHANGE, control_key(user), encode(join), message_id=join.message_id)
+        await publish_join(transport, federation, user, "flood")
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     sent = refused = 0

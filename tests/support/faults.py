@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.amqp import AmqpTransport
 from broker.errors import BrokerError, PublishTimeout
 from broker.memory import MemoryBroker
-from broker.topology import UP_EXCHANGE, full_topology, generation_key
+from broker.topology import full_topology
 from coordinator.service import Coordinator
-from schemas import Answer, GenerationBatch, RoundOpened, encode, new_message_id
+from schemas import GenerationBatch, RoundOpened
 from support.coordinators import coordinator_at, memory_coordinator, write_config
 from support.scripted import ScriptedParticipant, consensus_answers
 from support.waiting import eventually
@@ -50,42 +50,29 @@ def round_config(directory: Path, participants: int, **overrides: object) -> Pat
 
 @dataclass
 class GatedParticipant(ScriptedParticipant):
-    """Publishes its first `hold_after` shards at once, the rest once `gate` is set; records confirms."""
+    """Publishes its first `hold_after` shards at once, the rest once `gate` is set; publishes each
+    batch again while no confirm comes (waiting `ATTEMPT` seconds a time, for up to `republish_for`)."""
 
     gate: asyncio.Event | None = None
     hold_after: int = 0
-    confirmed: list[tuple[int, int, str]] = field(default_factory=list)  # (round, shard, participant)
-    publish_timeout: float = PUBLISH_TIMEOUT
+    publish_timeout: float = ATTEMPT
+    republish_for: float = PUBLISH_TIMEOUT
     republished: int = 0  # publishes repeated after a confirm did not come in time
 
     async def _answer(self, opened: RoundOpened) -> None:
         for index, shard in enumerate(opened.shards):
             if self.gate is not None and index == self.hold_after:
                 await self.gate.wait()
-            batch = GenerationBatch(
-                federation=self.federation,
-                round_id=opened.round_id,
-                message_id=new_message_id(),
-                participant_id=self.participant_id,
-                shard_id=shard.shard_id,
-                model_id="scripted",
-                answers=[
-                    Answer(prompt_id=p.prompt_id, text=self.answer(self.participant_id, p.prompt_id))
-                    for p in shard.prompts
-                ],
-            )
-            await self._publish_until_confirmed(generation_key(shard.shard_id, self.participant_id), batch)
-            self.confirmed.append((opened.round_id, shard.shard_id, self.participant_id))
+            if not await self.send(self.batch(opened, shard)):
+                return
 
-    async def _publish_until_confirmed(self, routing_key: str, batch: GenerationBatch) -> None:
+    async def publish(self, batch: GenerationBatch, bcc: Sequence[str] = ()) -> None:
         """Publish; when no confirm comes in time, publish the same message again (as the participant
         service does through redelivery of its RoundOpened): the coordinator dedupes by message id."""
-        deadline = time.monotonic() + self.publish_timeout
+        deadline = time.monotonic() + self.republish_for
         while True:
             try:
-                await self.transport.publish(
-                    UP_EXCHANGE, routing_key, encode(batch), message_id=batch.message_id, timeout=ATTEMPT
-                )
+                await super().publish(batch, bcc)
                 return
             except BrokerError as e:
                 # No confirm in time, or a nack (a quorum queue electing a new leader refuses the
