@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from bench.common import machine
-from bench.fake_participant import ScriptedParticipant
+from bench.common import machine, machine_line, table, write_results
+from bench.fake_participant import ScriptedParticipant, run_with_coordinator_process
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
 
@@ -90,70 +88,16 @@ def write_config(directory: Path, participants: int, rounds: int) -> Path:
     return config
 
 
-def start_coordinator(config: Path, url: str, work_dir: Path) -> subprocess.Popen[bytes]:
-    """`chorus-coordinator run` as its own process (its log in work_dir/coordinator.log)."""
-    with open(work_dir / "coordinator.log", "wb") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "coordinator.cli",
-                "--log-level",
-                "warning",
-                "run",
-                "--config",
-                str(config),
-            ],
-            env=os.environ | {"CHORUS_BROKER_URL": url},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-
-
-def _rss_mib(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def run_load(
     coordinator_url: str, participant_urls: dict[str, str], rounds: int, work_dir: Path
 ) -> LoadResult:
     """Run `rounds` rounds with a coordinator process and one connection per participant URL."""
-    started = time.time()
     participants = [load_participant(name, url) for name, url in participant_urls.items()]
     config = write_config(work_dir, len(participants), rounds)
-    coordinator = start_coordinator(config, coordinator_url, work_dir)
-    peak = 0.0
-    try:
-        await asyncio.gather(*(p.transport.__aenter__() for p in participants))
-        connect_seconds = time.time() - started
-        await asyncio.sleep(2.0)  # the coordinator declares its queues and starts consuming
-        await asyncio.gather(*(p.join() for p in participants))
-        deadline = time.monotonic() + 120.0 * rounds
-        while coordinator.poll() is None and time.monotonic() < deadline:
-            peak = max(peak, _rss_mib(coordinator.pid))
-            await asyncio.sleep(0.2)
-        if coordinator.returncode != 0:
-            raise RuntimeError(
-                f"the coordinator exited with {coordinator.returncode}: "
-                + (work_dir / "coordinator.log").read_text()[-2000:]
-            )
-        for _ in range(100):  # the last labels and announcements may still be in flight
-            if all(len(p.closed_at) == rounds for p in participants):
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        if coordinator.poll() is None:
-            coordinator.kill()
-        coordinator.wait(10)
-        await asyncio.gather(*(p.transport.close() for p in participants), return_exceptions=True)
-    return _summarise(participants, rounds, peak, time.time() - started, connect_seconds)
+    run = await run_with_coordinator_process(
+        config, coordinator_url, participants, rounds, work_dir, timeout=120.0 * rounds, startup_seconds=2.0
+    )
+    return _summarise(participants, rounds, run.peak_rss_mib, run.seconds, run.connect_seconds)
 
 
 def _summarise(
@@ -193,28 +137,27 @@ def _summarise(
     )
 
 
-def render(result: LoadResult, host: dict[str, object]) -> str:
+def render(result: LoadResult, host: Mapping[str, Any]) -> str:
+    rows: list[list[object]] = [
+        ["generations confirmed", f"{result.generations_confirmed} (lost: {result.lost_generations})"],
+        ["generations/s (publish + confirm, per round)", result.generations_per_second],
+        ["round duration, open → close (s)", ", ".join(map(str, result.round_seconds))],
+        ["close latency, last confirm → RoundClosed (s)", ", ".join(map(str, result.close_latency_seconds))],
+        ["coordinator peak RSS (MiB)", result.coordinator_peak_rss_mib],
+        ["participants missing a shard's labels", result.participants_missing_labels],
+        ["answered per round", ", ".join(map(str, result.answered_per_round))],
+        [f"connecting {result.participants} clients (s)", result.connect_seconds],
+    ]
     lines = [
         "# Load: concurrent participant connections on one RabbitMQ node",
         "",
-        f"Machine: {host['platform']}; {host['cpus']} × {host['cpu']}; {host['memory_mib']} MiB; "
-        f"Python {host['python']}; RabbitMQ {host['rabbitmq']} (one local node).",
+        machine_line(host),
         "",
         f"{result.participants} participants, each its own user and AMQP connection, answer {SHARDS} shards "
-        f"({PROMPTS_PER_ROUND} prompts) per round concurrently, {result.rounds} rounds; the coordinator runs "
-        "as its own process (hashing embedder, HNSW consensus).",
+        f"({PROMPTS_PER_ROUND} prompts) per round concurrently, {result.rounds} rounds, through one local "
+        "RabbitMQ node; the coordinator runs as its own process (hashing embedder, HNSW consensus).",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| generations confirmed | {result.generations_confirmed} (lost: {result.lost_generations}) |",
-        f"| generations/s (publish + confirm, per round) | {result.generations_per_second} |",
-        f"| round duration, open → close (s) | {', '.join(map(str, result.round_seconds))} |",
-        f"| close latency, last confirm → RoundClosed (s) | "
-        f"{', '.join(map(str, result.close_latency_seconds))} |",
-        f"| coordinator peak RSS (MiB) | {result.coordinator_peak_rss_mib} |",
-        f"| participants missing a shard's labels | {result.participants_missing_labels} |",
-        f"| answered per round | {', '.join(map(str, result.answered_per_round))} |",
-        f"| connecting {result.participants} clients (s) | {result.connect_seconds} |",
+        *table(["measure", "value"], rows),
         "",
         "Regenerate: `python -m bench.bench_load` (about a minute).",
     ]
@@ -227,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    host = machine()
     names = [f"load{i:03d}" for i in range(args.participants)]
     with tempfile.TemporaryDirectory(prefix="chorus-load-") as tmp:
         node, _ = bring_up(Path(tmp) / "rabbitmq")
@@ -236,13 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(run_load(coordinator_url, urls, args.rounds, Path(tmp)))
         finally:
             node.stop()
-    host = machine()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "load.json").write_text(
-        json.dumps({"machine": host, "result": asdict(result)}, indent=2) + "\n"
-    )
-    (args.out / "load.md").write_text(render(result, host))
-    print(render(result, host))
+    markdown = render(result, host)
+    print(markdown)
+    write_results("load", {"machine": host, "result": asdict(result)}, markdown, args.out)
     ok = result.lost_generations == 0 and result.participants_missing_labels == 0
     return 0 if ok and result.answered_per_round == [args.participants] * args.rounds else 1
 

@@ -19,18 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import machine, machine_line, table, write_results
-from bench.fake_participant import ScriptedParticipant
+from bench.fake_participant import ScriptedParticipant, run_with_coordinator_process
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
 from common.logs import configure_logging
@@ -75,17 +71,6 @@ def write_config(directory: Path, args: argparse.Namespace) -> Path:
     return config
 
 
-def rss_mib(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
@@ -112,47 +97,11 @@ async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dic
         for name in sorted(urls)
     ]
     config = write_config(work, args)
-    log = open(work / "coordinator.log", "wb")  # noqa: SIM115, ASYNC230 - closed below; before any I/O
-    coordinator = subprocess.Popen(  # noqa: ASYNC220 - started once, before the clients connect
-        [sys.executable, "-m", "coordinator.cli", "--log-level", "warning", "run", "--config", str(config)],
-        env=os.environ | {"CHORUS_BROKER_URL": coordinator_url},
-        stdout=subprocess.DEVNULL,
-        stderr=log,
+    run = await run_with_coordinator_process(
+        config, coordinator_url, participants, args.rounds, work, timeout=1500.0
     )
-    peak = 0.0
-    started = time.time()
-    try:
-        gate = asyncio.Semaphore(50)
-
-        async def connect(p: ScriptedParticipant) -> None:
-            async with gate:
-                await p.transport.__aenter__()
-
-        await asyncio.gather(*(connect(p) for p in participants))
-        connected = time.time() - started
-        await asyncio.sleep(3.0)  # the coordinator declares its queues and starts consuming
-        await asyncio.gather(*(p.join() for p in participants))
-        deadline = time.monotonic() + 1500.0
-        while coordinator.poll() is None and time.monotonic() < deadline:
-            peak = max(peak, rss_mib(coordinator.pid))
-            await asyncio.sleep(0.2)
-        if coordinator.returncode != 0:
-            raise RuntimeError(
-                f"coordinator exited with {coordinator.returncode}: "
-                + (work / "coordinator.log").read_text()[-3000:]
-            )
-        for _ in range(300):  # the last labels and announcements may still be in flight
-            if all(len(p.closed_at) == args.rounds for p in participants):
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        if coordinator.poll() is None:
-            coordinator.kill()
-        coordinator.wait(30)
-        log.close()
-        await asyncio.gather(*(p.transport.close() for p in participants), return_exceptions=True)
-    total = time.time() - started
-    return summarise(args, participants, work / "coordinator.sqlite3", peak, total, connected)
+    state = work / "coordinator.sqlite3"
+    return summarise(args, participants, state, run.peak_rss_mib, run.seconds, run.connect_seconds)
 
 
 def summarise(

@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -70,6 +72,39 @@ def timed(function: Callable[[], T]) -> tuple[T, float, float]:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mib_of(pid: int) -> float:
+    """Another process's peak resident memory (VmHWM); 0.0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_coordinator(config: Path, url: str, log: Path) -> subprocess.Popen[bytes]:
+    """`chorus-coordinator run --config <config>` as its own process on broker `url`, logging (warnings
+    and worse) to `log`, so that its memory and CPU are its own."""
+    with open(log, "wb") as stderr:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "coordinator.cli",
+                "--log-level",
+                "warning",
+                "run",
+                "--config",
+                str(config),
+            ],
+            env=os.environ | {"CHORUS_BROKER_URL": url},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
 
 
 def write_results(name: str, report: dict[str, Any], markdown: str, out: Path = RESULTS) -> None:

@@ -152,10 +152,7 @@ async def test_restart_mid_round_finishes_with_the_same_labels(tmp_path: Path) -
     assert first.closed_rounds == []
 
     second = memory_coordinator(config, broker)
-    await second.start()
-    await asyncio.wait_for(second.drive(), 10.0)
-    await asyncio.sleep(0.05)
-    await second.stop_intake()
+    await run_with_participants(second, [], timeout=10.0)  # the successor, on the same database
     assert len(second.closed_rounds) == 1
     for before, after in zip(clean, participants, strict=True):
         assert {k: v.labels for k, v in before.labels.items()} == {
@@ -205,10 +202,7 @@ async def test_crash_while_publishing_labels_resumes_without_duplicates(tmp_path
     assert first.closed_rounds == []
 
     second = memory_coordinator(config, broker)
-    await second.start()
-    await asyncio.wait_for(second.drive(), 10.0)
-    await asyncio.sleep(0.05)
-    await second.stop_intake()
+    await run_with_participants(second, [], timeout=10.0)  # the successor, on the same database
     (summary,) = second.closed_rounds
     assert summary.answered == names
     for participant in participants:
