@@ -136,8 +136,17 @@ def core_topology(delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
 def participant_topology(
     participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT
 ) -> Topology:
-    """Each participant's reply queue, bound for direct replies and for announcements: what an operator
-    provisions with the participant's user."""
+    """Each participant's queues: its reply queue (bound for direct replies and announcements) and its
+    intake queue. The operator provisions them with the participant's user, so that they exist long
+    before they are used (RabbitMQ 3.10.8 can lose a quorum queue created just before it crashes); the
+    coordinator declares them again, idempotently, for members it learns of from a Join."""
+    return reply_topology(participant_ids, delivery_limit).merged(
+        intake_topology(participant_ids, delivery_limit)
+    )
+
+
+def reply_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
+    """Each participant's reply queue, bound for direct replies and for announcements."""
     queues: list[QueueSpec] = []
     bindings: list[BindingSpec] = []
     for pid in participant_ids:
@@ -148,8 +157,9 @@ def participant_topology(
 
 
 def intake_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
-    """Each participant's intake queue, bound to its own keys. Only the coordinator declares these, as it
-    starts consuming them: for its roster and stored members, and when a Join comes through the lobby."""
+    """Each participant's intake queue, bound to its own keys. A Join reaches the coordinator through the
+    lobby's copy of control traffic whether or not this queue exists, and the coordinator then consumes
+    it; until then what the participant sends waits here."""
     queues: list[QueueSpec] = []
     bindings: list[BindingSpec] = []
     for pid in participant_ids:
@@ -161,7 +171,7 @@ def intake_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAUL
 
 
 def full_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
-    """The core topology and these participants' reply queues (their intake queues are the coordinator's)."""
+    """The core topology and these participants' queues."""
     return core_topology(delivery_limit).merged(participant_topology(participant_ids, delivery_limit))
 
 

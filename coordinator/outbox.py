@@ -19,7 +19,6 @@ from broker.topology import (
     DIRECT_EXCHANGE,
     MAX_BCC_KEYS,
     SHARED_REPLY_KEY,
-    intake_topology,
     participant_topology,
     reply_key,
 )
@@ -55,7 +54,7 @@ class Outbox:
             return
         self.declared.update(new)  # before the awaits: a concurrent Join does not repeat it
         try:
-            await self.transport.declare(participant_topology(new).merged(intake_topology(new)))
+            await self.transport.declare(participant_topology(new))
             await self.on_new_members(new)
         except BaseException:
             self.declared.difference_update(new)
