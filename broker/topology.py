@@ -171,8 +171,10 @@ def intake_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAUL
 
 
 def full_topology(participant_ids: Iterable[str], delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> Topology:
-    """The core topology and these participants' queues."""
-    return core_topology(delivery_limit).merged(participant_topology(participant_ids, delivery_limit))
+    """The core topology and these participants' reply queues: what a participant needs to find when it
+    starts. Their intake queues come from the operator's provisioning (`participant_topology`) or from
+    the coordinator; until one exists, what its participant sends goes to the lobby."""
+    return core_topology(delivery_limit).merged(reply_topology(participant_ids, delivery_limit))
 
 
 def queue_arguments(spec: QueueSpec) -> dict[str, str | int]:

@@ -683,11 +683,12 @@ async def test_fresh_vhost_has_the_real_topology_and_isolates_tests(
     urls = rabbit_vhost(participants=("frank",))
     async with open_transport(urls["coordinator"]) as coordinator, open_transport(urls["frank"]) as frank:
         depth: Callable[[str], Awaitable[int]] = coordinator.queue_depth  # type: ignore[attr-defined]
-        # Provisioning made frank's intake queue: what frank sends waits there, the lobby only gets a
-        # copy of control traffic.
+        # Until the coordinator declares frank's intake queue, what frank sends waits in the lobby.
         await frank.publish(topology.UP_EXCHANGE, GEN(3, "frank"), b"g", message_id="f0")
-        await frank.publish(topology.UP_EXCHANGE, topology.control_key("frank"), b"c", message_id="c0")
-        assert (await depth(topology.intake_queue("frank")), await depth(topology.LOBBY_QUEUE)) == (2, 1)
+        assert await depth(topology.LOBBY_QUEUE) == 1
+        await coordinator.declare(topology.intake_topology(["frank"]))
+        await frank.publish(topology.UP_EXCHANGE, GEN(3, "frank"), b"g", message_id="f1")
+        assert (await depth(topology.intake_queue("frank")), await depth(topology.LOBBY_QUEUE)) == (1, 1)
         inbox = Inbox()
         await frank.consume(topology.reply_queue("frank"), inbox)
         await coordinator.publish(
