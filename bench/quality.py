@@ -564,7 +564,7 @@ def markdown(report: dict[str, Any], results: dict[str, MethodResult]) -> str:
             f"{refusal.get('dead_lettered')} message(s) ({refusal.get('rejections')}), round 1: "
             f"{refusal.get('round_1')}; an AggregatedAdapter was published: "
             f"{refusal.get('aggregated_adapter_published')}.",
-            f"Averaging the participants' adapters directly (`coordinator.fedavg.average_wire`): "
+            f"Averaging the participants' adapters directly (`coordinator.strategies.fedavg.average_wire`): "
             f"{refusal.get('average_wire')}",
             f"Adapters: {refusal.get('adapters')}.",
         ]

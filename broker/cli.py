@@ -149,15 +149,11 @@ def bring_up(
     vhost: str | None = None,
     participants: Sequence[str] = (),
     tls_dir: Path | None = None,
-    shards: int | None = None,
 ) -> tuple[LocalNode, dict[str, str]]:
     """What `chorus-broker up` does: start the node unless it runs, add new participants.
 
-    Returns the node and the passwords of the participants it created. `shards` is ignored (the node
-    has no shard queues any more); it stays until its last callers (federation/runner.py,
-    bench/bench_scale.py) stop passing it.
+    Returns the node and the passwords of the participants it created.
     """
-    del shards
     tls = _server_files(tls_dir) if tls_dir is not None else None
     node = LocalNode(data_dir, port=port, dist_port=dist_port, vhost=vhost, tls=tls)
     if not node.is_running():
