@@ -189,8 +189,11 @@ class Intake:
             identity_problem(delivery, batch, self.settings.federation)
             or ownership_problem(batch, owner)
             or self._kind_problem(batch)
-            or self._batch_problem(delivery, batch)
         )
+        if problem is not None:  # never the sender's own stored batch: no store read for these
+            await self._reject(delivery, problem, batch)
+            return
+        problem = self._batch_problem(delivery, batch)
         if problem is not None:
             if self._already_stored(batch):  # a recovery's republish after its round closed
                 await self._ack_duplicate(delivery)

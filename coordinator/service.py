@@ -297,7 +297,7 @@ class Coordinator:
         closings = self.store.closings(state.round_id)
         outcomes = []
         for c in closings:
-            labelled, abstained = self.strategy.counts(state.round_id, c.shard_id)
+            labelled, abstained = self.strategy.counts(c)
             outcomes.append(
                 ShardOutcome(
                     shard_id=c.shard_id,

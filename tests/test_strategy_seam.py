@@ -18,6 +18,7 @@ from coordinator.prompts import split_into_shards
 from coordinator.rounds import ShardClosing
 from coordinator.service import build_coordinator
 from coordinator.settings import SettingsError, load_coordinator_settings
+from coordinator.store import ClosingRow
 from coordinator.strategies.base import Announced, Outgoing, StrategyContext
 from schemas.codec import decode_generation, decode_reply, encode
 from schemas.ids import pseudo_labels_id
@@ -76,9 +77,8 @@ class ShortestAnswer:
             replies.append(Outgoing(message.message_id, body, "pseudo_labels"))
         return replies
 
-    def counts(self, round_id: int, shard_id: int) -> tuple[int, int]:
-        (body,) = [c.labels for c in self.context.store.closings(round_id) if c.shard_id == shard_id]
-        return (0, 0) if body is None else (len(decode_message(body).labels), 0)
+    def counts(self, closing: ClosingRow) -> tuple[int, int]:
+        return (0, 0) if closing.labels is None else (len(decode_message(closing.labels).labels), 0)
 
 
 def decode_message(body: bytes) -> PseudoLabels:

@@ -17,7 +17,7 @@ from common.embedding import Embedder
 from coordinator.prompts import PublicPrompt
 from coordinator.rounds import ShardClosing
 from coordinator.settings import CoordinatorSettings
-from coordinator.store import CoordinatorStore
+from coordinator.store import ClosingRow, CoordinatorStore
 from schemas.messages import AdapterUpdate, GenerationBatch, PromptShard
 
 # What `RoundOpened.strategy` tells participants to do: answer prompts, or send adapters.
@@ -72,6 +72,6 @@ class RoundStrategy(Protocol):
         """
         ...
 
-    def counts(self, round_id: int, shard_id: int) -> tuple[int, int]:
-        """(labelled, abstained) prompts of a closed shard, for `RoundClosed`."""
+    def counts(self, closing: ClosingRow) -> tuple[int, int]:
+        """(labelled, abstained) prompts of a closed shard, from its stored closing, for `RoundClosed`."""
         ...

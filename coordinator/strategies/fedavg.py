@@ -15,6 +15,7 @@ import structlog
 
 from broker.topology import COORDINATOR_USER
 from coordinator.rounds import ShardClosing
+from coordinator.store import ClosingRow
 from coordinator.strategies.base import Announced, Outgoing, StrategyContext
 from schemas.codec import decode_control, encode
 from schemas.errors import ChorusError
@@ -96,7 +97,7 @@ class FedAvgStrategy:
             outgoing.append(Outgoing(message.message_id, encode(message), "aggregated_adapter"))
         return outgoing
 
-    def counts(self, round_id: int, shard_id: int) -> tuple[int, int]:
+    def counts(self, closing: ClosingRow) -> tuple[int, int]:
         return 0, 0
 
 

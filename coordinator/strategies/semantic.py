@@ -10,6 +10,7 @@ from coordinator.consensus import Candidate, ConsensusStrategy
 from coordinator.labelling import pseudo_labels_message, shard_candidates
 from coordinator.prompts import PromptSampler, split_into_shards
 from coordinator.rounds import ShardClosing
+from coordinator.store import ClosingRow
 from coordinator.strategies.base import Announced, Outgoing, StrategyContext
 from coordinator.wiring import build_consensus
 from schemas.codec import decode_generation, decode_reply, encode
@@ -107,10 +108,9 @@ class SemanticStrategy:
             carried = [decode_generation(row.body) for row in self.store.batches(round_id - 1) if row.late]
         return shard_candidates(prompt_ids, fresh, carried, rounds.staleness_weight)
 
-    def counts(self, round_id: int, shard_id: int) -> tuple[int, int]:
-        body = next((c.labels for c in self.store.closings(round_id) if c.shard_id == shard_id), None)
-        if body is None:
+    def counts(self, closing: ClosingRow) -> tuple[int, int]:
+        if closing.labels is None:
             return 0, 0
-        message = decode_reply(body)
+        message = decode_reply(closing.labels)
         assert isinstance(message, PseudoLabels)
         return len(message.labels), len(message.abstained)
