@@ -108,6 +108,7 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.round.final_reports_seconds
         while not self._stopping.is_set():
+            self._wake.clear()
             reported = {p for _, p, _ in self.store.reports(last.round_id)}
             waiting = sorted(set(last.answered) - reported)
             if not waiting or loop.time() >= deadline:
@@ -134,6 +135,9 @@ class Coordinator:
         """Run rounds until the configured number is done or a stop is requested."""
         wanted = self.settings.round.rounds
         while not self._stopping.is_set():
+            # Cleared before the state is read, never after: a wake-up that comes while a step awaits
+            # (publishing labels, say) must end the sleep that follows it.
+            self._wake.clear()
             if self.round is None:
                 if wanted and self.store.last_round_id() >= wanted:
                     return
@@ -252,7 +256,7 @@ class Coordinator:
         await self._sleep_until_woken(delay)
 
     async def _sleep_until_woken(self, delay: float) -> None:
-        self._wake.clear()
+        """Sleep `delay` seconds or until a wake-up since the caller last cleared `_wake`."""
         if self._stopping.is_set():
             return
         with contextlib.suppress(TimeoutError):

@@ -83,8 +83,19 @@ async def drive(coordinator: Coordinator, rounds: int, timeout: float = 60.0) ->
         settings, round=msgspec.structs.replace(settings.round, rounds=rounds)
     )
     before = len(coordinator.closed_rounds)
-    await asyncio.wait_for(coordinator.drive(), timeout)
+    try:
+        await asyncio.wait_for(coordinator.drive(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"rounds did not close in {timeout} s: {progress(coordinator)}") from None
     return coordinator.closed_rounds[before:]
+
+
+def progress(coordinator: Coordinator) -> str:
+    """Where the open round stands, and what intake did: for a failure message."""
+    state = coordinator.round
+    shards = {} if state is None else {s: sorted(shard.answered) for s, shard in state.shards.items()}
+    round_id = None if state is None else state.round_id
+    return f"round {round_id} answered {shards}, intake {coordinator.counters}"
 
 
 def seconds(summary: RoundClosed) -> float:
@@ -114,7 +125,11 @@ async def test_a_participant_using_another_ones_message_ids_erases_nothing(
         participants.append(thief)
         for participant in participants:
             await participant.join()
-        (summary,) = await drive(coordinator, 1)
+        try:
+            (summary,) = await drive(coordinator, 1)
+        except AssertionError as e:
+            sent = {p.participant_id: (sorted(p.confirmed_at), p.errors) for p in participants}
+            raise AssertionError(f"{e}; confirmed and errors by participant: {sent}") from None
         victim = participants[0]
         await eventually(lambda: len(victim.labels) == SHARDS)
 

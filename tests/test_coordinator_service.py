@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from support.coordinators import memory_coordinator, run_with_participants, write_config
+from support.faults import GatedParticipant
 from support.scripted import ScriptedParticipant, consensus_answers
 from support.waiting import eventually
 
@@ -268,3 +269,33 @@ async def test_labels_reach_every_member_once_across_bcc_chunks(
     for participant in participants:
         assert len(participant.labels) == 3
         assert participant.label_deliveries == 3  # each shard's labels once, whichever chunk carried them
+
+
+async def test_an_answer_stored_while_labels_are_published_closes_its_shard_at_once(tmp_path: Path) -> None:
+    # Bob's last batches arrive while the coordinator publishes shard 0's labels; the driver must not
+    # then sleep until the deadline as if nothing had come.
+    names = ["alice", "bob"]
+    broker = MemoryBroker()
+    broker.declare(full_topology(names))
+    coordinator = memory_coordinator(
+        write_config(tmp_path, min_participants=2, quorum=2, deadline_seconds=60.0, grace_seconds=30.0),
+        broker,
+    )
+    gate = asyncio.Event()
+    bob = GatedParticipant("bob", broker.connect("bob"), consensus_answers, gate=gate, hold_after=1)
+    publish = coordinator.transport.publish
+
+    async def slow_first_labels(exchange: str, routing_key: str, body: bytes, **kwargs: Any) -> None:
+        if routing_key == SHARED_REPLY_KEY and not gate.is_set():
+            gate.set()  # bob sends shards 1 and 2 now, and they are stored before this publish ends
+            await eventually(lambda: len(coordinator.store.batches(1)) == 6, timeout=5.0)
+        await publish(exchange, routing_key, body, **kwargs)
+
+    coordinator.transport.publish = slow_first_labels  # type: ignore[method-assign]
+    participants = [ScriptedParticipant("alice", broker.connect("alice"), consensus_answers), bob]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await run_with_participants(coordinator, participants, timeout=30.0)
+    assert loop.time() - started < 5.0  # all answered: neither the 30 s grace nor the 60 s deadline
+    (summary,) = coordinator.closed_rounds
+    assert [o.status for o in summary.shards] == ["labelled"] * 3
