@@ -46,19 +46,35 @@ class Outbox:
         self.store = store
         self.on_new_members = on_new_members
         self.declared: set[str] = set()
+        self._declaring: dict[str, asyncio.Future[None]] = {}  # participant -> its declaration under way
 
     async def declare_participants(self, participant_ids: Sequence[str]) -> None:
-        """Declare these participants' reply and intake queues, once each."""
-        new = sorted({p for p in participant_ids if p not in self.declared})
-        if not new:
-            return
-        self.declared.update(new)  # before the awaits: a concurrent Join does not repeat it
+        """Declare these participants' reply and intake queues, once each; return once they all exist.
+
+        A declaration another caller started (a Join, say) is waited for, not skipped: a round opening
+        meanwhile must not announce to a member whose queues are still being declared, or what that
+        member sends at once would find no intake queue.
+        """
+        wanted = set(participant_ids)
+        while missing := wanted - self.declared:
+            in_flight = {self._declaring[p] for p in missing if p in self._declaring}
+            new = sorted(p for p in missing if p not in self._declaring)
+            if new:
+                await self._declare(new)
+            if in_flight:
+                await asyncio.wait(in_flight)  # a failed one is declared again by this loop
+
+    async def _declare(self, participant_ids: list[str]) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._declaring.update((p, done) for p in participant_ids)
         try:
-            await self.transport.declare(participant_topology(new))
-            await self.on_new_members(new)
-        except BaseException:
-            self.declared.difference_update(new)
-            raise
+            await self.transport.declare(participant_topology(participant_ids))
+            await self.on_new_members(participant_ids)
+            self.declared.update(participant_ids)
+        finally:
+            for p in participant_ids:
+                del self._declaring[p]
+            done.set_result(None)
 
     async def announce(
         self, round_id: int, message_id: str, body: bytes, recipients: Sequence[str], kind: str

@@ -14,14 +14,16 @@ from support.waiting import eventually
 
 from broker.memory import MemoryBroker
 from broker.topology import (
+    ANNOUNCE_EXCHANGE,
     DEAD_LETTER_QUEUE,
     SHARED_REPLY_KEY,
     UP_EXCHANGE,
     full_topology,
     generation_key,
+    intake_queue,
     reply_key,
 )
-from broker.transport import REASON_HEADER, Delivery
+from broker.transport import REASON_HEADER, Delivery, Topology
 from coordinator.settings import load_coordinator_settings
 from schemas import Answer, GenerationBatch, encode, new_message_id
 
@@ -299,3 +301,44 @@ async def test_an_answer_stored_while_labels_are_published_closes_its_shard_at_o
     assert loop.time() - started < 5.0  # all answered: neither the 30 s grace nor the 60 s deadline
     (summary,) = coordinator.closed_rounds
     assert [o.status for o in summary.shards] == ["labelled"] * 3
+
+
+async def test_a_round_opening_during_a_join_is_announced_once_the_members_queues_exist(
+    tmp_path: Path,
+) -> None:
+    # The Joins store both members at once, and a round opens while their intake queues are still being
+    # declared: RoundOpened must wait for them, or what a member sends at once finds no intake queue.
+    names = ["alice", "bob"]
+    broker = MemoryBroker()
+    broker.declare(full_topology(names))  # reply queues; intake queues come with the Joins
+    coordinator = memory_coordinator(write_config(tmp_path, min_participants=2, quorum=2), broker)
+    release = asyncio.Event()
+    existing: set[str] = set()
+    announced_with: list[set[str]] = []
+    declare, publish = coordinator.transport.declare, coordinator.transport.publish
+
+    async def slow_intake_declare(topology: Topology) -> None:
+        queues = {q.name for q in topology.queues}
+        if queues & {intake_queue(n) for n in names}:
+            await release.wait()
+        await declare(topology)
+        existing.update(queues)
+
+    async def noting(exchange: str, routing_key: str, body: bytes, **kwargs: Any) -> None:
+        if exchange == ANNOUNCE_EXCHANGE:
+            announced_with.append(set(existing))
+        await publish(exchange, routing_key, body, **kwargs)
+
+    coordinator.transport.declare = slow_intake_declare  # type: ignore[method-assign]
+    coordinator.transport.publish = noting  # type: ignore[method-assign]
+    await coordinator.start()
+    for name in names:
+        await ScriptedParticipant(name, broker.connect(name), consensus_answers).join()
+    await eventually(lambda: len(coordinator.store.members()) == 2, timeout=5.0)
+    opening = asyncio.create_task(coordinator._open_round())
+    await asyncio.sleep(0.2)
+    assert announced_with == []  # waiting for the declarations the Joins started
+    release.set()
+    assert await asyncio.wait_for(opening, 5.0)
+    assert {intake_queue(n) for n in names} <= announced_with[0]
+    await coordinator.stop_intake()
