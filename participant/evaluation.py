@@ -1,4 +1,5 @@
-"""Answer quality against references: ROUGE-L F1 over words and mean embedding cosine similarity.
+"""Answer quality against references: ROUGE-L F1 over words (`common.rouge`) and mean embedding cosine
+similarity.
 
 The embedder is passed in (any callable returning L2-normalised rows, e.g. the coordinator's
 `SentenceEmbedder`), so a participant scores answers in the same space the consensus is built in.
@@ -6,47 +7,17 @@ The embedder is passed in (any callable returning L2-normalised rows, e.g. the c
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from common.rouge import rouge_l
 from participant.data import Example
 from participant.generation import generate_answers
 from participant.models import LocalModel, ModelError
 from schemas.messages import GenerationParams
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
-
-_WORD = re.compile(r"\w+")
-
-
-def words(text: str) -> list[str]:
-    """Lowercased runs of letters, digits and underscores; punctuation and spacing do not count."""
-    return _WORD.findall(text.lower())
-
-
-def longest_common_subsequence(a: Sequence[str], b: Sequence[str]) -> int:
-    # One rolling row of the classic table: O(len(a) * len(b)) time, O(len(b)) memory.
-    previous = [0] * (len(b) + 1)
-    for item in a:
-        current = [0]
-        for j, other in enumerate(b):
-            current.append(previous[j] + 1 if item == other else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1: harmonic mean of LCS/len(candidate) and LCS/len(reference); 0.0 if either has no words."""
-    candidate_words, reference_words = words(candidate), words(reference)
-    if not candidate_words or not reference_words:
-        return 0.0
-    common = longest_common_subsequence(candidate_words, reference_words)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(candidate_words), common / len(reference_words)
-    return 2 * precision * recall / (precision + recall)
 
 
 def embedding_similarity(answers: Sequence[str], references: Sequence[str], embed: Embedder) -> float:

@@ -8,15 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from common.rouge import longest_common_subsequence, rouge_l, words
 from participant.data import Example
-from participant.evaluation import (
-    embedding_similarity,
-    evaluate,
-    longest_common_subsequence,
-    rouge_l,
-    score_answers,
-    words,
-)
+from participant.evaluation import embedding_similarity, evaluate, score_answers
 from participant.models import load_model
 from schemas.errors import ChorusError
 from schemas.messages import GenerationParams

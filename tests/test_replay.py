@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,14 +17,24 @@ import msgpack  # type: ignore[import-untyped]
 import msgspec
 import pytest
 import structlog
-from support.recorded import NAMES, SHARDS, RecordedRun, coordinator_for, published_labels, record_federation
+from support.recorded import (
+    NAMES,
+    SHARDS,
+    RecordedRun,
+    answers,
+    coordinator_for,
+    published_labels,
+    record_federation,
+)
 
 from broker.amqp import AmqpTransport
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, full_topology
 from common.embedding import HashingEmbedder
+from common.rouge import rouge_l
 from coordinator.replay.cli import main
 from coordinator.replay.consensus import ConsensusOverrides, replay_consensus, replay_settings
+from coordinator.replay.label_sources import label_quality_of_run
 from coordinator.replay.log import ReplayError, interpret, load_log
 from coordinator.replay.publish import (
     RepublishReport,
@@ -33,6 +44,8 @@ from coordinator.replay.publish import (
     republish,
 )
 from coordinator.service import build_coordinator
+from schemas.codec import decode_reply
+from schemas.messages import PseudoLabels
 
 
 @pytest.fixture(autouse=True)
@@ -130,6 +143,132 @@ def test_inspect_lists_rounds_participants_and_rejections_with_reasons(
     assert mallory.split()[:2] == ["mallory", "2"]
     rounds = [line.split() for line in out.splitlines() if line.strip()[:2] in ("1 ", "2 ")]
     assert [row[:3] for row in rounds[:2]] == [["1", "5", "5"], ["2", "5", "5"]]
+
+
+# ---- label quality against references --------------------------------------------------
+
+
+def reference_for(prompt_id: str) -> str | None:
+    """Bob and carol's minority answer is the reference on every third prompt, so there the label
+    (the majority's) loses to the oracle; q17 has none (it is left unscored)."""
+    number = int(prompt_id.lstrip("q"))
+    if number == 17:
+        return None
+    if number % 3 == 0:
+        return f"Honestly {prompt_id} depends on context."
+    return f"For {prompt_id}, the answer is the standard one."
+
+
+def write_references(path: Path, prompts: int = 24) -> Path:
+    lines = [
+        json.dumps({"prompt_id": f"q{i}", "family": "f", "response": reference_for(f"q{i}")})
+        for i in range(prompts)
+        if reference_for(f"q{i}") is not None
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def expected_quality(labels: dict[tuple[int, int], bytes]) -> dict[str, tuple[int, float, float, float, int]]:
+    """Round ("1", "2", "all") -> (labelled, label, members' mean, oracle, label beat the mean),
+    worked out from the published labels and the scripted answers of all five members."""
+    scores: dict[str, list[tuple[float, float, float]]] = {}
+    for (round_id, _), body in sorted(labels.items()):
+        message = decode_reply(body)
+        assert isinstance(message, PseudoLabels) and message.abstained == []
+        for label in message.labels:
+            reference = reference_for(label.prompt_id)
+            if reference is None:
+                continue
+            members = [rouge_l(answers(name, label.prompt_id), reference) for name in NAMES]
+            score = (rouge_l(label.text, reference), sum(members) / len(members), max(members))
+            scores.setdefault(str(round_id), []).append(score)
+            scores.setdefault("all", []).append(score)
+    return {
+        name: (
+            len(rows),
+            sum(r[0] for r in rows) / len(rows),
+            sum(r[1] for r in rows) / len(rows),
+            sum(r[2] for r in rows) / len(rows),
+            sum(1 for r in rows if r[0] > r[1]),
+        )
+        for name, rows in scores.items()
+    }
+
+
+def quality_rows(out: str, title: str) -> dict[str, list[str]]:
+    """The rows of the label-quality table under `title`, by their first cell."""
+    lines = out.split(f"\n{title}\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return {cells[0]: cells[1:] for cells in (line.split() for line in lines[1:]) if cells[0] != "not"}
+
+
+def test_references_add_a_label_quality_table_per_round(
+    recorded: RecordedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    references = write_references(tmp_path / "public_references.jsonl")
+    assert main(["consensus", str(recorded.records), "--references", str(references)]) == 0
+    out = capsys.readouterr().out
+    expected = expected_quality(recorded.labels)
+    assert set(expected) == {"1", "2", "all"} and expected["all"][0] == 11  # 12 labelled, q17 unscored
+    assert expected["all"][3] > expected["all"][2]  # the minority was right somewhere: a real oracle gap
+    for title in ("replayed labels", "recorded labels"):  # the same labels here: the same table twice
+        rows = quality_rows(out, title)
+        assert set(rows) == set(expected)
+        for name, (labelled, label, mean, oracle, beat) in expected.items():
+            abstained = 0
+            assert rows[name] == [
+                str(labelled),
+                str(abstained),
+                f"{label:.3f}",
+                f"{mean:.3f}",
+                f"{oracle:.3f}",
+                f"{beat}/{labelled}",
+            ], (title, name)
+    assert "not scored (no reference, or nobody answered): 1 prompts" in out
+
+
+def test_references_show_what_a_stricter_replay_gives_up(
+    recorded: RecordedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    references = write_references(tmp_path / "refs.jsonl")
+    arguments = ["consensus", str(recorded.records), "--references", str(references)]
+    assert main([*arguments, "--min-confidence", "0.8"]) == 0
+    out = capsys.readouterr().out
+    changed = re.findall(r"^  round \d+ shard \d+ prompt (\S+)$", out, re.MULTILINE)
+    withheld = len([prompt_id for prompt_id in changed if reference_for(prompt_id) is not None])
+    assert withheld > 0
+    replayed = quality_rows(out, "replayed labels")["all"]
+    published = quality_rows(out, "recorded labels")["all"]
+    # every change is a label the replay withheld; q17 (no reference) is not scored on either side
+    assert published[:2] == ["11", "0"]
+    assert replayed[:2] == [str(11 - withheld), str(withheld)]
+
+
+def test_a_finished_runs_store_gives_the_same_label_quality(recorded: RecordedRun, tmp_path: Path) -> None:
+    references = write_references(tmp_path / "refs.jsonl")
+    quality = label_quality_of_run(Path(recorded.settings.state_path), references)
+    expected = expected_quality(recorded.labels)
+    summaries = {str(r): s for r, s in quality.rounds.items()} | {"all": quality.overall}
+    assert set(summaries) == set(expected)
+    for name, (labelled, label, mean, oracle, beat) in expected.items():
+        summary = summaries[name]
+        assert (summary.labelled, summary.abstained, summary.beat_mean) == (labelled, 0, beat)
+        assert (summary.label, summary.members_mean, summary.oracle) == pytest.approx((label, mean, oracle))
+    assert [prompt_id for _, prompt_id in quality.unscored] == ["q17"]
+
+
+def test_bad_references_are_reported_before_any_replay(
+    recorded: RecordedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.jsonl"
+    assert main(["consensus", str(recorded.records), "--references", str(missing)]) == 2
+    assert f"references file {missing} does not exist" in capsys.readouterr().err
+    bad = tmp_path / "refs.jsonl"
+    bad.write_text(json.dumps({"prompt_id": "q1", "response": "x"}) + "\n" + json.dumps({"prompt_id": "q2"}))
+    assert main(["consensus", str(recorded.records), "--references", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert f'{bad}:2: no "response" (or "reference") field' in captured.err
+    assert captured.out == ""  # nothing replayed
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common.logs import configure_logging
 from coordinator.replay.consensus import ConsensusOverrides, replay_consensus, replay_settings
+from coordinator.replay.label_sources import replay_label_quality
 from coordinator.replay.log import RecordedLog, ReplayError, interpret, load_log
 from coordinator.replay.publish import (
     DEFAULT_ROUND_TIMEOUT,
@@ -21,7 +22,14 @@ from coordinator.replay.publish import (
     plan_republish,
     republish,
 )
-from coordinator.replay.report import consensus_text, damage_lines, inspect_text, republish_text
+from coordinator.replay.references import load_references
+from coordinator.replay.report import (
+    consensus_text,
+    damage_lines,
+    inspect_text,
+    label_quality_text,
+    republish_text,
+)
 from schemas.errors import ChorusError
 from schemas.ids import pseudo_labels_id
 
@@ -52,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--write", type=Path, metavar="DIR", help="write recorded/ and replayed/ PseudoLabels bodies here"
     )
     consensus.add_argument("--check", action="store_true", help="exit 1 when any prompt's label changed")
+    consensus.add_argument(
+        "--references",
+        type=Path,
+        metavar="PATH",
+        help="JSONL of {prompt_id, response} (a task's public_references.jsonl): adds a label-quality "
+        "table per round, for the replayed and the recorded labels, with columns labelled, abstained, "
+        "label (mean ROUGE-L F1 of the labels against the references), members' mean (of every "
+        "member's answer: a random member's expected score), oracle (the best member's answer) and "
+        "label > mean (labelled prompts whose label beat the members' mean); means over labelled prompts",
+    )
 
     publish = commands.add_parser("publish", help="publish the participants' messages into a broker again")
     _add_logs(publish)
@@ -137,8 +155,14 @@ def run_consensus(log: RecordedLog, args: argparse.Namespace) -> int:
         embedder=args.embedder,
         quorum=args.quorum,
     )
+    references = None if args.references is None else load_references(args.references)
     replay = replay_consensus(interpret(log), replay_settings(log.settings, overrides))
     sys.stdout.write(consensus_text(replay))
+    if references is not None:
+        sides = [("replayed labels", replay_label_quality(replay, references, "replayed"))]
+        if any(shard.recorded is not None for shard in replay.shards):
+            sides.append(("recorded labels", replay_label_quality(replay, references, "recorded")))
+        sys.stdout.write(label_quality_text(sides))
     if args.write is not None:
         for side in ("recorded", "replayed"):
             (args.write / side).mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,7 @@ class ShardReplay:
     recorded: bytes | None  # the PseudoLabels the coordinator published (None: none in the log)
     replayed: bytes | None  # None when the shard fails (below quorum)
     changes: tuple[LabelChange, ...]
+    batches: tuple[GenerationBatch, ...] = ()  # the answered set's batches: what consensus chose among
 
     @property
     def identical(self) -> bool:
@@ -148,8 +149,8 @@ def replay_consensus(
             prompt_ids = [p.prompt_id for p in shard.prompts]
             replayed = None
             reasons: dict[str, str] = {}
+            fresh = [accepted[(*key, p)][1] for p in closing.answered if (*key, p) in accepted]
             if closing.status == "labelled":
-                fresh = [accepted[(*key, p)][1] for p in closing.answered if (*key, p) in accepted]
                 if len(fresh) != len(closing.answered):
                     notes.append(
                         f"round {round_id} shard {shard.shard_id}: {len(closing.answered) - len(fresh)} "
@@ -175,6 +176,7 @@ def replay_consensus(
                     recorded=recorded,
                     replayed=replayed,
                     changes=changes,
+                    batches=tuple(fresh),
                 )
             )
     return ConsensusReplay(settings=settings, shards=tuple(shards), notes=tuple(notes))

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 
 from coordinator.replay.consensus import ConsensusReplay, LabelChange, ShardReplay
+from coordinator.replay.label_quality import LabelQuality, QualitySummary
 from coordinator.replay.log import RecordedLog, Recording
 from coordinator.replay.publish import RepublishPlan, RepublishReport
 from schemas.codec import decode_reply
@@ -245,6 +246,45 @@ def _change_lines(change: LabelChange) -> list[str]:
         f"    recorded: {_label_text(change.recorded)}",
         f"    replayed: {_label_text(change.replayed, change.replayed_abstain_reason)}",
     ]
+
+
+# ---- label quality -------------------------------------------------------------
+
+QUALITY_COLUMNS = ("round", "labelled", "abstained", "label", "members' mean", "oracle", "label > mean")
+
+
+def label_quality_text(qualities: Sequence[tuple[str, LabelQuality]]) -> str:
+    """One table per side (e.g. "replayed labels"): a row per round and one for the whole run."""
+    lines = [
+        "",
+        "label quality: ROUGE-L F1 against the references, means over the labelled prompts",
+        "  members' mean: of every member's answer (a random member's expected score); "
+        "oracle: of the best member's answer",
+    ]
+    for title, quality in qualities:
+        rows: list[tuple[str, ...]] = [QUALITY_COLUMNS]
+        rows += [_quality_row(str(r), summary) for r, summary in quality.rounds.items()]
+        rows.append(_quality_row("all", quality.overall))
+        lines += ["", title, *table(rows)]
+        if quality.unscored:
+            lines.append(f"  not scored (no reference, or nobody answered): {len(quality.unscored)} prompts")
+    return "\n".join(lines) + "\n"
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _quality_row(name: str, summary: QualitySummary) -> tuple[str, ...]:
+    return (
+        name,
+        str(summary.labelled),
+        str(summary.abstained),
+        _score(summary.label),
+        _score(summary.members_mean),
+        _score(summary.oracle),
+        f"{summary.beat_mean}/{summary.labelled}",
+    )
 
 
 # ---- publish -----------------------------------------------------------------
