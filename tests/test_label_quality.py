@@ -15,6 +15,7 @@ from coordinator.replay.label_quality import (
     score_prompt,
     shard_outcomes,
 )
+from coordinator.replay.label_sources import label_quality_of_run
 from coordinator.replay.log import ReplayError
 from coordinator.replay.references import load_references
 from federation.stdlib_task.files import write_task
@@ -83,6 +84,19 @@ def test_summaries_per_round_and_overall_average_over_labelled_prompts() -> None
     assert overall.label == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
     assert overall.members_mean == pytest.approx((0.5 + 5 / 6 + 0.25) / 3)
     assert overall.oracle == pytest.approx((1.0 + 1.0 + 0.5) / 3)
+
+    as_json = json.loads(json.dumps(quality.as_dict()))  # what a benchmark writes
+    assert as_json["unscored"] == 2 and set(as_json["rounds"]) == {"1", "2"}
+    assert as_json["rounds"]["2"] == {
+        "prompts": 1,
+        "labelled": 1,
+        "abstained": 0,
+        "label": 0.0,
+        "members_mean": 0.25,
+        "oracle": 0.5,
+        "beat_mean": 0,
+    }
+    assert as_json["overall"]["prompts"] == 4 and as_json["overall"]["beat_mean"] == 1
 
 
 def test_a_round_that_abstained_everywhere_has_counts_but_no_means() -> None:
@@ -173,3 +187,9 @@ def test_a_missing_or_empty_references_file_is_a_clear_error(tmp_path: Path) -> 
         load_references(tmp_path / "nope.jsonl")
     with pytest.raises(ReplayError, match="holds no references"):
         load_references(write_lines(tmp_path / "empty.jsonl", ""))
+
+
+def test_a_finished_run_without_its_store_is_a_clear_error(tmp_path: Path) -> None:
+    references = write_lines(tmp_path / "refs.jsonl", json.dumps({"prompt_id": "a", "response": "A"}))
+    with pytest.raises(ReplayError, match=r"coordinator store .*coordinator\.sqlite3 does not exist"):
+        label_quality_of_run(tmp_path / "state" / "coordinator.sqlite3", references)

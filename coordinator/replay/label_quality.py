@@ -60,6 +60,18 @@ class QualitySummary:
     def prompts(self) -> int:
         return self.labelled + self.abstained
 
+    def as_dict(self) -> dict[str, float | int | None]:
+        """Plain values for a JSON report."""
+        return {
+            "prompts": self.prompts,
+            "labelled": self.labelled,
+            "abstained": self.abstained,
+            "label": self.label,
+            "members_mean": self.members_mean,
+            "oracle": self.oracle,
+            "beat_mean": self.beat_mean,
+        }
+
 
 @dataclass(frozen=True)
 class LabelQuality:
@@ -70,6 +82,15 @@ class LabelQuality:
     scores: tuple[PromptScore, ...]
     # (round, prompt) pairs left out: no reference, or no member answered the prompt
     unscored: tuple[tuple[int, str], ...] = field(default=())
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain values for a JSON report: summaries by round (keys are strings, as JSON wants) and
+        overall, and how many prompts were not scored."""
+        return {
+            "rounds": {str(round_id): summary.as_dict() for round_id, summary in self.rounds.items()},
+            "overall": self.overall.as_dict(),
+            "unscored": len(self.unscored),
+        }
 
 
 def score_prompt(outcome: PromptOutcome, reference: str) -> PromptScore:
