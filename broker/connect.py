@@ -10,17 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from broker.addresses import MEMORY_SCHEME, BrokerUrls, broker_urls
 from broker.amqp import AmqpTransport
 from broker.errors import BrokerError
 from broker.memory import MemoryBroker
 from broker.transport import Transport
 
-MEMORY_SCHEME = "memory"
 AMQP_SCHEMES = ("amqp", "amqps")
 
 
 def open_transport(
-    url: str,
+    url: BrokerUrls,
     *,
     user: str | None = None,
     memory_broker: MemoryBroker | None = None,
@@ -33,9 +33,11 @@ def open_transport(
 
     `memory://` needs `memory_broker` and a user (`user=` or `memory://USER`).
     `amqp://USER:PASSWORD@HOST:PORT/VHOST` takes the user from the URL; a `user`
-    given as well must match it.
+    given as well must match it. Several amqp addresses (a list, or `;`-separated) are the nodes of
+    one cluster: the first reachable one is used, and the others on connection loss.
     """
-    parts = urlsplit(url)
+    urls = broker_urls(url)
+    parts = urlsplit(urls[0])
     if parts.scheme == MEMORY_SCHEME:
         return _memory_transport(parts.netloc, user, memory_broker)
     if parts.scheme in AMQP_SCHEMES:
@@ -46,8 +48,8 @@ def open_transport(
             )
         if user is not None and user != url_user:
             raise BrokerError(f"user {user!r} does not match the broker URL's user {url_user!r}")
-        tls_url = _with_tls_files(url, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-        return AmqpTransport(tls_url, connection_name=connection_name)
+        tls_urls = [_with_tls_files(u, ca_file=ca_file, cert_file=cert_file, key_file=key_file) for u in urls]
+        return AmqpTransport(tls_urls, connection_name=connection_name)
     raise BrokerError(
         f"unsupported broker URL scheme {parts.scheme!r}; use memory://USER, amqp://... or amqps://..."
     )

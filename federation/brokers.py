@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.addresses import redact_password
 from broker.topology import COORDINATOR_USER, full_topology
 from broker.transport import Transport
-from coordinator.replay.recording import redact_password
 from federation.config import LoadedConfig, RunConfigError
 from schemas.errors import ChorusError
 

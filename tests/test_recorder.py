@@ -11,13 +11,14 @@ import msgspec
 import pytest
 from support.recorded import record_federation
 
+from broker.addresses import redact_password
 from broker.errors import Unroutable
 from broker.memory import MemoryBroker
 from broker.record_format import FORMAT_VERSION, MessageFrame, read_log_file
 from broker.recorder import Recorder, RecordingTransport
 from broker.transport import REASON_HEADER, BindingSpec, Delivery, ExchangeSpec, QueueSpec, Topology
 from coordinator.replay.log import load_log
-from coordinator.replay.recording import recorded_settings, redact_password
+from coordinator.replay.recording import recorded_settings
 from coordinator.settings import CoordinatorSettings
 
 TOPOLOGY = Topology(

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
-import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from broker.addresses import BrokerUrls, broker_urls
+from broker.amqp.failover import FailoverConnection
 from broker.errors import AccessRefused, BrokerError, ChannelUnavailable, TopologyMissing
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,11 @@ def describe_url(url: str) -> str:
     return (
         f"{parts.scheme}://{parts.hostname}:{port} vhost {vhost!r} as user {unquote(parts.username or '')!r}"
     )
+
+
+def describe_urls(urls: Sequence[str]) -> str:
+    """`describe_url` of one address, or of each of several, `;`-separated."""
+    return "; ".join(describe_url(url) for url in urls)
 
 
 def user_of(url: str) -> str:
@@ -75,26 +81,33 @@ class AmqpConnection:
 
     def __init__(
         self,
-        url: str,
+        url: BrokerUrls,
         *,
         connection_name: str = "chorus",
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         reconnect_interval: float = DEFAULT_RECONNECT_INTERVAL,
     ) -> None:
-        self.user = user_of(url)
-        self.where = describe_url(url)  # for messages: never the password
-        self._url = url
+        self.urls = broker_urls(url)
+        self.user = user_of(self.urls[0])
+        self.where = describe_urls(self.urls)  # for messages: never the password
         self._connection_name = connection_name
         self._connect_timeout = connect_timeout
         self._reconnect_interval = reconnect_interval
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: FailoverConnection | None = None
         self._lock = asyncio.Lock()
         self._refused = False
 
     @property
     def url(self) -> str:
-        """The URL it connects to (with the password: never log it, log `where`)."""
-        return self._url
+        """The first URL it connects to (with the password: never log it, log `where`)."""
+        return self.urls[0]
+
+    @property
+    def connected_to(self) -> str | None:
+        """The address in use now (without the password), or None before the first connection."""
+        if self._connection is None:
+            return None
+        return describe_url(str(self._connection.url))
 
     async def connect(self) -> AbstractRobustConnection:
         """Open the robust connection (once); later calls return it."""
@@ -117,31 +130,36 @@ class AmqpConnection:
                 await self._connection.close()
             self._connection = None
 
-    async def _open(self) -> AbstractRobustConnection:
-        try:
-            connection = await aio_pika.connect_robust(
-                self._url,
-                timeout=self._connect_timeout,
+    async def _open(self) -> FailoverConnection:
+        """Connect to the first reachable address; once connected, a lost node fails over to the next."""
+        failures: list[str] = []
+        for start in range(len(self.urls)):
+            order = self.urls[start:] + self.urls[:start]
+            connection = FailoverConnection(
+                order,
                 reconnect_interval=self._reconnect_interval,
                 client_properties={"connection_name": self._connection_name},
             )
-        except aiormq.exceptions.ProbableAuthenticationError as e:
-            raise BrokerError(
-                f"RabbitMQ refused the login at {self.where}: check the user exists, the password, "
-                "and that the user has permissions on the vhost (rabbitmqctl list_permissions -p VHOST)"
-            ) from e
-        except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as e:
-            tls = (
-                " For amqps, check the CA and client certificate files."
-                if self._url.startswith("amqps")
-                else ""
-            )
-            raise BrokerError(
-                f"cannot connect to RabbitMQ at {self.where} ({type(e).__name__}: {e}); "
-                f"is the broker running (chorus-broker status) and is the URL right?{tls}"
-            ) from e
-        log.debug("connected", broker=self.where)
-        return connection
+            where = describe_url(order[0])
+            try:
+                await connection.connect(timeout=self._connect_timeout)
+            except aiormq.exceptions.ProbableAuthenticationError as e:
+                raise BrokerError(
+                    f"RabbitMQ refused the login at {where}: check the user exists, the password, "
+                    "and that the user has permissions on the vhost (rabbitmqctl list_permissions -p VHOST)"
+                ) from e
+            except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as e:
+                failures.append(f"{where} ({type(e).__name__}: {e})")
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                continue
+            log.debug("connected", broker=where)
+            return connection
+        tls = " For amqps, check the CA and client certificate files." if self.url.startswith("amqps") else ""
+        raise BrokerError(
+            f"cannot connect to RabbitMQ at {'; '.join(failures)}; "
+            f"is the broker running (chorus-broker status) and is the URL right?{tls}"
+        )
 
     async def channel(self, *, confirms: bool = False) -> AbstractChannel:
         """A new channel; with `confirms`, publisher confirms on and returned messages raised."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
+from broker.addresses import BrokerUrls
 from broker.amqp.connection import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RECONNECT_INTERVAL,
@@ -44,11 +45,12 @@ _DECLARE_HINT = "; only the coordinator declares topology, participants configur
 
 
 class AmqpTransport:
-    """A robust connection to RabbitMQ as the user named in `url`."""
+    """A robust connection to RabbitMQ as the user named in `url` (one address, or several nodes of a
+    cluster: see `broker.addresses`; the first reachable one is used, and a lost one fails over)."""
 
     def __init__(
         self,
-        url: str,
+        url: BrokerUrls,
         *,
         connection_name: str = "chorus",
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from broker.addresses import redact_passwords
 from broker.recorder import Recorder, RecordingTransport
 from broker.transport import Transport
 from coordinator.settings import CoordinatorSettings
-
-REDACTED = "***"
 
 
 def with_recording(transport: Transport, settings: CoordinatorSettings) -> Transport:
@@ -38,13 +36,5 @@ def with_recording(transport: Transport, settings: CoordinatorSettings) -> Trans
 def recorded_settings(settings: CoordinatorSettings) -> dict[str, Any]:
     """The settings as plain data for a log header, with any password in the broker URL redacted."""
     plain: dict[str, Any] = msgspec.to_builtins(settings)
-    plain["broker_url"] = redact_password(settings.broker_url)
+    plain["broker_url"] = redact_passwords(settings.broker_url)
     return plain
-
-
-def redact_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:{REDACTED}@{host}"))
