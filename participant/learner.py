@@ -2,7 +2,7 @@
 
 A participant service drives one `Learner` per round: `generate` answers the round's prompts, `train` learns
 from the returned pseudo-labels (mixed with private data), `save_checkpoint` keeps the result, `evaluate`
-reports quality on held-out examples. Three implementations ship:
+reports quality on held-out examples. Four implementations ship:
 
 - `LoraLearner` — a local Hugging Face causal LM fine-tuned with LoRA (the default).
 - `FunctionLearner` — a black box given as a Python callable `prompt -> answer`; it cannot train::
@@ -17,6 +17,9 @@ reports quality on held-out examples. Three implementations ship:
   (`CHORUS_PROMPT_ID`, `CHORUS_MAX_NEW_TOKENS`, `CHORUS_TEMPERATURE`, `CHORUS_TOP_P`, `CHORUS_SEED`)::
 
       learner = CommandLearner(["ollama", "run", "llama3"], model_id="llama3", timeout_s=120)
+
+- `HttpChatLearner` (participant/http_learner.py) — a black box behind an OpenAI-compatible
+  `/chat/completions` endpoint (llama.cpp's server, vLLM, Ollama, a hosted API); it cannot train.
 
 To plug in anything else, write a class with the attributes and methods of `Learner` (no base class
 needed; it is a structural protocol). A generate-only model sets `can_train = False`, returns None from
@@ -166,7 +169,7 @@ class LoraLearner:
         load_adapter_state(self.lm, state)
 
 
-class _GenerateOnly:
+class GenerateOnlyLearner:
     """Shared behaviour of black boxes: answer one prompt at a time, never train, keep no checkpoint."""
 
     can_train = False
@@ -176,12 +179,15 @@ class _GenerateOnly:
     def answer(self, prompt_id: str, prompt: str, params: GenerationParams) -> str:
         raise NotImplementedError
 
+    def complete(self, prompt_id: str, prompt: str, params: GenerationParams) -> GeneratedAnswer:
+        """One prompt's answer; override it (not `answer`) when the black box reports token counts."""
+        # A black box's tokenizer is unknown: 0 tokens means "not counted".
+        return GeneratedAnswer(prompt_id, self.answer(prompt_id, prompt, params), 0, 0)
+
     def generate(self, prompts: PromptBatch, params: GenerationParams) -> list[GeneratedAnswer]:
         def one(item: tuple[str, str]) -> GeneratedAnswer:
-            prompt_id, prompt = item
-            text = self.answer(prompt_id, prompt, params).strip()[:MAX_ANSWER_CHARS]
-            # A black box's tokenizer is unknown: 0 tokens means "not counted".
-            return GeneratedAnswer(prompt_id, text, prompt_tokens=0, completion_tokens=0)
+            answer = self.complete(item[0], item[1], params)
+            return replace(answer, text=answer.text.strip()[:MAX_ANSWER_CHARS])
 
         if self.concurrency == 1:
             return [one(item) for item in prompts]
@@ -208,7 +214,7 @@ class _GenerateOnly:
         return score_answers([a.text for a in answers], [e.response for e in test], embed)
 
 
-class FunctionLearner(_GenerateOnly):
+class FunctionLearner(GenerateOnlyLearner):
     """A black box given as a Python callable `prompt -> answer` (generation parameters are not passed)."""
 
     def __init__(self, answer: Callable[[str], str], model_id: str, concurrency: int = 1) -> None:
@@ -232,7 +238,7 @@ class FunctionLearner(_GenerateOnly):
         return text
 
 
-class CommandLearner(_GenerateOnly):
+class CommandLearner(GenerateOnlyLearner):
     """A black box given as an external program: prompt on stdin, answer on stdout, one run per prompt.
 
     `command` is an argv list, or a string split like a shell would (no shell runs it). A non-zero exit,

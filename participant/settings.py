@@ -12,7 +12,7 @@ from msgspec import Meta
 from common.settings import SettingsError, convert, read_settings
 from schemas.messages import Id
 
-__all__ = ["ParticipantSettings", "SettingsError", "TrainTable", "load_participant_settings"]
+__all__ = ["HttpTable", "ParticipantSettings", "SettingsError", "TrainTable", "load_participant_settings"]
 
 
 class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -33,6 +33,22 @@ class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     label_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
 
 
+class HttpTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A generate-only black box behind an OpenAI-compatible `POST {base_url}/chat/completions`."""
+
+    base_url: Annotated[str, Meta(pattern=r"^https?://[^/\s]+", max_length=2_048)]  # e.g. http://host:8080/v1
+    model: Annotated[str, Meta(min_length=1, max_length=256)]  # the server's model name, sent and reported
+    # The NAME of the environment variable holding the API key, never the key itself; None sends no key.
+    api_key_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)] | None = None
+    connect_timeout_seconds: Annotated[float, Meta(gt=0.0, le=600.0)] = 10.0
+    # The longest silence from the server (per socket read, not per answer): generation must fit in it.
+    read_timeout_seconds: Annotated[float, Meta(gt=0.0, le=3_600.0)] = 120.0
+    retries: Annotated[int, Meta(ge=0, le=20)] = 3  # on connection errors, timeouts, 429 and 5xx only
+    backoff_seconds: Annotated[float, Meta(ge=0.0, le=600.0)] = 1.0  # doubles after each retry
+    max_backoff_seconds: Annotated[float, Meta(ge=0.0, le=3_600.0)] = 30.0
+    max_concurrency: Annotated[int, Meta(ge=1, le=256)] = 4  # requests in flight at once
+
+
 class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     federation: Id = "chorus"
     participant_id: Id
@@ -40,6 +56,7 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     model: str = "smollm2-135m-instruct"  # a registry name, or a local Hugging Face model directory
     command: list[str] | None = None  # a generate-only black box: prompt on stdin, answer on stdout
     command_timeout_seconds: Annotated[float, Meta(gt=0.0)] = 120.0
+    http: HttpTable | None = None  # a generate-only black box over an OpenAI-compatible HTTP API
     cache_dir: str | None = None  # converted models; default ~/.cache/chorus/models
     state_dir: str = "participant-state"  # checkpoints and the applied-message ledger
     private_data: str | None = None  # JSONL {prompt, response}; none for a generate-only participant
@@ -54,6 +71,10 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     progress: bool = True
     train: TrainTable = TrainTable()
 
+    def __post_init__(self) -> None:
+        if self.http is not None and self.command:
+            raise ValueError("give either command or [http] for a black box, not both")
+
 
 ENV_OVERRIDES = {"CHORUS_BROKER_URL": "broker_url", "CHORUS_FEDERATION": "federation"}
 PATH_KEYS = ("cache_dir", "state_dir", "private_data", "test_data")
@@ -67,4 +88,23 @@ def load_participant_settings(
     model = raw.get("model")
     if isinstance(model, str) and (model.startswith(".") or "/" in model):
         raw["model"] = str((path.parent / model).resolve())
+    _refuse_training_setup_beside_http(raw, path)
     return convert(raw, ParticipantSettings, path)
+
+
+def _refuse_training_setup_beside_http(raw: Mapping[str, object], path: Path) -> None:
+    """An [http] black box cannot train, so a local `model` or a [train] table beside it is a mistake."""
+    http = raw.get("http")
+    if not isinstance(http, dict):
+        return
+    if "api_key" in http:
+        raise SettingsError(
+            f"{path}: [http] takes no api_key; put the key in an environment variable and name it "
+            'with api_key_env (e.g. api_key_env = "OPENAI_API_KEY")'
+        )
+    clashing = [key for key in ("model", "train") if key in raw]
+    if clashing:
+        raise SettingsError(
+            f"{path}: [http] is a generate-only black box; remove {' and '.join(clashing)} "
+            "(a local model's training setup) or remove [http]"
+        )

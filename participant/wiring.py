@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from participant.data import Example, load_jsonl, train_test_split
+from participant.http_learner import HttpChatLearner
 from participant.learner import CommandLearner, Learner, LoraLearner
 from participant.models import load_model
 from participant.settings import ParticipantSettings
@@ -28,6 +29,8 @@ def train_settings(settings: ParticipantSettings) -> TrainSettings:
 
 
 def build_learner(settings: ParticipantSettings) -> Learner:
+    if settings.http is not None:
+        return HttpChatLearner.from_settings(settings.http)
     if settings.command:
         return CommandLearner(
             settings.command,
