@@ -19,7 +19,7 @@ from broker.topology import DEAD_LETTER_QUEUE, DEFAULT_DELIVERY_LIMIT, full_topo
 from common.embedding import HashingEmbedder
 from participant.generation import generate_answers
 from participant.http_learner import HttpChatLearner, HttpLearnerError
-from participant.learner import LearnerError
+from participant.learner import Learner, LearnerError
 from participant.models import LocalModel, load_model
 from participant.service import Participant
 from participant.settings import HttpTable, SettingsError, load_participant_settings
@@ -68,8 +68,9 @@ def test_answers_come_from_the_model_behind_the_endpoint(server: ChatServer, tin
     assert first["model"] == "tiny" and first["messages"] == [{"role": "user", "content": "first prompt"}]
     assert (first["max_tokens"], first["temperature"], first["top_p"], first["seed"]) == (6, 0.0, 0.9, 3)
     assert server.authorizations == [None, None, None]  # no key configured, none sent
-    assert not learner.can_train and learner.train([]) is None
-    assert not learner.load_checkpoint(Path("anywhere"))
+    as_learner: Learner = learner  # what the participant service sees: a black box that cannot train
+    assert not as_learner.can_train and as_learner.train([]) is None
+    assert not as_learner.load_checkpoint(Path("anywhere"))
 
 
 def test_requests_in_flight_never_exceed_max_concurrency(tiny_llama: LocalModel) -> None:
