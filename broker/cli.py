@@ -21,9 +21,10 @@ from pathlib import Path
 
 from broker import topology
 from broker.definitions import checked_in_definitions, render_definitions
-from broker.errors import BrokerError, UsageError
+from broker.errors import UsageError
 from broker.local_node import LocalNode
 from broker.tls import TlsError, TlsFiles, add_client_cert, make_dev_certs, with_client_files
+from common.exits import run_command
 from common.logs import configure_logging
 
 DEFAULT_DIR = Path(os.environ.get("CHORUS_BROKER_DIR", ".chorus/rabbitmq"))
@@ -35,15 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     configure_logging("debug" if args.verbose else "info")
-    try:
-        result: int = args.run(args)
-        return result
-    except UsageError as e:
-        print(f"chorus-broker: error: {e}", file=sys.stderr)
-        return 2
-    except BrokerError as e:
-        print(f"chorus-broker: failed: {e}", file=sys.stderr)
-        return 1
+    return run_command("chorus-broker", lambda: int(args.run(args)))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """Broker failures, all under ChorusError."""
 
+from common.exits import EXIT_USAGE
 from schemas.errors import ChorusError
 
 
@@ -37,3 +38,5 @@ class NodeError(BrokerError):
 
 class UsageError(NodeError):
     """The request itself is wrong (bad id, options that contradict the data dir, busy port...)."""
+
+    exit_status = EXIT_USAGE

@@ -11,12 +11,13 @@ from pathlib import Path
 import structlog
 
 from broker.connect import open_transport
+from common.exits import EXIT_OK, run_command
 from common.logs import configure_logging
 from coordinator.prompts import load_prompts
 from coordinator.replay.recording import with_recording
 from coordinator.runtime import prepare_service_process
 from coordinator.service import Coordinator
-from coordinator.settings import CoordinatorSettings, load_coordinator_settings
+from coordinator.settings import CoordinatorSettings, SettingsError, load_coordinator_settings
 from coordinator.store import CoordinatorStore
 from coordinator.strategies import build_round_strategy
 from schemas.codec import decode_reply
@@ -43,22 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "status" and args.state is None and args.config is None:
+        parser.error("status needs --state DB or --config FILE")
     configure_logging(args.log_level)
-    try:
-        if args.command == "run":
-            settings = load_coordinator_settings(args.config, broker_url=args.broker)
-            if args.rounds is not None:
-                settings = _with_rounds(settings, args.rounds)
-            asyncio.run(run_coordinator(settings))
-        else:
-            print_status(_state_path(args))
-    except ChorusError as e:
-        print(f"chorus-coordinator: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command("chorus-coordinator", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        settings = load_coordinator_settings(args.config, broker_url=args.broker)
+        if args.rounds is not None:
+            settings = _with_rounds(settings, args.rounds)
+        asyncio.run(run_coordinator(settings))
+    else:
+        print_status(_state_path(args))
+    return EXIT_OK
 
 
 def _with_rounds(settings: CoordinatorSettings, rounds: int) -> CoordinatorSettings:
@@ -70,23 +72,25 @@ def _with_rounds(settings: CoordinatorSettings, rounds: int) -> CoordinatorSetti
 def _state_path(args: argparse.Namespace) -> Path:
     if args.state is not None:
         return Path(args.state)
-    if args.config is not None:
-        return Path(load_coordinator_settings(args.config).state_path)
-    raise ChorusError("give --state DB or --config FILE")
+    return Path(load_coordinator_settings(args.config).state_path)
 
 
 async def run_coordinator(settings: CoordinatorSettings) -> None:
     """Run until the configured rounds are done; SIGTERM/SIGINT stop intake and finish the step."""
     if settings.broker_url.startswith("memory:"):
-        raise ChorusError(
+        raise SettingsError(
             "the coordinator alone cannot use the in-memory broker (participants could not reach it); "
-            "give --broker amqp://..., or use chorus-run for an embedded federation"
+            "give --broker amqp://... (or set CHORUS_BROKER_URL, or broker_url in the settings file), "
+            "or use chorus-run for an embedded federation"
         )
+    prompts = load_prompts(Path(settings.prompts_path))
     store = CoordinatorStore(settings.state_path)
-    strategy = build_round_strategy(settings, store, load_prompts(Path(settings.prompts_path)))
     try:
         connection = open_transport(settings.broker_url, connection_name="chorus-coordinator")
         async with with_recording(connection, settings) as transport:
+            # The strategy loads its sentence encoder (seconds; tens of them for a first ONNX export): only
+            # once the broker has let the coordinator in, so that a wrong URL or password shows at once.
+            strategy = build_round_strategy(settings, store, prompts)
             coordinator = Coordinator(settings, transport, store, strategy)
             log.debug("service_process_prepared", frozen_objects=prepare_service_process())
             loop = asyncio.get_running_loop()

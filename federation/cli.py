@@ -15,14 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from federation.config import load_run_config
 from federation.launch import LOG_FILE, quiet_library_progress_bars, run_to_end
 from federation.runner import RunOptions, check_options
 from schemas.errors import ChorusError
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if finished.error is not None:
         print(f"chorus-run: error: {finished.error} (log: {results / LOG_FILE})", file=sys.stderr)
         return EXIT_USAGE if finished.config_fault else EXIT_FAILED
-    return EXIT_INTERRUPTED if finished.run.interrupted else 0
+    return EXIT_INTERRUPTED if finished.run.interrupted else EXIT_OK
 
 
 if __name__ == "__main__":

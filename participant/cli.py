@@ -7,13 +7,18 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker.connect import open_transport
+from common.exits import EXIT_OK, run_command
 from common.logs import configure_logging
-from participant.service import Participant
-from participant.settings import ParticipantSettings, load_participant_settings
-from participant.wiring import build_learner, load_data
-from schemas.errors import ChorusError
+from participant.settings import ParticipantSettings, SettingsError, load_participant_settings
+
+# The service and the learners import torch and transformers (seconds): they load only once the settings
+# are valid and the broker has let the participant in, so that a mistake in either is reported at once.
+if TYPE_CHECKING:
+    from participant.evaluation import Embedder
+    from participant.learner import Learner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,17 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    try:
-        settings = load_participant_settings(
-            args.config, participant_id=args.participant_id, broker_url=args.broker
-        )
-        asyncio.run(run_participant(settings, args.rounds))
-    except ChorusError as e:
-        print(f"chorus-participant: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command("chorus-participant", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_participant_settings(
+        args.config, participant_id=args.participant_id, broker_url=args.broker
+    )
+    asyncio.run(run_participant(settings, args.rounds))
+    return EXIT_OK
 
 
 def apply_torch_threads(count: int) -> None:
@@ -57,23 +60,36 @@ def apply_torch_threads(count: int) -> None:
         torch.set_num_threads(count)
 
 
+def load_models(settings: ParticipantSettings, *, evaluate: bool) -> tuple[Learner, Embedder | None]:
+    """The learner, and the sentence encoder that scores its answers when it evaluates (seconds each)."""
+    from participant.wiring import build_learner
+
+    learner = build_learner(settings)
+    if not evaluate:
+        return learner, None
+    from common.embedding import SentenceEmbedder  # the same encoder the coordinator scores with
+
+    return learner, SentenceEmbedder().embed
+
+
 async def run_participant(settings: ParticipantSettings, rounds: int | None = None) -> None:
     if settings.broker_url.startswith("memory:"):
-        raise ChorusError(
-            "a participant alone cannot use the in-memory broker; give --broker amqp://..., "
+        raise SettingsError(
+            "a participant alone cannot use the in-memory broker; give --broker amqp://... (or set "
+            "CHORUS_BROKER_URL, or broker_url in the settings file), "
             "or use chorus-run for an embedded federation"
         )
-    apply_torch_threads(settings.torch_threads)
-    learner = await asyncio.to_thread(build_learner, settings)
-    train, test = load_data(settings)
-    embed = None
-    if settings.evaluate and test:
-        from common.embedding import SentenceEmbedder  # the same encoder the coordinator scores with
-
-        embed = SentenceEmbedder().embed
     async with open_transport(
         settings.broker_url, user=settings.participant_id, connection_name=f"chorus-{settings.participant_id}"
     ) as transport:
+        from participant.service import Participant
+        from participant.wiring import load_data
+
+        apply_torch_threads(settings.torch_threads)
+        train, test = load_data(settings)
+        learner, embed = await asyncio.to_thread(
+            load_models, settings, evaluate=settings.evaluate and bool(test)
+        )
         participant = Participant(settings, transport, learner, private_train=train, test=test, embed=embed)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
