@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
+from msgspec import Meta
 
 from schemas.errors import ChorusError
 
@@ -16,6 +17,21 @@ T = TypeVar("T")
 
 class SettingsError(ChorusError):
     """A settings file or override is missing, unreadable or invalid."""
+
+
+class MetricsTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[metrics]`: Prometheus metrics at /metrics and a health check at /healthz, over HTTP.
+
+    Off unless `enabled`. The endpoint has no authentication, so it listens on loopback by default.
+    """
+
+    enabled: bool = False
+    host: Annotated[str, Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65_535)] = 9464  # 0: any free port (logged as metrics_serving)
+
+
+# Setting it serves metrics on that port whatever the file says: several processes can share one file.
+METRICS_PORT_VARIABLE = "CHORUS_METRICS_PORT"
 
 
 def read_settings(
@@ -37,6 +53,7 @@ def read_settings(
         if value:
             raw[key] = value
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    _apply_metrics_port(raw, (os.environ if env is None else env).get(METRICS_PORT_VARIABLE), path)
     # One file can serve several participants: "{participant_id}" in a path names each its own.
     participant_id = raw.get("participant_id")
     for key in path_keys:
@@ -46,6 +63,17 @@ def read_settings(
                 given = given.replace("{participant_id}", participant_id)
             raw[key] = str((path.parent / given).resolve())
     return raw
+
+
+def _apply_metrics_port(raw: dict[str, object], port: str | None, path: Path) -> None:
+    if not port:
+        return
+    if not port.isdigit():
+        raise SettingsError(f"{METRICS_PORT_VARIABLE} must be a port number (0: any free one), got {port!r}")
+    table = raw.get("metrics")
+    if table is not None and not isinstance(table, dict):
+        raise SettingsError(f"{path}: expected `metrics` to be a table")
+    raw["metrics"] = {**(table or {}), "enabled": True, "port": int(port)}
 
 
 def read_toml(path: Path) -> dict[str, object]:

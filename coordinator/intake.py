@@ -58,6 +58,7 @@ class Counters:
     late: int = 0
     dead_lettered: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
+    received_bytes: int = 0  # body bytes of every delivery handled, whatever became of it
     benched: list[tuple[int, str]] = field(default_factory=list)  # (round, member) as each was benched
 
     def reject(self, reason: str) -> None:
@@ -157,6 +158,7 @@ class Intake:
         """The handler of `owner`'s intake queue (None: the lobby); it dispatches on the routing key."""
 
         async def handle(delivery: Delivery) -> None:
+            self.counters.received_bytes += len(delivery.body)
             key = delivery.routing_key
             if owner is None and key.startswith("ctl.") and key[4:] in self._consumed:
                 await delivery.ack()  # the lobby's copy of what the sender's intake queue delivers

@@ -46,6 +46,7 @@ class Outbox:
         self.store = store
         self.on_new_members = on_new_members
         self.declared: set[str] = set()
+        self.published_bytes = 0  # body bytes of every confirmed publish, once per publish
         self._declaring: dict[str, asyncio.Future[None]] = {}  # participant -> its declaration under way
 
     async def declare_participants(self, participant_ids: Sequence[str]) -> None:
@@ -86,6 +87,7 @@ class Outbox:
         await self.transport.publish(
             ANNOUNCE_EXCHANGE, "", body, message_id=message_id, timeout=self.settings.publish_timeout_seconds
         )
+        self.published_bytes += len(body)
         self.store.record_publication(message_id, round_id, recipients, kind, len(body))
 
     async def send_to_members(
@@ -128,6 +130,7 @@ class Outbox:
                 elif isinstance(outcome, BaseException):
                     failure = failure or outcome
                 else:
+                    self.published_bytes += len(reply.body)
                     for participant_id in participant_ids:
                         key = f"{reply.message_id}@{participant_id}"
                         self.store.record_publication(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -21,6 +21,7 @@ from broker.topology import COORDINATOR_USER, core_topology
 from broker.transport import Transport
 from common.embedding import Embedder
 from coordinator.intake import Counters, Intake
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.outbox import Outbox
 from coordinator.prompts import load_prompts
 from coordinator.rounds import RoundState, ShardClosing, resolve_quorum
@@ -65,8 +66,10 @@ class Coordinator:
             clock=clock,
             current_round=lambda: self.round,
             on_join=lambda pid: self.outbox.declare_participants([pid]),
-            wake=self._wake.set,
+            wake=self._arrived,
         )
+        self.metrics = CoordinatorMetrics(lambda: self.intake.counters, lambda: self.outbox.published_bytes)
+        self.metrics.instrument_embedder(strategy)
 
     @property
     def counters(self) -> Counters:
@@ -117,19 +120,43 @@ class Coordinator:
             await self._sleep_until_woken(deadline - loop.time())
 
     async def start(self) -> None:
-        await self.transport.declare(core_topology())
-        members = [m.participant_id for m in self.store.members()]
-        await self.outbox.declare_participants([*self.settings.roster, *members])
-        self._restore()
-        await self._resume_announcement()
-        await self.intake.open(sorted(self.outbox.declared))
+        # Metrics first: a port already taken fails before any intake is consumed.
+        await self.metrics.serve(
+            self.settings.metrics,
+            self.transport,
+            self._health_facts,
+            service="coordinator",
+        )
+        try:
+            await self.transport.declare(core_topology())
+            members = [m.participant_id for m in self.store.members()]
+            await self.outbox.declare_participants([*self.settings.roster, *members])
+            self._restore()
+            await self._resume_announcement()
+            await self.intake.open(sorted(self.outbox.declared))
+        except BaseException:
+            await self.metrics.stop_serving()
+            raise
+
+    def _health_facts(self) -> Mapping[str, object]:
+        # Called from the metrics server's thread: plain attributes only.
+        return self.metrics.health_facts(self.round, len(self.closed_rounds))
+
+    def _arrived(self) -> None:
+        """Intake stored something the driver may wait for (a batch, a join, a report)."""
+        self.metrics.progress.mark()
+        self._wake.set()
 
     async def _take_intake_of(self, participant_ids: Sequence[str]) -> None:
         if self.intake.is_open:
             await self.intake.consume(participant_ids)
 
     async def stop_intake(self) -> None:
-        await self.intake.close()
+        """Stop taking intake, then stop serving metrics."""
+        try:
+            await self.intake.close()
+        finally:
+            await self.metrics.stop_serving()
 
     async def drive(self) -> None:
         """Run rounds until the configured number is done or a stop is requested."""
@@ -154,6 +181,7 @@ class Coordinator:
     async def _open_round(self) -> bool:
         settings = self.settings.round
         active = self.active_members()
+        self.metrics.members.set(len(active))
         if len(active) < settings.min_participants:
             await self._sleep_until_woken(1.0)
             return False
@@ -184,6 +212,7 @@ class Coordinator:
             announcement=body,
         )
         self.round = self._round_state(opened, benched)
+        self.metrics.round_opened(round_id, len(benched))
         self._report_benching(round_id, benched, active)
         await self._announce(round_id, opened.message_id, body, active)
         log.info(
@@ -290,10 +319,13 @@ class Coordinator:
             slots = {shard_id: shard.prompt_ids for shard_id, shard in state.shards.items()}
             started = time.perf_counter()
             replies = await asyncio.to_thread(self.strategy.decide, state.round_id, closings, slots)
-            self._decide_seconds += time.perf_counter() - started
+            decide_seconds = time.perf_counter() - started
+            self._decide_seconds += decide_seconds
+            self.metrics.consensus_seconds.observe(decide_seconds)
             # Everyone expected or active now (stragglers too, so they catch up).
             recipients = sorted(set(state.expected) | set(self.active_members()))
             await self.outbox.send_to_members(state.round_id, replies, recipients)
+            self.metrics.labels_published(replies, _arrivals(state, closings), self.clock())
         for closing in closings:
             state.finish(closing.shard_id, closing.status)
 
@@ -334,6 +366,7 @@ class Coordinator:
         await self.outbox.announce(state.round_id, summary.message_id, body, [], "round_closed")
         self.store.close_round(state.round_id, now, body)
         self.closed_rounds.append(summary)
+        self.metrics.round_closed(summary)
         self._decide_seconds = 0.0
         log.info(
             "round_closed",
@@ -366,6 +399,7 @@ class Coordinator:
         for closing in self.store.closings(row.round_id):
             state.restore_closing(closing.shard_id, closing.status, closing.answered, closing.reason)
         self.round = state
+        self.metrics.round_resumed(row.round_id)
         self._pending_announcement = None if row.announced else row
         log.info("round_resumed", round=row.round_id, closings=len(self.store.closings(row.round_id)))
 
@@ -396,6 +430,17 @@ def build_coordinator(
     return Coordinator(
         settings, transport, store, build_round_strategy(settings, store, prompts, embedder), clock=clock
     )
+
+
+def _arrivals(state: RoundState, closings: Sequence[ShardClosing]) -> list[float]:
+    """When each batch that the labelled shards among `closings` were decided from arrived."""
+    return [
+        arrived
+        for closing in closings
+        if closing.status == "labelled"
+        for participant in closing.answered
+        if (arrived := state.shards[closing.shard_id].answered.get(participant)) is not None
+    ]
 
 
 def decode_summary(body: bytes) -> RoundClosed:

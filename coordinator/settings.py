@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from common.settings import SettingsError, convert, read_settings
+from common.settings import MetricsTable, SettingsError, convert, read_settings
 from coordinator.consensus import ConsensusSettings
 from schemas.messages import GenerationParams, Id
 
@@ -96,6 +96,7 @@ class CoordinatorSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fiel
     generation: GenerationParams = GenerationParams()
     consensus: ConsensusSettingsTable = ConsensusSettingsTable()
     recording: RecordingSettings = RecordingSettings()
+    metrics: MetricsTable = MetricsTable()  # Prometheus /metrics and /healthz; off by default
 
     def __post_init__(self) -> None:
         from coordinator.strategies import STRATEGIES  # the registry imports these settings

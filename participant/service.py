@@ -25,6 +25,7 @@ from participant.data import Example
 from participant.evaluation import Embedder
 from participant.learner import AdapterLearner, Learner
 from participant.ledger import ParticipantLedger
+from participant.metrics import ParticipantMetrics
 from participant.settings import ParticipantSettings
 from schemas.codec import decode_reply, encode
 from schemas.errors import SchemaError
@@ -78,6 +79,7 @@ class Participant:
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._fedavg_rounds: set[int] = set()
+        self.metrics = ParticipantMetrics()
 
     @property
     def pid(self) -> str:
@@ -86,8 +88,24 @@ class Participant:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Restore the last checkpoint, warm up on private data if new, subscribe, join."""
+        """Serve metrics (when enabled), restore the last checkpoint, warm up on private data if new,
+        subscribe, join."""
+        # First, so that /healthz answers during a long warm-up.
+        await self.metrics.serve(
+            self.settings.metrics,
+            self.transport,
+            self.metrics.health_facts,
+            service=f"participant {self.pid}",
+        )
+        try:
+            await self._start()
+        except BaseException:
+            await self.metrics.stop_serving()
+            raise
+
+    async def _start(self) -> None:
         restored = await asyncio.to_thread(self._restore_checkpoint)
+        self.metrics.started(self.ledger.last_applied_round())
         if (
             restored is None
             and self.learner.can_train
@@ -118,10 +136,13 @@ class Participant:
         self._stopping.set()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        if self._subscription is not None:
-            await self._subscription.cancel()
-        async with self._model_lock:
-            self.ledger.close()
+        try:
+            if self._subscription is not None:
+                await self._subscription.cancel()
+            async with self._model_lock:
+                self.ledger.close()
+        finally:
+            await self.metrics.stop_serving()
 
     async def run_until(self, rounds: int | None = None) -> None:
         """Serve until `rounds` rounds were applied in this process, or until stopped."""
@@ -215,6 +236,7 @@ class Participant:
             if self.pid not in message.expected:
                 log.info("round_skipped", round=message.round_id, participant=self.pid, reason="not expected")
                 return
+            self.metrics.round_announced(message.round_id)
             if message.strategy == "fedavg":
                 self._fedavg_rounds.add(message.round_id)
                 await self._fedavg_train_and_upload(message)
@@ -242,6 +264,7 @@ class Participant:
         started = time.perf_counter()
         async with self._model_lock:
             answers = await asyncio.to_thread(self.learner.generate, prompts, opened.generation)
+        self.metrics.generated(time.perf_counter() - started, sum(a.completion_tokens for a in answers))
         by_prompt = {a.prompt_id: a for a in answers}
         for shard in opened.shards:
             batch = GenerationBatch(
@@ -256,12 +279,7 @@ class Participant:
                     by_prompt[p.prompt_id].to_answer() for p in shard.prompts if p.prompt_id in by_prompt
                 ],
             )
-            await self.transport.publish(
-                UP_EXCHANGE,
-                generation_key(shard.shard_id, self.pid),
-                encode(batch),
-                message_id=batch.message_id,
-            )
+            await self._publish(generation_key(shard.shard_id, self.pid), encode(batch), batch.message_id)
         self.ledger.mark_answered(opened.round_id)
         log.info(
             "round_answered",
@@ -298,6 +316,7 @@ class Participant:
                 stats = await asyncio.to_thread(self.learner.train, examples)
                 await asyncio.to_thread(self.learner.save_checkpoint, self._checkpoint_dir(round_id))
             train_seconds, samples = time.perf_counter() - started, getattr(stats, "samples", len(examples))
+            self.metrics.trained(train_seconds, len(self.ledger.labelled_examples(round_id)))
         await self._finish_round(round_id, samples, train_seconds)
 
     async def _fedavg_train_and_upload(self, opened: RoundOpened) -> None:
@@ -320,9 +339,11 @@ class Participant:
             )
             return
         private = self._training_mix(opened.round_id)
+        started = time.perf_counter()
         async with self._model_lock:
             await asyncio.to_thread(learner.train, private)
             state = await asyncio.to_thread(learner.adapter_state)
+        self.metrics.trained(time.perf_counter() - started, 0)
         update = AdapterUpdate(
             federation=self.settings.federation,
             round_id=opened.round_id,
@@ -359,6 +380,7 @@ class Participant:
             async with self._model_lock:
                 metrics = await asyncio.to_thread(self.learner.evaluate, self.test, self.embed, None)
         self.ledger.mark_applied(round_id, metrics)
+        self.metrics.applied(round_id)
         report = ParticipantReport(
             federation=self.settings.federation,
             round_id=round_id,
@@ -375,6 +397,11 @@ class Participant:
         log.info("round_applied", round=round_id, participant=self.pid, samples=samples, **metrics)
 
     async def _publish_control(self, message: Message) -> None:
-        await self.transport.publish(
-            UP_EXCHANGE, control_key(self.pid), encode(message), message_id=message.message_id
-        )
+        await self._publish(control_key(self.pid), encode(message), message.message_id)
+
+    async def _publish(self, routing_key: str, body: bytes, message_id: str) -> None:
+        try:
+            await self.transport.publish(UP_EXCHANGE, routing_key, body, message_id=message_id)
+        except Exception:
+            self.metrics.publish_errors.inc()
+            raise

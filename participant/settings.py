@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from common.settings import SettingsError, convert, read_settings
+from common.settings import MetricsTable, SettingsError, convert, read_settings
 from schemas.messages import Id
 
 __all__ = ["HttpTable", "ParticipantSettings", "SettingsError", "TrainTable", "load_participant_settings"]
@@ -49,6 +49,10 @@ class HttpTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_concurrency: Annotated[int, Meta(ge=1, le=256)] = 4  # requests in flight at once
 
 
+class ParticipantMetricsTable(MetricsTable, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    port: Annotated[int, Meta(ge=0, le=65_535)] = 9465  # beside a coordinator's 9464 on one host
+
+
 class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     federation: Id = "chorus"
     participant_id: Id
@@ -70,6 +74,7 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     evaluate: bool = True
     progress: bool = True
     train: TrainTable = TrainTable()
+    metrics: ParticipantMetricsTable = ParticipantMetricsTable()  # Prometheus /metrics and /healthz; off
 
     def __post_init__(self) -> None:
         if self.http is not None and self.command:

@@ -1,0 +1,237 @@
+"""Prometheus metrics and a health check over HTTP, in a thread beside a service's event loop.
+
+`ServiceMetrics` is what each side's metrics module builds on: a registry of its own (several
+services in one process never share a metric), makers for prefixed metrics, a progress clock, and
+the endpoint. `serve_metrics` starts a small threaded HTTP server (stdlib wsgiref) that answers
+`/metrics` from the registry and `/healthz` from the service's facts. Request handling never touches
+the event loop: health facts and custom collectors run in the server's threads, so they read only
+plain attributes that the loop writes (an int, a reference), never SQLite or the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from common.settings import MetricsTable
+from schemas.errors import ChorusError
+
+log = structlog.get_logger(__name__)
+
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+
+
+class MetricsError(ChorusError):
+    """The metrics endpoint could not be served (typically: its port is taken)."""
+
+
+@dataclass(frozen=True)
+class Health:
+    """What /healthz answers: 200 while connected to the broker, 503 otherwise, with `facts` as JSON."""
+
+    connected: bool
+    facts: Mapping[str, object] = field(default_factory=dict)
+
+    def body(self) -> bytes:
+        status = "ok" if self.connected else "disconnected"
+        return json.dumps({"status": status, "connected": self.connected, **self.facts}).encode()
+
+
+class ProgressClock:
+    """When a service last made progress (monotonic), for /healthz's `seconds_since_progress`."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last = clock()
+
+    def mark(self) -> None:
+        self._last = self._clock()
+
+    def seconds_since(self) -> float:
+        return round(self._clock() - self._last, 3)
+
+
+class ServiceMetrics:
+    """A service's metrics (each named `prefix` + name), when it last made progress, and the HTTP
+    endpoint that serves them while `serve` has it on."""
+
+    def __init__(self, prefix: str) -> None:
+        self.registry = CollectorRegistry()
+        self.progress = ProgressClock()
+        self.server: MetricsServer | None = None  # while serving: its `url` and bound `port`
+        self._prefix = prefix
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(self._prefix + name, documentation, labels, registry=self.registry)
+
+    def gauge(self, name: str, documentation: str) -> Gauge:
+        return Gauge(self._prefix + name, documentation, registry=self.registry)
+
+    def histogram(self, name: str, documentation: str, buckets: Sequence[float]) -> Histogram:
+        return Histogram(self._prefix + name, documentation, buckets=buckets, registry=self.registry)
+
+    async def serve(
+        self,
+        table: MetricsTable,
+        transport: object,
+        facts: Callable[[], Mapping[str, object]],
+        *,
+        service: str,
+    ) -> None:
+        """Serve when `table` enables it; see `serve_metrics`."""
+        self.server = await serve_metrics(table, self.registry, transport, facts, service=service)
+
+    async def stop_serving(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            await server.close()
+
+
+class _ConnectionState(Protocol):
+    connected: asyncio.Event
+
+
+class _Connects(Protocol):
+    def connect(self) -> Awaitable[_ConnectionState]: ...
+
+
+async def broker_link_probe(transport: object) -> Callable[[], bool]:
+    """A function that says, from any thread, whether `transport` is connected to its broker now.
+
+    A RabbitMQ transport (unwrapped from recorders and other wrappers that keep it as `inner`) opens
+    its robust connection once and returns it from `connect()`; that connection's `connected` event is
+    cleared while it is down and set again once it reconnects. A transport without `connect()` (the
+    embedded broker) has no link to lose.
+    """
+    while hasattr(transport, "inner"):
+        transport = transport.inner
+    connect = getattr(transport, "connect", None)
+    if connect is None:
+        return lambda: True
+    state: _ConnectionState = await connect()
+    connected = getattr(state, "connected", None)
+    if not isinstance(connected, asyncio.Event):
+        return lambda: True
+    return connected.is_set
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in flight never holds up the process's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged: one every few seconds would drown the service's own lines."""
+
+
+def _server_class(host: str) -> type[_ThreadingWSGIServer]:
+    """A server class for `host`'s address family (WSGIServer alone binds IPv4 only)."""
+    try:
+        family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as e:
+        raise MetricsError(f"cannot serve metrics on host {host!r}: {e}; check [metrics] host") from e
+    return type("MetricsHTTPServer", (_ThreadingWSGIServer,), {"address_family": family})
+
+
+class MetricsServer:
+    """`/metrics` from `registry` and `/healthz` from `health()` on host:port, served by a daemon thread."""
+
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, health: Callable[[], Health]
+    ) -> None:
+        self._metrics_app = make_wsgi_app(registry)
+        self._health = health
+        try:
+            self._server = make_server(
+                host, port, self._app, server_class=_server_class(host), handler_class=_QuietHandler
+            )
+        except OSError as e:
+            raise MetricsError(
+                f"cannot serve metrics on {host}:{port} ({e.strerror or e}); "
+                "choose another [metrics] port, or 0 for any free one"
+            ) from e
+        self.host = host
+        self.port: int = self._server.server_port  # the bound one: port 0 picks a free port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="metrics-http", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == HEALTH_PATH:
+            try:
+                health = self._health()
+            except Exception as e:  # a bug in the callback must still answer, and say so
+                log.warning("health_check_failed", error=repr(e))
+                health = Health(connected=False, facts={"error": repr(e)})
+            status = "200 OK" if health.connected else "503 Service Unavailable"
+            body = health.body()
+            start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        """Stop serving; `shutdown` waits for the serving loop's next poll, so off the event loop."""
+        await asyncio.to_thread(self._server.shutdown)
+        self._server.server_close()
+
+
+async def serve_metrics(
+    table: MetricsTable,
+    registry: CollectorRegistry,
+    transport: object,
+    facts: Callable[[], Mapping[str, object]],
+    *,
+    service: str,
+) -> MetricsServer | None:
+    """Start serving when `table` enables it (None otherwise); the bound address is logged.
+
+    /healthz says whether `transport` is connected, with the service's `facts()` (called from the
+    server's thread: they must read plain attributes only).
+    """
+    if not table.enabled:
+        return None
+    connected = await broker_link_probe(transport)
+
+    def health() -> Health:
+        return Health(connected(), facts())
+
+    # Binding may resolve a host name: not on the event loop.
+    server = await asyncio.to_thread(MetricsServer, table.host, table.port, registry, health)
+    log.info("metrics_serving", service=service, url=server.url, metrics=METRICS_PATH, health=HEALTH_PATH)
+    if not _is_loopback(table.host):
+        log.warning(
+            "metrics_not_on_loopback",
+            service=service,
+            host=table.host,
+            hint="the endpoint has no authentication; restrict who can reach it",
+        )
+    return server
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
