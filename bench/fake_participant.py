@@ -73,6 +73,8 @@ class ScriptedParticipant:
     labels: dict[RoundShard, PseudoLabels] = field(default_factory=dict)
     labelled_at: dict[RoundShard, float] = field(default_factory=dict)  # first arrival, unix time
     label_deliveries: int = 0
+    revisions: list[PseudoLabels] = field(default_factory=list)  # every delivery of a label revision
+    revised_at: list[float] = field(default_factory=list)  # unix time of each
     closed: list[RoundClosed] = field(default_factory=list)  # every delivery, duplicates included
     closed_at: dict[int, float] = field(default_factory=dict)  # round -> first arrival, unix time
     # What it did:
@@ -115,6 +117,9 @@ class ScriptedParticipant:
                 task = asyncio.create_task(self._answer(message))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+        elif isinstance(message, PseudoLabels) and message.revision:
+            self.revisions.append(message)
+            self.revised_at.append(now)
         elif isinstance(message, PseudoLabels):
             self.label_deliveries += 1
             self.labels[(message.round_id, message.shard_id)] = message

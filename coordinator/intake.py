@@ -21,6 +21,7 @@ from broker.errors import BrokerError
 from broker.topology import LOBBY_QUEUE, intake_queue
 from broker.transport import Delivery, Handler, Subscription, Transport
 from coordinator.identity import identity_problem, ownership_problem, shard_of_routing_key
+from coordinator.late_answers import RevisionWindow
 from coordinator.rounds import Acceptance, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import CoordinatorStore, NewBatch, Stored
@@ -111,6 +112,7 @@ class Intake:
         self._touched: dict[str, float] = {}  # member -> when its last-seen time was last written
         self._pending_writes: list[PendingWrite] = []
         self._committing: asyncio.Task[None] | None = None
+        self._revision_window = RevisionWindow(store) if settings.round.late_policy == "revise" else None
 
     # -- consuming ---------------------------------------------------------
 
@@ -199,6 +201,10 @@ class Intake:
         if problem is not None:
             if self._already_stored(batch):  # a recovery's republish after its round closed
                 await self._ack_duplicate(delivery)
+            elif self._revision_window is not None and self._revision_window.admits(
+                delivery, batch, None if (state := self.current_round()) is None else state.round_id
+            ):
+                await self._store_late_answer(delivery, batch)
             else:
                 await self._reject(delivery, problem, batch)
             return
@@ -214,23 +220,12 @@ class Intake:
             await self._ack_duplicate(delivery)
             return
         late = acceptance is Acceptance.LATE
-        new = NewBatch(
-            batch.message_id,
-            batch.round_id,
-            batch.shard_id,
-            batch.participant_id,
-            self.clock(),
-            late,
-            delivery.body,
-        )
+        new = self._new_batch(delivery, batch, late)
         # Classified and queued for the commit in one step (no await between): the driver commits every
         # pending write before it closes shards, so none is classified open and recorded closed.
         stored = await self._group_commit(new, state)
         if stored is Stored.CONFLICT:
-            slot = self.store.batch_slot(batch.participant_id, batch.message_id)
-            await self._reject(
-                delivery, f"message_id {batch.message_id!r} was already used for {slot}", batch
-            )
+            await self._reject_reused_id(delivery, batch)
             return
         # Only once the transaction holding the batch has committed. The whole group wakes in one event-loop
         # turn, so AmqpTransport writes its acks as one basic.ack(multiple=True) where that is safe.
@@ -245,6 +240,39 @@ class Intake:
         else:
             self.counters.accepted += 1
             self.wake()
+
+    async def _store_late_answer(self, delivery: Delivery, batch: GenerationBatch) -> None:
+        """A straggler's batch for the previous round: stored late, for that round's label revision."""
+        (stored,) = self.store.add_batches([self._new_batch(delivery, batch, late=True)])
+        if stored is Stored.CONFLICT:
+            await self._reject_reused_id(delivery, batch)
+            return
+        await delivery.ack()
+        if stored is Stored.DUPLICATE:
+            self.counters.duplicates += 1
+            return
+        self.counters.late += 1
+        log.info(
+            "late_batch_for_revision",
+            round=batch.round_id,
+            shard=batch.shard_id,
+            participant=batch.participant_id,
+        )
+
+    def _new_batch(self, delivery: Delivery, batch: GenerationBatch, late: bool) -> NewBatch:
+        return NewBatch(
+            batch.message_id,
+            batch.round_id,
+            batch.shard_id,
+            batch.participant_id,
+            self.clock(),
+            late,
+            delivery.body,
+        )
+
+    async def _reject_reused_id(self, delivery: Delivery, batch: GenerationBatch) -> None:
+        slot = self.store.batch_slot(batch.participant_id, batch.message_id)
+        await self._reject(delivery, f"message_id {batch.message_id!r} was already used for {slot}", batch)
 
     def _kind_problem(self, answer: GenerationBatch | AdapterUpdate) -> str | None:
         if isinstance(answer, self.strategy.answer_kind):

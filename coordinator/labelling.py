@@ -43,6 +43,14 @@ def shard_candidates(
     return candidates
 
 
+def changed_labels(original: PseudoLabels, redone: PseudoLabels) -> list[Label]:
+    """The labels of `redone` that `original` did not give: a new text for a prompt, or a label for a
+    prompt it abstained on. A prompt `redone` abstains on keeps its original label (a label that was
+    trained on cannot be taken back)."""
+    before = {label.prompt_id: label.text for label in original.labels}
+    return [label for label in redone.labels if before.get(label.prompt_id) != label.text]
+
+
 def pseudo_labels_message(
     federation: str, round_id: int, shard_id: int, result: ShardConsensus
 ) -> PseudoLabels:

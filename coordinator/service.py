@@ -329,7 +329,18 @@ class Coordinator:
         for closing in closings:
             state.finish(closing.shard_id, closing.status)
 
+    async def _revise_round(self, round_id: int) -> None:
+        """Send the revisions late answers made to `round_id`'s decisions, before the next round's
+        RoundClosed: a member trains on them with that round's labels."""
+        if round_id < 1:
+            return
+        revisions = await asyncio.to_thread(self.strategy.revise, round_id)
+        if revisions:
+            recipients = sorted(set(self.store.expected(round_id)) | set(self.active_members()))
+            await self.outbox.send_to_members(round_id, revisions, recipients)
+
     async def _close_round(self, state: RoundState) -> None:
+        await self._revise_round(state.round_id - 1)
         closings = self.store.closings(state.round_id)
         outcomes = []
         for c in closings:

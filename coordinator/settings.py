@@ -33,7 +33,7 @@ class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     min_participants: Annotated[int, Meta(ge=1)] = 1  # a round opens once this many are active
     deadline_seconds: PositiveSeconds = 600.0
     grace_seconds: Annotated[float, Meta(ge=0.0)] = 5.0
-    late_policy: Literal["drop", "carry"] = "drop"
+    late_policy: Literal["drop", "carry", "revise"] = "revise"
     staleness_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
     member_timeout_seconds: PositiveSeconds = 300.0
     # A member that answered nothing (in time or late) in this many rounds in a row is benched: still
@@ -69,6 +69,10 @@ class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_f
     # the measurements). Set 1 to leave the other cores to a broker on the same machine.
     embed_threads: Annotated[int, Meta(ge=0, le=256)] = 0
     cache_entries: Annotated[int, Meta(ge=0)] = 200_000
+    # "reputation": weight each member's answers by its past agreement with the labels (relative to the
+    # most agreeing member, at least `reputation_floor`): see coordinator/reputation.py.
+    vote_weighting: Literal["uniform", "reputation"] = "uniform"
+    reputation_floor: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.1
 
 
 class RecordingSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -60,6 +60,12 @@ CREATE TABLE IF NOT EXISTS shard_closings (
     agreement TEXT,                  -- JSON {participant: similarity}
     PRIMARY KEY (round_id, shard_id)
 );
+CREATE TABLE IF NOT EXISTS revisions (
+    round_id INTEGER NOT NULL,       -- the round whose labels late answers revised
+    shard_id INTEGER NOT NULL,       -- NO_REVISION: the round was revised and nothing changed
+    body BLOB,                       -- the encoded revision (PseudoLabels, revision 1)
+    PRIMARY KEY (round_id, shard_id)
+);
 CREATE TABLE IF NOT EXISTS publications (
     message_id TEXT PRIMARY KEY,
     round_id INTEGER NOT NULL,
@@ -93,6 +99,7 @@ CREATE TABLE IF NOT EXISTS adapters (
 # PRAGMA user_version of the schema above. Version 0 keyed batches, reports and adapters by message id
 # alone, across senders; opening such a file moves their rows into the new tables.
 SCHEMA_VERSION = 1
+NO_REVISION = -1  # the shard id of the row that marks a round as revised
 _SENDER_KEYED_TABLES = ("batches", "reports", "adapters")
 
 
@@ -419,12 +426,16 @@ class CoordinatorStore:
         )
         return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
-    def batches(self, round_id: int, shard_id: int | None = None) -> list[BatchRow]:
+    def batches(
+        self, round_id: int, shard_id: int | None = None, *, late_only: bool = False
+    ) -> list[BatchRow]:
         query = "SELECT round_id, shard_id, participant_id, late, body FROM batches WHERE round_id = ?"
         params: tuple[int, ...] = (round_id,)
         if shard_id is not None:
             query += " AND shard_id = ?"
             params += (shard_id,)
+        if late_only:
+            query += " AND late = 1"
         rows = self._read(query + " ORDER BY shard_id, participant_id", params)
         return [BatchRow(r, s, p, bool(late), body) for r, s, p, late, body in rows]
 
@@ -466,6 +477,24 @@ class CoordinatorStore:
             ClosingRow(s, st, r, tuple(json.loads(a)), lb, None if ag is None else json.loads(ag))
             for s, st, r, a, lb, ag in rows
         ]
+
+    # -- label revisions -----------------------------------------------------
+
+    def save_revisions(self, round_id: int, bodies: Mapping[int, bytes]) -> None:
+        """Record that round `round_id` was revised, with the revision of each shard that changed."""
+        with self.transaction():
+            self._db.execute("INSERT OR IGNORE INTO revisions VALUES (?, ?, NULL)", (round_id, NO_REVISION))
+            self._db.executemany(
+                "INSERT OR IGNORE INTO revisions VALUES (?, ?, ?)",
+                [(round_id, shard_id, body) for shard_id, body in sorted(bodies.items())],
+            )
+
+    def revisions(self, round_id: int) -> dict[int, bytes] | None:
+        """Shard -> revision body of round `round_id`, or None if the round was not revised yet."""
+        rows = self._read("SELECT shard_id, body FROM revisions WHERE round_id = ?", (round_id,))
+        if not rows:
+            return None
+        return {shard_id: body for shard_id, body in rows if shard_id != NO_REVISION}
 
     # -- publications and traffic ------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import NamedTuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (message_id TEXT PRIMARY KEY);
@@ -21,6 +22,15 @@ CREATE TABLE IF NOT EXISTS labels (
     round_id INTEGER NOT NULL, prompt_id TEXT NOT NULL, text TEXT NOT NULL, confidence REAL NOT NULL,
     PRIMARY KEY (round_id, prompt_id)
 );
+CREATE TABLE IF NOT EXISTS answers (
+    round_id INTEGER NOT NULL, prompt_id TEXT NOT NULL, text TEXT NOT NULL,
+    PRIMARY KEY (round_id, prompt_id)
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    round_id INTEGER NOT NULL, prompt_id TEXT NOT NULL, text TEXT NOT NULL, confidence REAL NOT NULL,
+    applied_in INTEGER,  -- the round whose training takes it; NULL until one claims it
+    PRIMARY KEY (round_id, prompt_id, text)
+);
 CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY,
     answered INTEGER NOT NULL DEFAULT 0,
@@ -28,6 +38,13 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics TEXT
 );
 """
+
+
+class LabelledExample(NamedTuple):
+    prompt: str  # the prompt's text
+    label: str
+    confidence: float
+    own_answer: str | None  # what this participant answered, if it did
 
 
 class ParticipantLedger:
@@ -63,15 +80,39 @@ class ParticipantLedger:
             "INSERT OR IGNORE INTO labels VALUES (?, ?, ?, ?)", [(round_id, p, t, c) for p, t, c in labels]
         )
 
-    def labelled_examples(self, round_id: int) -> list[tuple[str, str, float]]:
-        """(prompt text, label text, confidence) for every label of the round whose prompt we know."""
-        rows = self._db.execute(
-            "SELECT p.text, l.text, l.confidence FROM labels l JOIN prompts p "
-            "ON p.round_id = l.round_id AND p.prompt_id = l.prompt_id "
-            "WHERE l.round_id = ? ORDER BY l.prompt_id",
-            (round_id,),
+    def save_answers(self, round_id: int, answers: list[tuple[str, str]]) -> None:
+        """This participant's own answers (prompt id, text), to weigh the labels against."""
+        self._db.executemany(
+            "INSERT OR IGNORE INTO answers VALUES (?, ?, ?)", [(round_id, p, t) for p, t in answers]
         )
-        return [(p, t, float(c)) for p, t, c in rows]
+
+    def save_revisions(self, round_id: int, labels: list[tuple[str, str, float]]) -> None:
+        """Revised labels of an earlier round, to train on once, with the next round's labels."""
+        self._db.executemany(
+            "INSERT OR IGNORE INTO revisions (round_id, prompt_id, text, confidence) VALUES (?, ?, ?, ?)",
+            [(round_id, p, t, c) for p, t, c in labels],
+        )
+
+    def revised_examples(self, applying_round: int) -> list[LabelledExample]:
+        """Every revision not yet taken by another round's training, claimed for `applying_round` (so a
+        retry of that round's training takes them again, and no later round does)."""
+        self._db.execute("UPDATE revisions SET applied_in = ? WHERE applied_in IS NULL", (applying_round,))
+        return self._labelled(
+            "revisions", "l.applied_in = ? ORDER BY l.round_id, l.prompt_id", applying_round
+        )
+
+    def labelled_examples(self, round_id: int) -> list[LabelledExample]:
+        """Every label of the round whose prompt we know, with our own answer to it if we gave one."""
+        return self._labelled("labels", "l.round_id = ? ORDER BY l.prompt_id", round_id)
+
+    def _labelled(self, table: str, where: str, value: int) -> list[LabelledExample]:
+        rows = self._db.execute(
+            f"SELECT p.text, l.text, l.confidence, a.text FROM {table} l JOIN prompts p "
+            "ON p.round_id = l.round_id AND p.prompt_id = l.prompt_id LEFT JOIN answers a "
+            f"ON a.round_id = l.round_id AND a.prompt_id = l.prompt_id WHERE {where}",
+            (value,),
+        )
+        return [LabelledExample(p, t, float(c), own) for p, t, c, own in rows]
 
     def mark_answered(self, round_id: int) -> None:
         self._db.execute(

@@ -23,6 +23,7 @@ from broker.transport import Delivery, Subscription, Transport
 from participant.adapters import tensors_from_wire, tensors_to_wire
 from participant.data import Example
 from participant.evaluation import Embedder
+from participant.label_weights import label_example_weight
 from participant.learner import AdapterLearner, Learner
 from participant.ledger import ParticipantLedger
 from participant.metrics import ParticipantMetrics
@@ -244,10 +245,11 @@ class Participant:
                 await self._answer(message)
             self.round_seen.set()
         elif isinstance(message, PseudoLabels):
-            self.ledger.save_labels(
-                message.round_id,
-                [(label.prompt_id, label.text, label.confidence) for label in message.labels],
-            )
+            labels = [(label.prompt_id, label.text, label.confidence) for label in message.labels]
+            if message.revision:  # an earlier round's labels that late answers changed: train on them next
+                self.ledger.save_revisions(message.round_id, labels)
+            else:
+                self.ledger.save_labels(message.round_id, labels)
         elif isinstance(message, RoundClosed):
             if message.round_id in self._fedavg_rounds:
                 await self._finish_round(message.round_id, 0, 0.0)  # no average came: keep the local adapter
@@ -266,6 +268,7 @@ class Participant:
             answers = await asyncio.to_thread(self.learner.generate, prompts, opened.generation)
         self.metrics.generated(time.perf_counter() - started, sum(a.completion_tokens for a in answers))
         by_prompt = {a.prompt_id: a for a in answers}
+        self.ledger.save_answers(opened.round_id, [(a.prompt_id, a.text) for a in answers])
         for shard in opened.shards:
             batch = GenerationBatch(
                 federation=self.settings.federation,
@@ -291,15 +294,17 @@ class Participant:
 
     def _training_mix(self, round_id: int) -> list[Example]:
         settings = self.settings.train
-        weighted = settings.label_weighting == "confidence"
-        examples = [
-            Example(
-                prompt=prompt,
-                response=text,
-                weight=settings.label_weight * (max(0.0, confidence) if weighted else 1.0),
+        examples = []
+        for labelled in [*self.ledger.labelled_examples(round_id), *self.ledger.revised_examples(round_id)]:
+            weight = label_example_weight(
+                settings.label_weighting,
+                settings.label_weight,
+                labelled.confidence,
+                labelled.label,
+                labelled.own_answer,
             )
-            for prompt, text, confidence in self.ledger.labelled_examples(round_id)
-        ]
+            if weight > 0.0:  # a label that is already our own answer teaches nothing
+                examples.append(Example(prompt=labelled.prompt, response=labelled.label, weight=weight))
         private = list(self.private_train)
         random.Random(f"{settings.seed}:{round_id}").shuffle(private)
         return examples + private[: settings.private_examples_per_round]

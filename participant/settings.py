@@ -10,6 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from common.settings import MetricsTable, SettingsError, convert, read_settings
+from participant.label_weights import LabelWeighting
 from schemas.messages import Id
 
 __all__ = ["HttpTable", "ParticipantSettings", "SettingsError", "TrainTable", "load_participant_settings"]
@@ -27,7 +28,7 @@ class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_length: Annotated[int, Meta(ge=8)] = 256
     seed: int = 0
     private_examples_per_round: Annotated[int, Meta(ge=0)] = 64  # mixed with each round's labels
-    label_weighting: Literal["uniform", "confidence"] = "confidence"
+    label_weighting: LabelWeighting = "confidence"  # see participant/label_weights.py
     # How much a pseudo-label counts against a private example (weight 1), before the confidence factor.
     # Below 1, labels cannot outweigh the private data when the federation's answers are weak.
     label_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0

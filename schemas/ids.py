@@ -34,6 +34,10 @@ def pseudo_labels_id(federation: str, round_id: int, shard_id: int) -> str:
     return f"{federation}.r{round_id}.s{shard_id}.labels"
 
 
+def label_revision_id(federation: str, round_id: int, shard_id: int) -> str:
+    return f"{federation}.r{round_id}.s{shard_id}.labels.rev1"
+
+
 def aggregated_adapter_id(federation: str, round_id: int) -> str:
     return f"{federation}.r{round_id}.adapter"
 

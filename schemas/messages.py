@@ -122,6 +122,9 @@ class PseudoLabels(Message, frozen=True, kw_only=True, tag="pseudo_labels"):
     shard_id: ShardId
     labels: Annotated[list[Label], Meta(max_length=MAX_PROMPTS_PER_SHARD)]
     abstained: Annotated[list[PromptId], Meta(max_length=MAX_PROMPTS_PER_SHARD)] = []
+    # 0: the shard's labels. 1: a revision, sent a round later, of the labels that late answers changed
+    # (late_policy "revise"): train on it once, like any labels.
+    revision: Annotated[int, Meta(ge=0, le=1)] = 0
 
 
 class RoundClosed(Message, frozen=True, kw_only=True, tag="round_closed"):

@@ -13,15 +13,23 @@ from support.coordinators import memory_coordinator
 from support.tiny_models import PRIVATE, CrashOnSecondTrain, coordinator_config, tiny_participant
 
 from broker.memory import MemoryBroker
-from broker.topology import control_key, full_topology
+from broker.topology import COORDINATOR_USER, control_key, full_topology
 from participant.data import Example
 from participant.learner import FunctionLearner, LoraLearner
 from participant.models import load_model
 from participant.service import Participant
 from participant.settings import ParticipantSettings, TrainTable
 from participant.training import TrainSettings
-from schemas.ids import report_id
-from schemas.messages import AggregatedAdapter, Prompt, PromptShard, RoundClosed, RoundOpened
+from schemas.ids import label_revision_id, report_id
+from schemas.messages import (
+    AggregatedAdapter,
+    Label,
+    Prompt,
+    PromptShard,
+    PseudoLabels,
+    RoundClosed,
+    RoundOpened,
+)
 
 
 async def test_two_architectures_complete_rounds_together(tmp_path: Path) -> None:
@@ -103,18 +111,22 @@ async def test_fedavg_round_averages_adapters_of_the_same_architecture(tmp_path:
     assert [r.round_id for r in one.reports] == [1]
 
 
-def test_label_weight_scales_pseudo_labels_not_private_examples(tmp_path: Path) -> None:
-    broker = MemoryBroker()
+def lone_participant(tmp_path: Path, train: TrainTable) -> Participant:
+    """alice with a tiny model on a broker of her own, for checking what she trains on."""
     settings = ParticipantSettings(
         federation="t",
         participant_id="alice",
         model="tiny-llama",
         state_dir=str(tmp_path / "alice"),
         progress=False,
-        train=TrainTable(private_examples_per_round=2, label_weight=0.5),
+        train=train,
     )
     learner = LoraLearner(load_model("tiny-llama"), TrainSettings(batch_size=4, max_length=64))
-    participant = Participant(settings, broker.connect("alice"), learner, private_train=PRIVATE)
+    return Participant(settings, MemoryBroker().connect("alice"), learner, private_train=PRIVATE)
+
+
+def test_label_weight_scales_pseudo_labels_not_private_examples(tmp_path: Path) -> None:
+    participant = lone_participant(tmp_path, TrainTable(private_examples_per_round=2, label_weight=0.5))
     participant.ledger.save_prompts(1, [("q0", "Say 0."), ("q1", "Say 1.")])
     participant.ledger.save_labels(1, [("q0", "zero", 0.8), ("q1", "one", 1.0)])
     mix = participant._training_mix(1)
@@ -122,6 +134,41 @@ def test_label_weight_scales_pseudo_labels_not_private_examples(tmp_path: Path) 
     assert labels == {"zero": 0.5 * 0.8, "one": 0.5}  # label_weight times the confidence
     private = [e for e in mix if not e.prompt.startswith("Say")]
     assert len(private) == 2 and all(e.weight == 1.0 for e in private)
+
+
+def test_disagreement_weighting_skips_labels_that_are_our_own_answer(tmp_path: Path) -> None:
+    train = TrainTable(private_examples_per_round=0, label_weighting="disagreement")
+    participant = lone_participant(tmp_path, train)
+    participant.ledger.save_prompts(1, [("q0", "Say 0."), ("q1", "Say 1."), ("q2", "Say 2.")])
+    participant.ledger.save_answers(1, [("q0", "zero"), ("q1", "uno")])  # q2: not answered
+    participant.ledger.save_labels(1, [("q0", "zero", 0.9), ("q1", "one", 0.8), ("q2", "two", 0.5)])
+    mix = participant._training_mix(1)
+    # q0's label is what we said: skipped; q1 we got wrong: full confidence; q2: confidence alone.
+    assert [(e.response, e.weight) for e in mix] == [("one", 0.8), ("two", 0.5)]
+
+
+async def test_a_label_revision_is_trained_on_once_with_the_next_rounds_labels(tmp_path: Path) -> None:
+    participant = lone_participant(tmp_path, TrainTable(private_examples_per_round=0))
+    participant.ledger.save_prompts(1, [("q0", "Say 0."), ("q1", "Say 1.")])
+    participant.ledger.save_prompts(2, [("q2", "Say 2.")])
+    participant.ledger.save_labels(1, [("q0", "zero", 1.0)])
+    assert [e.response for e in participant._training_mix(1)] == ["zero"]  # round 1's training
+    revision = PseudoLabels(
+        federation="t",
+        round_id=1,
+        message_id=label_revision_id("t", 1, 0),
+        participant_id=COORDINATOR_USER,
+        shard_id=0,
+        labels=[Label(prompt_id="q1", text="one", confidence=0.5, support=2, source="bob")],
+        revision=1,
+    )
+    await participant._handle(revision)
+    participant.ledger.save_labels(2, [("q2", "two", 1.0)])
+    round_two = participant._training_mix(2)
+    assert [(e.response, e.weight) for e in round_two] == [("two", 1.0), ("one", 0.5)]
+    assert [e.response for e in participant._training_mix(2)] == ["two", "one"]  # a retry takes it again
+    assert [e.response for e in participant._training_mix(3)] == []  # and no later round
+    participant.ledger.close()
 
 
 class RecordingTransport:

@@ -93,7 +93,7 @@ EXAMPLES: list[Message] = [
 PINNED = {
     "round_opened": "682a1fe7265a2d0111a4fbe8280149a3a753d7925bf57555c2ed2218775902b9",
     "generation_batch": "bb92214216c63a283a9aaeacdff1e9ae6536d18e3d0208bbfd25c6e3235d81cb",
-    "pseudo_labels": "e2b1bf497ba90e7a62b2cc57654be40995721e10db85fd698afacaa70a4f1550",
+    "pseudo_labels": "70794368418ab13d7d8f6d40915a48e9a9330283025774799dade05aa54b6e3b",
     "round_closed": "2b4b10a268446b3c4b96197459e4494ca5df06e93bc9674f8ba7d4a816b67507",  # with `final`
     "join": "83cb555a91260475911cf6b9c581e38060026607cdb507c809c230d45fc2fb28",
     "heartbeat": "fee71c3e30a8d89ba9bf3df54fabd9a979037998cdd3f6734ee8181e0a1b4130",
@@ -194,3 +194,11 @@ def test_missing_field_is_invalid() -> None:
 def test_messages_are_immutable() -> None:
     with pytest.raises(AttributeError):
         EXAMPLES[1].round_id = 4  # type: ignore[misc]
+
+
+def test_labels_from_a_writer_before_revisions_decode_as_revision_0() -> None:
+    labels = next(m for m in EXAMPLES if kind_of(m) == "pseudo_labels")
+    older = msgspec.to_builtins(labels)
+    del older["revision"]  # what a coordinator before label revisions wrote
+    decoded = DECODERS["pseudo_labels"](msgspec.msgpack.encode(older))
+    assert isinstance(decoded, PseudoLabels) and decoded.revision == 0 and decoded == labels

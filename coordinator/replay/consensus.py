@@ -20,6 +20,7 @@ import msgspec
 from common.embedding import Embedder
 from coordinator.labelling import pseudo_labels_message, shard_candidates
 from coordinator.replay.log import Recording, ReplayError
+from coordinator.reputation import weigh_votes
 from coordinator.rounds import RoundState, resolve_quorum
 from coordinator.settings import CoordinatorSettings
 from coordinator.wiring import build_consensus
@@ -157,7 +158,8 @@ def replay_consensus(
                         "answered batches are not in the log"
                     )
                 candidates = shard_candidates(prompt_ids, fresh, carried, settings.round.staleness_weight)
-                result = strategy.decide(candidates)
+                history = [recording.closed[r].agreement for r in sorted(recording.closed) if r < round_id]
+                result = strategy.decide(weigh_votes(candidates, history, settings.consensus))
                 reasons = {d.prompt_id: d.abstain_reason for d in result.decisions if d.label is None}
                 message = pseudo_labels_message(recording.federation, round_id, shard.shard_id, result)
                 replayed = encode(message)

@@ -75,3 +75,9 @@ class RoundStrategy(Protocol):
     def counts(self, closing: ClosingRow) -> tuple[int, int]:
         """(labelled, abstained) prompts of a closed shard, from its stored closing, for `RoundClosed`."""
         ...
+
+    def revise(self, round_id: int) -> list[Outgoing]:
+        """Once the round after `round_id` closes: replies that revise `round_id`'s decisions with the
+        late answers it got (none if nothing changed, or the strategy does not revise). Persisted like
+        `decide`'s, and runs in a worker thread."""
+        ...

@@ -100,6 +100,9 @@ class FedAvgStrategy:
     def counts(self, closing: ClosingRow) -> tuple[int, int]:
         return 0, 0
 
+    def revise(self, round_id: int) -> list[Outgoing]:
+        return []  # an average, once applied, is not taken back
+
 
 def average_adapters(updates: Sequence[tuple[Mapping[str, AnyArray], int]]) -> dict[str, AnyArray]:
     """Sample-weighted mean of adapters given as (name -> array, number of training samples).

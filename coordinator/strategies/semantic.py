@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import msgspec
 import structlog
 
 from coordinator.consensus import Candidate, ConsensusStrategy
-from coordinator.labelling import pseudo_labels_message, shard_candidates
+from coordinator.labelling import changed_labels, pseudo_labels_message, shard_candidates
 from coordinator.prompts import PromptSampler, split_into_shards
+from coordinator.reputation import weigh_votes
 from coordinator.rounds import ShardClosing
 from coordinator.store import ClosingRow
 from coordinator.strategies.base import Announced, Outgoing, StrategyContext
 from coordinator.wiring import build_consensus
 from schemas.codec import decode_generation, decode_reply, encode
-from schemas.ids import pseudo_labels_id
-from schemas.messages import AdapterUpdate, GenerationBatch, PromptShard, PseudoLabels, RoundOpened
+from schemas.ids import label_revision_id, pseudo_labels_id
+from schemas.messages import (
+    AdapterUpdate,
+    GenerationBatch,
+    PromptShard,
+    PseudoLabels,
+    RoundClosed,
+    RoundOpened,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -80,9 +89,8 @@ class SemanticStrategy:
     def _decide_shard(
         self, round_id: int, closing: ShardClosing, prompt_ids: Sequence[str]
     ) -> tuple[PseudoLabels, dict[str, float]]:
-        result = self.consensus.decide(
-            self._candidates(round_id, closing.shard_id, prompt_ids, closing.answered)
-        )
+        candidates = self._candidates(round_id, closing.shard_id, prompt_ids, closing.answered)
+        result = self.consensus.decide(self._weigh_votes(round_id, candidates))
         message = pseudo_labels_message(self.settings.federation, round_id, closing.shard_id, result)
         log.info(
             "consensus",
@@ -92,6 +100,20 @@ class SemanticStrategy:
             abstained=len(message.abstained),
         )
         return message, {p: float(a) for p, a in result.agreement.items()}
+
+    def _weigh_votes(
+        self, round_id: int, candidates: dict[str, list[Candidate]]
+    ) -> dict[str, list[Candidate]]:
+        """With vote_weighting "reputation", each member's answers count by its past agreement."""
+        table = self.settings.consensus
+        if table.vote_weighting != "reputation" or round_id <= 1:
+            return candidates
+        history = []
+        for body in self.store.summaries(1, round_id - 1):
+            summary = decode_reply(body)
+            assert isinstance(summary, RoundClosed)
+            history.append(summary.agreement)
+        return weigh_votes(candidates, history, table)
 
     def _candidates(
         self, round_id: int, shard_id: int, prompt_ids: Sequence[str], answered: Sequence[str]
@@ -107,6 +129,63 @@ class SemanticStrategy:
         if rounds.late_policy == "carry" and round_id > 1:
             carried = [decode_generation(row.body) for row in self.store.batches(round_id - 1) if row.late]
         return shard_candidates(prompt_ids, fresh, carried, rounds.staleness_weight)
+
+    def revise(self, round_id: int) -> list[Outgoing]:
+        """late_policy "revise": re-run each labelled shard of `round_id` that got late answers with
+        them (at `staleness_weight`), and send the labels that changed or appeared, once."""
+        if self.settings.round.late_policy != "revise" or round_id < 1:
+            return []
+        revised = self.store.revisions(round_id)
+        if revised is None:
+            revised = {}
+            late = [decode_generation(row.body) for row in self.store.batches(round_id, late_only=True)]
+            for closing in self.store.closings(round_id) if late else []:
+                shard_late = [b for b in late if b.shard_id == closing.shard_id]
+                body = self._revise_shard(round_id, closing, shard_late)
+                if body is not None:
+                    revised[closing.shard_id] = body
+            self.store.save_revisions(round_id, revised)
+        federation = self.settings.federation
+        return [
+            Outgoing(label_revision_id(federation, round_id, shard_id), body, "label_revision")
+            for shard_id, body in sorted(revised.items())
+        ]
+
+    def _revise_shard(
+        self, round_id: int, closing: ClosingRow, late: Sequence[GenerationBatch]
+    ) -> bytes | None:
+        if closing.status != "labelled" or closing.labels is None or not late:
+            return None
+        original = decode_reply(closing.labels)
+        assert isinstance(original, PseudoLabels)
+        prompt_ids = [label.prompt_id for label in original.labels] + list(original.abstained)
+        members = set(closing.answered)
+        fresh = [
+            decode_generation(row.body)
+            for row in self.store.batches(round_id, closing.shard_id)
+            if not row.late and row.participant_id in members
+        ]
+        candidates = shard_candidates(prompt_ids, fresh, late, self.settings.round.staleness_weight)
+        result = self.consensus.decide(self._weigh_votes(round_id, candidates))
+        redone = pseudo_labels_message(self.settings.federation, round_id, closing.shard_id, result)
+        changed = changed_labels(original, redone)
+        log.info(
+            "labels_revised",
+            round=round_id,
+            shard=closing.shard_id,
+            late=sorted(b.participant_id for b in late),
+            changed=len(changed),
+        )
+        if not changed:
+            return None
+        revision = msgspec.structs.replace(
+            redone,
+            message_id=label_revision_id(self.settings.federation, round_id, closing.shard_id),
+            labels=changed,
+            abstained=[],
+            revision=1,
+        )
+        return encode(revision)
 
     def counts(self, closing: ClosingRow) -> tuple[int, int]:
         if closing.labels is None:
