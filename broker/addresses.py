@@ -30,6 +30,14 @@ def broker_urls(value: BrokerUrls) -> tuple[str, ...]:
     return urls
 
 
+def check_broker_urls(value: BrokerUrls) -> None:
+    """For settings validation: raise ValueError (not BrokerError) when `value` is no usable address list."""
+    try:
+        broker_urls(value)
+    except BrokerError as e:
+        raise ValueError(str(e)) from None
+
+
 def _check_same_login(urls: Sequence[str]) -> None:
     first = urlsplit(urls[0])
     if first.scheme == MEMORY_SCHEME:

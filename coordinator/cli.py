@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from broker.addresses import is_memory
 from broker.connect import open_transport
 from common.exits import EXIT_OK, run_command
 from common.logs import configure_logging
@@ -35,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run rounds against a broker until done or SIGTERM")
     run.add_argument("--config", type=Path, required=True, help="coordinator TOML settings file")
-    run.add_argument("--broker", help="broker URL (amqp://user:pass@host:port/vhost); overrides the file")
+    run.add_argument(
+        "--broker",
+        help="broker URL (amqp://user:pass@host:port/vhost), or several nodes of one cluster separated "
+        "by ';' (the first reachable one is used, the others on connection loss); overrides the file",
+    )
     run.add_argument("--rounds", type=int, help="number of rounds to run (0 = until stopped)")
     status = commands.add_parser("status", help="rounds and shards from the state database, as a table")
     status.add_argument("--config", type=Path, help="settings file naming the state database")
@@ -77,7 +82,7 @@ def _state_path(args: argparse.Namespace) -> Path:
 
 async def run_coordinator(settings: CoordinatorSettings) -> None:
     """Run until the configured rounds are done; SIGTERM/SIGINT stop intake and finish the step."""
-    if settings.broker_url.startswith("memory:"):
+    if is_memory(settings.broker_url):
         raise SettingsError(
             "the coordinator alone cannot use the in-memory broker (participants could not reach it); "
             "give --broker amqp://... (or set CHORUS_BROKER_URL, or broker_url in the settings file), "

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from broker.addresses import check_broker_urls
 from common.settings import MetricsTable, SettingsError, convert, read_settings
 from coordinator.consensus import ConsensusSettings
 from schemas.messages import GenerationParams, Id
@@ -87,7 +88,8 @@ class RecordingSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields
 
 class CoordinatorSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     federation: Id = "chorus"
-    broker_url: str = "memory://"
+    # One URL, or several nodes of one cluster: a list, or ";"-separated (broker.addresses).
+    broker_url: str | list[str] = "memory://"
     state_path: str = "coordinator.sqlite3"
     prompts_path: str
     roster: list[Id] = []  # participants known up front; others may join
@@ -107,6 +109,7 @@ class CoordinatorSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fiel
 
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
+        check_broker_urls(self.broker_url)
 
 
 # Environment variable -> top-level key it overrides.

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from broker.addresses import is_memory
 from broker.connect import open_transport
 from common.exits import EXIT_OK, run_command
 from common.logs import configure_logging
@@ -33,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--id", dest="participant_id", help="participant id (its broker user); overrides the file"
     )
-    run.add_argument("--broker", help="broker URL, amqp://ID:PASSWORD@HOST:PORT/VHOST; overrides the file")
+    run.add_argument(
+        "--broker",
+        help="broker URL, amqp://ID:PASSWORD@HOST:PORT/VHOST, or several nodes of one cluster separated by "
+        "';' (the first reachable one is used, the others on connection loss); overrides the file",
+    )
     run.add_argument("--rounds", type=int, help="exit after applying this many rounds")
     return parser
 
@@ -73,7 +78,7 @@ def load_models(settings: ParticipantSettings, *, evaluate: bool) -> tuple[Learn
 
 
 async def run_participant(settings: ParticipantSettings, rounds: int | None = None) -> None:
-    if settings.broker_url.startswith("memory:"):
+    if is_memory(settings.broker_url):
         raise SettingsError(
             "a participant alone cannot use the in-memory broker; give --broker amqp://... (or set "
             "CHORUS_BROKER_URL, or broker_url in the settings file), "

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from broker.addresses import check_broker_urls
 from common.settings import MetricsTable, SettingsError, convert, read_settings
 from participant.label_weights import LabelWeighting
 from schemas.messages import Id
@@ -57,7 +58,8 @@ class ParticipantMetricsTable(MetricsTable, frozen=True, kw_only=True, forbid_un
 class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     federation: Id = "chorus"
     participant_id: Id
-    broker_url: str = "memory://"
+    # One URL, or several nodes of one cluster: a list, or ";"-separated (broker.addresses).
+    broker_url: str | list[str] = "memory://"
     model: str = "smollm2-135m-instruct"  # a registry name, or a local Hugging Face model directory
     command: list[str] | None = None  # a generate-only black box: prompt on stdin, answer on stdout
     command_timeout_seconds: Annotated[float, Meta(gt=0.0)] = 120.0
@@ -80,6 +82,7 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     def __post_init__(self) -> None:
         if self.http is not None and self.command:
             raise ValueError("give either command or [http] for a black box, not both")
+        check_broker_urls(self.broker_url)
 
 
 ENV_OVERRIDES = {"CHORUS_BROKER_URL": "broker_url", "CHORUS_FEDERATION": "federation"}

@@ -111,3 +111,28 @@ def test_an_unknown_key_is_an_error_that_names_it(tmp_path: Path) -> None:
     path.write_text('prompts_path = "p.jsonl"\n[round]\nquorom = 2\n')
     with pytest.raises(SettingsError, match="quorom"):
         load(CoordinatorSettings, path)
+
+
+NODES = ["amqp://u:pw@node-a:5672/chorus", "amqp://u:pw@node-b:5672/chorus"]
+
+
+@pytest.mark.parametrize("kind", [CoordinatorSettings, ParticipantSettings])
+def test_several_broker_addresses_load_as_a_list_or_from_the_environment(tmp_path: Path, kind: type) -> None:
+    settings = load(kind, settings_file(tmp_path, kind, ("broker_url",), NODES))
+    assert settings.broker_url == NODES
+    path = settings_file(tmp_path, kind, ("federation",), "f")
+    env = {"CHORUS_BROKER_URL": ";".join(NODES)}
+    loaded = (
+        load_coordinator_settings(path, env=env)
+        if kind is CoordinatorSettings
+        else load_participant_settings(path, env=env)
+    )
+    assert loaded.broker_url == ";".join(NODES)  # split where it is used (broker.addresses)
+
+
+@pytest.mark.parametrize("kind", [CoordinatorSettings, ParticipantSettings])
+def test_addresses_of_different_logins_are_refused_on_load(tmp_path: Path, kind: type) -> None:
+    other = [NODES[0], "amqp://v:pw@node-b:5672/chorus"]
+    with pytest.raises(SettingsError, match="differ in user") as refused:
+        load(kind, settings_file(tmp_path, kind, ("broker_url",), other))
+    assert "pw@" not in str(refused.value)
