@@ -54,7 +54,7 @@ bench: setup rabbitmq
 	$(PY) -m bench.bench_scale $(BENCH_ARGS)
 	$(PY) -m bench.bench_participant $(BENCH_ARGS)
 
-# Long fault and load runs: a 3-node cluster losing a node, 100 concurrent participants.
+# Long load runs: 100 concurrent participants (the 3-node cluster failover test runs in make test).
 soak: setup rabbitmq
 	$(PY) -m pytest -q -m soak
 
