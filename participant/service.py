@@ -24,7 +24,7 @@ from participant.adapters import tensors_from_wire, tensors_to_wire
 from participant.data import Example
 from participant.evaluation import Embedder
 from participant.label_weights import label_example_weight
-from participant.learner import AdapterLearner, Learner
+from participant.learner import AdapterLearner, Learner, LearnerError
 from participant.ledger import ParticipantLedger
 from participant.metrics import ParticipantMetrics
 from participant.settings import ParticipantSettings
@@ -264,8 +264,14 @@ class Participant:
         if self.ledger.was_answered(opened.round_id):
             return
         started = time.perf_counter()
-        async with self._model_lock:
-            answers = await asyncio.to_thread(self.learner.generate, prompts, opened.generation)
+        try:
+            async with self._model_lock:
+                answers = await asyncio.to_thread(self.learner.generate, prompts, opened.generation)
+        except LearnerError as e:
+            # The learner already retried what could pass (an HTTP endpoint's back-off): a redelivery
+            # would repeat that whole wait while the round runs on without us. This round is missed.
+            log.warning("round_not_answered", round=opened.round_id, participant=self.pid, error=str(e))
+            return
         self.metrics.generated(time.perf_counter() - started, sum(a.completion_tokens for a in answers))
         by_prompt = {a.prompt_id: a for a in answers}
         self.ledger.save_answers(opened.round_id, [(a.prompt_id, a.text) for a in answers])
