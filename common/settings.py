@@ -81,6 +81,8 @@ def read_toml(path: Path) -> dict[str, object]:
         raw = msgspec.toml.decode(path.read_bytes())
     except FileNotFoundError as e:
         raise SettingsError(f"settings file {path} does not exist") from e
+    except OSError as e:  # a folder, or a file this user may not read
+        raise SettingsError(f"cannot read settings file {path}: {e.strerror}") from e
     except msgspec.DecodeError as e:
         raise SettingsError(f"{path}: not valid TOML ({e})") from e
     if not isinstance(raw, dict):

@@ -127,7 +127,6 @@ class BadSettings:
     prog: str
     break_it: Callable[[Path], int | None]
     says: tuple[str, ...]
-    status: int = EXIT_USAGE
 
 
 def replace_text(old: str, new: str) -> Callable[[Path], int]:
@@ -160,7 +159,7 @@ def as_shipped(path: Path) -> None:
 BAD_SETTINGS = {
     "coordinator-toml-syntax": BadSettings(
         COORDINATOR,
-        replace_text('late_policy = "drop"', 'late_policy = "drop'),
+        replace_text('federation = "chorus"', 'federation = "chorus'),
         ("{path}", "not valid TOML", "line {line}"),
     ),
     "coordinator-unknown-key": BadSettings(
@@ -175,14 +174,16 @@ BAD_SETTINGS = {
     "coordinator-missing-file": BadSettings(COORDINATOR, remove, ("{path}", "does not exist")),
     # A folder is not a settings file: said in one line rather than a traceback (an uncaught OSError).
     "coordinator-file-is-a-folder": BadSettings(
-        COORDINATOR, make_folder, ("{path}", "Is a directory"), status=EXIT_FAILED
+        COORDINATOR, make_folder, ("cannot read settings file {path}", "Is a directory")
     ),
     # The shipped file names no broker: without --broker or CHORUS_BROKER_URL there is none to use.
     "coordinator-no-broker": BadSettings(
         COORDINATOR, as_shipped, ("in-memory broker", "--broker", "CHORUS_BROKER_URL", "broker_url")
     ),
     "participant-toml-syntax": BadSettings(
-        PARTICIPANT, replace_text("rank = 8", "rank = = 8"), ("{path}", "not valid TOML", "line {line}")
+        PARTICIPANT,
+        replace_text('federation = "chorus"', 'federation = "chorus'),
+        ("{path}", "not valid TOML", "line {line}"),
     ),
     "participant-unknown-key": BadSettings(
         PARTICIPANT, replace_text("rank = 8", "rnak = 8"), ("{path}", "unknown field `rnak`", "train")
@@ -226,7 +227,7 @@ def test_a_bad_settings_file_exits_with_one_paragraph_naming_the_file_and_the_pr
 ) -> None:
     case = BAD_SETTINGS[name]
     says, finished = bad_settings_runs[name]
-    assert finished.returncode == case.status, finished
+    assert finished.returncode == EXIT_USAGE, finished
     message = the_error_paragraph(finished, case.prog)
     assert finished.stderr.strip() == message, finished  # and nothing else
     for fragment in says:
