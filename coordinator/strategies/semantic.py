@@ -118,17 +118,26 @@ class SemanticStrategy:
     def _candidates(
         self, round_id: int, shard_id: int, prompt_ids: Sequence[str], answered: Sequence[str]
     ) -> dict[str, list[Candidate]]:
+        rounds = self.settings.round
+        carried = []
+        if rounds.late_policy == "carry" and round_id > 1:
+            carried = self._late_batches(round_id - 1)
+        fresh = self._answered_batches(round_id, shard_id, answered)
+        return shard_candidates(prompt_ids, fresh, carried, rounds.staleness_weight)
+
+    def _late_batches(self, round_id: int) -> list[GenerationBatch]:
+        return [decode_generation(row.body) for row in self.store.batches(round_id, late_only=True)]
+
+    def _answered_batches(
+        self, round_id: int, shard_id: int, answered: Sequence[str]
+    ) -> list[GenerationBatch]:
+        """The batches a shard closed with: in time, from its answered set."""
         members = set(answered)
-        fresh = [
+        return [
             decode_generation(row.body)
             for row in self.store.batches(round_id, shard_id)
             if not row.late and row.participant_id in members
         ]
-        rounds = self.settings.round
-        carried = []
-        if rounds.late_policy == "carry" and round_id > 1:
-            carried = [decode_generation(row.body) for row in self.store.batches(round_id - 1) if row.late]
-        return shard_candidates(prompt_ids, fresh, carried, rounds.staleness_weight)
 
     def revise(self, round_id: int) -> list[Outgoing]:
         """late_policy "revise": re-run each labelled shard of `round_id` that got late answers with
@@ -138,7 +147,7 @@ class SemanticStrategy:
         revised = self.store.revisions(round_id)
         if revised is None:
             revised = {}
-            late = [decode_generation(row.body) for row in self.store.batches(round_id, late_only=True)]
+            late = self._late_batches(round_id)
             for closing in self.store.closings(round_id) if late else []:
                 shard_late = [b for b in late if b.shard_id == closing.shard_id]
                 body = self._revise_shard(round_id, closing, shard_late)
@@ -159,12 +168,7 @@ class SemanticStrategy:
         original = decode_reply(closing.labels)
         assert isinstance(original, PseudoLabels)
         prompt_ids = [label.prompt_id for label in original.labels] + list(original.abstained)
-        members = set(closing.answered)
-        fresh = [
-            decode_generation(row.body)
-            for row in self.store.batches(round_id, closing.shard_id)
-            if not row.late and row.participant_id in members
-        ]
+        fresh = self._answered_batches(round_id, closing.shard_id, closing.answered)
         candidates = shard_candidates(prompt_ids, fresh, late, self.settings.round.staleness_weight)
         result = self.consensus.decide(self._weigh_votes(round_id, candidates))
         redone = pseudo_labels_message(self.settings.federation, round_id, closing.shard_id, result)
