@@ -7,7 +7,8 @@ file, an unreachable broker or a wrong password, a non-zero exit status (README,
 paragraph on stderr that says what is wrong and where, never a Python traceback.
 
 The settings and broker failures start all their processes at once (module fixtures), so that the
-file's cost is about one process start per group rather than one per case.
+file's cost is about one process start per group rather than one per case. The settings cases need
+no broker and carry no `amqp` mark, so that `make test-fast` runs them too.
 """
 
 from __future__ import annotations
