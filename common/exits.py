@@ -7,6 +7,7 @@ class attribute `exit_status` (broker.errors does); anything else of Chorus's is
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -17,6 +18,17 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # it started and failed: the broker unreachable or refusing the login, a run that broke
 EXIT_USAGE = 2  # a bad command line or settings file: nothing was started (argparse uses 2 as well)
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+
+
+def count_argument(text: str) -> int:
+    """An argparse `type` for a count (rounds, say): an int of at least 0, else a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def exit_status(error: ChorusError) -> int:

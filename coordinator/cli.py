@@ -12,7 +12,7 @@ import structlog
 
 from broker.addresses import is_memory
 from broker.connect import open_transport
-from common.exits import EXIT_OK, run_command
+from common.exits import EXIT_OK, count_argument, run_command
 from common.logs import configure_logging
 from coordinator.prompts import load_prompts
 from coordinator.replay.recording import with_recording
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="broker URL (amqp://user:pass@host:port/vhost), or several nodes of one cluster separated "
         "by ';' (the first reachable one is used, the others on connection loss); overrides the file",
     )
-    run.add_argument("--rounds", type=int, help="number of rounds to run (0 = until stopped)")
+    run.add_argument("--rounds", type=count_argument, help="number of rounds to run (0 = until stopped)")
     status = commands.add_parser("status", help="rounds and shards from the state database, as a table")
     status.add_argument("--config", type=Path, help="settings file naming the state database")
     status.add_argument("--state", type=Path, help="the state database itself")

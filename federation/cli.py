@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from common.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, count_argument
 from federation.config import load_run_config
 from federation.launch import LOG_FILE, quiet_library_progress_bars, run_to_end
 from federation.runner import RunOptions, check_options
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --broker amqp://: the chorus-broker node dir to create participant users in",
     )
     parser.add_argument("--results", type=Path, help="results directory (default results/<config name>)")
-    parser.add_argument("--rounds", type=int, help="number of rounds (overrides the config)")
+    parser.add_argument("--rounds", type=count_argument, help="number of rounds (overrides the config)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from broker.addresses import is_memory
 from broker.connect import open_transport
-from common.exits import EXIT_OK, run_command
+from common.exits import EXIT_OK, count_argument, run_command
 from common.logs import configure_logging
 from participant.settings import ParticipantSettings, SettingsError, load_participant_settings
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="broker URL, amqp://ID:PASSWORD@HOST:PORT/VHOST, or several nodes of one cluster separated by "
         "';' (the first reachable one is used, the others on connection loss); overrides the file",
     )
-    run.add_argument("--rounds", type=int, help="exit after applying this many rounds")
+    run.add_argument("--rounds", type=count_argument, help="exit after applying this many rounds")
     return parser
 
 
