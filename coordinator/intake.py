@@ -11,6 +11,7 @@ transaction (and fsync) for all the batches of an event-loop turn, in a worker t
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -18,7 +19,7 @@ from typing import TypeVar
 import structlog
 
 from broker.errors import BrokerError
-from broker.topology import LOBBY_QUEUE, intake_queue
+from broker.topology import LOBBY_MAX_MESSAGES, LOBBY_QUEUE, intake_queue
 from broker.transport import Delivery, Handler, Subscription, Transport
 from coordinator.identity import identity_problem, ownership_problem, shard_of_routing_key
 from coordinator.late_answers import RevisionWindow
@@ -41,6 +42,9 @@ GROUP_COMMIT_MAX = 1024
 # Bodies larger than this are decoded in a worker thread, so that a large (or hostile) one does not
 # stall every other member's intake on the event loop.
 OFF_LOOP_DECODE_BYTES = 64 * 1024
+# Control messages judged from the lobby that are remembered, so that their intake-queue copies are not
+# judged again (the lobby holds at most this many messages anyway).
+LOBBY_JUDGED_MEMORY = LOBBY_MAX_MESSAGES
 # A member's last-seen time is written at most this often; more heartbeats than that change nothing.
 TOUCH_INTERVAL_SECONDS = 1.0
 # Why an answer of the wrong kind for this federation's strategy is refused.
@@ -110,6 +114,9 @@ class Intake:
         self._subscriptions: list[Subscription] = []
         self._consumed: set[str] = set()  # participants whose intake queue this coordinator consumes
         self._touched: dict[str, float] = {}  # member -> when its last-seen time was last written
+        # (sender, message id) of control messages judged from the lobby before the sender's intake
+        # queue was consumed: that queue's copy of each is acked unread.
+        self._judged_in_lobby: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._pending_writes: list[PendingWrite] = []
         self._committing: asyncio.Task[None] | None = None
         self._revision_window = RevisionWindow(store) if settings.round.late_policy == "revise" else None
@@ -162,8 +169,8 @@ class Intake:
         async def handle(delivery: Delivery) -> None:
             self.counters.received_bytes += len(delivery.body)
             key = delivery.routing_key
-            if owner is None and key.startswith("ctl.") and key[4:] in self._consumed:
-                await delivery.ack()  # the lobby's copy of what the sender's intake queue delivers
+            if key.startswith("ctl.") and self._other_copy_judged(owner, key[4:], delivery.message_id):
+                await delivery.ack()
                 return
             if key.startswith("gen."):
                 await self._on_generation(delivery, owner)
@@ -175,6 +182,25 @@ class Intake:
                 )
 
         return handle
+
+    def _other_copy_judged(self, owner: str | None, sender: str, message_id: str | None) -> bool:
+        """Whether this control message's other copy (lobby / intake queue) is judged or will be.
+
+        Control traffic reaches both the lobby and the sender's intake queue. Once that queue is
+        consumed, it judges; the lobby's copies are acked unread. A copy the lobby judged before then
+        is remembered, so the intake queue's copy of the same message is not judged a second time.
+        """
+        if owner is None:
+            if sender in self._consumed:
+                return True
+            if message_id is not None:
+                self._judged_in_lobby[(sender, message_id)] = None
+                while len(self._judged_in_lobby) > LOBBY_JUDGED_MEMORY:
+                    self._judged_in_lobby.popitem(last=False)
+            return False
+        if message_id is None:
+            return False
+        return self._judged_in_lobby.pop((owner, message_id), False) is None
 
     async def _decode(self, decode: Callable[[bytes], DecodedT], body: bytes) -> DecodedT:
         if len(body) > OFF_LOOP_DECODE_BYTES:

@@ -139,8 +139,8 @@ async def test_a_participant_using_another_ones_message_ids_erases_nothing(
         assert {(1, s, alice) for s in range(SHARDS)} <= stored_batches(coordinator, 1)
         stolen = f"names participant {alice!r}, not the sender {mallory!r}"
 
-        # Every theft (3 batches, 1 report) dead-lettered as such; a control message sent while the
-        # thief's intake queue was being set up can be judged from the lobby copy too (twice, same id).
+        # Every theft (3 batches, 1 report) dead-lettered as such (a control message is judged from its
+        # lobby copy or its intake-queue copy, whichever comes first, once).
         def stolen_ids() -> set[str | None]:
             return {d.message_id for d in dead.deliveries if stolen in str(d.headers.get(REASON_HEADER, ""))}
 

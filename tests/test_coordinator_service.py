@@ -18,14 +18,17 @@ from broker.topology import (
     DEAD_LETTER_QUEUE,
     SHARED_REPLY_KEY,
     UP_EXCHANGE,
+    control_key,
     full_topology,
     generation_key,
     intake_queue,
+    intake_topology,
     reply_key,
 )
 from broker.transport import REASON_HEADER, Delivery, Topology
 from coordinator.settings import load_coordinator_settings
-from schemas import Answer, GenerationBatch, encode, new_message_id
+from schemas import Answer, GenerationBatch, ParticipantReport, encode, new_message_id
+from schemas.ids import report_id
 
 
 async def test_round_closes_on_time_with_a_straggler(tmp_path: Path) -> None:
@@ -341,4 +344,36 @@ async def test_a_round_opening_during_a_join_is_announced_once_the_members_queue
     release.set()
     assert await asyncio.wait_for(opening, 5.0)
     assert {intake_queue(n) for n in names} <= announced_with[0]
+    await coordinator.stop_intake()
+
+
+async def test_a_control_message_judged_from_the_lobby_is_not_judged_again_from_the_intake_queue(
+    tmp_path: Path,
+) -> None:
+    # Control traffic lands in the lobby and in the sender's intake queue. Before the coordinator
+    # consumes that queue, the lobby's copy is judged; the queue's copy must then be acked unread.
+    broker = MemoryBroker()
+    broker.declare(full_topology(["alice", "mallory"]).merged(intake_topology(["mallory"])))
+    coordinator = memory_coordinator(write_config(tmp_path, min_participants=1, quorum=1), broker)
+    dead: list[Delivery] = []
+
+    async def collect(delivery: Delivery) -> None:
+        dead.append(delivery)
+
+    await broker.connect("inspector").consume(DEAD_LETTER_QUEUE, collect)
+    await coordinator.start()  # consumes the lobby; mallory has not joined, so not its intake queue
+    forged = ParticipantReport(
+        federation="test",
+        round_id=1,
+        message_id=report_id("alice", 1),  # names alice: refused
+        participant_id="mallory",
+        metrics={"loss": 0.0},
+    )
+    mallory = broker.connect("mallory")
+    await mallory.publish(UP_EXCHANGE, control_key("mallory"), encode(forged), message_id=forged.message_id)
+    await eventually(lambda: len(dead) == 1, timeout=5.0)
+    await coordinator.intake.consume(["mallory"])  # as a Join would have it
+    await eventually(lambda: broker.queue_depth(intake_queue("mallory")) == 0, timeout=5.0)
+    await asyncio.sleep(0.1)
+    assert len(dead) == 1 and coordinator.counters.dead_lettered == 1  # judged once
     await coordinator.stop_intake()
