@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup rabbitmq lint test test-fast demo bench bench-quality soak clean
+.PHONY: setup rabbitmq lint test test-fast demo bench bench-quality bench-quality-quick soak clean
 
 setup: $(STAMP)
 
@@ -63,10 +63,16 @@ soak: setup rabbitmq
 demo: setup $(if $(filter local,$(BROKER)),rabbitmq)
 	$(VENV)/bin/chorus-run examples/demo.toml --broker $(BROKER) --results results/demo
 
-# Quality and communication against baselines (local-only, semantic, FedAvg-LoRA, centralized,
-# heterogeneous) on one budget: bench/results/quality.{json,md,png} (about 20-35 min on 2 CPU cores).
+# Learning quality against baselines: 3 tasks x 3 seeds x 5 methods (local-only, FedAvg-LoRA,
+# centralized, semantic, new recipe) + a junk-member run, with bootstrap intervals:
+# bench/results/quality.{json,md} and quality_<task>.png. Resumes where it stopped (finished runs
+# are kept under results/quality-grid/runs). BENCH_ARGS=--quick (or make
+# bench-quality-quick): a smoke run of a few minutes, written under results/quality-grid/quick.
 bench-quality: setup
-	$(PY) -m bench.quality bench/quality.toml --heterogeneous examples/heterogeneous.toml --out bench/results
+	$(PY) -m bench.quality bench/quality_grid.toml $(BENCH_ARGS)
+
+bench-quality-quick: setup
+	$(PY) -m bench.quality bench/quality_grid.toml --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,24 +1,30 @@
-"""bench/quality.py end to end on tiny in-process models: every method gives numbers, files are written."""
+"""bench/quality/: the grid, the bootstrap, resume, and the whole grid end to end on tiny models."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import msgspec
+import numpy as np
 import pytest
 
-from bench import quality
+from bench.quality import cli
+from bench.quality.execute import GridRunner
+from bench.quality.grid import RunKey, fingerprint, load_grid, method_config, seeded
+from bench.quality.results import ResultStore, RunResult
+from bench.quality.stats import paired_differences, seed_bootstrap
 
-COMMON = """
+TASK = """
 rounds = 2
 embedder = "hashing"
 
 [task]
 families = ["text", "data"]
-seed = 0
+seed = 5
 max_public = 8
 max_train = 8
-max_test = 4
+max_test = 6
 
 [generation]
 max_new_tokens = 6
@@ -41,69 +47,244 @@ grace_seconds = 0.0
 min_confidence = -1.0
 """
 
+GRID = """
+seeds = [0, 1]
+methods = ["local", "fedavg", "centralized", "semantic", "new_recipe"]
+generation_prompts = 4
+round_nll_prompts = 3
+bootstrap_resamples = 500
+
+[tasks]
+a = "a.toml"
+b = "b.toml"
+
+[new_recipe]
+consensus = { vote_weighting = "reputation" }
+
+[junk_member]
+task = "a"
+seed = 0
+participant = "p1"
+model = "tiny-gpt2"
+fedavg_deadline_seconds = 4.0
+
+[quick]
+tasks = ["a"]
+seeds = [0]
+rounds = 1
+max_test = 5
+generation_prompts = 3
+"""
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
-def write_config(path: Path, federation: str, models: list[str]) -> Path:
-    entries = "".join(f'\n[[participants]]\nid = "p{i}"\nmodel = "{m}"\n' for i, m in enumerate(models))
-    path.write_text(f'federation = "{federation}"\n{COMMON}{entries}')
+def write_grid(tmp_path: Path, grid: str = GRID) -> Path:
+    for name in ("a", "b"):
+        participants = "".join(f'\n[[participants]]\nid = "p{i}"\nmodel = "tiny-llama"\n' for i in range(2))
+        (tmp_path / f"{name}.toml").write_text(f'federation = "{name}"\n{TASK}{participants}')
+    path = tmp_path / "grid.toml"
+    path.write_text(grid)
     return path
 
 
-def test_quality_bench_runs_every_method_on_tiny_models(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "tiny-same.toml", "same", ["tiny-llama", "tiny-llama"])
-    het = write_config(tmp_path / "tiny-mixed.toml", "mixed", ["tiny-llama", "tiny-gpt2"])
-    out = tmp_path / "out"
-    argv = [str(config), "--heterogeneous", str(het), "--out", str(out), "--work", str(tmp_path / "work")]
-    assert quality.main([*argv, "--refusal-deadline", "4"]) == 0
+# ---- the grid -------------------------------------------------------------------------------------
+
+
+def test_grid_expands_tasks_seeds_and_methods_warmup_first(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    names = [key.name for key in grid.runs()]
+    per_seed = ["warmup", "local", "fedavg", "centralized", "semantic", "new_recipe"]
+    expected = [f"{t}__seed{s}__{m}" for s in (0, 1) for t in ("a", "b") for m in per_seed]  # seeds outer
+    assert names == [*expected, "a__seed0__junk_member"]
+
+    narrowed = load_grid(write_grid(tmp_path), tasks=["b"], seeds=[1], methods=["semantic"])
+    assert [k.name for k in narrowed.runs()] == ["b__seed1__warmup", "b__seed1__semantic"]  # junk is a's
+
+
+def test_seed_shifts_the_data_seed_and_sets_the_training_seed(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    config = seeded(grid.tasks["a"], 2)
+    assert config.run.task is not None and config.run.task.seed == 5 + 2
+    assert config.run.train.seed == 2
+    assert config.run.federation == "a-s2"
+
+
+def test_method_configs_set_the_strategy_and_layer_the_new_recipe(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    base = seeded(grid.tasks["a"], 0)
+    assert method_config(base, "fedavg", grid.new_recipe).coordinator_raw["strategy"] == "fedavg"
+    assert method_config(base, "semantic", grid.new_recipe).coordinator_raw["strategy"] == "semantic"
+    recipe = method_config(base, "new_recipe", grid.new_recipe)
+    assert recipe.coordinator_raw["strategy"] == "semantic"
+    consensus = recipe.coordinator_raw["consensus"]
+    assert consensus == {"min_confidence": -1.0, "vote_weighting": "reputation"}
+    # Only the new recipe's identity depends on the recipe: editing it reruns that method alone.
+    other = msgspec.structs.replace(grid.new_recipe, consensus={"vote_weighting": "uniform"})
+    for method, changes in (("semantic", False), ("new_recipe", True)):
+        before = fingerprint(method_config(base, method, grid.new_recipe), {})
+        after = fingerprint(method_config(base, method, other), {})
+        assert (before != after) is changes, method
+
+
+def test_a_recipe_the_installed_settings_reject_is_reported_and_not_run(tmp_path: Path) -> None:
+    text = GRID.replace('consensus = { vote_weighting = "reputation" }', 'train = { no_such_setting = "x" }')
+    grid = load_grid(write_grid(tmp_path, text))
+    assert grid.new_recipe_problem is not None and "no_such_setting" in grid.new_recipe_problem
+
+
+def test_quick_shrinks_sizes_and_keeps_every_method(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path), quick=True, junk_member=False)
+    assert [k.name for k in grid.runs()] == [
+        f"a__seed0__{m}" for m in ("warmup", "local", "fedavg", "centralized", "semantic", "new_recipe")
+    ]
+    run = grid.tasks["a"].run
+    assert run.rounds == 1 and run.task is not None and run.task.max_test == 5
+    assert grid.generation_prompts == 3
+
+
+# ---- the bootstrap --------------------------------------------------------------------------------
+
+
+def test_identical_methods_give_an_interval_of_exactly_zero() -> None:
+    rng = np.random.default_rng(0)
+    scores = [rng.normal(size=50) for _ in range(3)]
+    interval = seed_bootstrap(paired_differences(scores, scores), resamples=2000)
+    assert (interval.mean, interval.low, interval.high) == (0.0, 0.0, 0.0)
+    assert not interval.excludes_zero
+
+
+def test_a_constant_shift_gives_exactly_that_shift() -> None:
+    rng = np.random.default_rng(1)
+    baseline = [rng.normal(size=40) for _ in range(3)]
+    shifted = [values + 0.25 for values in baseline]
+    interval = seed_bootstrap(paired_differences(shifted, baseline), resamples=2000)
+    assert interval.mean == pytest.approx(0.25)
+    assert interval.low == pytest.approx(0.25) and interval.high == pytest.approx(0.25)
+    assert interval.excludes_zero
+
+
+def test_seeds_are_resampled_not_only_prompts() -> None:
+    # Two seeds whose prompts all agree within the seed: 0 in one, 1 in the other. Resampling prompts
+    # alone would give exactly 0.5; drawing both seeds from one seed (probability 1/2) gives 0 or 1,
+    # each with probability 1/4, so the 2.5% and 97.5% percentiles are 0 and 1.
+    interval = seed_bootstrap([np.zeros(30), np.ones(30)], resamples=4000)
+    assert interval.mean == 0.5
+    assert (interval.low, interval.high) == (0.0, 1.0)
+
+
+def test_noisy_differences_give_an_interval_around_the_mean_and_repeat_exactly() -> None:
+    rng = np.random.default_rng(2)
+    per_seed = [rng.normal(loc=0.1, scale=1.0, size=200) for _ in range(3)]
+    first = seed_bootstrap(per_seed, resamples=3000)
+    assert first.low < first.mean < first.high
+    assert (
+        first.high - first.low < 0.6
+    )  # 600 prompts of unit noise: about +-0.1 from prompts, more from seeds
+    assert seed_bootstrap(per_seed, resamples=3000) == first  # fixed RNG seed
+
+
+def test_paired_differences_refuse_unpaired_data() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_differences([[1.0, 2.0]], [[1.0]])
+
+
+# ---- resume ---------------------------------------------------------------------------------------
+
+
+class RecordingRunner(GridRunner):
+    """Runs nothing: records which runs it was asked for and returns an empty result."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.ran: list[str] = []
+
+    def run_one(self, key: RunKey) -> RunResult:
+        self.ran.append(key.name)
+        return RunResult(task=key.task, seed=key.seed, method=key.method, fingerprint=self.fingerprint(key))
+
+
+def test_a_finished_run_is_skipped_and_a_changed_or_failed_one_reruns(tmp_path: Path) -> None:
+    grid = load_grid(
+        write_grid(tmp_path), tasks=["a"], seeds=[0], methods=["local", "semantic"], junk_member=False
+    )
+    store = ResultStore(tmp_path / "runs")
+    runner = RecordingRunner(grid, tmp_path / "work", store, None, say=lambda _: None)
+    local = RunKey("a", 0, "local")
+    store.save(RunResult(task="a", seed=0, method="local", fingerprint=runner.fingerprint(local)))
+    store.save(RunResult(task="a", seed=0, method="semantic", fingerprint="stale-config"))
+    results = runner.run_all()
+    assert runner.ran == ["a__seed0__warmup", "a__seed0__semantic"]
+    assert sorted(r.method for r in results) == ["local", "semantic", "warmup"]
+
+    again = RecordingRunner(grid, tmp_path / "work", store, None, say=lambda _: None)
+    again.run_all()
+    assert again.ran == []  # everything finished
+
+    failed = RunResult(task="a", seed=0, method="local", fingerprint=runner.fingerprint(local), error="boom")
+    store.save(failed)
+    again.run_all()
+    assert again.ran == ["a__seed0__local"]
+
+
+def test_a_half_written_result_does_not_count_as_finished(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    key = RunKey("a", 0, "local")
+    store.path(key).write_text('{"task": "a", "seed": 0, "met')
+    assert store.finished(key, "x") is None
+
+
+# ---- end to end on tiny models --------------------------------------------------------------------
+
+
+def test_the_grid_runs_every_method_scores_them_and_writes_the_report(tmp_path: Path) -> None:
+    grid_path = write_grid(tmp_path)
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = [str(grid_path), "--tasks", "a", "--seeds", "0", "--out", str(out), "--work", str(work)]
+    assert cli.main(argv) == 0
 
     report = json.loads((out / "quality.json").read_text())
-    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "quality_a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "quality.md").read_text()
-    assert "FedAvg (LoRA)" in markdown and "## Criteria" in markdown
-    methods = report["methods"]
-    assert set(methods) == {"local", "semantic", "fedavg", "centralized", "heterogeneous"}
-    for name, method in methods.items():
-        assert method["error"] is None, name
-        assert method["rounds"] == 2, name
-        assert isinstance(method["final_rouge_l"], float), name
-        assert isinstance(method["final_embedding_similarity"], float), name
-        assert all(v is not None for v in method["mean_rouge_l_per_round"]), name
-    assert report["same_test_set"] is True and report["test_examples"] == 4
-    assert methods["local"]["bytes_total"] == 0 and methods["centralized"]["bytes_total"] == 0
-    semantic, fedavg = methods["semantic"], methods["fedavg"]
-    assert semantic["bytes_per_participant_per_round"] > 0
-    assert fedavg["bytes_per_participant_per_round"] > semantic["bytes_per_participant_per_round"]
-    assert methods["heterogeneous"]["bytes_per_participant_per_round"] > 0
-    assert set(report["criteria"]) == {
-        "semantic_above_local_only",
-        "semantic_within_1_point_of_fedavg",
-        "fedavg_to_consensus_bytes_ratio_at_least_300",
-    }
-    # FedAvg cannot serve mixed architectures: the coordinator dead-letters the mismatched adapter,
-    # no average is published, and the averaging function refuses the pair outright.
-    refusal = report["fedavg_heterogeneous"]
-    assert refusal["dead_lettered"] >= 1 and "adapter" in refusal["rejections"]
-    assert len(refusal["stored_adapters"]) == 1
-    assert refusal["aggregated_adapter_published"] is False
-    assert refusal["round_1"]["shard_status"] == ["failed"]
-    assert refusal["average_wire"].startswith("AggregationError")
+    assert "## Task a" in markdown and "robustness to a junk member" in markdown.lower()
+    task = report["tasks"]["a"]
+    assert set(task["methods"]) == {"local", "fedavg", "centralized", "semantic", "new_recipe"}
+    assert task["same_test_set_per_seed"] is True
+    assert task["test_prompts"] == [6] and task["generation_prompts"] == [4]
+    for method, item in task["methods"].items():
+        for metric in ("nll", "rouge_l", "embedding_similarity"):
+            assert item[metric]["low"] <= item[metric]["mean"] <= item[metric]["high"], (method, metric)
+        assert len(item["subset_nll_by_round"]) == 3, method  # start, round 1, round 2
+    assert set(task["differences"]["semantic"]) == {"local", "fedavg"}
+    assert set(task["differences"]["fedavg"]) == {"local"}
+    assert "local" not in task["differences"]  # its difference to FedAvg is FedAvg's, negated
+    assert set(task["label_quality"]) == {"semantic", "new_recipe"}
+    assert {"1", "2", "overall"} <= set(task["label_quality"]["semantic"])
+    assert task["methods"]["local"]["bytes_per_participant_per_round"] == 0
+    assert task["fedavg_to_semantic_bytes"] > 1
 
-    # Local-only, semantic and FedAvg start from the very same warm-up adapters: the federated runs
-    # load the local-only run's checkpoints instead of training their own (heterogeneous: where the
-    # model and budget match).
-    work = tmp_path / "work"
-    for method, started in (("semantic", ["p0", "p1"]), ("fedavg", ["p0", "p1"]), ("heterogeneous", ["p0"])):
-        assert f"warm-up adapters: {started}" in " ".join(methods[method]["notes"]), method
-        for pid in started:
-            warm = work / "local" / "warmup" / pid
-            copied = work / method / "state" / pid / "checkpoints" / "round-0"
-            names = sorted(p.name for p in warm.iterdir())
-            assert names and names == sorted(p.name for p in copied.iterdir())
-            assert all((warm / n).read_bytes() == (copied / n).read_bytes() for n in names), (method, pid)
-    assert "warmed up in the run: ['p1']" in " ".join(methods["heterogeneous"]["notes"])
-    events = [json.loads(line) for line in (work / "heterogeneous" / "run.log").read_text().splitlines()]
-    joined = {e["participant"]: e["restored_round"] for e in events if e["event"] == "participant_joined"}
-    assert joined == {"p0": 0, "p1": None}  # p0 restored the shared warm-up; p1 trained its own
-    assert [e["participant"] for e in events if e["event"] == "warm_up"] == ["p1"]
+    # Every method but centralized started from the same warm-up; its round 0 is the warm-up's score.
+    warm = _stored(work, "a__seed0__warmup")
+    for method in ("local", "fedavg", "semantic"):
+        stored = _stored(work, f"a__seed0__{method}")
+        for pid, scores in stored.participants.items():
+            assert scores.subset_nll_by_round[0] == warm.participants[pid].subset_nll_by_round[0], method
+            assert len(scores.nll) == 6 and len(scores.rouge_l) == 4
+    # FedAvg participants hold the same average after a round: identical scores.
+    fedavg = _stored(work, "a__seed0__fedavg")
+    assert fedavg.participants["p0"].nll == fedavg.participants["p1"].nll
+
+    junk = report["junk_member"]
+    assert junk["participants"]["p1"]["model"] == "tiny-gpt2"
+    assert "local_only_nll" in junk["participants"]["p0"]
+    assert junk["fedavg"]["aggregated_adapter_published"] is False
+    assert junk["fedavg"]["average_wire"].startswith("AggregationError")
+
+    # A second invocation finds every run finished and only rewrites the report.
+    before = {p.name: p.stat().st_mtime_ns for p in (work / "runs").glob("*.json")}
+    assert cli.main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "runs").glob("*.json")} == before
+
+
+def _stored(work: Path, name: str) -> RunResult:
+    return msgspec.json.decode((work / "runs" / f"{name}.json").read_bytes(), type=RunResult)

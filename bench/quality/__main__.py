@@ -1,0 +1,5 @@
+import sys
+
+from bench.quality.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""Run the grid: each (task, seed, method) trains, is scored, and its result is saved at once.
+
+A run whose result is already stored under the same fingerprint is skipped, so an interrupted grid
+resumes where it stopped and loses at most the run in progress.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from statistics import fmean
+
+from bench.quality import junk
+from bench.quality.grid import (
+    FEDERATED,
+    WARMUP,
+    Grid,
+    RunKey,
+    fingerprint,
+    method_config,
+    seeded,
+    with_junk_member,
+)
+from bench.quality.methods import (
+    Trained,
+    train_centralized,
+    train_federated,
+    train_local,
+    train_warmup,
+)
+from bench.quality.results import ParticipantScores, ResultStore, RunResult
+from bench.quality.scoring import Scorer, checkpoint_dir, generation_subset
+from federation.config import LoadedConfig
+
+Say = Callable[[str], None]
+
+
+class GridRunner:
+    def __init__(self, grid: Grid, work: Path, store: ResultStore, scorer: Scorer, say: Say = print) -> None:
+        self.grid = grid
+        self.work = work
+        self.store = store
+        self.scorer = scorer
+        self.say = say
+
+    def config(self, key: RunKey) -> LoadedConfig:
+        base = seeded(self.grid.tasks[key.task], key.seed)
+        if key.method == "junk_member":
+            assert self.grid.junk_member is not None
+            return with_junk_member(
+                method_config(base, "junk_member", self.grid.new_recipe), self.grid.junk_member
+            )
+        if key.method == WARMUP:
+            return base
+        return method_config(base, key.method, self.grid.new_recipe)
+
+    def fingerprint(self, key: RunKey) -> str:
+        extra: dict[str, object] = {
+            "method": key.method,
+            "generation_prompts": self.grid.generation_prompts,
+            "round_nll_prompts": self.grid.round_nll_prompts,
+        }
+        if key.method == "junk_member" and self.grid.junk_member is not None:
+            extra["junk"] = self.grid.junk_member.fedavg_deadline_seconds
+        return fingerprint(self.config(key), extra)
+
+    def run_all(self) -> list[RunResult]:
+        keys = [k for k in self.grid.runs() if self._runnable(k)]
+        todo = [k for k in keys if self.store.finished(k, self.fingerprint(k)) is None]
+        self.say(
+            f"{len(keys)} runs in the grid; {len(keys) - len(todo)} already finished, {len(todo)} to run"
+        )
+        durations: dict[str, list[float]] = {}
+        for index, key in enumerate(todo, start=1):
+            self.say(f"[{index}/{len(todo)}] {key.name} ...{self._eta(todo[index - 1 :], durations)}")
+            started = time.perf_counter()
+            result = self.run_one(key)
+            spent = time.perf_counter() - started
+            durations.setdefault(key.method, []).append(spent)
+            path = self.store.save(result)
+            status = "FAILED: " + result.error if result.error else "done"
+            self.say(f"[{index}/{len(todo)}] {key.name} {status} in {spent:.0f} s -> {path}")
+        return [r for k in keys if (r := self.store.finished(k, self.fingerprint(k))) is not None]
+
+    def _runnable(self, key: RunKey) -> bool:
+        return not (key.method == "new_recipe" and self.grid.new_recipe_problem)
+
+    def _eta(self, remaining: list[RunKey], durations: dict[str, list[float]]) -> str:
+        seen = [d for values in durations.values() for d in values]
+        if not seen:
+            return ""
+        fallback = fmean(seen)
+        eta = sum(fmean(durations[k.method]) if k.method in durations else fallback for k in remaining)
+        return f" ({len(remaining)} left, ETA {eta / 60:.0f} min)"
+
+    def run_one(self, key: RunKey) -> RunResult:
+        config = self.config(key)
+        run_dir = self.run_dir(key)
+        warmup_dir = self.run_dir(RunKey(key.task, key.seed, WARMUP))
+        if key.method != WARMUP:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts clean
+        result = RunResult(task=key.task, seed=key.seed, method=key.method, fingerprint=self.fingerprint(key))
+        started = time.perf_counter()
+        try:
+            if key.method == WARMUP:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                trained = train_warmup(config, run_dir)
+            elif key.method == "local":
+                trained = train_local(config, run_dir, warmup_dir)
+            elif key.method == "centralized":
+                trained = train_centralized(config, run_dir)
+            else:
+                assert key.method in (*FEDERATED, "junk_member"), key.method
+                trained = train_federated(config, run_dir, warmup_dir)
+        except Exception as e:  # one failed run is a row of the report, not the end of the grid
+            result.error = f"{type(e).__name__}: {e}"
+            return result
+        finally:
+            gc.collect()
+        result.seconds["train"] = round(time.perf_counter() - started, 1)
+        self._fill(result, trained)
+        if trained.error is None:
+            started = time.perf_counter()
+            self._score(key, result, trained)
+            result.seconds["score"] = round(time.perf_counter() - started, 1)
+        if key.method == "junk_member" and self.grid.junk_member is not None and trained.finished is not None:
+            refusal_dir = self.work / key.task / f"seed{key.seed}" / "junk_member_fedavg"
+            result.extra["fedavg"] = junk.fedavg_refusal(
+                method_config(config, "fedavg", self.grid.new_recipe),
+                refusal_dir,
+                self.grid.junk_member.fedavg_deadline_seconds,
+            )
+        return result
+
+    def run_dir(self, key: RunKey) -> Path:
+        return self.work / key.task / f"seed{key.seed}" / key.method
+
+    def _fill(self, result: RunResult, trained: Trained) -> None:
+        result.rounds = trained.rounds
+        result.test_sha256 = hashlib.sha256(trained.test_path.read_bytes()).hexdigest()
+        result.test_prompts = len(trained.test)
+        # The same seed: the round subset is the first prompts of the generation subset's draw.
+        name = f"{result.task}:{result.seed}"
+        result.subset = generation_subset(len(trained.test), self.grid.generation_prompts, name)
+        size = min(self.grid.round_nll_prompts, self.grid.generation_prompts)
+        result.round_subset = generation_subset(len(trained.test), size, name)
+        result.bytes_up, result.bytes_down = trained.bytes_up, trained.bytes_down
+        result.participant_rounds = trained.participant_rounds
+        result.label_quality = trained.label_quality
+        result.error = trained.error
+        result.notes = trained.notes
+
+    def _score(self, key: RunKey, result: RunResult, trained: Trained) -> None:
+        test = trained.test
+        subset = [test[i] for i in result.round_subset]
+        last = trained.rounds
+        for pid, settings in trained.settings.items():
+            scores = ParticipantScores(model=settings.model)
+            if key.method == WARMUP:
+                scores.subset_nll_by_round = [
+                    self.scorer.subset_nll(settings, checkpoint_dir(trained.run_dir, pid, 0), subset)
+                ]
+                result.participants[pid] = scores
+                continue
+            # Round 0 is the shared warm-up (scored in its own run) except for the centralized model.
+            first = 1 if pid in trained.warm_started else 0
+            by_round = [
+                self.scorer.subset_nll(settings, checkpoint_dir(trained.run_dir, pid, r), subset)
+                for r in range(first, last)
+            ]
+            final = self.scorer.final(
+                settings, checkpoint_dir(trained.run_dir, pid, last), test, result.subset
+            )
+            scores.nll, scores.rouge_l, scores.embedding_similarity = (
+                final.nll,
+                final.rouge_l,
+                final.embedding_similarity,
+            )
+            scores.subset_nll_by_round = [*by_round, fmean(final.nll[i] for i in result.round_subset)]
+            if first == 1:
+                scores.subset_nll_by_round.insert(0, self._warmup_subset_nll(key, pid))
+            result.participants[pid] = scores
+
+    def _warmup_subset_nll(self, key: RunKey, pid: str) -> float:
+        warm_key = RunKey(key.task, key.seed, WARMUP)
+        warm = self.store.finished(warm_key, self.fingerprint(warm_key))
+        if warm is None or pid not in warm.participants:
+            return float("nan")
+        return warm.participants[pid].subset_nll_by_round[0]

@@ -1,0 +1,257 @@
+"""The experiment grid: which (task, seed, method) runs exist, and the chorus-run config of each.
+
+`bench/quality_grid.toml` names the tasks (chorus-run configs), seeds and methods. A seed shifts the
+task's data seed and sets the training seed; a method sets the coordinator's strategy (and, for the
+new recipe, the settings layered over the semantic run). `--quick` shrinks everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from common.settings import read_toml
+from coordinator.settings import CoordinatorSettings
+from federation.config import LoadedConfig, load_run_config
+from participant.settings import TrainTable
+
+# Order matters: a method's runs need the runs before it (every method starts from the warm-up).
+METHODS = ("local", "fedavg", "centralized", "semantic", "new_recipe")
+LABELS = {
+    "warmup": "after warm-up",
+    "local": "local-only",
+    "fedavg": "FedAvg (LoRA)",
+    "centralized": "centralized (pooled)",
+    "semantic": "semantic (medoid)",
+    "new_recipe": "new recipe",
+    "junk_member": "robustness to a junk member",
+}
+STRATEGY = {"fedavg": "fedavg", "semantic": "semantic", "new_recipe": "semantic", "junk_member": "semantic"}
+FEDERATED = ("fedavg", "semantic", "new_recipe")
+WARMUP = "warmup"  # a run of its own per (task, seed): every method but centralized starts from it
+
+
+class GridError(ValueError):
+    """The grid file is unusable; the message says what to fix."""
+
+
+class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class NewRecipe(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    train: dict[str, Any] = {}  # participant [train] settings over the task's
+    consensus: dict[str, Any] = {}  # coordinator [coordinator.consensus] settings over the task's
+
+
+class JunkMember(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    task: str
+    seed: int = 0
+    participant: str = "p02"
+    model: str = "tiny-gpt2"
+    fedavg_deadline_seconds: Annotated[float, Meta(gt=0.0)] = 60.0
+
+
+class Quick(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    tasks: list[str] | None = None
+    seeds: list[int] = msgspec.field(default_factory=lambda: [0])
+    rounds: Annotated[int, Meta(ge=1)] = 2
+    prompts_per_round: Annotated[int, Meta(ge=1)] = 6
+    max_public: Annotated[int, Meta(ge=1)] = 12
+    max_train: Annotated[int, Meta(ge=1)] = 12
+    max_test: Annotated[int, Meta(ge=1)] = 24
+    warmup_epochs: Annotated[int, Meta(ge=0)] = 1
+    max_new_tokens: Annotated[int, Meta(ge=1)] = 16
+    generation_prompts: Annotated[int, Meta(ge=1)] = 12
+    round_nll_prompts: Annotated[int, Meta(ge=1)] = 8
+    bootstrap_resamples: Annotated[int, Meta(ge=100)] = 2000
+
+
+class GridFile(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    tasks: dict[str, str]  # name -> chorus-run config, relative to the grid file
+    seeds: Annotated[list[int], Meta(min_length=1)] = msgspec.field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] = msgspec.field(default_factory=lambda: list(METHODS))
+    generation_prompts: Annotated[int, Meta(ge=1)] = 60
+    round_nll_prompts: Annotated[int, Meta(ge=1)] = 30
+    bootstrap_resamples: Annotated[int, Meta(ge=100)] = 4000
+    new_recipe: NewRecipe = NewRecipe()
+    junk_member: JunkMember | None = None
+    quick: Quick = Quick()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+    task: str
+    seed: int
+    method: str  # "warmup", a METHODS entry, or "junk_member"
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}__seed{self.seed}__{self.method}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    path: Path
+    tasks: dict[str, LoadedConfig]  # per task, already shrunk by --quick
+    seeds: list[int]
+    methods: list[str]
+    generation_prompts: int
+    round_nll_prompts: int  # NLL after every round on this many prompts (of the generation subset)
+    bootstrap_resamples: int
+    new_recipe: NewRecipe
+    new_recipe_problem: str | None  # why the new recipe cannot run with the settings installed now
+    junk_member: JunkMember | None
+    quick: bool
+
+    def runs(self) -> list[RunKey]:
+        """Every run, in the order they execute: per (task, seed) the warm-up first, then the methods.
+
+        Seeds are the outer loop, so a grid stopped early has every task at its first seeds."""
+        keys: list[RunKey] = []
+        for seed in self.seeds:
+            for task in self.tasks:
+                keys.append(RunKey(task, seed, WARMUP))
+                keys += [RunKey(task, seed, method) for method in METHODS if method in self.methods]
+        junk = self.junk_member
+        if junk is not None:
+            if RunKey(junk.task, junk.seed, WARMUP) not in keys:
+                keys.append(RunKey(junk.task, junk.seed, WARMUP))
+            keys.append(RunKey(junk.task, junk.seed, "junk_member"))
+        return keys
+
+
+def load_grid(
+    path: Path,
+    *,
+    quick: bool = False,
+    tasks: list[str] | None = None,
+    seeds: list[int] | None = None,
+    methods: list[str] | None = None,
+    junk_member: bool = True,
+) -> Grid:
+    """Read the grid file; the keyword arguments narrow it (command-line choices)."""
+    try:
+        raw = msgspec.convert(read_toml(path), GridFile)
+    except msgspec.ValidationError as e:
+        raise GridError(f"{path}: {e}") from e
+    chosen_methods = methods or raw.methods
+    unknown = sorted(set(chosen_methods) - set(METHODS))
+    if unknown:
+        raise GridError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    task_names = tasks or (raw.quick.tasks if quick and raw.quick.tasks else list(raw.tasks))
+    missing = sorted(set(task_names) - set(raw.tasks))
+    if missing:
+        raise GridError(f"unknown tasks {missing}; {path} has {sorted(raw.tasks)}")
+    loaded = {name: load_run_config((path.parent / raw.tasks[name]).resolve()) for name in task_names}
+    if quick:
+        loaded = {name: shrink(config, raw.quick) for name, config in loaded.items()}
+    junk = raw.junk_member if junk_member else None
+    if junk is not None and junk.task not in loaded:
+        junk = None  # its task is not in this grid (e.g. --tasks chose others)
+    return Grid(
+        path=path,
+        tasks=loaded,
+        seeds=seeds or (raw.quick.seeds if quick else raw.seeds),
+        methods=[m for m in METHODS if m in chosen_methods],
+        generation_prompts=raw.quick.generation_prompts if quick else raw.generation_prompts,
+        round_nll_prompts=raw.quick.round_nll_prompts if quick else raw.round_nll_prompts,
+        bootstrap_resamples=raw.quick.bootstrap_resamples if quick else raw.bootstrap_resamples,
+        new_recipe=raw.new_recipe,
+        new_recipe_problem=recipe_problem(raw.new_recipe, next(iter(loaded.values()))),
+        junk_member=junk,
+        quick=quick,
+    )
+
+
+def shrink(config: LoadedConfig, quick: Quick) -> LoadedConfig:
+    """The same task and method, at smoke-test sizes."""
+    run = config.run
+    assert run.task is not None, f"{config.path}: the quality grid needs a [task] table"
+    task = msgspec.structs.replace(
+        run.task, max_public=quick.max_public, max_train=quick.max_train, max_test=quick.max_test
+    )
+    train = msgspec.structs.replace(run.train, warmup_epochs=quick.warmup_epochs)
+    generation = msgspec.structs.replace(run.generation, max_new_tokens=quick.max_new_tokens)
+    run = msgspec.structs.replace(run, rounds=quick.rounds, task=task, train=train, generation=generation)
+    coordinator = _merged(config.coordinator_raw, {"round": {"prompts_per_round": quick.prompts_per_round}})
+    return dataclasses.replace(config, run=run, coordinator_raw=coordinator)
+
+
+def seeded(config: LoadedConfig, seed: int) -> LoadedConfig:
+    """Seed `seed` of a task: the data split seed shifted by it, the training seed set to it."""
+    run = config.run
+    assert run.task is not None, f"{config.path}: the quality grid needs a [task] table"
+    task = msgspec.structs.replace(run.task, seed=run.task.seed + seed)
+    train = msgspec.structs.replace(run.train, seed=seed)
+    entries = [
+        msgspec.structs.replace(
+            e, train=None if e.train is None else msgspec.structs.replace(e.train, seed=seed)
+        )
+        for e in run.participants
+    ]
+    run = msgspec.structs.replace(
+        run, federation=f"{run.federation}-s{seed}", task=task, train=train, participants=entries
+    )
+    return dataclasses.replace(config, run=run)
+
+
+def method_config(config: LoadedConfig, method: str, recipe: NewRecipe) -> LoadedConfig:
+    """A seeded task's config as `method` runs it (the strategy; the new recipe's settings)."""
+    coordinator = dict(config.coordinator_raw)
+    if method in STRATEGY:
+        coordinator["strategy"] = STRATEGY[method]
+    run = config.run
+    if method == "new_recipe":
+        coordinator = _merged(coordinator, {"consensus": recipe.consensus})
+        train = msgspec.convert({**msgspec.to_builtins(run.train), **recipe.train}, TrainTable)
+        run = msgspec.structs.replace(run, train=train)
+    return dataclasses.replace(config, run=run, coordinator_raw=coordinator)
+
+
+def with_junk_member(config: LoadedConfig, junk: JunkMember) -> LoadedConfig:
+    """The federation with one participant's model replaced (by a random-weight tiny GPT-2)."""
+    ids = [e.id for e in config.run.participants]
+    if junk.participant not in ids:
+        raise GridError(f"[junk_member] participant {junk.participant!r} is not one of {ids}")
+    entries = [
+        msgspec.structs.replace(e, model=junk.model) if e.id == junk.participant else e
+        for e in config.run.participants
+    ]
+    run = msgspec.structs.replace(config.run, participants=entries)
+    return dataclasses.replace(config, run=run)
+
+
+def recipe_problem(recipe: NewRecipe, config: LoadedConfig) -> str | None:
+    """Why the installed participant/coordinator settings reject the new recipe; None when they take it."""
+    try:
+        method_config(config, "new_recipe", recipe)
+        consensus = _merged(config.coordinator_raw, {"consensus": recipe.consensus})
+        msgspec.convert({**consensus, "prompts_path": "-"}, CoordinatorSettings)
+    except msgspec.ValidationError as e:
+        return f"the installed settings do not take the new recipe yet ({e})"
+    return None
+
+
+def fingerprint(config: LoadedConfig, extra: dict[str, Any]) -> str:
+    """What determines a run's result: its config and the bench's scoring sizes (not file locations)."""
+    identity = {
+        "run": msgspec.to_builtins(config.run),
+        "coordinator": config.coordinator_raw,
+        **extra,
+    }
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _merged(base: dict[str, object], over: dict[str, dict[str, Any]]) -> dict[str, object]:
+    out = dict(base)
+    for table, values in over.items():
+        out[table] = {**dict(out.get(table) or {}), **values}  # type: ignore[call-overload]
+    return out

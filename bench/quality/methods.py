@@ -1,0 +1,190 @@
+"""Training each method; every one leaves adapter checkpoints per participant and round for scoring.
+
+- warm-up: each participant's warm-up epochs on its private data (round 0), shared by every method
+  but centralized;
+- local-only: from the warm-up, each round the private slice a federated participant mixes in;
+- FedAvg, semantic, new recipe: `chorus-run` on the embedded memory broker, from the warm-up;
+- centralized: one model on the pooled private data (the same warm-up epochs, each round the union
+  of every participant's private slice).
+
+Federated participants get an empty test set, so they do not evaluate during the rounds: the bench
+scores their checkpoints afterwards, the same way for every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench.quality.scoring import STATE_DIR, checkpoint_dir
+from coordinator.replay.label_sources import label_quality_of_run
+from federation.config import LoadedConfig
+from federation.data import DataPaths, prepare_data
+from federation.launch import Finished, run_to_end
+from federation.runner import RunOptions
+from federation.settings import participant_settings
+from participant.data import Example
+from participant.settings import ParticipantSettings, TrainTable
+from participant.wiring import build_learner, load_data
+
+CENTRAL = "central"  # the centralized run's one model
+NO_TEST = "no-test.jsonl"  # an empty test set: federated participants skip their own evaluation
+
+
+@dataclass
+class Trained:
+    """What a training step leaves for scoring."""
+
+    run_dir: Path
+    settings: dict[str, ParticipantSettings]  # participant (or CENTRAL) -> its settings
+    test: list[Example]  # the task's global test set
+    test_path: Path
+    rounds: int
+    bytes_up: int = 0
+    bytes_down: int = 0
+    participant_rounds: int = 0
+    label_quality: dict[str, Any] | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    warm_started: list[str] = field(default_factory=list)  # whose round 0 is the shared warm-up
+    finished: Finished | None = None  # the federation, for evidence gathered after it
+
+
+def private_slice(private: Sequence[Example], train: TrainTable, round_id: int) -> list[Example]:
+    """The private examples a participant mixes into round `round_id` (as the participant service does)."""
+    chosen = list(private)
+    random.Random(f"{train.seed}:{round_id}").shuffle(chosen)
+    return chosen[: train.private_examples_per_round]
+
+
+def _prepared(config: LoadedConfig, run_dir: Path) -> tuple[DataPaths, dict[str, ParticipantSettings]]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(config, run_dir)
+    settings = {e.id: participant_settings(config, e, data, run_dir) for e in config.run.participants}
+    return data, settings
+
+
+def _trained(
+    config: LoadedConfig, run_dir: Path, data: DataPaths, settings: dict[str, ParticipantSettings]
+) -> Trained:
+    test_path = next(iter(data.test.values()))
+    assert test_path is not None  # the task always writes its global test set
+    _, test = load_data(next(iter(settings.values())))
+    return Trained(run_dir, settings, test, test_path, config.run.rounds)
+
+
+def train_warmup(config: LoadedConfig, run_dir: Path) -> Trained:
+    """Each participant's warm-up, saved as its round-0 checkpoint."""
+    data, settings = _prepared(config, run_dir)
+    record_warmup_models(run_dir, settings)
+    for pid, participant in settings.items():
+        learner = build_learner(participant)
+        private, _ = load_data(participant)
+        learner.train(private * participant.train.warmup_epochs)
+        learner.save_checkpoint(checkpoint_dir(run_dir, pid, 0))
+        del learner
+        gc.collect()
+    return _trained(config, run_dir, data, settings)
+
+
+def train_local(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Trained:
+    """From the warm-up, each round the participant's private slice; no federation."""
+    data, settings = _prepared(config, run_dir)
+    for pid, participant in settings.items():
+        learner = build_learner(participant)
+        if not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
+            raise FileNotFoundError(f"{pid}: no warm-up checkpoint under {warmup_dir}")
+        private, _ = load_data(participant)
+        for round_id in range(1, config.run.rounds + 1):
+            learner.train(private_slice(private, participant.train, round_id))
+            learner.save_checkpoint(checkpoint_dir(run_dir, pid, round_id))
+        del learner
+        gc.collect()
+    trained = _trained(config, run_dir, data, settings)
+    trained.warm_started = list(settings)
+    return trained
+
+
+def train_centralized(config: LoadedConfig, run_dir: Path) -> Trained:
+    """One model (the first participant's) on everyone's private data pooled."""
+    data, settings = _prepared(config, run_dir)
+    pooled = {pid: (load_data(s)[0], s.train) for pid, s in settings.items()}
+    first = next(iter(settings.values()))
+    central = msgspec.structs.replace(first, participant_id=CENTRAL)
+    learner = build_learner(central)
+    learner.train([e for private, t in pooled.values() for e in private * t.warmup_epochs])
+    learner.save_checkpoint(checkpoint_dir(run_dir, CENTRAL, 0))
+    for round_id in range(1, config.run.rounds + 1):
+        learner.train([e for private, t in pooled.values() for e in private_slice(private, t, round_id)])
+        learner.save_checkpoint(checkpoint_dir(run_dir, CENTRAL, round_id))
+    del learner
+    gc.collect()
+    trained = _trained(config, run_dir, data, {CENTRAL: central})
+    trained.notes.append(
+        f"one {first.model} model; warm-up on all {sum(len(p) for p, _ in pooled.values())} pooled private "
+        f"examples, then each round the union of the {len(pooled)} participants' private slices"
+    )
+    return trained
+
+
+def train_federated(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Trained:
+    """A chorus-run federation whose participants start from the warm-up (where the model matches)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    no_test = run_dir / NO_TEST
+    no_test.write_text("")
+    entries = [msgspec.structs.replace(e, test_data=str(no_test)) for e in config.run.participants]
+    silent = dataclasses.replace(config, run=msgspec.structs.replace(config.run, participants=entries))
+    warm = {
+        e.id: checkpoint_dir(warmup_dir, e.id, 0)
+        for e in config.run.participants
+        if checkpoint_dir(warmup_dir, e.id, 0).is_dir() and e.model == _warmup_model(warmup_dir, e.id)
+    }
+    finished = run_to_end(
+        silent, RunOptions(results=run_dir, warm_start=warm), extra={"bench": "quality"}, handle_signals=False
+    )
+    data, settings = _prepared(config, run_dir)  # the run's own task files, regenerated identically
+    trained = _trained(config, run_dir, data, settings)
+    trained.finished = finished
+    trained.warm_started = sorted(warm)
+    trained.error = finished.error
+    records = finished.reporter.records
+    trained.rounds = len(records)
+    for record in records:
+        for row in record.participants:
+            trained.bytes_up += row.bytes_up
+            trained.bytes_down += row.bytes_down
+    trained.participant_rounds = len(records) * len(entries)
+    others = sorted(set(settings) - set(warm))
+    trained.notes.append(
+        f"started from the shared warm-up: {sorted(warm) or 'none'}"
+        + (f"; warmed up in the run: {others}" if others else "")
+    )
+    if silent.coordinator_raw.get("strategy") == "semantic" and records:
+        state = run_dir / STATE_DIR / "coordinator.sqlite3"
+        trained.label_quality = label_quality_of_run(
+            state, run_dir / "data" / "public_references.jsonl"
+        ).as_dict()
+    return trained
+
+
+WARMUP_MODELS = "models.txt"  # under a warm-up run: "<participant> <model>" per line
+
+
+def record_warmup_models(warmup_dir: Path, settings: dict[str, ParticipantSettings]) -> None:
+    lines = [f"{pid} {s.model}" for pid, s in settings.items()]
+    (warmup_dir / WARMUP_MODELS).write_text("\n".join(lines) + "\n")
+
+
+def _warmup_model(warmup_dir: Path, pid: str) -> str | None:
+    path = warmup_dir / WARMUP_MODELS
+    if not path.is_file():
+        return None
+    models = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
+    return models.get(pid)
