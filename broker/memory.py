@@ -529,6 +529,9 @@ class MemoryTransport:
         self._check_open()
         return self._broker.queue_depth(queue)
 
+    def is_connected(self) -> bool:
+        return not self._closed  # in process: no link to lose
+
     async def close(self) -> None:
         """Cancel consumers; deliveries not yet settled go back to their queues as redelivered."""
         if self._closed:

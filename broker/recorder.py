@@ -375,6 +375,9 @@ class RecordingTransport:
     ) -> Subscription:
         return await self.inner.consume(queue, self._recording(handler), prefetch=prefetch)
 
+    def is_connected(self) -> bool:
+        return self.inner.is_connected()
+
     async def close(self) -> None:
         try:
             await self.inner.close()

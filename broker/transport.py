@@ -219,4 +219,9 @@ class Transport(Protocol):
         """
         ...
 
+    def is_connected(self) -> bool:
+        """Whether the link to the broker is up now (False before the first connection and after
+        `close`). Cheap and safe to call from another thread (a health endpoint's)."""
+        ...
+
     async def close(self) -> None: ...

@@ -16,10 +16,10 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
-from typing import Any, Protocol
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
@@ -87,46 +87,18 @@ class ServiceMetrics:
     async def serve(
         self,
         table: MetricsTable,
-        transport: object,
+        is_connected: Callable[[], bool],
         facts: Callable[[], Mapping[str, object]],
         *,
         service: str,
     ) -> None:
         """Serve when `table` enables it; see `serve_metrics`."""
-        self.server = await serve_metrics(table, self.registry, transport, facts, service=service)
+        self.server = await serve_metrics(table, self.registry, is_connected, facts, service=service)
 
     async def stop_serving(self) -> None:
         server, self.server = self.server, None
         if server is not None:
             await server.close()
-
-
-class _ConnectionState(Protocol):
-    connected: asyncio.Event
-
-
-class _Connects(Protocol):
-    def connect(self) -> Awaitable[_ConnectionState]: ...
-
-
-async def broker_link_probe(transport: object) -> Callable[[], bool]:
-    """A function that says, from any thread, whether `transport` is connected to its broker now.
-
-    A RabbitMQ transport (unwrapped from recorders and other wrappers that keep it as `inner`) opens
-    its robust connection once and returns it from `connect()`; that connection's `connected` event is
-    cleared while it is down and set again once it reconnects. A transport without `connect()` (the
-    embedded broker) has no link to lose.
-    """
-    while hasattr(transport, "inner"):
-        transport = transport.inner
-    connect = getattr(transport, "connect", None)
-    if connect is None:
-        return lambda: True
-    state: _ConnectionState = await connect()
-    connected = getattr(state, "connected", None)
-    if not isinstance(connected, asyncio.Event):
-        return lambda: True
-    return connected.is_set
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -198,22 +170,22 @@ class MetricsServer:
 async def serve_metrics(
     table: MetricsTable,
     registry: CollectorRegistry,
-    transport: object,
+    is_connected: Callable[[], bool],
     facts: Callable[[], Mapping[str, object]],
     *,
     service: str,
 ) -> MetricsServer | None:
     """Start serving when `table` enables it (None otherwise); the bound address is logged.
 
-    /healthz says whether `transport` is connected, with the service's `facts()` (called from the
-    server's thread: they must read plain attributes only).
+    /healthz says whether `is_connected()` (the service's transport's: see `Transport.is_connected`),
+    with the service's `facts()`. Both are called from the server's thread: they must read plain
+    attributes only.
     """
     if not table.enabled:
         return None
-    connected = await broker_link_probe(transport)
 
     def health() -> Health:
-        return Health(connected(), facts())
+        return Health(is_connected(), facts())
 
     # Binding may resolve a host name: not on the event loop.
     server = await asyncio.to_thread(MetricsServer, table.host, table.port, registry, health)

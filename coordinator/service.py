@@ -123,7 +123,7 @@ class Coordinator:
         # Metrics first: a port already taken fails before any intake is consumed.
         await self.metrics.serve(
             self.settings.metrics,
-            self.transport,
+            self.transport.is_connected,
             self._health_facts,
             service="coordinator",
         )

@@ -70,5 +70,8 @@ class ObservedTransport:
     ) -> Subscription:
         return await self.inner.consume(queue, handler, prefetch=prefetch)
 
+    def is_connected(self) -> bool:
+        return self.inner.is_connected()
+
     async def close(self) -> None:
         await self.inner.close()

@@ -94,7 +94,7 @@ class Participant:
         # First, so that /healthz answers during a long warm-up.
         await self.metrics.serve(
             self.settings.metrics,
-            self.transport,
+            self.transport.is_connected,
             self.metrics.health_facts,
             service=f"participant {self.pid}",
         )

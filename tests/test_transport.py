@@ -787,3 +787,17 @@ def test_the_node_definitions_and_cli_load_no_amqp_client() -> None:
 )
 def test_memory_binding_matches_like_rabbitmq(kind: str, pattern: str, key: str, matches: bool) -> None:
     assert binding_matches(kind, pattern, key) is matches  # type: ignore[arg-type]
+
+
+@pytest.mark.amqp
+async def test_is_connected_says_whether_the_link_is_up(rabbit_node: LocalNode) -> None:
+    transport = AmqpTransport(rabbit_node.coordinator_url, connection_name="test is_connected")
+    assert not transport.is_connected()  # nothing opened yet
+    async with transport:
+        await transport.connection.connect()
+        assert transport.is_connected()
+    assert not transport.is_connected()
+    memory = MemoryBroker().connect("alice")
+    assert memory.is_connected()
+    await memory.close()
+    assert not memory.is_connected()

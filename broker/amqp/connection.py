@@ -109,6 +109,11 @@ class AmqpConnection:
             return None
         return describe_url(str(self._connection.url))
 
+    def is_connected(self) -> bool:
+        """Whether the robust connection is up now (it clears `connected` while it reconnects)."""
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
     async def connect(self) -> AbstractRobustConnection:
         """Open the robust connection (once); later calls return it."""
         if self._refused:

@@ -110,6 +110,9 @@ class AmqpTransport:
         """Open the robust connection (once); later calls return it."""
         return await self.connection.connect()
 
+    def is_connected(self) -> bool:
+        return not self._closed and self.connection.is_connected()
+
     async def close(self) -> None:
         """Cancel consumers (unsettled deliveries go back to their queues) and close the connection."""
         if self._closed:
