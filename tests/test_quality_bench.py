@@ -288,3 +288,11 @@ def test_the_grid_runs_every_method_scores_them_and_writes_the_report(tmp_path: 
 
 def _stored(work: Path, name: str) -> RunResult:
     return msgspec.json.decode((work / "runs" / f"{name}.json").read_bytes(), type=RunResult)
+
+
+def test_a_run_that_fails_is_recorded_with_its_error_and_the_grid_goes_on(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path), tasks=["a"], seeds=[0], methods=["local"], junk_member=False)
+    runner = GridRunner(grid, tmp_path / "work", ResultStore(tmp_path / "runs"), None, say=lambda _: None)  # type: ignore[arg-type]
+    result = runner.run_one(RunKey("a", 0, "local"))  # no warm-up ran, so there is nothing to start from
+    assert result.error is not None and "no warm-up checkpoint" in result.error
+    assert result.participants == {}

@@ -101,43 +101,46 @@ class GridRunner:
         return f" ({len(remaining)} left, ETA {eta / 60:.0f} min)"
 
     def run_one(self, key: RunKey) -> RunResult:
+        """Train, score, gather evidence; any failure becomes the result's `error`, not the grid's end."""
+        result = RunResult(task=key.task, seed=key.seed, method=key.method, fingerprint=self.fingerprint(key))
+        try:
+            self._train_and_score(key, result)
+        except Exception as e:
+            result.error = f"{type(e).__name__}: {e}"
+        finally:
+            gc.collect()
+        return result
+
+    def _train_and_score(self, key: RunKey, result: RunResult) -> None:
         config = self.config(key)
         run_dir = self.run_dir(key)
         warmup_dir = self.run_dir(RunKey(key.task, key.seed, WARMUP))
-        if key.method != WARMUP:
-            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts clean
-        result = RunResult(task=key.task, seed=key.seed, method=key.method, fingerprint=self.fingerprint(key))
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts clean
         started = time.perf_counter()
-        try:
-            if key.method == WARMUP:
-                shutil.rmtree(run_dir, ignore_errors=True)
-                trained = train_warmup(config, run_dir)
-            elif key.method == "local":
-                trained = train_local(config, run_dir, warmup_dir)
-            elif key.method == "centralized":
-                trained = train_centralized(config, run_dir)
-            else:
-                assert key.method in (*FEDERATED, "junk_member"), key.method
-                trained = train_federated(config, run_dir, warmup_dir)
-        except Exception as e:  # one failed run is a row of the report, not the end of the grid
-            result.error = f"{type(e).__name__}: {e}"
-            return result
-        finally:
-            gc.collect()
+        if key.method == WARMUP:
+            trained = train_warmup(config, run_dir)
+        elif key.method == "local":
+            trained = train_local(config, run_dir, warmup_dir)
+        elif key.method == "centralized":
+            trained = train_centralized(config, run_dir)
+        else:
+            assert key.method in (*FEDERATED, "junk_member"), key.method
+            trained = train_federated(config, run_dir, warmup_dir)
         result.seconds["train"] = round(time.perf_counter() - started, 1)
         self._fill(result, trained)
-        if trained.error is None:
-            started = time.perf_counter()
-            self._score(key, result, trained)
-            result.seconds["score"] = round(time.perf_counter() - started, 1)
-        if key.method == "junk_member" and self.grid.junk_member is not None and trained.finished is not None:
+        if trained.error is not None:
+            return
+        started = time.perf_counter()
+        self._score(key, result, trained)
+        result.seconds["score"] = round(time.perf_counter() - started, 1)
+        junk_member = self.grid.junk_member
+        if key.method == "junk_member" and junk_member is not None:
             refusal_dir = self.work / key.task / f"seed{key.seed}" / "junk_member_fedavg"
             result.extra["fedavg"] = junk.fedavg_refusal(
                 method_config(config, "fedavg", self.grid.new_recipe),
                 refusal_dir,
-                self.grid.junk_member.fedavg_deadline_seconds,
+                junk_member.fedavg_deadline_seconds,
             )
-        return result
 
     def run_dir(self, key: RunKey) -> Path:
         return self.work / key.task / f"seed{key.seed}" / key.method
