@@ -27,7 +27,7 @@ from bench.quality.scoring import STATE_DIR, checkpoint_dir
 from coordinator.replay.label_sources import label_quality_of_run
 from federation.config import LoadedConfig
 from federation.data import DataPaths, prepare_data
-from federation.launch import Finished, run_to_end
+from federation.launch import run_to_end
 from federation.runner import RunOptions
 from federation.settings import participant_settings
 from participant.data import Example
@@ -54,7 +54,6 @@ class Trained:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     warm_started: list[str] = field(default_factory=list)  # whose round 0 is the shared warm-up
-    finished: Finished | None = None  # the federation, for evidence gathered after it
 
 
 def private_slice(private: Sequence[Example], train: TrainTable, round_id: int) -> list[Example]:
@@ -149,12 +148,14 @@ def train_federated(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Tr
     finished = run_to_end(
         silent, RunOptions(results=run_dir, warm_start=warm), extra={"bench": "quality"}, handle_signals=False
     )
+    records = finished.reporter.records
+    error = finished.error
+    del finished  # the run holds every participant's model; scoring needs none of them
+    gc.collect()
     data, settings = _prepared(config, run_dir)  # the run's own task files, regenerated identically
     trained = _trained(config, run_dir, data, settings)
-    trained.finished = finished
     trained.warm_started = sorted(warm)
-    trained.error = finished.error
-    records = finished.reporter.records
+    trained.error = error
     trained.rounds = len(records)
     for record in records:
         for row in record.participants:
