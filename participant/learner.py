@@ -108,8 +108,9 @@ class AdapterLearner(Learner, Protocol):
         ...
 
 
-class LoraLearner:
-    """A local causal LM with LoRA; the adapter is attached at construction, so FedAvg can read it at once.
+class LocalLearner:
+    """A local causal LM that trains some of its weights: generation and evaluation shared by the kinds
+    below, which differ in what they train and checkpoint.
 
     Not thread-safe: generation and training share the model and seed torch's global RNG, so run one call
     at a time (e.g. on a single worker thread, off the event loop).
@@ -118,11 +119,7 @@ class LoraLearner:
     can_train = True
 
     def __init__(
-        self,
-        lm: LocalModel,
-        settings: TrainSettings | None = None,
-        batch_size: int = 16,
-        progress: bool = False,
+        self, lm: LocalModel, settings: TrainSettings | None, batch_size: int, progress: bool
     ) -> None:
         self.lm = lm
         self.settings = settings or TrainSettings()
@@ -130,6 +127,37 @@ class LoraLearner:
         self.batch_size = batch_size
         self.progress = progress
         self.rounds_trained = 0
+
+    def generate(self, prompts: PromptBatch, params: GenerationParams) -> list[GeneratedAnswer]:
+        return generate_answers(self.lm, prompts, params, batch_size=self.batch_size, progress=self.progress)
+
+    def train(self, examples: Sequence[Example]) -> TrainStats:
+        # A fresh seed each round: the same shuffle and dropout every round would correlate the rounds.
+        settings = replace(self.settings, seed=self.settings.seed + self.rounds_trained)
+        stats = self._train(examples, settings)
+        self.rounds_trained += 1
+        return stats
+
+    def _train(self, examples: Sequence[Example], settings: TrainSettings) -> TrainStats:
+        raise NotImplementedError
+
+    def evaluate(
+        self, test: Sequence[Example], embed: Embedder, params: GenerationParams | None = None
+    ) -> dict[str, float]:
+        return evaluate(self.lm, test, params or GenerationParams(), embed, batch_size=self.batch_size)
+
+
+class LoraLearner(LocalLearner):
+    """A local causal LM with LoRA; the adapter is attached at construction, so FedAvg can read it at once."""
+
+    def __init__(
+        self,
+        lm: LocalModel,
+        settings: TrainSettings | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(lm, settings, batch_size, progress)
         attach_lora(lm, self.settings)
 
     @classmethod
@@ -138,15 +166,8 @@ class LoraLearner:
     ) -> LoraLearner:
         return cls(load_model(spec, cache_dir=cache_dir), settings)
 
-    def generate(self, prompts: PromptBatch, params: GenerationParams) -> list[GeneratedAnswer]:
-        return generate_answers(self.lm, prompts, params, batch_size=self.batch_size, progress=self.progress)
-
-    def train(self, examples: Sequence[Example]) -> TrainStats:
-        # A fresh seed each round: the same shuffle and dropout every round would correlate the rounds.
-        settings = replace(self.settings, seed=self.settings.seed + self.rounds_trained)
-        stats = finetune(self.lm, examples, settings, progress=self.progress)
-        self.rounds_trained += 1
-        return stats
+    def _train(self, examples: Sequence[Example], settings: TrainSettings) -> TrainStats:
+        return finetune(self.lm, examples, settings, progress=self.progress)
 
     def save_checkpoint(self, directory: Path) -> None:
         save_adapter(self.lm, directory)
@@ -156,11 +177,6 @@ class LoraLearner:
             return False
         load_adapter(self.lm, directory)
         return True
-
-    def evaluate(
-        self, test: Sequence[Example], embed: Embedder, params: GenerationParams | None = None
-    ) -> dict[str, float]:
-        return evaluate(self.lm, test, params or GenerationParams(), embed, batch_size=self.batch_size)
 
     def adapter_state(self) -> AdapterState:
         return adapter_state(self.lm)

@@ -255,6 +255,13 @@ def finetune(
     """Train the LoRA adapter (attached first if missing) on `examples`; the base weights stay frozen."""
     if not has_lora(lm):
         attach_lora(lm, settings)
+    return train_parameters(lm, examples, settings, progress)
+
+
+def train_parameters(
+    lm: LocalModel, examples: Sequence[Example], settings: TrainSettings, progress: bool = False
+) -> TrainStats:
+    """The training loop, over whichever parameters of `lm.model` require gradients."""
     if not examples:
         return TrainStats(samples=0, steps=0, response_tokens=0, mean_loss=0.0, final_loss=0.0, seconds=0.0)
     encoded = [encode_example(lm, example, settings.max_length) for example in examples]

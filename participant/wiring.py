@@ -6,6 +6,7 @@ from pathlib import Path
 
 from participant.data import Example, load_jsonl, train_test_split
 from participant.http_learner import HttpChatLearner
+from participant.last_layers import LastLayersLearner
 from participant.learner import CommandLearner, Learner, LoraLearner
 from participant.models import load_model
 from participant.settings import ParticipantSettings
@@ -38,11 +39,17 @@ def build_learner(settings: ParticipantSettings) -> Learner:
             timeout_s=settings.command_timeout_seconds,
         )
     cache = Path(settings.cache_dir) if settings.cache_dir else None
+    lm = load_model(settings.model, cache_dir=cache)
+    if settings.train.method == "last_layers":
+        return LastLayersLearner(
+            lm,
+            settings.train.last_layers,
+            train_settings(settings),
+            batch_size=settings.generation_batch_size,
+            progress=settings.progress,
+        )
     return LoraLearner(
-        load_model(settings.model, cache_dir=cache),
-        train_settings(settings),
-        batch_size=settings.generation_batch_size,
-        progress=settings.progress,
+        lm, train_settings(settings), batch_size=settings.generation_batch_size, progress=settings.progress
     )
 
 
