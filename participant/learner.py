@@ -46,6 +46,7 @@ from participant.generation import MAX_ANSWER_CHARS, GeneratedAnswer, generate_a
 from participant.models import LocalModel, load_model
 from participant.training import (
     ADAPTER_CONFIG_FILE,
+    NO_TRAINING,
     TrainSettings,
     TrainStats,
     adapter_state,
@@ -145,6 +146,21 @@ class LocalLearner:
         self, test: Sequence[Example], embed: Embedder, params: GenerationParams | None = None
     ) -> dict[str, float]:
         return evaluate(self.lm, test, params or GenerationParams(), embed, batch_size=self.batch_size)
+
+
+class FrozenLearner(LocalLearner):
+    """A local model that only answers: it takes part as a black box would, and never trains."""
+
+    can_train = False
+
+    def _train(self, examples: Sequence[Example], settings: TrainSettings) -> TrainStats:
+        return NO_TRAINING
+
+    def save_checkpoint(self, directory: Path) -> None:
+        return None  # nothing changes
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        return False
 
 
 class LoraLearner(LocalLearner):

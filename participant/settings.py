@@ -19,8 +19,9 @@ __all__ = ["HttpTable", "ParticipantSettings", "SettingsError", "TrainTable", "l
 
 class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # "lora": train a LoRA adapter (what FedAvg averages); "last_layers": train the last `last_layers`
-    # transformer blocks in full, no adapter (semantic federations only).
-    method: Literal["lora", "last_layers"] = "lora"
+    # transformer blocks in full, no adapter (semantic federations only); "none": only answer, as a
+    # black box would.
+    method: Literal["lora", "last_layers", "none"] = "lora"
     last_layers: Annotated[int, Meta(ge=1, le=1024)] = 2
     rank: Annotated[int, Meta(ge=1, le=1024)] = 8
     alpha: Annotated[int, Meta(ge=1)] = 16

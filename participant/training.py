@@ -94,6 +94,9 @@ class TrainStats:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
+NO_TRAINING = TrainStats(samples=0, steps=0, response_tokens=0, mean_loss=0.0, final_loss=0.0, seconds=0.0)
+
+
 @dataclass(frozen=True)
 class EncodedExample:
     input_ids: list[int]
@@ -263,7 +266,7 @@ def train_parameters(
 ) -> TrainStats:
     """The training loop, over whichever parameters of `lm.model` require gradients."""
     if not examples:
-        return TrainStats(samples=0, steps=0, response_tokens=0, mean_loss=0.0, final_loss=0.0, seconds=0.0)
+        return NO_TRAINING
     encoded = [encode_example(lm, example, settings.max_length) for example in examples]
     pad_token_id = _pad_token_id(lm)
     trainable = [p for p in lm.model.parameters() if p.requires_grad]

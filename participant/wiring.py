@@ -7,7 +7,7 @@ from pathlib import Path
 from participant.data import Example, load_jsonl, train_test_split
 from participant.http_learner import HttpChatLearner
 from participant.last_layers import LastLayersLearner
-from participant.learner import CommandLearner, Learner, LoraLearner
+from participant.learner import CommandLearner, FrozenLearner, Learner, LoraLearner
 from participant.models import load_model
 from participant.settings import ParticipantSettings
 from participant.training import TrainSettings
@@ -40,6 +40,8 @@ def build_learner(settings: ParticipantSettings) -> Learner:
         )
     cache = Path(settings.cache_dir) if settings.cache_dir else None
     lm = load_model(settings.model, cache_dir=cache)
+    if settings.train.method == "none":
+        return FrozenLearner(lm, None, batch_size=settings.generation_batch_size, progress=settings.progress)
     if settings.train.method == "last_layers":
         return LastLayersLearner(
             lm,

@@ -1,16 +1,17 @@
-"""A learner that fine-tunes its last transformer blocks in full: what trains, what is saved, and how
-it is chosen from settings."""
+"""A learner that fine-tunes its last transformer blocks in full (what trains, what is saved), and
+how settings choose it or a local model that only answers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from support.tiny_models import PRIVATE
 
 from participant.last_layers import LastLayersLearner, transformer_blocks
-from participant.learner import AdapterLearner
+from participant.learner import AdapterLearner, FrozenLearner
 from participant.models import ModelError, load_model
 from participant.settings import ParticipantSettings, TrainTable
 from participant.training import TrainSettings
@@ -65,3 +66,6 @@ def test_settings_choose_the_learner(tmp_path: Path) -> None:
     )
     learner = build_learner(settings)
     assert isinstance(learner, LastLayersLearner) and len(learner.trained) > 0
+    frozen = build_learner(msgspec.structs.replace(settings, train=TrainTable(method="none")))
+    assert isinstance(frozen, FrozenLearner) and not frozen.can_train
+    assert not isinstance(frozen, AdapterLearner)
