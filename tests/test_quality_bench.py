@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from bench.quality import cli
 from bench.quality.execute import GridRunner
-from bench.quality.grid import RunKey, fingerprint, load_grid, method_config, seeded
+from bench.quality.grid import RunKey, fingerprint, load_grid, method_config, non_default, seeded
 from bench.quality.results import ResultStore, RunResult
 from bench.quality.stats import paired_differences, seed_bootstrap
 
@@ -296,3 +297,18 @@ def test_a_run_that_fails_is_recorded_with_its_error_and_the_grid_goes_on(tmp_pa
     result = runner.run_one(RunKey("a", 0, "local"))  # no warm-up ran, so there is nothing to start from
     assert result.error is not None and "no warm-up checkpoint" in result.error
     assert result.participants == {}
+
+
+def test_a_setting_added_at_its_default_keeps_finished_runs_finished(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    config = method_config(seeded(grid.tasks["a"], 0), "semantic", grid.new_recipe)
+    identity = non_default(config.run)
+    assert identity["train"] == {
+        "rank": 4, "batch_size": 4, "max_length": 64, "private_examples_per_round": 4,
+    }  # fmt: skip  (warmup_epochs 1 and seed 0 are the defaults)
+    assert "participants" in identity and "model" in identity["participants"][0]  # non-defaults only
+    changed = dataclasses.replace(
+        config,
+        run=msgspec.structs.replace(config.run, train=msgspec.structs.replace(config.run.train, rank=8)),
+    )
+    assert fingerprint(changed, {}) != fingerprint(config, {})

@@ -240,14 +240,32 @@ def recipe_problem(recipe: NewRecipe, config: LoadedConfig) -> str | None:
 
 
 def fingerprint(config: LoadedConfig, extra: dict[str, Any]) -> str:
-    """What determines a run's result: its config and the bench's scoring sizes (not file locations)."""
-    identity = {
-        "run": msgspec.to_builtins(config.run),
-        "coordinator": config.coordinator_raw,
-        **extra,
-    }
+    """What determines a run's result: its config and the bench's scoring sizes (not file locations).
+
+    Settings at their defaults are left out, so a setting added later (at a default that keeps the
+    old behaviour) does not turn every finished run into one to redo.
+    """
+    identity = {"run": non_default(config.run), "coordinator": config.coordinator_raw, **extra}
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def non_default(value: Any) -> Any:
+    """Plain values of `value`, with the fields of every struct that equal their defaults left out."""
+    if isinstance(value, msgspec.Struct):
+        out = {}
+        for field in msgspec.structs.fields(value):
+            item = getattr(value, field.name)
+            factory = field.default_factory
+            default = factory() if factory is not msgspec.NODEFAULT else field.default
+            if field.required or item != default:
+                out[field.encode_name] = non_default(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [non_default(v) for v in value]
+    if isinstance(value, dict):
+        return {k: non_default(v) for k, v in value.items()}
+    return msgspec.to_builtins(value)
 
 
 def _merged(base: dict[str, object], over: dict[str, dict[str, Any]]) -> dict[str, object]:
