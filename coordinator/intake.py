@@ -227,9 +227,7 @@ class Intake:
         if problem is not None:
             if self._already_stored(batch):  # a recovery's republish after its round closed
                 await self._ack_duplicate(delivery)
-            elif self._revision_window is not None and self._revision_window.admits(
-                delivery, batch, None if (state := self.current_round()) is None else state.round_id
-            ):
+            elif self._revises_previous_round(delivery, batch):
                 await self._store_late_answer(delivery, batch)
             else:
                 await self._reject(delivery, problem, batch)
@@ -266,6 +264,12 @@ class Intake:
         else:
             self.counters.accepted += 1
             self.wake()
+
+    def _revises_previous_round(self, delivery: Delivery, batch: GenerationBatch) -> bool:
+        if self._revision_window is None:
+            return False
+        state = self.current_round()
+        return self._revision_window.admits(delivery, batch, None if state is None else state.round_id)
 
     async def _store_late_answer(self, delivery: Delivery, batch: GenerationBatch) -> None:
         """A straggler's batch for the previous round: stored late, for that round's label revision."""
