@@ -76,7 +76,11 @@ class GridRunner:
         self.say(
             f"{len(keys)} runs in the grid; {len(keys) - len(todo)} already finished, {len(todo)} to run"
         )
+        # The ETA learns each method's duration from runs finished before, in this invocation or earlier.
         durations: dict[str, list[float]] = {}
+        for finished in self.store.all():
+            if finished.error is None and finished.seconds:
+                durations.setdefault(finished.method, []).append(sum(finished.seconds.values()))
         for index, key in enumerate(todo, start=1):
             self.say(f"[{index}/{len(todo)}] {key.name} ...{self._eta(todo[index - 1 :], durations)}")
             started = time.perf_counter()
