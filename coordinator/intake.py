@@ -248,19 +248,27 @@ class Intake:
         # Classified and queued for the commit in one step (no await between): the driver commits every
         # pending write before it closes shards, so none is classified open and recorded closed.
         stored = await self._group_commit(new, state)
+        # Settled only once the transaction holding the batch has committed. The whole group wakes in one
+        # event-loop turn, so AmqpTransport writes its acks as one basic.ack(multiple=True) where safe.
+        await self._settle_stored(delivery, batch, stored, late)
+
+    async def _settle_stored(
+        self,
+        delivery: Delivery,
+        batch: GenerationBatch,
+        stored: Stored,
+        late: bool,
+        event: str = "late_batch",
+    ) -> None:
         if stored is Stored.CONFLICT:
             await self._reject_reused_id(delivery, batch)
             return
-        # Only once the transaction holding the batch has committed. The whole group wakes in one event-loop
-        # turn, so AmqpTransport writes its acks as one basic.ack(multiple=True) where that is safe.
         await delivery.ack()
         if stored is Stored.DUPLICATE:
             self.counters.duplicates += 1
         elif late:
             self.counters.late += 1
-            log.info(
-                "late_batch", round=batch.round_id, shard=batch.shard_id, participant=batch.participant_id
-            )
+            log.info(event, round=batch.round_id, shard=batch.shard_id, participant=batch.participant_id)
         else:
             self.counters.accepted += 1
             self.wake()
@@ -274,20 +282,7 @@ class Intake:
     async def _store_late_answer(self, delivery: Delivery, batch: GenerationBatch) -> None:
         """A straggler's batch for the previous round: stored late, for that round's label revision."""
         (stored,) = self.store.add_batches([self._new_batch(delivery, batch, late=True)])
-        if stored is Stored.CONFLICT:
-            await self._reject_reused_id(delivery, batch)
-            return
-        await delivery.ack()
-        if stored is Stored.DUPLICATE:
-            self.counters.duplicates += 1
-            return
-        self.counters.late += 1
-        log.info(
-            "late_batch_for_revision",
-            round=batch.round_id,
-            shard=batch.shard_id,
-            participant=batch.participant_id,
-        )
+        await self._settle_stored(delivery, batch, stored, late=True, event="late_batch_for_revision")
 
     def _new_batch(self, delivery: Delivery, batch: GenerationBatch, late: bool) -> NewBatch:
         return NewBatch(
