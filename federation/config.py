@@ -67,7 +67,7 @@ class ParticipantEntry(_Table, frozen=True, kw_only=True, forbid_unknown_fields=
     test_data: str | None = None  # default: the generated task's global test set
     broker_url: str | None = None  # --broker amqp://...: this participant's own URL (its user)
     generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
-    train: TrainTable | None = None  # default: the run's [train] table
+    train: TrainTable | None = None  # keys given here override the run's [train] table
 
 
 class RunConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -91,6 +91,22 @@ class LoadedConfig:
     coordinator_raw: dict[str, object]  # coordinator table, paths resolved against its file
 
 
+def _participant_train_over_run_train(raw: dict[str, object]) -> dict[str, object]:
+    """A participant's own [participants.train] keys override the run's [train]; the rest it shares
+    (so a member that differs in its adapter does not silently fall back to default budgets)."""
+    shared = raw.get("train")
+    participants = raw.get("participants")
+    if not isinstance(shared, dict) or not isinstance(participants, list):
+        return raw
+    merged = [
+        {**entry, "train": {**shared, **entry["train"]}}
+        if isinstance(entry, dict) and isinstance(entry.get("train"), dict)
+        else entry
+        for entry in participants
+    ]
+    return {**raw, "participants": merged}
+
+
 def load_run_config(path: Path) -> LoadedConfig:
     """Read and validate a run config; relative paths are resolved against the file's folder."""
     try:
@@ -98,7 +114,7 @@ def load_run_config(path: Path) -> LoadedConfig:
     except SettingsError as e:
         raise RunConfigError(str(e)) from e
     try:
-        run = msgspec.convert(raw, RunConfig)
+        run = msgspec.convert(_participant_train_over_run_train(raw), RunConfig)
     except msgspec.ValidationError as e:
         raise RunConfigError(f"{path}: {e}") from e
     base = path.parent

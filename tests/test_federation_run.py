@@ -164,3 +164,19 @@ async def test_the_report_sees_the_confirmed_messages_it_shows_and_no_others() -
                 UP_EXCHANGE, control_key("p0"), encode(message), message_id=message.message_id
             )
     assert seen == [report]
+
+
+def test_a_members_own_train_keys_override_the_shared_ones_and_the_rest_is_shared(tmp_path: Path) -> None:
+    loaded = load_run_config(TINY.parent / "heterogeneous.toml")
+    train = {p.id: p.train for p in loaded.run.participants}
+    shared = loaded.run.train
+    assert all(t is not None for t in train.values())
+    p00, p01, p02, p03 = (train[f"p0{i}"] for i in range(4))
+    assert p00 is not None and (p00.method, p00.rank, p00.alpha) == ("lora", 4, 8)
+    assert p01 is not None and (p01.rank, p01.target_modules) == (16, "all-linear")
+    assert p02 is not None and (p02.method, p02.last_layers, p02.learning_rate) == ("last_layers", 2, 1e-4)
+    assert p03 is not None and p03.method == "none"
+    for member in (p00, p01, p02, p03):  # what a member does not set is the run's, not a default
+        assert member is not None and member.warmup_epochs == shared.warmup_epochs == 3
+        assert member.private_examples_per_round == shared.private_examples_per_round
+    assert load_run_config(TINY.parent / "junk_member.toml").run.federation == "junk-member"
