@@ -303,9 +303,13 @@ def test_a_setting_added_at_its_default_keeps_finished_runs_finished(tmp_path: P
     grid = load_grid(write_grid(tmp_path))
     config = method_config(seeded(grid.tasks["a"], 0), "semantic", grid.new_recipe)
     identity = non_default(config.run)
+    # warmup_epochs 1 and seed 0 are the defaults, so they are left out
     assert identity["train"] == {
-        "rank": 4, "batch_size": 4, "max_length": 64, "private_examples_per_round": 4,
-    }  # fmt: skip  (warmup_epochs 1 and seed 0 are the defaults)
+        "rank": 4,
+        "batch_size": 4,
+        "max_length": 64,
+        "private_examples_per_round": 4,
+    }
     assert "participants" in identity and "model" in identity["participants"][0]  # non-defaults only
     changed = dataclasses.replace(
         config,
