@@ -89,6 +89,9 @@ class FreezesAfterPublishing:
     async def declare(self, topology: Any) -> None:
         await self.inner.declare(topology)
 
+    def is_connected(self) -> bool:
+        return self.inner.is_connected()
+
     async def consume(
         self, queue: str, handler: Handler, *, prefetch: int = DEFAULT_PREFETCH
     ) -> Subscription:
