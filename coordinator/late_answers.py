@@ -8,6 +8,8 @@ yet. Anything else for a round that is not open is refused as before.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from broker.transport import Delivery
 from coordinator.identity import shard_of_routing_key
 from coordinator.store import CoordinatorStore
@@ -15,12 +17,23 @@ from schemas.codec import decode_reply
 from schemas.messages import GenerationBatch, RoundOpened
 
 
+@dataclass(frozen=True)
+class ClosedRound:
+    """What a closed round recorded that decides whether a late batch for it is taken; fixed once
+    the round closed, so it is read once, not per batch."""
+
+    round_id: int
+    expected: frozenset[str]
+    labelled_shards: dict[int, frozenset[str]]  # shard that closed labelled -> the members it closed with
+    prompts: dict[int, frozenset[str]]  # shard -> its prompt ids
+
+
 class RevisionWindow:
     """Judges batches for the previous round against what the store recorded of it."""
 
     def __init__(self, store: CoordinatorStore) -> None:
         self.store = store
-        self._prompts: tuple[int, dict[int, frozenset[str]]] | None = None  # (round, shard -> prompt ids)
+        self._closed: ClosedRound | None = None
 
     def admits(self, delivery: Delivery, batch: GenerationBatch, open_round: int | None) -> bool:
         """Whether `batch` (which identity, ownership and kind checks passed) is a late answer to the
@@ -32,23 +45,33 @@ class RevisionWindow:
             return False
         if self.store.revisions(previous) is not None:
             return False  # revised already: too late even for that
-        closing = next((c for c in self.store.closings(previous) if c.shard_id == batch.shard_id), None)
-        if closing is None or closing.status != "labelled" or batch.participant_id in closing.answered:
-            return False
-        if batch.participant_id not in self.store.expected(previous):
+        closed = self._closed_round(previous)
+        answered = closed.labelled_shards.get(batch.shard_id)
+        if answered is None or batch.participant_id in answered:
+            return False  # no labelled shard of that round, or it answered in time
+        if batch.participant_id not in closed.expected:
             return False
         given = [a.prompt_id for a in batch.answers]
-        asked = self._shard_prompts(previous).get(batch.shard_id, frozenset())
+        asked = closed.prompts.get(batch.shard_id, frozenset())
         return len(set(given)) == len(given) and set(given) <= asked
 
-    def _shard_prompts(self, round_id: int) -> dict[int, frozenset[str]]:
-        if self._prompts is None or self._prompts[0] != round_id:
+    def _closed_round(self, round_id: int) -> ClosedRound:
+        if self._closed is None or self._closed.round_id != round_id:
             body = self.store.announcement(round_id)
             opened = None if body is None else decode_reply(body)
-            shards = (
+            prompts = (
                 {s.shard_id: frozenset(p.prompt_id for p in s.prompts) for s in opened.shards}
                 if isinstance(opened, RoundOpened)
                 else {}
             )
-            self._prompts = (round_id, shards)
-        return self._prompts[1]
+            self._closed = ClosedRound(
+                round_id=round_id,
+                expected=frozenset(self.store.expected(round_id)),
+                labelled_shards={
+                    c.shard_id: frozenset(c.answered)
+                    for c in self.store.closings(round_id)
+                    if c.status == "labelled"
+                },
+                prompts=prompts,
+            )
+        return self._closed
