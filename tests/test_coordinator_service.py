@@ -377,3 +377,20 @@ async def test_a_control_message_judged_from_the_lobby_is_not_judged_again_from_
     await asyncio.sleep(0.1)
     assert len(dead) == 1 and coordinator.counters.dead_lettered == 1  # judged once
     await coordinator.stop_intake()
+
+
+async def test_reputation_weighting_reads_the_earlier_rounds_agreement(tmp_path: Path) -> None:
+    config = write_config(tmp_path, min_participants=4, quorum=4, rounds=2)
+    config.write_text(config.read_text().replace("[consensus]", '[consensus]\nvote_weighting = "reputation"'))
+    broker = MemoryBroker()
+    names = ["alice", "bob", "carol", "mallory"]
+    broker.declare(full_topology(names))
+    coordinator = memory_coordinator(config, broker)
+    participants = [ScriptedParticipant(n, broker.connect(n), consensus_answers) for n in names]
+    await run_with_participants(coordinator, participants)
+    first, second = coordinator.closed_rounds
+    assert coordinator.strategy._agreement_history(2) == [first.agreement]  # type: ignore[attr-defined]
+    assert min(first.agreement, key=lambda p: first.agreement[p]) == "mallory"
+    labels = [label for p in participants for m in p.labels.values() for label in m.labels]
+    assert labels and all(label.source != "mallory" for label in labels)
+    assert [o.status for o in second.shards] == ["labelled"] * 3

@@ -42,6 +42,7 @@ class SemanticStrategy:
         self.store = context.store
         self.consensus = consensus
         self._sampler = PromptSampler(context.prompts, context.settings.round.seed)
+        self._history: tuple[int, list[Mapping[str, float]]] | None = None  # (round, its history)
 
     def shards(self, round_id: int) -> list[PromptShard]:
         rounds = self.settings.round
@@ -108,12 +109,19 @@ class SemanticStrategy:
         table = self.settings.consensus
         if table.vote_weighting != "reputation" or round_id <= 1:
             return candidates
-        history = []
-        for body in self.store.summaries(1, round_id - 1):
-            summary = decode_reply(body)
-            assert isinstance(summary, RoundClosed)
-            history.append(summary.agreement)
-        return weigh_votes(candidates, history, table)
+        return weigh_votes(candidates, self._agreement_history(round_id), table)
+
+    def _agreement_history(self, round_id: int) -> list[Mapping[str, float]]:
+        """Each earlier round's agreement map, oldest first; read once per round (not per shard), since
+        the rounds before this one are closed."""
+        if self._history is None or self._history[0] != round_id:
+            history: list[Mapping[str, float]] = []
+            for body in self.store.summaries(1, round_id - 1):
+                summary = decode_reply(body)
+                assert isinstance(summary, RoundClosed)
+                history.append(summary.agreement)
+            self._history = (round_id, history)
+        return self._history[1]
 
     def _candidates(
         self, round_id: int, shard_id: int, prompt_ids: Sequence[str], answered: Sequence[str]
