@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -322,12 +322,15 @@ class Coordinator:
             decide_seconds = time.perf_counter() - started
             self._decide_seconds += decide_seconds
             self.metrics.consensus_seconds.observe(decide_seconds)
-            # Everyone expected or active now (stragglers too, so they catch up).
-            recipients = sorted(set(state.expected) | set(self.active_members()))
-            await self.outbox.send_to_members(state.round_id, replies, recipients)
+            await self.outbox.send_to_members(state.round_id, replies, self._recipients(state.expected))
             self.metrics.labels_published(replies, _arrivals(state, closings), self.clock())
         for closing in closings:
             state.finish(closing.shard_id, closing.status)
+
+    def _recipients(self, expected: Iterable[str]) -> list[str]:
+        """Who gets a round's replies: everyone it expected or active now (stragglers too, so they
+        catch up)."""
+        return sorted(set(expected) | set(self.active_members()))
 
     async def _revise_round(self, round_id: int) -> None:
         """Send the revisions late answers made to `round_id`'s decisions, before the next round's
@@ -336,7 +339,7 @@ class Coordinator:
             return
         revisions = await asyncio.to_thread(self.strategy.revise, round_id)
         if revisions:
-            recipients = sorted(set(self.store.expected(round_id)) | set(self.active_members()))
+            recipients = self._recipients(self.store.expected(round_id))
             await self.outbox.send_to_members(round_id, revisions, recipients)
 
     async def _close_round(self, state: RoundState) -> None:
