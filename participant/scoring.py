@@ -13,9 +13,7 @@ import torch
 
 from participant.data import Example
 from participant.models import LocalModel, ModelError
-
-# The training loop's own pad choice (private there; padding is masked out of attention and loss).
-from participant.training import _pad_token_id, build_batch, encode_example, per_example_loss
+from participant.training import build_batch, encode_example, padding_token_id, per_example_loss
 
 
 @torch.inference_mode()
@@ -38,7 +36,7 @@ def response_nll(
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = build_batch([encoded[i] for i in chunk], _pad_token_id(lm))
+            batch = build_batch([encoded[i] for i in chunk], padding_token_id(lm))
             losses, _counts = per_example_loss(lm, batch)
             for index, loss in zip(chunk, losses.tolist(), strict=True):
                 scores[index] = float(loss)

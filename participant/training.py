@@ -268,7 +268,7 @@ def train_parameters(
     if not examples:
         return NO_TRAINING
     encoded = [encode_example(lm, example, settings.max_length) for example in examples]
-    pad_token_id = _pad_token_id(lm)
+    pad_token_id = padding_token_id(lm)
     trainable = [p for p in lm.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
     shuffler = torch.Generator().manual_seed(settings.seed)
@@ -328,14 +328,14 @@ def mean_response_loss(
     lm.model.eval()
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):
-        batch = build_batch(encoded[start : start + batch_size], _pad_token_id(lm))
+        batch = build_batch(encoded[start : start + batch_size], padding_token_id(lm))
         example_losses, counts = per_example_loss(lm, batch)
         total_loss += float((example_losses * counts).sum())
         total_tokens += int(counts.sum())
     return total_loss / max(total_tokens, 1)
 
 
-def _pad_token_id(lm: LocalModel) -> int:
+def padding_token_id(lm: LocalModel) -> int:
     # Padding is masked out of attention and loss, so any id works; prefer the tokenizer's own.
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     return int(pad) if pad is not None else 0
