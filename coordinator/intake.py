@@ -229,6 +229,8 @@ class Intake:
                 await self._ack_duplicate(delivery)
             elif self._revises_previous_round(delivery, batch):
                 await self._store_late_answer(delivery, batch)
+            elif self._revision_window is not None and self._revision_window.holds(batch):
+                await self._ack_duplicate(delivery)  # its slot has a late batch already (§6.5)
             else:
                 await self._reject(delivery, problem, batch)
             return
@@ -282,6 +284,8 @@ class Intake:
     async def _store_late_answer(self, delivery: Delivery, batch: GenerationBatch) -> None:
         """A straggler's batch for the previous round: stored late, for that round's label revision."""
         (stored,) = self.store.add_batches([self._new_batch(delivery, batch, late=True)])
+        if stored is not Stored.CONFLICT and self._revision_window is not None:
+            self._revision_window.taken(batch)
         await self._settle_stored(delivery, batch, stored, late=True, event="late_batch_for_revision")
 
     def _new_batch(self, delivery: Delivery, batch: GenerationBatch, late: bool) -> NewBatch:

@@ -26,6 +26,7 @@ class ClosedRound:
     expected: frozenset[str]
     labelled_shards: dict[int, frozenset[str]]  # shard that closed labelled -> the members it closed with
     prompts: dict[int, frozenset[str]]  # shard -> its prompt ids
+    late: set[tuple[int, str]]  # (shard, member) with a late batch stored: one each, like any batch
 
 
 class RevisionWindow:
@@ -51,9 +52,26 @@ class RevisionWindow:
             return False  # no labelled shard of that round, or it answered in time
         if batch.participant_id not in closed.expected:
             return False
+        if (batch.shard_id, batch.participant_id) in closed.late:
+            return False  # one late batch per slot: see `holds`
         given = [a.prompt_id for a in batch.answers]
         asked = closed.prompts.get(batch.shard_id, frozenset())
         return len(set(given)) == len(given) and set(given) <= asked
+
+    def holds(self, batch: GenerationBatch) -> bool:
+        """After `admits` said no: whether a late batch for `batch`'s slot (round, shard, member) is
+        stored already, so that this one is a duplicate (PROTOCOL §6.5), known without the store."""
+        closed = self._closed
+        return (
+            closed is not None
+            and closed.round_id == batch.round_id
+            and (batch.shard_id, batch.participant_id) in closed.late
+        )
+
+    def taken(self, batch: GenerationBatch) -> None:
+        """`batch` is stored late: another one for its slot is refused without touching the store."""
+        if self._closed is not None and self._closed.round_id == batch.round_id:
+            self._closed.late.add((batch.shard_id, batch.participant_id))
 
     def _closed_round(self, round_id: int) -> ClosedRound:
         if self._closed is None or self._closed.round_id != round_id:
@@ -73,5 +91,6 @@ class RevisionWindow:
                     if c.status == "labelled"
                 },
                 prompts=prompts,
+                late={(shard, member) for shard, member, _, late in self.store.received(round_id) if late},
             )
         return self._closed

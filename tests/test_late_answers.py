@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from broker.topology import COORDINATOR_USER, generation_key
 from broker.transport import Delivery
 from coordinator.late_answers import RevisionWindow
-from coordinator.store import CoordinatorStore
+from coordinator.store import CoordinatorStore, NewBatch
 from schemas import Answer, GenerationBatch, Prompt, PromptShard, RoundOpened, encode
 
 SHARDS = {0: ["q0", "q1"], 1: ["q2", "q3"]}
@@ -122,3 +123,19 @@ def test_revisions_are_stored_once_per_round(store: CoordinatorStore) -> None:
     store.save_revisions(1, {0: b"rev"})
     store.save_revisions(1, {0: b"other"})  # a second decision changes nothing
     assert store.revisions(1) == {0: b"rev"}
+
+
+def test_one_late_batch_per_member_and_shard(store: CoordinatorStore) -> None:
+    window = RevisionWindow(store)
+    delivery, batch = late("cyd", 0, ["q0"])
+    assert window.admits(delivery, batch, open_round=2)
+    assert not window.holds(batch)
+    window.taken(batch)  # intake stored it
+    again = msgspec.structs.replace(batch, message_id="cyd.other-id")
+    # Not taken again, and known as a duplicate of the stored one (PROTOCOL §6.5) without the store.
+    assert not window.admits(delivery, again, open_round=2) and window.holds(again)
+    # A window that starts after the batch was stored sees it too.
+    store.add_batches([NewBatch(batch.message_id, 1, 0, "cyd", 6.0, True, delivery.body)])
+    fresh = RevisionWindow(store)
+    assert not fresh.admits(delivery, again, open_round=2)
+    assert fresh.holds(again)
