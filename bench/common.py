@@ -46,8 +46,18 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": _version("torch"),
         "rabbitmq": RABBITMQ_VERSION,
+        "gpu": _gpu_name(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _gpu_name() -> str | None:
+    """The first CUDA GPU torch sees, by name; None on a machine without one (or without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return str(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
 
 
 def versions(*packages: str) -> dict[str, str | None]:
@@ -58,6 +68,7 @@ def versions(*packages: str) -> dict[str, str | None]:
 def machine_line(host: Mapping[str, Any]) -> str:
     return (
         f"Machine: {host['platform']}; {host['cpus']} × {host['cpu']}; {host['memory_mib']} MiB; "
+        f"{'GPU ' + host['gpu'] + '; ' if host.get('gpu') else ''}"
         f"Python {host['python']}; torch {host['torch']}; RabbitMQ {host['rabbitmq']}; "
         f"load average at start {host['load_average_at_start']} (shared, noisy machine)."
     )

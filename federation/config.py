@@ -29,7 +29,7 @@ from common.settings import SettingsError, read_toml
 from coordinator.settings import CoordinatorSettings
 from federation.stdlib_task import TaskError
 from federation.stdlib_task.split import default_families
-from participant.settings import TrainTable
+from participant.settings import Device, TrainTable
 from schemas.messages import GenerationParams, Id
 
 __all__ = ["ParticipantEntry", "RunConfig", "RunConfigError", "TaskTable", "load_run_config"]
@@ -77,6 +77,7 @@ class RunConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     embedder: str = "minilm"  # scores answers, and builds consensus unless [coordinator.consensus] says
     serialize_compute: bool = True  # one participant uses the CPU at a time (faster on few cores)
     torch_threads: Annotated[int, Meta(ge=0)] = 0  # 0: torch's default
+    device: Device = "cpu"  # every participant's local model: "cpu", "cuda", "cuda:N" or "auto"
     task: TaskTable | None = None
     generation: GenerationParams = GenerationParams()
     train: TrainTable = TrainTable()

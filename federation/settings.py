@@ -56,6 +56,7 @@ def participant_settings(
         private_data=None if train is None else str(train),
         test_data=None if test is None else str(test),
         generation_batch_size=entry.generation_batch_size,
+        device=config.run.device,
         heartbeat_seconds=5.0,
         progress=False,  # the runner shows what each participant does; bars would garble the table
         train=entry.train or config.run.train,

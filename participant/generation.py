@@ -68,7 +68,9 @@ def generate_answers(
         for rows in batches:
             input_ids, attention_mask = _left_pad([encoded[i] for i in rows], int(config.pad_token_id))
             output = lm.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                input_ids=input_ids.to(lm.device),
+                attention_mask=attention_mask.to(lm.device),
+                generation_config=config,
             )
             for row, new_tokens in zip(rows, output[:, input_ids.shape[1] :].tolist(), strict=True):
                 kept, completion_tokens = _cut_at_stop(new_tokens, stop_ids)

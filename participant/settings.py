@@ -60,6 +60,11 @@ class ParticipantMetricsTable(MetricsTable, frozen=True, kw_only=True, forbid_un
     port: Annotated[int, Meta(ge=0, le=65_535)] = 9465  # beside a coordinator's 9464 on one host
 
 
+# A local model's torch device; participant.models.resolve_device checks it against the machine.
+DEVICE_PATTERN = r"^(cpu|auto|cuda(:[0-9]+)?)$"
+Device = Annotated[str, Meta(pattern=DEVICE_PATTERN)]
+
+
 class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     federation: Id = "chorus"
     participant_id: Id
@@ -78,6 +83,7 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     # torch intra-op threads; 0 keeps torch's default (all cores). On a busy 2-core machine one thread
     # generated 4-5x faster than two.
     torch_threads: Annotated[int, Meta(ge=0, le=1_024)] = 0
+    device: Device = "cpu"  # where a local model runs: "cpu", "cuda", "cuda:N", or "auto" (a GPU if any)
     heartbeat_seconds: Annotated[float, Meta(gt=0.0)] = 15.0
     evaluate: bool = True
     progress: bool = True

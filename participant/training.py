@@ -111,6 +111,15 @@ class Batch:
     labels: torch.Tensor  # input ids, with IGNORE_INDEX over prompt and padding
     weights: torch.Tensor  # [batch]
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on `device` (the model's), where the forward pass needs it."""
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.weights.to(device),
+        )
+
 
 # ---- LoRA ----------------------------------------------------------------------------------------
 
@@ -236,7 +245,9 @@ def build_batch(examples: Sequence[EncodedExample], pad_token_id: int) -> Batch:
 
 
 def per_example_loss(lm: LocalModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token loss over each example's response tokens, and how many tokens each had."""
+    """Mean next-token loss over each example's response tokens, and how many tokens each had.
+
+    `batch` must be on the model's device (`Batch.to`)."""
     logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     # Position t predicts token t + 1. Shifting the labels (the last position gets none) rather than the
     # logits keeps the [batch, time, vocab] logits uncopied with the vocabulary last, where cross_entropy
@@ -287,7 +298,7 @@ def train_parameters(
             for start in range(0, len(order), settings.batch_size):
                 batch = build_batch(
                     [encoded[i] for i in order[start : start + settings.batch_size]], pad_token_id
-                )
+                ).to(lm.device)
                 example_losses, counts = per_example_loss(lm, batch)
                 # Divide by the batch size, not the weight sum: a low-confidence batch should move less.
                 loss = (example_losses * batch.weights).sum() / len(example_losses)
@@ -328,7 +339,7 @@ def mean_response_loss(
     lm.model.eval()
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):
-        batch = build_batch(encoded[start : start + batch_size], padding_token_id(lm))
+        batch = build_batch(encoded[start : start + batch_size], padding_token_id(lm)).to(lm.device)
         example_losses, counts = per_example_loss(lm, batch)
         total_loss += float((example_losses * counts).sum())
         total_tokens += int(counts.sum())

@@ -39,7 +39,7 @@ def build_learner(settings: ParticipantSettings) -> Learner:
             timeout_s=settings.command_timeout_seconds,
         )
     cache = Path(settings.cache_dir) if settings.cache_dir else None
-    lm = load_model(settings.model, cache_dir=cache)
+    lm = load_model(settings.model, cache_dir=cache, device=settings.device)
     if settings.train.method == "none":
         return FrozenLearner(lm, None, batch_size=settings.generation_batch_size, progress=settings.progress)
     if settings.train.method == "last_layers":

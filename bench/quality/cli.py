@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", help="comma-separated task names (default: the grid's)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the grid's)")
     parser.add_argument("--methods", help=f"comma-separated from {','.join(METHODS)}")
+    parser.add_argument(
+        "--device", help='where the models run: "cpu" (the configs\' default), "cuda", "cuda:N" or "auto"'
+    )
     parser.add_argument("--no-junk-member", action="store_true", help="leave out the junk-member run")
     parser.add_argument(
         "--out",
@@ -56,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds=[int(s) for s in seeds] if seeds else None,
         methods=_list(args.methods),
         junk_member=not args.no_junk_member and not args.quick,
+        device=args.device,
     )
     work = args.work / "quick" if args.quick else args.work
     out: Path = args.out or (work if args.quick else RESULTS)  # a smoke run never replaces the real report

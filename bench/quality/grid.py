@@ -18,7 +18,7 @@ from msgspec import Meta
 
 from common.settings import read_toml
 from coordinator.settings import CoordinatorSettings
-from federation.config import LoadedConfig, load_run_config
+from federation.config import LoadedConfig, RunConfig, load_run_config
 from participant.settings import TrainTable
 
 # Order matters: a method's runs need the runs before it (every method starts from the warm-up).
@@ -135,8 +135,10 @@ def load_grid(
     seeds: list[int] | None = None,
     methods: list[str] | None = None,
     junk_member: bool = True,
+    device: str | None = None,
 ) -> Grid:
-    """Read the grid file; the keyword arguments narrow it (command-line choices)."""
+    """Read the grid file; the keyword arguments narrow it (command-line choices); `device` moves every
+    participant's model there (a run's identity includes it, so CPU and GPU results never mix)."""
     try:
         raw = msgspec.convert(read_toml(path), GridFile)
     except msgspec.ValidationError as e:
@@ -152,6 +154,8 @@ def load_grid(
     loaded = {name: load_run_config((path.parent / raw.tasks[name]).resolve()) for name in task_names}
     if quick:
         loaded = {name: shrink(config, raw.quick) for name, config in loaded.items()}
+    if device is not None:
+        loaded = {name: on_device(config, device) for name, config in loaded.items()}
     junk = raw.junk_member if junk_member else None
     if junk is not None and junk.task not in loaded:
         junk = None  # its task is not in this grid (e.g. --tasks chose others)
@@ -182,6 +186,15 @@ def shrink(config: LoadedConfig, quick: Quick) -> LoadedConfig:
     run = msgspec.structs.replace(run, rounds=quick.rounds, task=task, train=train, generation=generation)
     coordinator = _merged(config.coordinator_raw, {"round": {"prompts_per_round": quick.prompts_per_round}})
     return dataclasses.replace(config, run=run, coordinator_raw=coordinator)
+
+
+def on_device(config: LoadedConfig, device: str) -> LoadedConfig:
+    """The same task with every participant's model on `device` ("cpu", "cuda", "cuda:N", "auto")."""
+    try:
+        run = msgspec.convert({**msgspec.to_builtins(config.run), "device": device}, RunConfig)
+    except msgspec.ValidationError as e:
+        raise GridError(f"--device {device!r}: {e}") from e
+    return dataclasses.replace(config, run=run)
 
 
 def seeded(config: LoadedConfig, seed: int) -> LoadedConfig:
