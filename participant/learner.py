@@ -142,6 +142,12 @@ class LocalLearner:
     def _train(self, examples: Sequence[Example], settings: TrainSettings) -> TrainStats:
         raise NotImplementedError
 
+    def save_checkpoint(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        raise NotImplementedError
+
     def evaluate(
         self, test: Sequence[Example], embed: Embedder, params: GenerationParams | None = None
     ) -> dict[str, float]:

@@ -12,7 +12,7 @@ import pytest
 
 from bench.quality import cli
 from bench.quality.execute import GridRunner
-from bench.quality.grid import RunKey, fingerprint, load_grid, method_config, non_default, seeded
+from bench.quality.grid import GridError, RunKey, fingerprint, load_grid, method_config, non_default, seeded
 from bench.quality.results import ResultStore, RunResult
 from bench.quality.stats import paired_differences, seed_bootstrap
 
@@ -316,3 +316,107 @@ def test_a_setting_added_at_its_default_keeps_finished_runs_finished(tmp_path: P
         run=msgspec.structs.replace(config.run, train=msgspec.structs.replace(config.run.train, rank=8)),
     )
     assert fingerprint(changed, {}) != fingerprint(config, {})
+
+
+# ---- a heterogeneous federation, and the device -----------------------------------------------------
+
+HETEROGENEOUS_MEMBERS = """
+[[participants]]
+id = "q0"
+model = "tiny-llama"
+[participants.train]
+rank = 2
+alpha = 4
+
+[[participants]]
+id = "q1"
+model = "tiny-llama"
+[participants.train]
+rank = 8
+target_modules = "all-linear"
+
+[[participants]]
+id = "q2"
+model = "tiny-gpt2"
+[participants.train]
+method = "last_layers"
+last_layers = 1
+
+[[participants]]
+id = "q3"
+model = "tiny-llama"
+[participants.train]
+method = "none"
+"""
+
+HETEROGENEOUS_GRID = """
+seeds = [0]
+methods = ["local", "semantic", "new_recipe"]
+per_member = true
+generation_prompts = 4
+round_nll_prompts = 3
+bootstrap_resamples = 200
+
+[tasks]
+h = "h.toml"
+
+[new_recipe]
+train = { label_weighting = "disagreement" }
+
+[fedavg_refusal]
+task = "h"
+deadline_seconds = 4.0
+"""
+
+
+def test_a_heterogeneous_federation_is_scored_member_by_member_and_fedavg_refuses_it(tmp_path: Path) -> None:
+    (tmp_path / "h.toml").write_text(f'federation = "h"\n{TASK}{HETEROGENEOUS_MEMBERS}')
+    grid_path = tmp_path / "grid.toml"
+    grid_path.write_text(HETEROGENEOUS_GRID)
+    grid = load_grid(grid_path)
+    assert [k.method for k in grid.runs()] == ["warmup", "local", "semantic", "new_recipe", "fedavg_refusal"]
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert cli.main([str(grid_path), "--out", str(out), "--work", str(work)]) == 0
+
+    report = json.loads((out / "quality.json").read_text())
+    assert set(report["tasks"]["h"]["methods"]) == {"local", "semantic", "new_recipe"}
+    [members] = report["members"]
+    rows = members["participants"]
+    assert {pid: row["learner"] for pid, row in rows.items()} == {
+        "q0": "lora r2 a4 default",
+        "q1": "lora r8 a16 all-linear",
+        "q2": "last_layers 1",
+        "q3": "none",
+    }
+    for row in rows.values():
+        assert {"local", "semantic", "new_recipe"} <= set(row)
+    # The member that never trains answers with its base model whatever the method: the same scores.
+    assert rows["q3"]["local"] == rows["q3"]["semantic"] == rows["q3"]["new_recipe"]
+    # The last-layers member's checkpoints were loaded: after training it scores unlike its warm-up.
+    warm = _stored(work, "h__seed0__warmup").participants["q2"].subset_nll_by_round[0]
+    assert _stored(work, "h__seed0__local").participants["q2"].subset_nll_by_round[-1] != warm
+
+    fedavg = report["fedavg_refusal"]["fedavg"]
+    assert fedavg["aggregated_adapter_published"] is False
+    assert set(fedavg["stored_adapters"]) <= {"q0", "q1"}  # the others cannot send an adapter
+    assert fedavg["average_wire"].startswith("AggregationError")  # r2 q/v and r8 all-linear differ
+    markdown = (out / "quality.md").read_text()
+    assert "Every member beside its own local-only scores" in markdown
+    assert "## FedAvg on task h" in markdown
+
+
+def test_a_device_moves_every_task_and_is_part_of_each_run_identity(tmp_path: Path) -> None:
+    on_cpu = load_grid(write_grid(tmp_path))
+    anywhere = load_grid(write_grid(tmp_path), device="auto")
+    assert {c.run.device for c in anywhere.tasks.values()} == {"auto"}
+    key = RunKey("a", 0, "semantic")
+    cpu_runner = GridRunner(on_cpu, tmp_path, ResultStore(tmp_path / "r"), None, say=lambda _: None)  # type: ignore[arg-type]
+    any_runner = GridRunner(anywhere, tmp_path, ResultStore(tmp_path / "r"), None, say=lambda _: None)  # type: ignore[arg-type]
+    assert cpu_runner.fingerprint(key) != any_runner.fingerprint(key)
+    # "cpu" is the default: naming it keeps the runs finished without it.
+    named = GridRunner(
+        load_grid(write_grid(tmp_path), device="cpu"), tmp_path, ResultStore(tmp_path / "r"), None
+    )  # type: ignore[arg-type]
+    assert named.fingerprint(key) == cpu_runner.fingerprint(key)
+    with pytest.raises(GridError, match="--device 'gpu'"):
+        load_grid(write_grid(tmp_path), device="gpu")

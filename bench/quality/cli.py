@@ -13,7 +13,7 @@ from bench.quality.execute import GridRunner
 from bench.quality.grid import METHODS, load_grid
 from bench.quality.markdown import render
 from bench.quality.plots import plot_task
-from bench.quality.report import junk_summary, summarise
+from bench.quality.report import junk_summary, members_beside_local, refusal_summary, summarise
 from bench.quality.results import ResultStore
 from bench.quality.scoring import Scorer
 from coordinator.settings import ConsensusSettingsTable
@@ -82,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = [r for r in store.all() if (f"{r.task}__seed{r.seed}__{r.method}", r.fingerprint) in wanted]
     else:
         results = runner.run_all()
-    tasks = summarise([r for r in results if r.method != "junk_member"], grid.bootstrap_resamples)
+    tasks = summarise(
+        [r for r in results if r.method not in ("junk_member", "fedavg_refusal")], grid.bootstrap_resamples
+    )
     report = {
         "grid": str(args.grid),
         "quick": grid.quick,
@@ -94,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": host,
         "tasks": tasks,
         "junk_member": junk_summary(results),
+        "members": members_beside_local(results) if grid.per_member else [],
+        "fedavg_refusal": refusal_summary(results),
         "failed_runs": [f"{r.task}__seed{r.seed}__{r.method}: {r.error}" for r in store.all() if r.error],
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

@@ -35,7 +35,7 @@ from bench.quality.methods import (
     train_warmup,
 )
 from bench.quality.results import ParticipantScores, ResultStore, RunResult
-from bench.quality.scoring import Scorer, checkpoint_dir, generation_subset
+from bench.quality.scoring import Scorer, checkpoint_dir, generation_subset, learner_description
 from federation.config import LoadedConfig
 
 Say = Callable[[str], None]
@@ -58,6 +58,8 @@ class GridRunner:
             )
         if key.method == WARMUP:
             return base
+        if key.method == "fedavg_refusal":
+            return method_config(base, "fedavg", self.grid.new_recipe)
         return method_config(base, key.method, self.grid.new_recipe)
 
     def fingerprint(self, key: RunKey) -> str:
@@ -68,6 +70,8 @@ class GridRunner:
         }
         if key.method == "junk_member" and self.grid.junk_member is not None:
             extra["junk"] = self.grid.junk_member.fedavg_deadline_seconds
+        if key.method == "fedavg_refusal" and self.grid.fedavg_refusal is not None:
+            extra["deadline"] = self.grid.fedavg_refusal.deadline_seconds
         return fingerprint(self.config(key), extra)
 
     def run_all(self) -> list[RunResult]:
@@ -121,6 +125,13 @@ class GridRunner:
         warmup_dir = self.run_dir(RunKey(key.task, key.seed, WARMUP))
         shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts clean
         started = time.perf_counter()
+        if key.method == "fedavg_refusal":
+            assert self.grid.fedavg_refusal is not None
+            result.extra["fedavg"] = junk.fedavg_refusal(
+                config, run_dir, self.grid.fedavg_refusal.deadline_seconds
+            )
+            result.seconds["train"] = round(time.perf_counter() - started, 1)
+            return
         if key.method == WARMUP:
             trained = train_warmup(config, run_dir)
         elif key.method == "local":
@@ -169,7 +180,7 @@ class GridRunner:
         subset = [test[i] for i in result.round_subset]
         last = trained.rounds
         for pid, settings in trained.settings.items():
-            scores = ParticipantScores(model=settings.model)
+            scores = ParticipantScores(model=settings.model, learner=learner_description(settings))
             if key.method == WARMUP:
                 scores.subset_nll_by_round = [
                     self.scorer.subset_nll(settings, checkpoint_dir(trained.run_dir, pid, 0), subset)

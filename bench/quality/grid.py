@@ -31,6 +31,7 @@ LABELS = {
     "semantic": "semantic (medoid)",
     "new_recipe": "new recipe",
     "junk_member": "robustness to a junk member",
+    "fedavg_refusal": "FedAvg on a federation it cannot serve",
 }
 STRATEGY = {"fedavg": "fedavg", "semantic": "semantic", "new_recipe": "semantic", "junk_member": "semantic"}
 FEDERATED = ("fedavg", "semantic", "new_recipe")
@@ -58,6 +59,14 @@ class JunkMember(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     fedavg_deadline_seconds: Annotated[float, Meta(gt=0.0)] = 60.0
 
 
+class FedavgRefusal(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One FedAvg round of a task whose members FedAvg cannot serve, recorded: what the coordinator did."""
+
+    task: str
+    seed: int = 0
+    deadline_seconds: Annotated[float, Meta(gt=0.0)] = 60.0
+
+
 class Quick(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     tasks: list[str] | None = None
     seeds: list[int] = msgspec.field(default_factory=lambda: [0])
@@ -82,6 +91,8 @@ class GridFile(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     bootstrap_resamples: Annotated[int, Meta(ge=100)] = 4000
     new_recipe: NewRecipe = NewRecipe()
     junk_member: JunkMember | None = None
+    fedavg_refusal: FedavgRefusal | None = None
+    per_member: bool = False  # the report also lists every member beside its own local-only scores
     quick: Quick = Quick()
 
 
@@ -109,6 +120,8 @@ class Grid:
     new_recipe_problem: str | None  # why the new recipe cannot run with the settings installed now
     junk_member: JunkMember | None
     quick: bool
+    fedavg_refusal: FedavgRefusal | None = None
+    per_member: bool = False
 
     def runs(self) -> list[RunKey]:
         """Every run, in the order they execute: per (task, seed) the warm-up first, then the methods.
@@ -124,6 +137,9 @@ class Grid:
             if RunKey(junk.task, junk.seed, WARMUP) not in keys:
                 keys.append(RunKey(junk.task, junk.seed, WARMUP))
             keys.append(RunKey(junk.task, junk.seed, "junk_member"))
+        refusal = self.fedavg_refusal
+        if refusal is not None:
+            keys.append(RunKey(refusal.task, refusal.seed, "fedavg_refusal"))
         return keys
 
 
@@ -159,6 +175,9 @@ def load_grid(
     junk = raw.junk_member if junk_member else None
     if junk is not None and junk.task not in loaded:
         junk = None  # its task is not in this grid (e.g. --tasks chose others)
+    refusal = raw.fedavg_refusal
+    if refusal is not None and refusal.task not in loaded:
+        refusal = None
     return Grid(
         path=path,
         tasks=loaded,
@@ -171,6 +190,8 @@ def load_grid(
         new_recipe_problem=recipe_problem(raw.new_recipe, next(iter(loaded.values()))),
         junk_member=junk,
         quick=quick,
+        fedavg_refusal=refusal,
+        per_member=raw.per_member,
     )
 
 

@@ -55,6 +55,16 @@ def render(report: dict[str, Any]) -> str:
     junk = report.get("junk_member")
     if junk:
         lines += _junk_section(junk)
+    for members in report.get("members") or []:
+        lines += _members_section(members)
+    refusal = report.get("fedavg_refusal")
+    if refusal:
+        lines += [
+            f"## FedAvg on task {refusal['task']} (seed {refusal['seed']})",
+            "",
+            _fedavg_line(refusal.get("fedavg") or {}, "the same federation"),
+            "",
+        ]
     lines += [
         "",
         machine_line(report["machine"]),
@@ -180,16 +190,41 @@ def _junk_section(junk: dict[str, Any]) -> list[str]:
         ]
     fedavg = junk.get("fedavg")
     if fedavg:
-        lines += [
-            "",
-            f"FedAvg on the same federation (one round, deadline {fedavg.get('deadline_seconds')} s): "
-            f"adapters stored from {fedavg.get('stored_adapters')}, "
-            f"dead-lettered {fedavg.get('dead_lettered')} "
-            f"({fedavg.get('rejections')}); an average was published: "
-            f"{fedavg.get('aggregated_adapter_published')}; "
-            f"averaging directly: {fedavg.get('average_wire')}",
-        ]
+        lines += ["", _fedavg_line(fedavg, "the same federation")]
     if junk.get("error"):
         lines += ["", f"Error: {junk['error']}"]
     lines.append("")
     return lines
+
+
+def _fedavg_line(fedavg: dict[str, Any], what: str) -> str:
+    round_1 = fedavg.get("round_1") or {}
+    return (
+        f"FedAvg on {what} (one round, deadline {fedavg.get('deadline_seconds')} s): "
+        f"adapters stored from {fedavg.get('stored_adapters')}, "
+        f"dead-lettered {fedavg.get('dead_lettered')} ({fedavg.get('rejections')}); "
+        f"shards {round_1.get('shard_status', '-')}, answered {round_1.get('answered', '-')}, "
+        f"missing {round_1.get('missing', '-')}; an average was published: "
+        f"{fedavg.get('aggregated_adapter_published')}; averaging directly: {fedavg.get('average_wire')}"
+        + (f"; run error: {fedavg['run_error']}" if fedavg.get("run_error") else "")
+    )
+
+
+def _members_section(members: dict[str, Any]) -> list[str]:
+    methods = members["methods"]
+    lines = [
+        f"## Every member beside its own local-only scores (task {members['task']}, seed {members['seed']})",
+        "",
+        "NLL (lower is better) and ROUGE-L per member after the last round; each member trains as its "
+        "`learner` column says.",
+        "",
+    ]
+    header = ["member", "model", "learner"]
+    header += [f"{LABELS[m]} NLL" for m in methods] + [f"{LABELS[m]} ROUGE-L" for m in methods]
+    rows = [
+        [pid, row["model"], row["learner"] or "-"]
+        + [_num((row.get(m) or {}).get("nll")) for m in methods]
+        + [_num((row.get(m) or {}).get("rouge_l")) for m in methods]
+        for pid, row in members["participants"].items()
+    ]
+    return [*lines, *table(header, rows), ""]

@@ -98,7 +98,7 @@ def train_local(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Traine
     data, settings = _prepared(config, run_dir)
     for pid, participant in settings.items():
         learner = build_learner(participant)
-        if not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
+        if learner.can_train and not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
             raise FileNotFoundError(f"{pid}: no warm-up checkpoint under {warmup_dir}")
         private, _ = load_data(participant)
         for round_id in range(1, config.run.rounds + 1):

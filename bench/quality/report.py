@@ -152,5 +152,38 @@ def junk_summary(results: Sequence[RunResult]) -> dict[str, Any] | None:
     }
 
 
+def members_beside_local(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Per (task, seed) with a local-only run: each member's scores under every method beside its own
+    local-only scores (in a heterogeneous federation, the question is whether each member gains)."""
+    runs = {(r.task, r.seed, r.method): r for r in results}
+    out = []
+    for (task, seed, method), local in sorted(runs.items()):
+        if method != "local":
+            continue
+        others = [m for m in ("semantic", "new_recipe") if (task, seed, m) in runs]
+        rows = {}
+        for pid, scores in local.participants.items():
+            row: dict[str, Any] = {"model": scores.model, "learner": scores.learner}
+            for name, run in [("local", local), *((m, runs[(task, seed, m)]) for m in others)]:
+                if pid in run.participants:
+                    theirs = run.participants[pid]
+                    row[name] = {"nll": _mean(theirs.nll), "rouge_l": _mean(theirs.rouge_l)}
+            rows[pid] = row
+        out.append({"task": task, "seed": seed, "methods": ["local", *others], "participants": rows})
+    return out
+
+
+def refusal_summary(results: Sequence[RunResult]) -> dict[str, Any] | None:
+    refusal = next((r for r in results if r.method == "fedavg_refusal"), None)
+    if refusal is None:
+        return None
+    return {
+        "task": refusal.task,
+        "seed": refusal.seed,
+        "fedavg": refusal.extra.get("fedavg"),
+        "error": refusal.error,
+    }
+
+
 def _mean(values: list[float]) -> float | None:
     return fmean(values) if values else None

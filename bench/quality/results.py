@@ -20,6 +20,7 @@ class ParticipantScores(msgspec.Struct, kw_only=True):
     """One model's scores: per test prompt after the last round, and a mean per round on the subset."""
 
     model: str
+    learner: str = ""  # how it trains (scoring.learner_description); empty in results written before
     nll: list[float] = []  # per prompt of the whole test set, after the last round (nats per token)
     rouge_l: list[float] = []  # per prompt of the generation subset, greedy answers after the last round
     embedding_similarity: list[float] = []  # same prompts as rouge_l

@@ -1,8 +1,9 @@
 """Scoring saved adapters on the test set: NLL of the references (every round), greedy answers (last).
 
-Every method leaves one adapter checkpoint per participant and round; scoring loads each into one
-cached model per architecture, so it costs no model load and no training-time work. Checkpoints with
-identical bytes (FedAvg participants after an average) are scored once.
+Every method leaves one checkpoint per trainable participant and round (a LoRA adapter, or the last
+blocks' weights); scoring loads each into one cached model per architecture and way of training, so it
+costs no model load and no training-time work. Checkpoints with identical bytes (FedAvg participants
+after an average) are scored once; a member that never trains is scored as it is.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from common.rouge import rouge_l
 from participant.data import Example
 from participant.evaluation import Embedder
 from participant.generation import generate_answers
-from participant.learner import LoraLearner
+from participant.learner import LocalLearner
 from participant.scoring import response_nll
 from participant.settings import ParticipantSettings
-from participant.training import ADAPTER_WEIGHTS_FILE
 from participant.wiring import build_learner
 from schemas.messages import GenerationParams
 
@@ -46,7 +46,7 @@ class Scorer:
         self.embed = embed
         self.generation = generation
         self.generation_batch = generation_batch
-        self._learners: dict[str, LoraLearner] = {}
+        self._learners: dict[str, LocalLearner] = {}
         # keyed by (model, checkpoint bytes, examples[, max_length])
         self._nll: dict[tuple[str, str, str, int], list[float]] = {}
         self._answers: dict[tuple[str, str, str], list[str]] = {}
@@ -69,19 +69,21 @@ class Scorer:
             embedding_similarity=per_pair_similarity(answers, references, self.embed),
         )
 
-    def _learner(self, settings: ParticipantSettings) -> LoraLearner:
+    def _learner(self, settings: ParticipantSettings) -> LocalLearner:
         key = model_key(settings)
         if key not in self._learners:
             learner = build_learner(settings)
-            if not isinstance(learner, LoraLearner):
-                raise TypeError(f"{settings.participant_id}: only local LoRA models can be scored")
+            if not isinstance(learner, LocalLearner):
+                raise TypeError(
+                    f"{settings.participant_id}: only local models can be scored, not black boxes"
+                )
             self._learners[key] = learner
         return self._learners[key]
 
-    def _loaded(self, settings: ParticipantSettings, checkpoint: Path) -> LoraLearner:
+    def _loaded(self, settings: ParticipantSettings, checkpoint: Path) -> LocalLearner:
         learner = self._learner(settings)
-        if not learner.load_checkpoint(checkpoint):
-            raise FileNotFoundError(f"no adapter checkpoint in {checkpoint}")
+        if learner.can_train and not learner.load_checkpoint(checkpoint):
+            raise FileNotFoundError(f"no checkpoint in {checkpoint}")
         return learner
 
     def _response_nll(
@@ -107,9 +109,20 @@ class Scorer:
 
 
 def model_key(settings: ParticipantSettings) -> str:
-    """What a scoring model must share with a checkpoint: the architecture and the adapter's shape."""
+    """What a scoring model must share with a checkpoint: the architecture and what it trains."""
+    return f"{settings.model}|{learner_description(settings)}"
+
+
+def learner_description(settings: ParticipantSettings) -> str:
+    """How a member trains, in a few words: "lora r8 a16 default", "last_layers 2", "none"."""
     train = settings.train
-    return f"{settings.model}|r{train.rank}|a{train.alpha}|{train.target_modules}"
+    if train.method == "lora":
+        targets = train.target_modules
+        shown = ",".join(targets) if isinstance(targets, list) else (targets or "default")
+        return f"lora r{train.rank} a{train.alpha} {shown}"
+    if train.method == "last_layers":
+        return f"last_layers {train.last_layers}"
+    return train.method
 
 
 def per_pair_similarity(answers: Sequence[str], references: Sequence[str], embed: Embedder) -> list[float]:
@@ -128,7 +141,12 @@ def generation_subset(test_size: int, size: int, seed: str) -> list[int]:
 
 
 def _digest(checkpoint: Path) -> str:
-    return hashlib.sha256((checkpoint / ADAPTER_WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    """The checkpoint's bytes (every file in it); the same for every round of a member that never trains."""
+    digest = hashlib.sha256()
+    for path in sorted(checkpoint.iterdir()) if checkpoint.is_dir() else []:
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _examples_digest(examples: Sequence[Example]) -> str:
