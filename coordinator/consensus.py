@@ -25,6 +25,7 @@ different BLAS paths; sums use `math.fsum`, exact and independent of order.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -41,6 +42,7 @@ FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.intp]
 
 _SIMILARITY_DECIMALS = 9
+LABEL_CHOICES = ("medoid", "surest")
 
 
 class ConsensusError(ChorusError):
@@ -54,10 +56,14 @@ class Candidate:
     participant_id: str
     text: str
     weight: float = 1.0
+    # How sure the answering model was (Answer.logprob: mean log-probability per token); None if unknown.
+    sureness: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.weight) and self.weight > 0.0):
             raise ConsensusError(f"candidate weight must be a positive finite number, got {self.weight!r}")
+        if self.sureness is not None and not math.isfinite(self.sureness):
+            raise ConsensusError(f"candidate sureness must be finite, got {self.sureness!r}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,10 @@ class ConsensusSettings:
     hnsw_ef: int = 64
     hnsw_seed: int = 100
     hnsw_filter_min_texts: int = 1_024
+    # "medoid": the densest answer. "surest": among the answers that agree with the medoid (within
+    # `support_similarity`), the one whose model was surest of it relative to its own other answers in
+    # the shard (`Candidate.sureness`); the medoid when none of them says.
+    label_choice: str = "medoid"
 
     def __post_init__(self) -> None:
         problems = [
@@ -136,6 +146,7 @@ class ConsensusSettings:
             *_cosine("min_confidence", self.min_confidence),
             *_cosine("outlier_similarity", self.outlier_similarity),
             *_cosine("support_similarity", self.support_similarity),
+            *([] if self.label_choice in LABEL_CHOICES else [f"label_choice must be one of {LABEL_CHOICES}"]),
         ]
         if problems:
             raise ConsensusError("invalid consensus settings: " + "; ".join(problems))
@@ -318,7 +329,11 @@ def _abstain(prompt_id: str, reason: str, confidence: float = 0.0, support: int 
 
 
 def _decide_prompt(
-    prompt: _Prompt, pools: _Pools | None, vectors: FloatArray, settings: ConsensusSettings
+    prompt: _Prompt,
+    pools: _Pools | None,
+    vectors: FloatArray,
+    settings: ConsensusSettings,
+    relative_sureness: Mapping[Candidate, float] | None = None,
 ) -> tuple[PromptDecision, int | None]:
     """The prompt's decision, and the shard row of the label's text (None when it abstains)."""
     usable = len(prompt.weights)
@@ -334,6 +349,12 @@ def _decide_prompt(
         return _abstain(prompt.prompt_id, "every answer is an outlier: no two answers agree"), None
     label_row = int(prompt.rows[prompt.text_of[winner]])
     to_label = _similarities_to(vectors, prompt.rows, label_row)[prompt.text_of]
+    if settings.label_choice == "surest" and relative_sureness is not None:
+        chosen = _surest_agreeing(prompt, winner, to_label, closest, relative_sureness, settings)
+        if chosen != winner:
+            winner = chosen
+            label_row = int(prompt.rows[prompt.text_of[winner]])
+            to_label = _similarities_to(vectors, prompt.rows, label_row)[prompt.text_of]
     confidence = _weighted_mean_without(to_label, prompt.weights, winner)
     support = int(np.count_nonzero(to_label >= settings.support_similarity))
     if confidence < settings.min_confidence:
@@ -342,6 +363,47 @@ def _decide_prompt(
     candidate = prompt.candidates[int(prompt.eligible[winner])]
     decision = PromptDecision(prompt.prompt_id, candidate.text, candidate.participant_id, confidence, support)
     return decision, label_row
+
+
+def _surest_agreeing(
+    prompt: _Prompt,
+    medoid: int,
+    to_medoid: FloatArray,
+    closest: FloatArray,
+    relative_sureness: Mapping[Candidate, float],
+    settings: ConsensusSettings,
+) -> int:
+    """Among the answers that agree with the medoid (similarity >= support_similarity, not outliers),
+    the one whose model was relatively surest; ties go to the medoid, then to canonical order."""
+    best, best_sureness = medoid, relative_sureness.get(prompt.candidates[int(prompt.eligible[medoid])])
+    for answer in range(len(prompt.eligible)):
+        if to_medoid[answer] < settings.support_similarity or closest[answer] < settings.outlier_similarity:
+            continue
+        sureness = relative_sureness.get(prompt.candidates[int(prompt.eligible[answer])])
+        if sureness is not None and (best_sureness is None or sureness > best_sureness):
+            best, best_sureness = answer, sureness
+    return best
+
+
+def relative_sureness(answers: Mapping[str, Sequence[Candidate]]) -> dict[Candidate, float]:
+    """Per candidate with a sureness: where it ranks among its own model's answers in the shard, in [0, 1]
+    (1: the answer its model was surest of). Relative, so that a model sure of everything does not win
+    every prompt: what counts is which prompts a member is surest of compared with its others."""
+    by_participant: dict[str, list[Candidate]] = {}
+    for candidates in answers.values():
+        for candidate in candidates:
+            if candidate.sureness is not None and not _is_blank(candidate.text):
+                by_participant.setdefault(candidate.participant_id, []).append(candidate)
+    ranks: dict[Candidate, float] = {}
+    for own in by_participant.values():
+        values = sorted(c.sureness for c in own if c.sureness is not None)
+        for candidate in own:
+            assert candidate.sureness is not None
+            # mid-rank for ties: the fraction of the member's other answers it is surer of than
+            below = bisect_left(values, candidate.sureness)
+            equal = bisect_right(values, candidate.sureness) - below
+            ranks[candidate] = (below + (equal - 1) / 2) / (len(values) - 1) if len(values) > 1 else 0.5
+    return ranks
 
 
 def _weighted_mean_without(values: FloatArray, weights: FloatArray, skip: int) -> float:
@@ -382,8 +444,10 @@ class _MedoidConsensus:
         vectors = _embed(self.embedder, texts)
         deciding = [prompt for prompt in prompts if len(prompt.weights) >= self.settings.min_answers]
         pools = dict(zip((p.prompt_id for p in deciding), self._pools(deciding, vectors), strict=True))
+        sureness = relative_sureness(answers) if self.settings.label_choice == "surest" else None
         outcomes = [
-            _decide_prompt(prompt, pools.get(prompt.prompt_id), vectors, self.settings) for prompt in prompts
+            _decide_prompt(prompt, pools.get(prompt.prompt_id), vectors, self.settings, sureness)
+            for prompt in prompts
         ]
         agreement = _agreement(prompts, [row for _, row in outcomes], vectors)
         return ShardConsensus(

@@ -32,13 +32,15 @@ def shard_candidates(
     for batch in fresh:
         for answer in batch.answers:
             if answer.prompt_id in candidates:
-                candidates[answer.prompt_id].append(Candidate(batch.participant_id, answer.text))
+                candidates[answer.prompt_id].append(
+                    Candidate(batch.participant_id, answer.text, sureness=answer.logprob)
+                )
                 fresh_sources[answer.prompt_id].add(batch.participant_id)
     for batch in carried:
         for answer in batch.answers:
             if answer.prompt_id in candidates and batch.participant_id not in fresh_sources[answer.prompt_id]:
                 candidates[answer.prompt_id].append(
-                    Candidate(batch.participant_id, answer.text, staleness_weight)
+                    Candidate(batch.participant_id, answer.text, staleness_weight, answer.logprob)
                 )
     return candidates
 

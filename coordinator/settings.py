@@ -74,6 +74,9 @@ class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_f
     # most agreeing member, at least `reputation_floor`): see coordinator/reputation.py.
     vote_weighting: Literal["uniform", "reputation"] = "uniform"
     reputation_floor: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.1
+    # "surest": among the answers that agree with the medoid, the one its model was surest of relative to
+    # its other answers (Answer.logprob); see coordinator/consensus.py.
+    label_choice: Literal["medoid", "surest"] = _CONSENSUS.label_choice  # type: ignore[assignment]
 
 
 class RecordingSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

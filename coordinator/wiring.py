@@ -26,7 +26,10 @@ def build_embedder(table: ConsensusSettingsTable) -> Embedder:
 def build_consensus(table: ConsensusSettingsTable, embedder: Embedder | None = None) -> ConsensusStrategy:
     """The consensus rule the settings name, over `embedder` (None: the one the settings name)."""
     consensus = ConsensusSettings(
-        neighbours=table.neighbours, min_confidence=table.min_confidence, min_answers=table.min_answers
+        neighbours=table.neighbours,
+        min_confidence=table.min_confidence,
+        min_answers=table.min_answers,
+        label_choice=table.label_choice,
     )
     chosen = embedder if embedder is not None else build_embedder(table)  # a CachedEmbedder has __len__
     if table.index == "exact":

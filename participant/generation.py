@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
@@ -20,6 +20,7 @@ from schemas.messages import Answer, GenerationParams
 
 # The wire's AnswerText limit (schemas.messages); longer answers are clipped rather than rejected.
 MAX_ANSWER_CHARS = 8_192
+LOGPROB_FLOOR = -1.0e4  # the wire's bound (schemas.messages.LogProb)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class GeneratedAnswer:
     text: str
     prompt_tokens: int  # the prompt as the model saw it, chat markup included, padding excluded
     completion_tokens: int  # tokens the model generated, its EOS included, padding after EOS excluded
+    # Mean log-probability (nats) of the generated tokens under the model's own distribution, EOS included:
+    # how sure the model was of this answer. None when nothing was generated. Not part of equality: the
+    # same answer's log-probability differs in its last bits with the batch it was generated in.
+    logprob: float | None = field(default=None, compare=False)
 
     def to_answer(self) -> Answer:
         return Answer(
@@ -35,6 +40,7 @@ class GeneratedAnswer:
             text=self.text,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            logprob=None if self.logprob is None else max(LOGPROB_FLOOR, min(0.0, self.logprob)),
         )
 
 
@@ -72,12 +78,25 @@ def generate_answers(
                 attention_mask=attention_mask.to(lm.device),
                 generation_config=config,
             )
-            for row, new_tokens in zip(rows, output[:, input_ids.shape[1] :].tolist(), strict=True):
+            generated = output.sequences[:, input_ids.shape[1] :]
+            token_logprobs = _token_logprobs(output.logits, generated).tolist()
+            for row, new_tokens, logprobs in zip(rows, generated.tolist(), token_logprobs, strict=True):
                 kept, completion_tokens = _cut_at_stop(new_tokens, stop_ids)
                 text = str(lm.tokenizer.decode(kept, skip_special_tokens=True)).strip()[:MAX_ANSWER_CHARS]
-                answers[row] = GeneratedAnswer(prompts[row][0], text, len(encoded[row]), completion_tokens)
+                logprob = sum(logprobs[:completion_tokens]) / completion_tokens if completion_tokens else None
+                answers[row] = GeneratedAnswer(
+                    prompts[row][0], text, len(encoded[row]), completion_tokens, logprob
+                )
             advance("")
     return [answers[i] for i in range(len(prompts))]
+
+
+def _token_logprobs(logits: tuple[torch.Tensor, ...], generated: torch.Tensor) -> torch.Tensor:
+    """[batch, steps]: the log-probability of each generated token under the model's unprocessed logits
+    (so a sampling temperature does not change how sure the model was)."""
+    steps = torch.stack(logits, dim=1).float()  # [batch, steps, vocab]
+    chosen = generated[:, : steps.shape[1]].unsqueeze(-1)
+    return torch.log_softmax(steps, dim=-1).gather(-1, chosen).squeeze(-1).cpu()
 
 
 def _generation_config(lm: LocalModel, params: GenerationParams) -> GenerationConfig:
@@ -88,6 +107,8 @@ def _generation_config(lm: LocalModel, params: GenerationParams) -> GenerationCo
         do_sample=False,
         pad_token_id=int(pad),
         eos_token_id=stop_ids or None,
+        output_logits=True,  # the answer's own log-probability rides along with it (Answer.logprob)
+        return_dict_in_generate=True,
     )
     if params.temperature > 0:
         config.do_sample = True

@@ -74,11 +74,18 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
     seed: Count = 0
 
 
-class Answer(msgspec.Struct, frozen=True, kw_only=True):
+# The answering model's mean log-probability per generated token (nats, <= 0); bounded so that a
+# hostile value cannot be infinite or NaN.
+LogProb = Annotated[float, Meta(ge=-1.0e4, le=0.0)]
+
+
+# omit_defaults: an answer without a logprob encodes exactly as before the field existed.
+class Answer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     prompt_id: PromptId
     text: AnswerText
     prompt_tokens: Count = 0
     completion_tokens: Count = 0
+    logprob: LogProb | None = None  # optional; consensus may prefer answers their models are sure of
 
 
 class Label(msgspec.Struct, frozen=True, kw_only=True):

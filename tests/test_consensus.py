@@ -20,6 +20,7 @@ from coordinator.consensus import (
     ExactConsensus,
     HnswConsensus,
     ShardConsensus,
+    relative_sureness,
 )
 
 Answers = dict[str, list[Candidate]]
@@ -473,3 +474,70 @@ def test_densities_computed_per_group_of_identical_answers_equal_the_per_answer_
         groups = set(zip(prompt.text_of.tolist(), prompt.weights.tolist(), strict=True))
         shared += len(prompt.weights) - len(groups)
     assert shared > 100  # the shortcut really had groups to share
+
+
+# ---- label_choice "surest" ---------------------------------------------------
+
+
+def _surest_shard() -> tuple[TableEmbedder, dict[str, list[Candidate]]]:
+    """q1: a1 is the medoid of a1, a2, a3 (a1 is 0.9 from each, they are 0.75 apart); b1 shares only the
+    topic (0.2). q2 gives each member a second answer, so that sureness can be ranked per member."""
+    texts = ["a1", "a2", "a3", "b1", "c1", "c2", "c3", "c4"]
+    gram = np.eye(8)
+    gram[0, 1] = gram[1, 0] = gram[0, 2] = gram[2, 0] = 0.9
+    gram[1, 2] = gram[2, 1] = 0.75
+    for a in range(3):
+        gram[a, 3] = gram[3, a] = 0.2
+    for i in range(4, 8):
+        for j in range(4, 8):
+            gram[i, j] = 1.0 if i == j else 0.9
+    embedder = table_of(texts, gram.tolist())
+    # Sureness (mean log-probability): p2 and p3 are surer of q1 than of q2; p0 and p1 of q2.
+    sure = {"p0": (-1.0, -0.5), "p1": (-1.0, -0.5), "p2": (-0.2, -0.9), "p3": (-0.1, -2.0)}
+    q1 = [Candidate(p, t, sureness=sure[p][0]) for p, t in zip(sure, ["a1", "a2", "a3", "b1"], strict=True)]
+    q2 = [Candidate(p, t, sureness=sure[p][1]) for p, t in zip(sure, ["c1", "c2", "c3", "c4"], strict=True)]
+    return embedder, {"q1": q1, "q2": q2}
+
+
+def test_surest_takes_the_agreeing_answer_whose_model_was_relatively_surest() -> None:
+    embedder, answers = _surest_shard()
+    medoid = both(embedder, answers, min_confidence=0.0)
+    assert medoid.decisions[0].label == "a1"
+    surest = both(embedder, answers, min_confidence=0.0, label_choice="surest")  # type: ignore[arg-type]
+    q1 = surest.decisions[0]
+    # p2 is surer of q1 than of its q2 answer (rank 1) and a3 lies 0.9 >= 0.7 from the medoid; p3 is as
+    # sure, but b1 (0.2 from the medoid) does not agree with it, so it cannot be chosen.
+    assert (q1.label, q1.source) == ("a3", "p2")
+    # Confidence and support are a3's own: its similarity to a1, a2, b1 is 0.9, 0.75, 0.2.
+    assert q1.confidence == pytest.approx((0.9 + 0.75 + 0.2) / 3, abs=1e-6)
+    assert q1.support == 3  # a3 itself, a1 (0.9) and a2 (0.75)
+
+
+def test_surest_without_any_sureness_is_the_medoid() -> None:
+    embedder, answers = _surest_shard()
+    plain = {q: [dataclasses.replace(c, sureness=None) for c in cs] for q, cs in answers.items()}
+    assert both(embedder, plain, label_choice="surest") == both(embedder, plain)  # type: ignore[arg-type]
+
+
+def test_relative_sureness_ranks_each_members_answers_among_its_own() -> None:
+    answers = {
+        "q1": [Candidate("p0", "x", sureness=-1.0), Candidate("p1", "y", sureness=-5.0)],
+        "q2": [Candidate("p0", "x2", sureness=-0.5), Candidate("p1", " ", sureness=-0.1)],
+        "q3": [Candidate("p0", "x3", sureness=-0.5), Candidate("p1", "z")],
+        "q4": [Candidate("p0", "x4", sureness=-2.0)],
+    }
+    ranks = relative_sureness(answers)
+    # p0: -2 < -1 < -0.5 = -0.5. Ties share their mid-rank: (2 below + 0.5) / 3.
+    assert ranks[answers["q4"][0]] == 0.0
+    assert ranks[answers["q1"][0]] == pytest.approx(1 / 3)
+    assert ranks[answers["q2"][0]] == ranks[answers["q3"][0]] == pytest.approx(2.5 / 3)
+    # p1: its blank answer and its answer without a sureness are not ranked; one answer left ranks 0.5.
+    assert ranks[answers["q1"][1]] == 0.5
+    assert answers["q2"][1] not in ranks and answers["q3"][1] not in ranks
+
+
+def test_label_choice_and_sureness_are_checked() -> None:
+    with pytest.raises(ConsensusError, match="label_choice"):
+        ConsensusSettings(label_choice="best")
+    with pytest.raises(ConsensusError, match="sureness"):
+        Candidate("p0", "x", sureness=float("nan"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from participant.generation import GeneratedAnswer, generate_answers
 from participant.models import load_model, max_positions, prompt_token_ids
@@ -81,3 +82,46 @@ def test_no_prompts_no_answers_and_wire_conversion() -> None:
     assert generate_answers(lm, [], GREEDY) == []
     answer = GeneratedAnswer("p1", "text", prompt_tokens=3, completion_tokens=2)
     assert answer.to_answer() == Answer(prompt_id="p1", text="text", prompt_tokens=3, completion_tokens=2)
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])
+def test_each_answer_carries_the_mean_log_probability_of_its_tokens(spec: str) -> None:
+    lm = load_model(spec)
+    answers = generate_answers(lm, PROMPTS, GREEDY, batch_size=2)  # left padding within a batch
+    for (_, prompt), answer in zip(PROMPTS, answers, strict=True):
+        # Teacher-force the prompt and the generated tokens, unpadded, one answer at a time.
+        prompt_ids = prompt_token_ids(lm, prompt)
+        generated = generate_answers(lm, [("x", prompt)], GREEDY, batch_size=1)[0]
+        assert generated.completion_tokens == answer.completion_tokens
+        tokens = _generated_tokens(lm, prompt_ids, answer.completion_tokens)
+        ids = torch.tensor([prompt_ids + tokens])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(lm.model(input_ids=ids).logits[0].double(), dim=-1)
+        expected = sum(
+            float(log_probs[len(prompt_ids) + t - 1, token]) for t, token in enumerate(tokens)
+        ) / len(tokens)
+        assert answer.logprob == pytest.approx(expected, abs=1e-4)
+        assert answer.logprob is not None and answer.logprob <= 0.0
+        assert answer.to_answer().logprob == pytest.approx(answer.logprob)
+
+
+def _generated_tokens(lm: object, prompt_ids: list[int], count: int) -> list[int]:
+    """The greedy continuation, token by token, without generate(): what the answer's tokens were."""
+    ids = list(prompt_ids)
+    for _ in range(count):
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]  # type: ignore[attr-defined]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids) :]
+
+
+def test_an_answer_without_a_log_probability_encodes_as_before_and_a_bad_one_is_refused() -> None:
+    import msgspec
+
+    plain = Answer(prompt_id="p1", text="Four.", prompt_tokens=9, completion_tokens=2)
+    assert b"logprob" not in msgspec.msgpack.encode(plain)
+    for bad in (float("nan"), float("inf"), 0.5, -1e5):
+        with pytest.raises(msgspec.ValidationError, match="logprob"):
+            msgspec.msgpack.decode(
+                msgspec.msgpack.encode({"prompt_id": "p1", "text": "x", "logprob": bad}), type=Answer
+            )
