@@ -70,13 +70,15 @@ class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_f
     # the measurements). Set 1 to leave the other cores to a broker on the same machine.
     embed_threads: Annotated[int, Meta(ge=0, le=256)] = 0
     cache_entries: Annotated[int, Meta(ge=0)] = 200_000
-    # "reputation": weight each member's answers by its past agreement with the labels (relative to the
-    # most agreeing member, at least `reputation_floor`): see coordinator/reputation.py.
-    vote_weighting: Literal["uniform", "reputation"] = "uniform"
+    # "reputation" (the default): weight each member's answers by its past agreement with the labels
+    # (relative to the most agreeing member, at least `reputation_floor`): see coordinator/reputation.py.
+    # "uniform": every answer counts the same. The defaults here and label_choice's are the recipe the
+    # quality grid supported (bench/README.md); "uniform" with "medoid" is the recipe before it.
+    vote_weighting: Literal["uniform", "reputation"] = "reputation"
     reputation_floor: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.1
-    # "surest": among the answers that agree with the medoid, the one its model was surest of relative to
-    # its other answers (Answer.logprob); see coordinator/consensus.py.
-    label_choice: Literal["medoid", "surest"] = _CONSENSUS.label_choice  # type: ignore[assignment]
+    # "surest" (the default): among the answers that agree with the medoid, the one its model was surest
+    # of relative to its other answers (Answer.logprob); "medoid": the medoid. See coordinator/consensus.py.
+    label_choice: Literal["medoid", "surest"] = "surest"
 
 
 class RecordingSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

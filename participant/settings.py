@@ -34,7 +34,9 @@ class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_length: Annotated[int, Meta(ge=8)] = 256
     seed: int = 0
     private_examples_per_round: Annotated[int, Meta(ge=0)] = 64  # mixed with each round's labels
-    label_weighting: LabelWeighting = "confidence"  # see participant/label_weights.py
+    # "disagreement" (the default, the quality grid's recipe), "confidence" (the recipe before it) or
+    # "uniform": see participant/label_weights.py.
+    label_weighting: LabelWeighting = "disagreement"
     # How much a pseudo-label counts against a private example (weight 1), before the confidence factor.
     # Below 1, labels cannot outweigh the private data when the federation's answers are weak.
     label_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0

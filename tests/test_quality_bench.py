@@ -115,7 +115,15 @@ def test_method_configs_set_the_strategy_and_layer_the_new_recipe(tmp_path: Path
     grid = load_grid(write_grid(tmp_path))
     base = seeded(grid.tasks["a"], 0)
     assert method_config(base, "fedavg", grid.new_recipe).coordinator_raw["strategy"] == "fedavg"
-    assert method_config(base, "semantic", grid.new_recipe).coordinator_raw["strategy"] == "semantic"
+    medoid = method_config(base, "semantic", grid.new_recipe)
+    assert medoid.coordinator_raw["strategy"] == "semantic"
+    # "semantic" stays the medoid recipe that was the default before, whatever the defaults are now.
+    assert medoid.coordinator_raw["consensus"] == {
+        "min_confidence": -1.0,
+        "vote_weighting": "uniform",
+        "label_choice": "medoid",
+    }
+    assert medoid.run.train.label_weighting == "confidence"
     recipe = method_config(base, "new_recipe", grid.new_recipe)
     assert recipe.coordinator_raw["strategy"] == "semantic"
     consensus = recipe.coordinator_raw["consensus"]
@@ -301,7 +309,7 @@ def test_a_run_that_fails_is_recorded_with_its_error_and_the_grid_goes_on(tmp_pa
 
 def test_a_setting_added_at_its_default_keeps_finished_runs_finished(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path))
-    config = method_config(seeded(grid.tasks["a"], 0), "semantic", grid.new_recipe)
+    config = method_config(seeded(grid.tasks["a"], 0), "local", grid.new_recipe)
     identity = non_default(config.run)
     # warmup_epochs 1 and seed 0 are the defaults, so they are left out
     assert identity["train"] == {
@@ -375,6 +383,11 @@ def test_a_heterogeneous_federation_is_scored_member_by_member_and_fedavg_refuse
     grid_path.write_text(HETEROGENEOUS_GRID)
     grid = load_grid(grid_path)
     assert [k.method for k in grid.runs()] == ["warmup", "local", "semantic", "new_recipe", "fedavg_refusal"]
+    # A recipe's training settings reach the members that have their own [participants.train] too.
+    base = seeded(grid.tasks["h"], 0)
+    for method, weighting in (("new_recipe", "disagreement"), ("semantic", "confidence")):
+        entries = method_config(base, method, grid.new_recipe).run.participants
+        assert {e.train.label_weighting for e in entries if e.train is not None} == {weighting}, method
     out, work = tmp_path / "out", tmp_path / "work"
     assert cli.main([str(grid_path), "--out", str(out), "--work", str(work)]) == 0
 

@@ -38,8 +38,9 @@ def test_members_that_were_often_far_from_the_labels_stop_pulling_the_label_to_t
     assert label_of(answers) == JUNK
     # The junk answerers agreed little with past labels: weight 0.1 / 0.9 each, the others 1.
     history = [{"g1": 0.9, "g2": 0.85, "j1": 0.1, "j2": 0.1, "j3": 0.1}]
-    uniform = weigh_votes(answers, history, ConsensusSettingsTable())
-    assert label_of(uniform) == JUNK  # the default counts every vote the same
+    uniform = weigh_votes(answers, history, ConsensusSettingsTable(vote_weighting="uniform"))
+    assert label_of(uniform) == JUNK  # "uniform" counts every vote the same
+    assert ConsensusSettingsTable().vote_weighting == "reputation"  # the default since the quality grid
     table = ConsensusSettingsTable(vote_weighting="reputation", reputation_floor=0.05)
     reputed = weigh_votes(answers, history, table)
     assert [round(c.weight, 3) for c in reputed["q"]] == [1.0, 0.944, 0.111, 0.111, 0.111]

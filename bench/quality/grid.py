@@ -236,16 +236,33 @@ def seeded(config: LoadedConfig, seed: int) -> LoadedConfig:
     return dataclasses.replace(config, run=run)
 
 
+# "semantic" is the medoid recipe that was the default before the new recipe, pinned so that the grid
+# keeps comparing against it whatever the defaults are now.
+MEDOID_RECIPE = NewRecipe(
+    train={"label_weighting": "confidence"}, consensus={"vote_weighting": "uniform", "label_choice": "medoid"}
+)
+
+
 def method_config(config: LoadedConfig, method: str, recipe: NewRecipe) -> LoadedConfig:
-    """A seeded task's config as `method` runs it (the strategy; the new recipe's settings)."""
+    """A seeded task's config as `method` runs it (the strategy; the medoid's or the new recipe's
+    settings)."""
     coordinator = dict(config.coordinator_raw)
     if method in STRATEGY:
         coordinator["strategy"] = STRATEGY[method]
     run = config.run
-    if method == "new_recipe":
-        coordinator = _merged(coordinator, {"consensus": recipe.consensus})
-        train = msgspec.convert({**msgspec.to_builtins(run.train), **recipe.train}, TrainTable)
-        run = msgspec.structs.replace(run, train=train)
+    layered = {"new_recipe": recipe, "semantic": MEDOID_RECIPE}.get(method)
+    if layered is not None:
+        coordinator = _merged(coordinator, {"consensus": layered.consensus})
+        train = msgspec.convert({**msgspec.to_builtins(run.train), **layered.train}, TrainTable)
+        entries = [
+            e
+            if e.train is None
+            else msgspec.structs.replace(
+                e, train=msgspec.convert({**msgspec.to_builtins(e.train), **layered.train}, TrainTable)
+            )
+            for e in run.participants
+        ]
+        run = msgspec.structs.replace(run, train=train, participants=entries)
     return dataclasses.replace(config, run=run, coordinator_raw=coordinator)
 
 
