@@ -53,7 +53,11 @@ def tiny_participant(
         state_dir=str(tmp_path / name),
         heartbeat_seconds=0.5,
         progress=False,
-        train=TrainTable(batch_size=4, warmup_epochs=1, private_examples_per_round=2),
+        # "confidence": every label is trained on, so tests can count them; the default, "disagreement",
+        # skips a label that is the participant's own answer (tests/test_label_weights.py).
+        train=TrainTable(
+            batch_size=4, warmup_epochs=1, private_examples_per_round=2, label_weighting="confidence"
+        ),
     )
     learner = LoraLearner(load_model(spec), TrainSettings(batch_size=4, max_length=64))
     return Participant(
