@@ -12,7 +12,10 @@ answer, the semantic medoid, never a blend. Then:
 - support = how many answers (the winner included) lie within `support_similarity` of it;
 - a prompt with fewer than `min_answers` non-blank answers, no non-outlier answer, or confidence
   below `min_confidence` abstains: no label, and a reason;
-- ties go to the lower participant id, then the lower text, so that the result is reproducible.
+- ties go to the lower participant id, then the lower text, so that the result is reproducible;
+- with `label_choice = "surest"`, the label is then, among the answers within `support_similarity`
+  of the medoid, the one whose writer was surest of it relative to its own other answers in the shard
+  (`relative_sureness`, from `Candidate.sureness`); confidence and support are that answer's own.
 
 `ExactConsensus` computes all pairwise similarities per prompt (the reference). `HnswConsensus` finds
 each answer's neighbours with one hnswlib index per shard, restricted to the answer's prompt, and then
