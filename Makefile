@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup rabbitmq lint test test-fast demo bench bench-quality bench-quality-quick soak clean
+.PHONY: setup rabbitmq lint test test-fast demo bench bench-quality bench-quality-quick bench-quality-gpu bench-quality-heterogeneous soak clean
 
 setup: $(STAMP)
 
@@ -73,6 +73,16 @@ bench-quality: setup
 
 bench-quality-quick: setup
 	$(PY) -m bench.quality bench/quality_grid.toml --quick
+
+# The grid plus a six-member task on a CUDA GPU: bench/results/quality_gpu/ (run there one process
+# per task and seed at once, --tasks T --seeds S with one --work folder, it took five minutes).
+bench-quality-gpu: setup
+	$(PY) -m bench.quality bench/quality_grid_gpu.toml --device cuda --out bench/results/quality_gpu $(BENCH_ARGS)
+
+# Four members that adapt differently (LoRA shapes, last layers, frozen), each beside its own
+# local-only run, and FedAvg's refusal of them: bench/results/quality_heterogeneous_cpu/.
+bench-quality-heterogeneous: setup
+	$(PY) -m bench.quality bench/quality_grid_heterogeneous.toml --out bench/results/quality_heterogeneous_cpu $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
