@@ -16,11 +16,10 @@ from participant.models import (
     progress_bar,
     prompt_token_ids,
 )
-from schemas.messages import Answer, GenerationParams
+from schemas.messages import MIN_LOGPROB, Answer, GenerationParams
 
 # The wire's AnswerText limit (schemas.messages); longer answers are clipped rather than rejected.
 MAX_ANSWER_CHARS = 8_192
-LOGPROB_FLOOR = -1.0e4  # the wire's bound (schemas.messages.LogProb)
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class GeneratedAnswer:
             text=self.text,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
-            logprob=None if self.logprob is None else max(LOGPROB_FLOOR, min(0.0, self.logprob)),
+            logprob=None if self.logprob is None else max(MIN_LOGPROB, min(0.0, self.logprob)),
         )
 
 
@@ -96,7 +95,8 @@ def _token_logprobs(logits: tuple[torch.Tensor, ...], generated: torch.Tensor) -
     (so a sampling temperature does not change how sure the model was)."""
     steps = torch.stack(logits, dim=1).float()  # [batch, steps, vocab]
     chosen = generated[:, : steps.shape[1]].unsqueeze(-1)
-    return torch.log_softmax(steps, dim=-1).gather(-1, chosen).squeeze(-1).cpu()
+    # log softmax at the chosen token only, without a second [batch, steps, vocab] tensor
+    return (steps.gather(-1, chosen).squeeze(-1) - torch.logsumexp(steps, dim=-1)).cpu()
 
 
 def _generation_config(lm: LocalModel, params: GenerationParams) -> GenerationConfig:

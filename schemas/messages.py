@@ -76,10 +76,12 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
 
 # The answering model's mean log-probability per generated token (nats, <= 0); bounded so that a
 # hostile value cannot be infinite or NaN.
-LogProb = Annotated[float, Meta(ge=-1.0e4, le=0.0)]
+MIN_LOGPROB = -1.0e4
+LogProb = Annotated[float, Meta(ge=MIN_LOGPROB, le=0.0)]
 
 
-# omit_defaults: an answer without a logprob encodes exactly as before the field existed.
+# omit_defaults: an answer without a logprob (and with its token counts) encodes exactly as before the
+# field existed; a key left out at its default decodes to that default.
 class Answer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     prompt_id: PromptId
     text: AnswerText

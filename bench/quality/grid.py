@@ -253,16 +253,15 @@ def method_config(config: LoadedConfig, method: str, recipe: NewRecipe) -> Loade
     layered = {"new_recipe": recipe, "semantic": MEDOID_RECIPE}.get(method)
     if layered is not None:
         coordinator = _merged(coordinator, {"consensus": layered.consensus})
-        train = msgspec.convert({**msgspec.to_builtins(run.train), **layered.train}, TrainTable)
+
+        def over(train: TrainTable) -> TrainTable:
+            return msgspec.convert({**msgspec.to_builtins(train), **layered.train}, TrainTable)
+
         entries = [
-            e
-            if e.train is None
-            else msgspec.structs.replace(
-                e, train=msgspec.convert({**msgspec.to_builtins(e.train), **layered.train}, TrainTable)
-            )
+            e if e.train is None else msgspec.structs.replace(e, train=over(e.train))
             for e in run.participants
         ]
-        run = msgspec.structs.replace(run, train=train, participants=entries)
+        run = msgspec.structs.replace(run, train=over(run.train), participants=entries)
     return dataclasses.replace(config, run=run, coordinator_raw=coordinator)
 
 
