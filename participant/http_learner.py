@@ -6,6 +6,9 @@ generation parameters map onto the request (`max_new_tokens` -> `max_tokens`, `t
 (`http.client`): the learner runs on a worker thread like every learner, and a bounded semaphore keeps at
 most `max_concurrency` requests in flight.
 
+Each request has a total deadline of `connect_timeout_seconds + read_timeout_seconds` (connect, headers
+and the whole body): a server that keeps sending a byte now and then, never silent for a read timeout, is
+cut there, so a prompt takes at most `(retries + 1) x (connect + read timeout)` plus the back-offs.
 Connection errors, timeouts, 429 and 5xx are retried with exponential back-off (a numeric `Retry-After` is
 honoured up to the cap); other 4xx and malformed answers are not, since asking again gets the same answer.
 Every failure raises `HttpLearnerError` naming the URL, what happened and the attempts made; the API key
@@ -14,9 +17,11 @@ never appears in messages or logs.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import socket
 import ssl
 import threading
 import time
@@ -159,9 +164,14 @@ class HttpChatLearner(GenerateOnlyLearner):
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _post(self, body: bytes) -> _Reply | _Failure:
-        """One request; a transport failure comes back as a `_Failure`, any HTTP status as a `_Reply`."""
+        """One request; a transport failure comes back as a `_Failure`, any HTTP status as a `_Reply`.
+
+        The socket timeouts bound each silence; a watchdog bounds the whole request, since a server
+        that sends a byte every second is never silent for long: at the deadline it shuts the socket
+        down, which wakes the blocked read, and whatever came of it is reported as the deadline.
+        """
         connect_timeout = self.endpoint.connect_timeout_seconds
-        read_timeout = self.endpoint.read_timeout_seconds
+        deadline = connect_timeout + self.endpoint.read_timeout_seconds
         connection: http.client.HTTPConnection
         if self._https:
             context = ssl.create_default_context()
@@ -170,10 +180,29 @@ class HttpChatLearner(GenerateOnlyLearner):
             )
         else:
             connection = http.client.HTTPConnection(self._host, self._port, timeout=connect_timeout)
+        watchdog = _Watchdog(connection, deadline)
+        try:
+            outcome = self._exchange(connection, body, watchdog)
+        finally:
+            watchdog.cancel()
+            connection.close()
+        if watchdog.expired.is_set():  # a body cut short there reads as complete: never trust it
+            return _Failure(
+                f"no complete answer within {deadline:g}s (connect_timeout_seconds + read_timeout_seconds)",
+                retryable=True,
+            )
+        return outcome
+
+    def _exchange(
+        self, connection: http.client.HTTPConnection, body: bytes, watchdog: _Watchdog
+    ) -> _Reply | _Failure:
+        connect_timeout = self.endpoint.connect_timeout_seconds
+        read_timeout = self.endpoint.read_timeout_seconds
         connected = False
         try:
             connection.connect()
             connected = True
+            watchdog.watch(connection.sock)  # the response keeps reading it after `connection` lets go
             connection.sock.settimeout(read_timeout)
             connection.request("POST", self._path, body, self._headers)
             response = connection.getresponse()
@@ -189,8 +218,6 @@ class HttpChatLearner(GenerateOnlyLearner):
             return _Failure(f"TLS certificate not trusted: {e.verify_message}", retryable=False)
         except (OSError, http.client.HTTPException) as e:
             return _Failure(f"connection failed: {type(e).__name__}: {e}", retryable=True)
-        finally:
-            connection.close()
 
     def _parse(self, reply: _Reply, prompt_id: str, attempt: int) -> GeneratedAnswer:
         def bad(what: str) -> HttpLearnerError:
@@ -206,8 +233,10 @@ class HttpChatLearner(GenerateOnlyLearner):
             raise bad(f"a body over {MAX_RESPONSE_BYTES} bytes")
         try:
             completion = _COMPLETION.decode(reply.body)
-        except msgspec.DecodeError as e:  # ValidationError is a DecodeError
+        except (msgspec.DecodeError, ValueError) as e:  # ValidationError is a DecodeError
             raise bad(f"not a chat completion ({e})") from e
+        except RecursionError as e:  # JSON nested deeper than the interpreter's stack
+            raise bad("not a chat completion (JSON nested too deep)") from e
         content = completion.choices[0].message.content
         if content is None:
             raise bad("choices[0].message.content is null")
@@ -232,6 +261,34 @@ class HttpChatLearner(GenerateOnlyLearner):
         return max(delay, min(cap, retry_after)) if retry_after is not None else delay
 
 
+class _Watchdog:
+    """Shuts `connection`'s socket down `seconds` from now unless cancelled first; `expired` says it did."""
+
+    def __init__(self, connection: http.client.HTTPConnection, seconds: float) -> None:
+        self.expired = threading.Event()
+        self._connection = connection
+        self._socket: socket.socket | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        """The connected socket: `connection` drops it once a `Connection: close` response holds it."""
+        self._socket = sock
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        self.expired.set()
+        # Before `watch`: the socket a TLS handshake is on, or None while the TCP connect is bounded by
+        # its own timeout. A socket already closed has no descriptor left, so this never hits another's.
+        sock = self._socket or self._connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile: nothing is blocked on it
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 def _status_failure(reply: _Reply) -> _Failure:
     """A non-2xx reply: 429 and 5xx are worth retrying; any other status is the request's fault."""
     retryable = reply.status == 429 or reply.status >= 500
@@ -248,7 +305,7 @@ def _excerpt(body: bytes) -> str:
     text = body[: EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
     try:
         error = json.loads(body).get("error") if len(body) <= MAX_RESPONSE_BYTES else None
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep
         error = None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         text = error["message"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
-from support.chat_server import ChatServer, Reply, Stall
+from support.chat_server import ChatServer, Reply, Stall, Trickle
 from support.coordinators import memory_coordinator
 from support.tiny_models import PRIVATE, coordinator_config, tiny_participant
 
@@ -30,6 +30,8 @@ from schemas.messages import GenerationParams
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROMPTS = [("p1", "first prompt"), ("p2", "second"), ("p3", "the third prompt")]
 PARAMS = GenerationParams(max_new_tokens=6, temperature=0.0, top_p=0.9, seed=3)
+# A chat completion whose unknown field nests 200,000 arrays deep: past any recursive decoder's stack.
+DEEP = b'{"choices": [{"message": {"content": "hi"}}], "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -95,6 +97,51 @@ def test_a_stalling_server_is_retried_then_fails_clearly_in_bounded_time(server:
     assert f"{server.base_url}/chat/completions failed on prompt 'p1'" in message
     assert "no response within the read timeout of 0.3s; gave up after 3 attempts" in message
     assert caught.value.attempts == 3 and len(server.requests) == 3
+
+
+@pytest.mark.parametrize("headers_first", [False, True], ids=["status-line", "body"])
+def test_a_trickling_server_is_cut_at_the_documented_bound(server: ChatServer, headers_first: bool) -> None:
+    """A byte every 0.05 s is never a read timeout's silence; the whole answer would take 10 s. Each
+    attempt is cut at connect + read timeout, so the prompt fails within the README's bound:
+    (retries + 1) x (connect + read timeout) plus the back-offs = 2 x 0.8 + 0.05 = 1.65 s."""
+    answer = b'{"choices": [{"message": {"content": "' + b"a" * 150 + b'"}}]}'
+    server.default = Trickle(Reply(200, answer), seconds_per_byte=0.05, headers_first=headers_first)
+    learner = learner_for(server.base_url, connect_timeout_seconds=0.3, read_timeout_seconds=0.5, retries=1)
+    started = time.monotonic()
+    with pytest.raises(HttpLearnerError) as caught:
+        learner.generate(PROMPTS[:1], PARAMS)
+    elapsed = time.monotonic() - started
+    assert 1.6 <= elapsed < 1.65 + 0.5  # the deadline cut both attempts, not a read timeout or the end
+    message = str(caught.value)
+    assert "no complete answer within 0.8s (connect_timeout_seconds + read_timeout_seconds)" in message
+    assert "gave up after 2 attempts" in message and len(server.requests) == 2
+
+
+def test_a_server_that_answers_in_time_is_not_cut(tiny_llama: LocalModel) -> None:
+    with ChatServer(tiny_llama, delay_seconds=0.3) as server:  # well inside the 0.6 s deadline
+        [answer] = learner_for(
+            server.base_url, connect_timeout_seconds=0.1, read_timeout_seconds=0.5, retries=0
+        ).generate(PROMPTS[:1], PARAMS)
+    assert answer.prompt_id == "p1" and len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem", "attempts"),
+    [
+        (Reply(200, DEEP), r"HTTP 200 but not a chat completion \(JSON nested too deep\)", 1),
+        (Reply(200, b"[" * 200_000), r"HTTP 200 but not a chat completion \(Expected `object`", 1),
+        (Reply(500, b'{"error": ' + DEEP + b"}"), r"HTTP 500 Internal Server Error: '\{\"error\"", 3),
+    ],
+    ids=["in-an-answer", "truncated", "in-an-error"],
+)
+def test_deeply_nested_json_is_a_clear_error(
+    server: ChatServer, reply: Reply, problem: str, attempts: int
+) -> None:
+    server.default = reply
+    with pytest.raises(HttpLearnerError, match=problem) as caught:
+        learner_for(server.base_url).generate(PROMPTS[:1], PARAMS)
+    assert f"{server.base_url}/chat/completions" in str(caught.value)
+    assert caught.value.attempts == attempts and len(server.requests) == attempts
 
 
 def test_a_refused_connection_names_the_url_and_the_attempts() -> None:
@@ -249,22 +296,34 @@ async def test_a_participant_on_the_http_learner_takes_part_in_a_real_round(tmp_
     assert box.rounds_done == [1] and {"rouge_l", "embedding_similarity"} <= box.reports[0].metrics.keys()
 
 
+@pytest.mark.parametrize(
+    ("failure", "logged"),
+    [
+        (Reply(503, b'{"error": {"message": "model loading"}}'), "503"),
+        (Reply(200, DEEP), "JSON nested too deep"),
+    ],
+    ids=["down", "deep-json"],
+)
 async def test_an_endpoint_down_for_a_round_costs_that_round_only(
-    tmp_path: Path, tiny_llama: LocalModel
+    tmp_path: Path, tiny_llama: LocalModel, failure: Reply, logged: str
 ) -> None:
     """The learner's own retries are all a round gets: the RoundOpened is handled (no redelivery that would
     repeat the whole wait), the round closes at its deadline without the box, which keeps serving and
-    answers the next round once its endpoint is back."""
+    answers the next round once its endpoint is back. So too when the endpoint answers with JSON too
+    deep to decode (once a RecursionError that redelivered each announcement six times)."""
     broker = MemoryBroker()
     broker.declare(full_topology(["steady", "box"]))
     config = coordinator_config(tmp_path, rounds=2)
     config.write_text(config.read_text().replace("deadline_seconds = 60.0", "deadline_seconds = 4.0"))
     coordinator = memory_coordinator(config, broker)
     with ChatServer(tiny_llama) as healthy, ChatServer(load_model("tiny-gpt2")) as flaky:
-        flaky.script.append(Reply(503, b'{"error": {"message": "model loading"}}'))  # retries 0: one request
+        flaky.script.append(failure)  # retries 0: one request
         participants = []
         for name, server in (("steady", healthy), ("box", flaky)):
-            http = f'[http]\nbase_url = "{server.base_url}"\nmodel = "m"\nretries = 0\nmax_concurrency = 1\n'
+            http = (
+                f'[http]\nbase_url = "{server.base_url}"\nmodel = "m"\nretries = 0\nmax_concurrency = 1\n'
+                "connect_timeout_seconds = 0.5\nread_timeout_seconds = 1.0\n"
+            )
             settings = load_participant_settings(write_settings(tmp_path, http, name), env={})
             participants.append(Participant(settings, broker.connect(name), build_learner(settings)))
         with capture_logs() as logs:
@@ -276,7 +335,7 @@ async def test_an_endpoint_down_for_a_round_costs_that_round_only(
     assert [s.answered for s in coordinator.closed_rounds] == [["steady"], ["box", "steady"]]
     assert not [e for e in logs if e["event"] == "handler failed; requeueing"]
     (missed,) = [e for e in logs if e["event"] == "round_not_answered"]
-    assert missed["round"] == 1 and missed["participant"] == "box" and "503" in missed["error"]
+    assert missed["round"] == 1 and missed["participant"] == "box" and logged in missed["error"]
     assert len(flaky.requests) == 1 + 4  # round 1's one failure, then round 2's four prompts
     assert broker.queue_depth(DEAD_LETTER_QUEUE) == 0
     box = participants[1]

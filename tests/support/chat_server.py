@@ -2,9 +2,9 @@
 
 `with ChatServer(load_model("tiny-llama")) as server:` serves `POST /v1/chat/completions` on 127.0.0.1, on a
 free port, from a thread, until the block ends; `server.base_url` is what a client is pointed at. Tests
-script misbehaviour: `server.script` holds `Reply`/`Stall` items used by the next requests in order, and
-`server.default` (when set) by every request after them; otherwise the model answers. The server records
-each request body and Authorization header, and the most requests it had in flight at once.
+script misbehaviour: `server.script` holds `Reply`/`Stall`/`Trickle` items used by the next requests in
+order, and `server.default` (when set) by every request after them; otherwise the model answers. The server
+records each request body and Authorization header, and the most requests it had in flight at once.
 """
 
 from __future__ import annotations
@@ -43,7 +43,18 @@ class Stall:
     seconds: float
 
 
-Misbehaviour = Reply | Stall
+@dataclass(frozen=True)
+class Trickle:
+    """Send `reply` one byte every `seconds_per_byte`: from the status line on, or, with `headers_first`,
+    the status line and headers at once and then the body a byte at a time. Never silent for long, so only
+    a deadline on the whole request stops a client waiting for it."""
+
+    reply: Reply
+    seconds_per_byte: float
+    headers_first: bool = False
+
+
+Misbehaviour = Reply | Stall | Trickle
 
 
 class ChatServer:
@@ -59,7 +70,7 @@ class ChatServer:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()  # torch generation seeds a global RNG: one at a time
-        self._closing = threading.Event()
+        self.closing = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.chat = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="chat-server", daemon=True)
@@ -75,7 +86,7 @@ class ChatServer:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._closing.set()  # stalled handlers wake up and finish
+        self.closing.set()  # stalled handlers wake up and finish
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
@@ -91,7 +102,7 @@ class ChatServer:
             with self._lock:
                 self._in_flight -= 1
 
-    def respond(self, path: str, raw: bytes, authorization: str | None) -> Reply:
+    def respond(self, path: str, raw: bytes, authorization: str | None) -> Reply | Trickle:
         try:
             request = json.loads(raw)
         except ValueError:
@@ -100,10 +111,10 @@ class ChatServer:
             self.requests.append(request)
             self.authorizations.append(authorization)
             planned = self.script.popleft() if self.script else self.default
-        if isinstance(planned, Reply):
+        if isinstance(planned, Reply | Trickle):
             return planned
         if isinstance(planned, Stall):
-            self._closing.wait(planned.seconds)
+            self.closing.wait(planned.seconds)
         if path != CHAT_PATH:
             return _error(404, f"no route {path}")
         if self.api_key is not None and authorization != f"Bearer {self.api_key}":
@@ -164,14 +175,21 @@ class _Handler(BaseHTTPRequestHandler):
         with chat.counting():
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             reply = chat.respond(self.path, raw, self.headers.get("Authorization"))
+        trickle = reply if isinstance(reply, Trickle) else None
+        reply = reply.reply if isinstance(reply, Trickle) else reply
+        head = f"HTTP/1.1 {reply.status} {self.responses.get(reply.status, ('',))[0]}\r\n"
+        headers = {"Content-Type": "application/json", **reply.headers}
+        headers |= {"Content-Length": str(len(reply.body)), "Connection": "close"}
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+        whole = head.encode("latin-1") + reply.body
+        at_once = len(whole) if trickle is None else len(head) if trickle.headers_first else 0
         try:
-            self.send_response(reply.status)
-            for name, value in {"Content-Type": "application/json", **reply.headers}.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(reply.body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(reply.body)
+            self.wfile.write(whole[:at_once])
+            for i in range(at_once, len(whole)):
+                assert trickle is not None
+                if chat.closing.wait(trickle.seconds_per_byte):
+                    return  # the test is over
+                self.wfile.write(whole[i : i + 1])
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client timed out and left
 
