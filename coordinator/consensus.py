@@ -3,19 +3,26 @@
 Pure: plain data in, plain data out; no broker, no clock, no I/O beyond the embedder call.
 
 For each prompt, every non-blank answer is embedded (one embedder call per shard, each distinct text
-once). The *density* of an answer is the weighted sum of its cosine similarities to its `neighbours`
-nearest same-prompt answers, each neighbour weighted by its `Candidate.weight` (so a stale answer
-counts for less as evidence). The pseudo-label is the densest answer that is not an outlier: a real
-answer, the semantic medoid, never a blend. Then:
+once). The *density* of an answer is its own weight times the weighted sum of its (non-negative)
+cosine similarities to its `neighbours` nearest same-prompt answers, each neighbour weighted by its
+`Candidate.weight`. The pseudo-label is the densest answer that is not an outlier and that a strict
+majority of the prompt's answers agree with: a real answer, the semantic medoid of the majority,
+never a blend. Then:
 
 - confidence = the winner's weighted mean similarity to the prompt's other answers;
 - support = how many answers (the winner included) lie within `support_similarity` of it;
-- a prompt with fewer than `min_answers` non-blank answers, no non-outlier answer, or confidence
-  below `min_confidence` abstains: no label, and a reason;
-- ties go to the lower participant id, then the lower text, so that the result is reproducible;
-- with `label_choice = "surest"`, the label is then, among the answers within `support_similarity`
-  of the medoid, the one whose writer was surest of it relative to its own other answers in the shard
-  (`relative_sureness`, from `Candidate.sureness`); confidence and support are that answer's own.
+- a prompt with fewer than `min_answers` non-blank answers, no non-outlier answer, no answer that
+  more than `min_support_share` of its answers (blank ones included, each member counting once
+  whatever its weight) lie within `support_similarity` of, or confidence below `min_confidence`
+  abstains: no label, and a reason;
+- an exact tie between answers that do not agree with each other abstains; between answers that do,
+  it goes to the lower hash of the text, never to a participant id.
+
+Why, because members lie (tests/test_label_rules_adversarial.py checks each of these for every label
+rule): a weight below 1 (late, low reputation) scales the answer's own density down, so it can only
+lower that answer's chance; weights never decide the majority, so down-weighting honest members cannot
+turn a minority into one; attackers that are no strict majority of a prompt's answers and disagree with
+the honest ones cannot label it; a member's reported numbers (`Answer.logprob`) are not read at all.
 
 `ExactConsensus` computes all pairwise similarities per prompt (the reference). `HnswConsensus` finds
 each answer's neighbours with one hnswlib index per shard, restricted to the answer's prompt, and then
@@ -27,8 +34,8 @@ different BLAS paths; sums use `math.fsum`, exact and independent of order.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -45,7 +52,10 @@ FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.intp]
 
 _SIMILARITY_DECIMALS = 9
-LABEL_CHOICES = ("medoid", "surest")
+# Label rules a settings file may name; the adversarial harness runs every one. "surest" (the answer its
+# writer reported the highest log-probability for) let any reported number beat members that reported
+# none, and was removed (issue #20).
+LABEL_CHOICES = ("medoid",)
 
 
 class ConsensusError(ChorusError):
@@ -54,19 +64,16 @@ class ConsensusError(ChorusError):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One participant's answer to one prompt; `weight` < 1 marks a stale (late, carried-over) answer."""
+    """One participant's answer to one prompt; a `weight` below 1 (a stale answer, a member with a low
+    reputation) can only lower the answer's chance and its pull on others, never raise it."""
 
     participant_id: str
     text: str
     weight: float = 1.0
-    # How sure the answering model was (Answer.logprob: mean log-probability per token); None if unknown.
-    sureness: float | None = None
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.weight) and self.weight > 0.0):
-            raise ConsensusError(f"candidate weight must be a positive finite number, got {self.weight!r}")
-        if self.sureness is not None and not math.isfinite(self.sureness):
-            raise ConsensusError(f"candidate sureness must be finite, got {self.sureness!r}")
+        if not (math.isfinite(self.weight) and 0.0 < self.weight <= 1.0):
+            raise ConsensusError(f"candidate weight must lie in (0, 1], got {self.weight!r}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,10 @@ class ConsensusSettings:
       support is agreement in meaning-space, not a fact check.
     - `min_confidence` 0.5: below it the answers disagree more than they agree, and no label beats a
       wrong one.
+    - `min_support_share` 0.5: the label must be agreed with (within `support_similarity`) by more than
+      this share of the prompt's answers, every member counting once: a strict majority, so that
+      members that are not one cannot write a label on their own. 0 lets any non-outlier answer win
+      (the rule before issue #20; not safe against colluders).
     - HNSW: M 16 and ef_construction 100 build a shard's index quickly; query ef 64 (raised to at least
       neighbours + 1) keeps recall on same-prompt neighbours essentially exact at the sizes of a round.
       `hnsw_filter_min_texts` 1024: below it, neighbours the unfiltered search missed are found by a
@@ -132,10 +143,8 @@ class ConsensusSettings:
     hnsw_ef: int = 64
     hnsw_seed: int = 100
     hnsw_filter_min_texts: int = 1_024
-    # "medoid": the densest answer. "surest": among the answers that agree with the medoid (within
-    # `support_similarity`), the one whose model was surest of it relative to its own other answers in
-    # the shard (`Candidate.sureness`); the medoid when none of them says.
-    label_choice: str = "medoid"
+    min_support_share: float = 0.5
+    label_choice: str = "medoid"  # one of LABEL_CHOICES
 
     def __post_init__(self) -> None:
         problems = [
@@ -149,6 +158,7 @@ class ConsensusSettings:
             *_cosine("min_confidence", self.min_confidence),
             *_cosine("outlier_similarity", self.outlier_similarity),
             *_cosine("support_similarity", self.support_similarity),
+            *([] if 0.0 <= self.min_support_share < 1.0 else ["min_support_share must lie in [0, 1)"]),
             *([] if self.label_choice in LABEL_CHOICES else [f"label_choice must be one of {LABEL_CHOICES}"]),
         ]
         if problems:
@@ -281,7 +291,8 @@ def _densities(pools: _Pools, weights: FloatArray, k: int) -> tuple[FloatArray, 
     """
     known = np.isfinite(pools.similarities)
     closest = pools.similarities.max(axis=1, initial=-np.inf)
-    products = np.where(known, pools.similarities, 0.0) * pools.weights  # 0 for padding
+    # 0 for padding; a dissimilar neighbour adds nothing rather than pulling the density down
+    products = np.where(known, np.maximum(pools.similarities, 0.0), 0.0) * pools.weights
     width = products.shape[1]
     if width > k:
         key = _nearness_key(pools, known, np.unique(weights))
@@ -318,13 +329,45 @@ def _nearness_key(pools: _Pools, known: npt.NDArray[np.bool_], levels: FloatArra
     return np.where(known, key, np.iinfo(np.int64).min)
 
 
-def _winner(density: FloatArray, closest: FloatArray, outlier_similarity: float) -> int | None:
-    """The densest non-outlier answer; ties go to the earliest in canonical order (lower participant id)."""
-    allowed = closest >= outlier_similarity
-    if not allowed.any():
-        return None
-    best = density[allowed].max()
-    return int(np.flatnonzero(allowed & (density == best))[0])
+def _winner(
+    prompt: _Prompt,
+    density: FloatArray,
+    closest: FloatArray,
+    vectors: FloatArray,
+    settings: ConsensusSettings,
+) -> tuple[int | None, str]:
+    """The densest answer that is no outlier and that more than `min_support_share` of the prompt's
+    answers agree with; (None, why) when there is none, or when answers that disagree tie exactly."""
+    allowed = np.flatnonzero(closest >= settings.outlier_similarity)
+    if not len(allowed):
+        return None, "every answer is an outlier: no two answers agree"
+    needed = settings.min_support_share * len(prompt.candidates)  # blank answers agree with nothing
+    backed: dict[int, bool] = {}  # per distinct text
+    tied: list[int] = []
+    for answer in sorted(allowed.tolist(), key=lambda a: -density[a]):  # stable: canonical order in ties
+        if tied and density[answer] < density[tied[0]]:
+            break
+        text = int(prompt.text_of[answer])
+        if text not in backed:
+            to_text = _similarities_to(vectors, prompt.rows, int(prompt.rows[text]))[prompt.text_of]
+            backed[text] = int(np.count_nonzero(to_text >= settings.support_similarity)) > needed
+        if backed[text]:
+            tied.append(answer)
+    if not tied:
+        return None, (
+            f"no answer is agreed with by more than {settings.min_support_share:g} of the prompt's "
+            f"{len(prompt.candidates)} answers (support_similarity {settings.support_similarity})"
+        )
+    texts = sorted({int(prompt.text_of[a]) for a in tied})
+    if len(texts) > 1:
+        if (_similarity_matrix(vectors, prompt.rows[texts]) < settings.support_similarity).any():
+            return None, "answers that disagree tie exactly: no majority between them"
+        return min(tied, key=lambda a: _text_hash(prompt.candidates[int(prompt.eligible[a])].text)), ""
+    return tied[0], ""
+
+
+def _text_hash(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def _abstain(prompt_id: str, reason: str, confidence: float = 0.0, support: int = 0) -> PromptDecision:
@@ -332,11 +375,7 @@ def _abstain(prompt_id: str, reason: str, confidence: float = 0.0, support: int 
 
 
 def _decide_prompt(
-    prompt: _Prompt,
-    pools: _Pools | None,
-    vectors: FloatArray,
-    settings: ConsensusSettings,
-    relative_sureness: Mapping[Candidate, float] | None = None,
+    prompt: _Prompt, pools: _Pools | None, vectors: FloatArray, settings: ConsensusSettings
 ) -> tuple[PromptDecision, int | None]:
     """The prompt's decision, and the shard row of the label's text (None when it abstains)."""
     usable = len(prompt.weights)
@@ -347,17 +386,11 @@ def _decide_prompt(
             prompt.prompt_id, f"usable answers: {usable}{detail}; min_answers is {settings.min_answers}"
         ), None
     density, closest = _densities_by_group(prompt, pools, settings.neighbours)
-    winner = _winner(density, closest, settings.outlier_similarity)
+    winner, reason = _winner(prompt, density * prompt.weights, closest, vectors, settings)
     if winner is None:
-        return _abstain(prompt.prompt_id, "every answer is an outlier: no two answers agree"), None
+        return _abstain(prompt.prompt_id, reason), None
     label_row = int(prompt.rows[prompt.text_of[winner]])
     to_label = _similarities_to(vectors, prompt.rows, label_row)[prompt.text_of]
-    if settings.label_choice == "surest" and relative_sureness is not None:
-        chosen = _surest_agreeing(prompt, winner, to_label, closest, relative_sureness, settings)
-        if chosen != winner:
-            winner = chosen
-            label_row = int(prompt.rows[prompt.text_of[winner]])
-            to_label = _similarities_to(vectors, prompt.rows, label_row)[prompt.text_of]
     confidence = _weighted_mean_without(to_label, prompt.weights, winner)
     support = int(np.count_nonzero(to_label >= settings.support_similarity))
     if confidence < settings.min_confidence:
@@ -366,47 +399,6 @@ def _decide_prompt(
     candidate = prompt.candidates[int(prompt.eligible[winner])]
     decision = PromptDecision(prompt.prompt_id, candidate.text, candidate.participant_id, confidence, support)
     return decision, label_row
-
-
-def _surest_agreeing(
-    prompt: _Prompt,
-    medoid: int,
-    to_medoid: FloatArray,
-    closest: FloatArray,
-    relative_sureness: Mapping[Candidate, float],
-    settings: ConsensusSettings,
-) -> int:
-    """Among the answers that agree with the medoid (similarity >= support_similarity, not outliers),
-    the one whose model was relatively surest; ties go to the medoid, then to canonical order."""
-    best, best_sureness = medoid, relative_sureness.get(prompt.candidates[int(prompt.eligible[medoid])])
-    for answer in range(len(prompt.eligible)):
-        if to_medoid[answer] < settings.support_similarity or closest[answer] < settings.outlier_similarity:
-            continue
-        sureness = relative_sureness.get(prompt.candidates[int(prompt.eligible[answer])])
-        if sureness is not None and (best_sureness is None or sureness > best_sureness):
-            best, best_sureness = answer, sureness
-    return best
-
-
-def relative_sureness(answers: Mapping[str, Sequence[Candidate]]) -> dict[Candidate, float]:
-    """Per candidate with a sureness: where it ranks among its own model's answers in the shard, in [0, 1]
-    (1: the answer its model was surest of). Relative, so that a model sure of everything does not win
-    every prompt: what counts is which prompts a member is surest of compared with its others."""
-    by_participant: dict[str, list[Candidate]] = {}
-    for candidates in answers.values():
-        for candidate in candidates:
-            if candidate.sureness is not None and not _is_blank(candidate.text):
-                by_participant.setdefault(candidate.participant_id, []).append(candidate)
-    ranks: dict[Candidate, float] = {}
-    for own in by_participant.values():
-        values = sorted(c.sureness for c in own if c.sureness is not None)
-        for candidate in own:
-            assert candidate.sureness is not None
-            # mid-rank for ties: the fraction of the member's other answers it is surer of than
-            below = bisect_left(values, candidate.sureness)
-            equal = bisect_right(values, candidate.sureness) - below
-            ranks[candidate] = (below + (equal - 1) / 2) / (len(values) - 1) if len(values) > 1 else 0.5
-    return ranks
 
 
 def _weighted_mean_without(values: FloatArray, weights: FloatArray, skip: int) -> float:
@@ -447,10 +439,8 @@ class _MedoidConsensus:
         vectors = _embed(self.embedder, texts)
         deciding = [prompt for prompt in prompts if len(prompt.weights) >= self.settings.min_answers]
         pools = dict(zip((p.prompt_id for p in deciding), self._pools(deciding, vectors), strict=True))
-        sureness = relative_sureness(answers) if self.settings.label_choice == "surest" else None
         outcomes = [
-            _decide_prompt(prompt, pools.get(prompt.prompt_id), vectors, self.settings, sureness)
-            for prompt in prompts
+            _decide_prompt(prompt, pools.get(prompt.prompt_id), vectors, self.settings) for prompt in prompts
         ]
         agreement = _agreement(prompts, [row for _, row in outcomes], vectors)
         return ShardConsensus(

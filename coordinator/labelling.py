@@ -6,7 +6,7 @@ builds exactly the candidates and the exact bytes the live coordinator would hav
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from broker.topology import COORDINATOR_USER
 from coordinator.consensus import Candidate, ShardConsensus
@@ -32,25 +32,30 @@ def shard_candidates(
     for batch in fresh:
         for answer in batch.answers:
             if answer.prompt_id in candidates:
-                candidates[answer.prompt_id].append(
-                    Candidate(batch.participant_id, answer.text, sureness=answer.logprob)
-                )
+                candidates[answer.prompt_id].append(Candidate(batch.participant_id, answer.text))
                 fresh_sources[answer.prompt_id].add(batch.participant_id)
     for batch in carried:
         for answer in batch.answers:
             if answer.prompt_id in candidates and batch.participant_id not in fresh_sources[answer.prompt_id]:
                 candidates[answer.prompt_id].append(
-                    Candidate(batch.participant_id, answer.text, staleness_weight, answer.logprob)
+                    Candidate(batch.participant_id, answer.text, staleness_weight)
                 )
     return candidates
 
 
-def changed_labels(original: PseudoLabels, redone: PseudoLabels) -> list[Label]:
+def changed_labels(original: PseudoLabels, redone: PseudoLabels, in_time: Mapping[str, int]) -> list[Label]:
     """The labels of `redone` that `original` did not give: a new text for a prompt, or a label for a
     prompt it abstained on. A prompt `redone` abstains on keeps its original label (a label that was
-    trained on cannot be taken back)."""
-    before = {label.prompt_id: label.text for label in original.labels}
-    return [label for label in redone.labels if before.get(label.prompt_id) != label.text]
+    trained on cannot be taken back), and so does one whose original label every one of its `in_time`
+    answers (prompt id -> how many the shard closed with) agreed with: a late answer, written after the
+    labels went out, does not overturn a unanimous one."""
+    before = {label.prompt_id: label for label in original.labels}
+    return [
+        label
+        for label in redone.labels
+        if (kept := before.get(label.prompt_id)) is None
+        or (kept.text != label.text and kept.support < in_time.get(label.prompt_id, 0))
+    ]
 
 
 def pseudo_labels_message(

@@ -11,7 +11,7 @@ from msgspec import Meta
 
 from broker.addresses import check_broker_urls
 from common.settings import MetricsTable, SettingsError, convert, read_settings
-from coordinator.consensus import ConsensusSettings
+from coordinator.consensus import LABEL_CHOICES, ConsensusSettings
 from schemas.messages import GenerationParams, Id
 
 __all__ = ["CoordinatorSettings", "SettingsError", "load_coordinator_settings"]
@@ -28,17 +28,28 @@ class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     rounds: Annotated[int, Meta(ge=0)] = 3  # 0: keep opening rounds until stopped
     prompts_per_round: Annotated[int, Meta(ge=1, le=100_000)] = 32
     shards: Annotated[int, Meta(ge=1, le=1024)] = 4
-    # int: a count; float in (0, 1]: a fraction of the active members that are not benched. The default,
-    # 1.0, waits for every one of them until the deadline.
+    # int: a count; float in (0, 1]: a fraction of the active members that are not benched. A shard
+    # labels once quorum answered and grace_seconds passed. The default, 1.0, waits for every one of
+    # them: a round then lasts as long as its slowest member, up to the straggler bound below (one
+    # member can make every round that long on purpose). A fraction such as 0.75 labels grace_seconds
+    # after that share answered, so the slowest quarter costs a round grace_seconds at most.
     quorum: int | float = 1.0
     min_participants: Annotated[int, Meta(ge=1)] = 1  # a round opens once this many are active
     deadline_seconds: PositiveSeconds = 600.0
     grace_seconds: Annotated[float, Meta(ge=0.0)] = 5.0
+    # The straggler bound: once more than half of the members a shard waits for answered it, the rest get
+    # at most max(grace_seconds, straggler_factor x the time that majority took) more; then the shard is
+    # labelled without them (their answers are late: late_policy). So with the default, 1.0, a round
+    # lasts at most twice what its majority needed (or grace_seconds more), whatever a minority does,
+    # and a minority that does not answer a shard cannot fail it. Raise it for members known to be
+    # much slower than the others; 0: no bound (the quorum holds until the deadline).
+    straggler_factor: Annotated[float, Meta(ge=0.0, le=1_000.0)] = 1.0
     late_policy: Literal["drop", "carry", "revise"] = "revise"
     staleness_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
     member_timeout_seconds: PositiveSeconds = 300.0
-    # A member that answered nothing (in time or late) in this many rounds in a row is benched: still
-    # asked, not waited for and not counted in the quorum, until it answers again. 0: never bench.
+    # A member that left a shard of the round unanswered (in time and late) in this many rounds in a row
+    # is benched: still asked, not waited for and not counted in the quorum, until it answers every shard
+    # of a round again. 0: never bench.
     bench_after_missed_rounds: Annotated[int, Meta(ge=0, le=1_000)] = 2
     # After the last round, how long `run()` waits for its members' reports before it stops.
     final_reports_seconds: Annotated[float, Meta(ge=0.0, le=3_600.0)] = 30.0
@@ -72,13 +83,25 @@ class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_f
     cache_entries: Annotated[int, Meta(ge=0)] = 200_000
     # "reputation" (the default): weight each member's answers by its past agreement with the labels
     # (relative to the most agreeing member, at least `reputation_floor`): see coordinator/reputation.py.
-    # "uniform": every answer counts the same. The defaults here and label_choice's are the recipe the
-    # quality grid supported (bench/README.md); "uniform" with "medoid" is the recipe before it.
+    # A weight only orders the answers a majority agrees with; it never makes one (consensus.py).
+    # "uniform": every answer counts the same.
     vote_weighting: Literal["uniform", "reputation"] = "reputation"
     reputation_floor: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.1
-    # "surest" (the default): among the answers that agree with the medoid, the one its model was surest
-    # of relative to its other answers (Answer.logprob); "medoid": the medoid. See coordinator/consensus.py.
-    label_choice: Literal["medoid", "surest"] = "surest"
+    # A label needs more than this share of a prompt's answers within support_similarity of it (each
+    # member counting once): 0.5 is a strict majority. 0 disables the rule (not safe against colluders).
+    min_support_share: Annotated[float, Meta(ge=0.0, lt=1.0)] = _CONSENSUS.min_support_share
+    # The label rule, one of coordinator.consensus.LABEL_CHOICES: "medoid", the densest answer of the
+    # majority. ("surest" was removed: a reported log-probability could make any answer the label.)
+    label_choice: str = _CONSENSUS.label_choice
+
+    def __post_init__(self) -> None:
+        if self.label_choice == "surest":
+            raise ValueError(
+                'label_choice "surest" was removed: a member\'s reported log-probability could make its '
+                'answer the label (issue #20); remove the key or set "medoid"'
+            )
+        if self.label_choice not in LABEL_CHOICES:
+            raise ValueError(f"label_choice must be one of {list(LABEL_CHOICES)}, got {self.label_choice!r}")
 
 
 class RecordingSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -29,6 +29,7 @@ def build_consensus(table: ConsensusSettingsTable, embedder: Embedder | None = N
         neighbours=table.neighbours,
         min_confidence=table.min_confidence,
         min_answers=table.min_answers,
+        min_support_share=table.min_support_share,
         label_choice=table.label_choice,
     )
     chosen = embedder if embedder is not None else build_embedder(table)  # a CachedEmbedder has __len__

@@ -130,6 +130,15 @@ def labels_message(labels: list[Label], abstained: list[str]) -> PseudoLabels:
 def test_a_revision_holds_new_texts_and_new_labels_never_withdrawals() -> None:
     original = labels_message([label("q1", "old"), label("q2", "same"), label("q3", "kept")], ["q4"])
     redone = labels_message([label("q1", "new"), label("q2", "same"), label("q4", "first")], ["q3"])
+    in_time = {"q1": 3, "q2": 3, "q3": 3, "q4": 3}  # more answers than any label's support: none unanimous
     # q1 changed, q4 gained a label, q2 is unchanged, q3's label stays (a trained label is not withdrawn)
-    assert changed_labels(original, redone) == [label("q1", "new"), label("q4", "first")]
-    assert changed_labels(original, original) == []
+    assert changed_labels(original, redone, in_time) == [label("q1", "new"), label("q4", "first")]
+    assert changed_labels(original, original, in_time) == []
+
+
+def test_a_revision_does_not_overturn_a_label_every_in_time_answer_agreed_with() -> None:
+    original = labels_message([label("q1", "old")], [])
+    redone = labels_message([label("q1", "new")], [])
+    support = original.labels[0].support
+    assert changed_labels(original, redone, {"q1": support}) == []  # unanimous in time: kept
+    assert changed_labels(original, redone, {"q1": support + 1}) == [label("q1", "new")]

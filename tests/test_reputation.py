@@ -25,9 +25,9 @@ GOOD = ["Paris is the capital of France.", "The capital of France is Paris."]
 JUNK = "zebras juggle quantum xylophones"
 
 
-def label_of(candidates: dict[str, list[Candidate]]) -> str | None:
-    consensus = ExactConsensus(HashingEmbedder(), ConsensusSettings(min_confidence=0.0))
-    (decision,) = consensus.decide(candidates).decisions
+def label_of(candidates: dict[str, list[Candidate]], min_support_share: float = 0.0) -> str | None:
+    settings = ConsensusSettings(min_confidence=0.0, min_support_share=min_support_share)
+    (decision,) = ExactConsensus(HashingEmbedder(), settings).decide(candidates).decisions
     return decision.label
 
 
@@ -45,3 +45,7 @@ def test_members_that_were_often_far_from_the_labels_stop_pulling_the_label_to_t
     reputed = weigh_votes(answers, history, table)
     assert [round(c.weight, 3) for c in reputed["q"]] == [1.0, 0.944, 0.111, 0.111, 0.111]
     assert label_of(reputed) in GOOD
+    # Under the default majority rule, weights order the answers a strict majority agrees with and
+    # never make or unmake a majority: three of five members are one, whatever their reputation (so a
+    # bloc cannot lower the others' weights into a minority either).
+    assert label_of(reputed, min_support_share=0.5) == JUNK

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import structlog
 
+from coordinator.benching import benched_in
 from coordinator.consensus import Candidate, ConsensusStrategy
 from coordinator.labelling import changed_labels, pseudo_labels_message, shard_candidates
 from coordinator.prompts import PromptSampler, split_into_shards
@@ -155,7 +156,14 @@ class SemanticStrategy:
         revised = self.store.revisions(round_id)
         if revised is None:
             revised = {}
-            late = self._late_batches(round_id)
+            # A benched member is not waited for; its late answers do not get to rewrite the labels either.
+            benched = benched_in(
+                self.store,
+                round_id,
+                self.store.expected(round_id),
+                self.settings.round.bench_after_missed_rounds,
+            )
+            late = [b for b in self._late_batches(round_id) if b.participant_id not in benched]
             for closing in self.store.closings(round_id) if late else []:
                 shard_late = [b for b in late if b.shard_id == closing.shard_id]
                 body = self._revise_shard(round_id, closing, shard_late)
@@ -177,10 +185,11 @@ class SemanticStrategy:
         assert isinstance(original, PseudoLabels)
         prompt_ids = [label.prompt_id for label in original.labels] + list(original.abstained)
         fresh = self._answered_batches(round_id, closing.shard_id, closing.answered)
+        in_time = {p: len(answers) for p, answers in shard_candidates(prompt_ids, fresh).items()}
         candidates = shard_candidates(prompt_ids, fresh, late, self.settings.round.staleness_weight)
         result = self.consensus.decide(self._weigh_votes(round_id, candidates))
         redone = pseudo_labels_message(self.settings.federation, round_id, closing.shard_id, result)
-        changed = changed_labels(original, redone)
+        changed = changed_labels(original, redone, in_time)
         log.info(
             "labels_revised",
             round=round_id,
