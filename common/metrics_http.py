@@ -3,7 +3,9 @@
 `ServiceMetrics` is what each side's metrics module builds on: a registry of its own (several
 services in one process never share a metric), makers for prefixed metrics, a progress clock, and
 the endpoint. `serve_metrics` starts a small threaded HTTP server (stdlib wsgiref) that answers
-`/metrics` from the registry and `/healthz` from the service's facts. Request handling never touches
+`/metrics` from the registry and `/healthz` from the service's facts. A connection that says nothing
+for `REQUEST_TIMEOUT_SECONDS` is closed, and at most `MAX_HANDLER_THREADS` are served at once (one
+more is closed unanswered), so idle connections cannot pile up threads. Request handling never touches
 the event loop: health facts and custom collectors run in the server's threads, so they read only
 plain attributes that the loop writes (an int, a reference), never SQLite or the transport.
 """
@@ -11,6 +13,7 @@ plain attributes that the loop writes (an int, a reference), never SQLite or the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import socket
@@ -33,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
+REQUEST_TIMEOUT_SECONDS = 10.0  # per socket read or write: a scraper sends its request at once
+MAX_HANDLER_THREADS = 16  # connections served at once: scrapers and health checks are a handful
 
 
 class MetricsError(ChorusError):
@@ -103,9 +108,39 @@ class ServiceMetrics:
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a scrape in flight never holds up the process's exit
+    block_on_close = False  # nor closing: a handler ends by itself within the request timeout
+    request_timeout: float  # set by MetricsServer, before serving starts
+    handler_slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection while a slot is free; otherwise close it now, unanswered."""
+        if not self.handler_slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start: it will not give the slot back
+            self.handler_slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.handler_slots.release()
 
 
 class _QuietHandler(WSGIRequestHandler):
+    server: _ThreadingWSGIServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout)
+
+    def handle(self) -> None:
+        with contextlib.suppress(TimeoutError, ConnectionError):  # an idle or vanished client: closed
+            super().handle()
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged: one every few seconds would drown the service's own lines."""
 
@@ -123,7 +158,14 @@ class MetricsServer:
     """`/metrics` from `registry` and `/healthz` from `health()` on host:port, served by a daemon thread."""
 
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, health: Callable[[], Health]
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: Callable[[], Health],
+        *,
+        request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+        max_handlers: int = MAX_HANDLER_THREADS,
     ) -> None:
         self._metrics_app = make_wsgi_app(registry)
         self._health = health
@@ -136,6 +178,8 @@ class MetricsServer:
                 f"cannot serve metrics on {host}:{port} ({e.strerror or e}); "
                 "choose another [metrics] port, or 0 for any free one"
             ) from e
+        self._server.request_timeout = request_timeout
+        self._server.handler_slots = threading.BoundedSemaphore(max_handlers)
         self.host = host
         self.port: int = self._server.server_port  # the bound one: port 0 picks a free port
         self._thread = threading.Thread(
