@@ -136,3 +136,24 @@ def test_addresses_of_different_logins_are_refused_on_load(tmp_path: Path, kind:
     with pytest.raises(SettingsError, match="differ in user") as refused:
         load(kind, settings_file(tmp_path, kind, ("broker_url",), other))
     assert "pw@" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("choice", "why"),
+    [("surest", "was removed: a member's reported log-probability"), ("best", "must be one of")],
+)
+def test_a_label_rule_that_does_not_exist_is_refused_with_the_reason(
+    tmp_path: Path, choice: str, why: str
+) -> None:
+    path = settings_file(tmp_path, CoordinatorSettings, ("consensus", "label_choice"), choice)
+    with pytest.raises(SettingsError, match=why):
+        load(CoordinatorSettings, path)
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0])
+def test_a_majority_share_outside_0_1_is_refused(tmp_path: Path, share: float) -> None:
+    with pytest.raises(SettingsError, match="min_support_share"):
+        load(
+            CoordinatorSettings,
+            settings_file(tmp_path, CoordinatorSettings, ("consensus", "min_support_share"), share),
+        )
