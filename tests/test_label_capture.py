@@ -24,6 +24,7 @@ from support.capture import (
     member,
     names,
     rider_text,
+    round_seconds,
 )
 from support.faults import FEDERATION, round_config
 
@@ -57,11 +58,11 @@ async def test_a_reported_logprob_does_not_make_a_riders_text_the_label(
             ),
         ]
         try:
-            await drive(coordinator, 2)
+            summaries = await drive(coordinator, 2)
         finally:
             await leave(members)
     taken = captured(members[0], carries_payload, (1, 2))
-    print(f"rider with logprob 0.0: {taken}")
+    print(f"rider with logprob 0.0: {taken}; rounds {round_seconds(summaries)}")
     assert taken.labels == 12  # every prompt is labelled, by the honest pair
     assert taken.captured == 0
 
@@ -95,7 +96,7 @@ async def test_late_answers_written_after_the_labels_do_not_rewrite_them(
             await member(urls[mallory], LateRider, mallory, FEDERATION),
         ]
         try:
-            await drive(coordinator, 4)
+            summaries = await drive(coordinator, 4)
             late = [
                 {row.participant_id for row in coordinator.store.batches(r, late_only=True)}
                 for r in (1, 2, 3)
@@ -103,7 +104,9 @@ async def test_late_answers_written_after_the_labels_do_not_rewrite_them(
         finally:
             await leave(members)
     taken = captured(members[0], carries_payload, (1, 2, 3))
-    print(f"late rider through revisions: {taken} (originals and revisions)")
+    print(
+        f"late rider through revisions: {taken} (originals and revisions); rounds {round_seconds(summaries)}"
+    )
     assert late == [{mallory}] * 3  # the attack reached the coordinator, in time to revise
     assert taken.captured == 0
 
@@ -133,7 +136,7 @@ async def test_a_member_that_lowers_its_own_reputation_cannot_then_take_the_labe
         finally:
             await leave(members)
     taken = captured(members[0], carries_payload, (4, 5))
-    print(f"rider after lowering its reputation: {taken}; agreement in round 3: {summaries[2].agreement}")
+    print(f"rider after lowering its reputation: {taken}; rounds {round_seconds(summaries)}")
     assert taken.labels == 12
     assert taken.captured == 0
 
@@ -158,7 +161,10 @@ async def test_two_colluders_tying_the_honest_pair_take_no_label_and_no_reputati
         finally:
             await leave(members)
     taken = captured(members[2], lambda text: "zebra" in text, range(1, 5))
-    print(f"two colluders: {taken}; agreement by round: {[dict(s.agreement) for s in summaries]}")
+    print(
+        f"two colluders: {taken}; rounds {round_seconds(summaries)}; "
+        f"agreement {[dict(s.agreement) for s in summaries]}"
+    )
     assert taken.captured == 0
     # Reputation as round 5 would weigh the members: the honest pair is not locked out.
     weights = reputation_weights([s.agreement for s in summaries], [honest_y, honest_z], floor=0.1)

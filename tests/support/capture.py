@@ -128,6 +128,11 @@ async def drive(coordinator: Coordinator, rounds: int, timeout: float = 90.0) ->
     return coordinator.closed_rounds[before:]
 
 
+def round_seconds(summaries: Iterable[RoundClosed]) -> str:
+    """Each round's length, for the report a test prints."""
+    return ", ".join(f"{s.closed_unix - s.opened_unix:.2f}s" for s in summaries)
+
+
 @dataclass(frozen=True)
 class Capture:
     """Of the labels (and revised labels) an observer received: how many, and how many the attackers'."""
