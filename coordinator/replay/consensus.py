@@ -28,6 +28,8 @@ from schemas.codec import decode_reply, encode
 from schemas.messages import GenerationBatch, Label, PseudoLabels, RoundOpened
 
 ShardKey = tuple[int, int]  # (round, shard)
+# The embedders `coordinator.wiring.build_embedder` knows by name; anything else is a local folder to load.
+NAMED_EMBEDDERS = ("minilm-onnx", "minilm", "hashing")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,19 @@ class ConsensusOverrides:
 
 
 def replay_settings(recorded: CoordinatorSettings, overrides: ConsensusOverrides) -> CoordinatorSettings:
-    """The recorded settings with the overrides applied, validated like a settings file."""
+    """The recorded settings with the overrides applied, validated like a settings file.
+
+    A record file does not choose what is loaded from this machine: when its settings name a local
+    embedder folder (loading one can run code from it), the replay needs `overrides.embedder` given
+    explicitly, that folder or another embedder.
+    """
+    embedder = recorded.consensus.embedder
+    if overrides.embedder is None and embedder not in NAMED_EMBEDDERS:
+        raise ReplayError(  # repr, cut short: the text is the record's, not ours to print raw
+            f"the log's settings name the local embedder folder {embedder[:200]!r}; a record file does "
+            "not choose what this machine loads: pass --embedder DIR to load that folder (if you trust "
+            f"it) or another, or --embedder {'|'.join(NAMED_EMBEDDERS)}"
+        )
     changes = {
         "index": overrides.index,
         "neighbours": overrides.neighbours,
