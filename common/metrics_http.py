@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import json
 import socket
@@ -174,6 +175,15 @@ class MetricsServer:
                 host, port, self._app, server_class=_server_class(host), handler_class=_QuietHandler
             )
         except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                # Not "use another port": the usual holder is this same service already running (the
+                # same settings file), and a second copy of it must not start at all.
+                raise MetricsError(
+                    f"cannot serve metrics on {host}:{port}: the port is already in use by another "
+                    "process; if that is this service already running with these settings, leave it "
+                    "be (or stop it) rather than start a second; otherwise choose another [metrics] "
+                    "port for this one, or 0 for any free one"
+                ) from e
             raise MetricsError(
                 f"cannot serve metrics on {host}:{port} ({e.strerror or e}); "
                 "choose another [metrics] port, or 0 for any free one"

@@ -14,12 +14,12 @@ from broker.addresses import is_memory
 from broker.connect import open_transport
 from common.exits import EXIT_OK, count_argument, run_command
 from common.logs import configure_logging
-from coordinator.prompts import load_prompts
+from coordinator.prompts import PublicPrompt, load_prompts
 from coordinator.replay.recording import with_recording
 from coordinator.runtime import prepare_service_process
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings, SettingsError, load_coordinator_settings
-from coordinator.store import CoordinatorStore
+from coordinator.store import CoordinatorStore, StateLock
 from coordinator.strategies import build_round_strategy
 from schemas.codec import decode_reply
 from schemas.errors import ChorusError
@@ -89,7 +89,15 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             "or use chorus-run for an embedded federation"
         )
     prompts = load_prompts(Path(settings.prompts_path))
+    # Held until this process ends (the kernel drops it on any death): a second coordinator on the same
+    # state stops here, before it touches the file or the broker.
+    with StateLock(settings.state_path):
+        await _serve(settings, prompts)
+
+
+async def _serve(settings: CoordinatorSettings, prompts: list[PublicPrompt]) -> None:
     store = CoordinatorStore(settings.state_path)
+    log.info("coordinator_state", state=settings.state_path, run_id=store.run_id)
     try:
         connection = open_transport(settings.broker_url, connection_name="chorus-coordinator")
         async with with_recording(connection, settings) as transport:
@@ -136,6 +144,7 @@ def print_status(state_path: Path) -> None:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
         members = store.members()
         print(f"\n{len(members)} members: " + ", ".join(m.participant_id for m in members))
+        print(f"run {store.run_id}")
     finally:
         store.close()
 

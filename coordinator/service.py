@@ -201,6 +201,7 @@ class Coordinator:
             quorum=quorum,
             deadline_unix=now + settings.deadline_seconds,
             opened_unix=now,
+            run_id=self.store.run_id,  # a participant tells a re-run (a new state) from a restart by it
         )
         body = encode(opened)
         self.store.insert_round(

@@ -5,19 +5,30 @@ anything acked is on disk. Every write is idempotent: batches by (sender, messag
 id) and by (round, shard, participant), publications by message id. A participant's
 message ids are its own: two senders may use the same id without touching each
 other's records.
+
+The state has a run id, made when the file is created: it stays while the file lives (restarts
+resume the same run) and differs between files (a fresh file is a new run), and every RoundOpened
+announces it so that a participant can tell a re-run from a resumed run. `StateLock` keeps a second
+coordinator process off a state file that one already uses.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
+
+from schemas.errors import ChorusError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS members (
@@ -87,6 +98,10 @@ CREATE TABLE IF NOT EXISTS reports (
     metrics TEXT NOT NULL,
     PRIMARY KEY (participant_id, message_id)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,            -- 'run_id': this state's run, made once with the file
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS adapters (
     message_id TEXT NOT NULL,
     round_id INTEGER NOT NULL,
@@ -101,6 +116,65 @@ CREATE TABLE IF NOT EXISTS adapters (
 SCHEMA_VERSION = 1
 NO_REVISION = -1  # the shard id of the row that marks a round as revised
 _SENDER_KEYED_TABLES = ("batches", "reports", "adapters")
+
+
+class StateLockedError(ChorusError):
+    """Another live process holds the coordinator state (one coordinator per state file)."""
+
+
+class StateLock:
+    """An exclusive lock on a coordinator state file for as long as this process holds it.
+
+    `flock` on `<state>.lock` beside the SQLite file, which holds the holder's pid. The kernel releases
+    the lock when its process dies, however it dies (SIGKILL too), so a stale lock file never blocks a
+    restart. The lock file is never deleted: deleting it could let two processes lock two different
+    files of one name.
+    """
+
+    def __init__(self, state_path: Path | str) -> None:
+        self.state_path = Path(state_path)
+        self.path = self.state_path.with_name(self.state_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> StateLock:
+        """Take the lock, or raise StateLockedError naming the file and the holder's pid."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            by = f"pid {holder}" if holder is not None else "a process whose pid it does not say"
+            raise StateLockedError(
+                f"the coordinator state {self.state_path} is in use by another coordinator ({by}, "
+                f"lock file {self.path}); only one coordinator may run on a state: stop that one first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    def __enter__(self) -> StateLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 class Stored(Enum):
@@ -194,6 +268,10 @@ class CoordinatorStore:
         self._migrate()
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        # Made once, with the file (or the first time a file from before run ids is opened).
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('run_id', ?)", (uuid.uuid4().hex,))
+        ((run_id,),) = self._db.execute("SELECT value FROM meta WHERE key = 'run_id'").fetchall()
+        self.run_id: str = run_id
         self._depth = 0
         # The coordinator commits intake writes in a worker thread (the fsync off its event loop): a
         # transaction holds this lock throughout, and a read takes it, so neither sees the other's half.

@@ -3,6 +3,10 @@
 Labels are applied (trained on) at most once: a round counts as applied once
 its checkpoint exists, and the checkpoint and the ledger row are written in
 that order, so a crash between them re-applies nothing already checkpointed.
+
+Everything here belongs to one federation run (the `run_id` a coordinator announces with each
+round): round ids start again at 1 in a new run, so a ledger that meets another run is archived and
+started afresh (`start_run`), never consulted for the new run's rounds.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ CREATE TABLE IF NOT EXISTS revisions (
     applied_in INTEGER,  -- the round whose training takes it; NULL until one claims it
     PRIMARY KEY (round_id, prompt_id, text)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,  -- 'run_id': the federation run the rows below belong to
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY,
     answered INTEGER NOT NULL DEFAULT 0,
@@ -38,6 +46,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics TEXT
 );
 """
+
+
+_RUN_TABLES = ("seen", "prompts", "labels", "answers", "revisions", "rounds")
 
 
 class LabelledExample(NamedTuple):
@@ -57,6 +68,44 @@ class ParticipantLedger:
 
     def close(self) -> None:
         self._db.close()
+
+    # -- the run -----------------------------------------------------------
+
+    def run_id(self) -> str | None:
+        """The federation run this ledger holds, or None if none was announced to it yet."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'run_id'").fetchone()
+        return None if row is None else str(row[0])
+
+    def adopt_run(self, run_id: str) -> None:
+        """Record that what this ledger holds is run `run_id`'s (the first run announced to it)."""
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('run_id', ?)", (run_id,))
+
+    def is_empty(self) -> bool:
+        """Nothing of any round recorded yet."""
+        return all(
+            self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None for table in _RUN_TABLES
+        )
+
+    def knows_round(self, round_id: int, message_key: str) -> bool:
+        """Whether round `round_id` (or the message of dedup key `message_key`) left a trace here."""
+        return self.was_handled(message_key) or (
+            self._db.execute("SELECT 1 FROM rounds WHERE round_id = ?", (round_id,)).fetchone() is not None
+        )
+
+    def start_run(self, run_id: str, archive: Path) -> None:
+        """Copy the ledger to `archive` (a fresh SQLite file), then forget every round and hold `run_id`.
+
+        The forgetting is one transaction: a crash leaves either the old run's rows or none. A copy left
+        half-written by a crash is replaced by the next attempt.
+        """
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        archive.unlink(missing_ok=True)
+        self._db.execute("VACUUM INTO ?", (str(archive),))
+        self._db.execute("BEGIN IMMEDIATE")
+        for table in _RUN_TABLES:
+            self._db.execute(f"DELETE FROM {table}")
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('run_id', ?)", (run_id,))
+        self._db.execute("COMMIT")
 
     def was_handled(self, message_id: str) -> bool:
         return (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -182,15 +183,17 @@ class Participant:
     def _checkpoint_dir(self, round_id: int) -> Path:
         return self.state_dir / "checkpoints" / f"round-{round_id}"
 
+    def _checkpoint_rounds(self) -> list[int]:
+        """The rounds that have a checkpoint, in order."""
+        root = self.state_dir / "checkpoints"
+        if not root.is_dir():
+            return []
+        names = (CHECKPOINT_PATTERN.match(p.name) for p in root.glob("round-*"))
+        return sorted(int(m.group(1)) for m in names if m)
+
     def _restore_checkpoint(self) -> int | None:
         """Load the newest checkpoint; its round counts as applied even if the ledger missed it."""
-        root = self.state_dir / "checkpoints"
-        rounds = (
-            sorted(int(m.group(1)) for p in root.glob("round-*") if (m := CHECKPOINT_PATTERN.match(p.name)))
-            if root.is_dir()
-            else []
-        )
-        for round_id in reversed(rounds):
+        for round_id in reversed(self._checkpoint_rounds()):
             if self.learner.load_checkpoint(self._checkpoint_dir(round_id)):
                 if round_id and not self.ledger.was_applied(round_id):
                     self.ledger.mark_applied(round_id, {})
@@ -220,7 +223,19 @@ class Participant:
             )
             return
         key = f"{message.message_id}@{message.round_id}"
+        if isinstance(message, RoundOpened):
+            await self._enter_run(message, key)
         if self.ledger.was_handled(key):
+            if isinstance(message, RoundOpened):  # never skip a round in silence
+                log.warning(
+                    "round_already_handled",
+                    round=message.round_id,
+                    participant=self.pid,
+                    run=message.announced_run(),
+                    state_dir=str(self.state_dir),
+                    hint="a redelivery after a restart; if the coordinator's state is new and it announces "
+                    "no run_id, this round is not answered: give this participant a fresh state_dir",
+                )
             await delivery.ack()  # a redelivery of something already handled
             return
         # Handlers are idempotent (answered/applied flags, stable message ids), so a crash
@@ -231,6 +246,73 @@ class Participant:
         if isinstance(message, RoundClosed) and message.final:
             self.federation_ended = True  # applied and reported: nothing more will come
             self.round_seen.set()
+
+    # -- federation runs ---------------------------------------------------
+
+    async def _enter_run(self, opened: RoundOpened, key: str) -> None:
+        """Before an announcement is looked up: if it is of a run this state holds nothing of, start
+        that run afresh. Round ids begin again at 1 in a new run (a new coordinator state), so the old
+        run's ledger would take the new rounds for ones already handled."""
+        announced = opened.announced_run()
+        if announced is None:
+            return  # a coordinator that names no run: rounds are taken as the ledger's (PROTOCOL §7.2)
+        held = self.ledger.run_id()
+        if held == announced:
+            return
+        if held is None and not self.ledger.knows_round(opened.round_id, key):
+            # A fresh ledger, or one from before run ids whose rounds this one carries on: the same run.
+            self.ledger.adopt_run(announced)
+            return
+        await self._start_run(announced, held, opened.round_id)
+
+    async def _start_run(self, run_id: str, previous: str | None, round_id: int) -> None:
+        """Archive the previous run's ledger and round checkpoints under state_dir/runs/, start the
+        ledger afresh, and go back to the warm-up model (round 0) when there is one."""
+        archive = self.state_dir / "runs" / (previous or f"before-{run_id}")
+        async with self._model_lock:
+            # Checkpoints first: a crash before the ledger restarts leaves the old run's ledger, which
+            # the next announcement restarts again; never a new ledger beside an old run's checkpoint.
+            moved = await asyncio.to_thread(self._archive_round_checkpoints, archive / "checkpoints")
+            self.ledger.start_run(run_id, archive / "participant.sqlite3")
+            self._fedavg_rounds.clear()
+            model = await asyncio.to_thread(self._model_for_new_run, moved)
+        self.metrics.started(0)
+        log.warning(
+            "run_changed",
+            participant=self.pid,
+            state_dir=str(self.state_dir),
+            previous_run=previous,
+            run=run_id,
+            round=round_id,
+            archived=str(archive),
+            archived_rounds=moved,
+            model=model,
+            hint="the coordinator's state is new (a re-run): this participant's rounds start afresh",
+        )
+
+    def _archive_round_checkpoints(self, into: Path) -> list[int]:
+        """Move every round's checkpoint but the warm-up (round 0) into `into`; the rounds moved."""
+        moved = []
+        for round_id in self._checkpoint_rounds():
+            if round_id == 0:
+                continue
+            target = into / f"round-{round_id}"
+            if target.exists():  # left by an archiving that a crash interrupted
+                shutil.rmtree(target)
+            into.mkdir(parents=True, exist_ok=True)
+            self._checkpoint_dir(round_id).rename(target)
+            moved.append(round_id)
+        return moved
+
+    def _model_for_new_run(self, moved: list[int]) -> str:
+        """Load the warm-up checkpoint for a new run; without one, keep (and checkpoint as round 0) the
+        model trained in the previous run, so that a restart resumes this same model."""
+        if self.learner.load_checkpoint(self._checkpoint_dir(0)):
+            return "warm-up checkpoint (round 0)"
+        if not moved or not self.learner.can_train:
+            return "unchanged (never trained)"
+        self.learner.save_checkpoint(self._checkpoint_dir(0))
+        return f"carried over from round {max(moved)} (no warm-up checkpoint)"
 
     async def _handle(self, message: Message) -> None:
         if isinstance(message, RoundOpened):
@@ -262,6 +344,7 @@ class Participant:
         prompts = [(p.prompt_id, p.text) for shard in opened.shards for p in shard.prompts]
         self.ledger.save_prompts(opened.round_id, prompts)
         if self.ledger.was_answered(opened.round_id):
+            self._log_answered_before(opened)
             return
         started = time.perf_counter()
         try:
@@ -298,6 +381,16 @@ class Participant:
             seconds=round(time.perf_counter() - started, 2),
         )
 
+    def _log_answered_before(self, opened: RoundOpened) -> None:
+        log.warning(
+            "round_already_answered",
+            round=opened.round_id,
+            participant=self.pid,
+            run=opened.announced_run(),
+            state_dir=str(self.state_dir),
+            hint="answered before a restart: the coordinator keeps the batches it stored then",
+        )
+
     def _training_mix(self, round_id: int) -> list[Example]:
         settings = self.settings.train
         examples = []
@@ -332,6 +425,7 @@ class Participant:
 
     async def _fedavg_train_and_upload(self, opened: RoundOpened) -> None:
         if self.ledger.was_answered(opened.round_id):
+            self._log_answered_before(opened)
             return
         learner = self.learner
         if not isinstance(learner, AdapterLearner) or not learner.can_train:

@@ -11,7 +11,7 @@ import uuid
 from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 SCHEMA_VERSION = 1
 
@@ -125,6 +125,15 @@ class RoundOpened(Message, frozen=True, kw_only=True, tag="round_opened"):
     quorum: Annotated[int, Meta(ge=1)]
     deadline_unix: Seconds  # wall clock, seconds since the epoch
     opened_unix: Seconds
+    # The federation run: made with the coordinator's state, the same across its restarts, new with a
+    # new state. Round ids (and so message ids) start again at 1 in a new run: a participant holding
+    # state for another run starts this one afresh. UNSET is never encoded, so an announcement without
+    # a run id (an older coordinator's) is the same bytes as before the field existed.
+    run_id: Id | UnsetType = UNSET
+
+    def announced_run(self) -> str | None:
+        """The run id, or None when the coordinator did not say."""
+        return self.run_id if isinstance(self.run_id, str) else None
 
 
 class PseudoLabels(Message, frozen=True, kw_only=True, tag="pseudo_labels"):
