@@ -2,10 +2,15 @@
 
 A round has shards; each shard closes on its own, when
   * every expected participant answered ("all answered"), or every one that is not
-    benched (a member silent for several rounds is still asked, but not waited for), or
+    benched (a member that left shards unanswered for several rounds is still asked, but not
+    waited for), or
   * quorum was reached and the grace period since then has passed, or
-  * the deadline passed: labelled with what arrived if that is at least quorum,
-    failed otherwise.
+  * more than half of the members it waits for answered, and the stragglers had their bound:
+    max(grace, straggler_factor x the time that majority took) after it (0: no such bound), or
+  * the deadline passed: labelled with what arrived if that is at least quorum (or, with a
+    straggler bound, more than half of the members it waits for), failed otherwise.
+So no minority of members can hold a shard to its deadline, or fail it, by answering late or
+not at all: what they cost is bounded by what the majority took.
 Closing happens in two steps: `due()` freezes the set of answers a shard closes
 with (so a crash and a re-run produce the same labels), `finish()` records the
 outcome after consensus. The round is over when every shard is finished.
@@ -49,6 +54,7 @@ class ShardState:
     reason: str = ""
     closed_with: tuple[str, ...] = ()
     quorum_reached_at: float | None = None
+    majority_reached_at: float | None = None  # when more than half of the required had answered
 
 
 def resolve_quorum(quorum: int | float, active_members: int) -> int:
@@ -74,19 +80,24 @@ class RoundState:
         deadline_at: float,
         grace_seconds: float,
         benched: Iterable[str] = (),
+        straggler_factor: float = 0.0,
     ) -> None:
         if quorum < 1:
             raise ValueError("quorum must be at least 1")
         if deadline_at <= opened_at:
             raise ValueError("the deadline must be after the opening time")
+        if not straggler_factor >= 0.0:
+            raise ValueError(f"straggler_factor must be at least 0, got {straggler_factor}")
         self.round_id = round_id
         self.expected = frozenset(expected)
         self.benched = frozenset(benched) & self.expected
         self.required = self.expected - self.benched  # those a shard waits for
+        self.majority = len(self.required) // 2 + 1  # more than half of them
         self.quorum = quorum
         self.opened_at = opened_at
         self.deadline_at = deadline_at
         self.grace_seconds = grace_seconds
+        self.straggler_factor = straggler_factor
         self.shards = {sid: ShardState(sid, tuple(pids)) for sid, pids in shards.items()}
         self.late: dict[str, set[int]] = {}  # participant -> shards it answered too late
         self._restored: list[ShardClosing] = []  # closings decided before a restart, to finish again
@@ -118,6 +129,12 @@ class RoundState:
         shard.answered[participant_id] = now
         if shard.quorum_reached_at is None and len(shard.answered) >= self.quorum:
             shard.quorum_reached_at = now
+        if (
+            shard.majority_reached_at is None
+            and participant_id in self.required
+            and len(self.required & shard.answered.keys()) >= self.majority
+        ):
+            shard.majority_reached_at = now
         return Acceptance.ACCEPTED
 
     # -- closing -----------------------------------------------------------
@@ -148,11 +165,37 @@ class RoundState:
             )
         if shard.quorum_reached_at is not None and now >= shard.quorum_reached_at + self.grace_seconds:
             return "labelled", f"quorum {self.quorum} reached, grace {self.grace_seconds:g}s passed"
+        straggler_bound = self.straggler_bound(shard)
+        if straggler_bound is not None and now >= straggler_bound:
+            assert shard.majority_reached_at is not None
+            took = shard.majority_reached_at - self.opened_at
+            return (
+                "labelled",
+                f"straggler bound: {len(self.required & shard.answered.keys())} of {len(self.required)} "
+                f"answered; the rest had {straggler_bound - shard.majority_reached_at:.2f}s after "
+                f"the majority's {took:.2f}s",
+            )
         if now >= self.deadline_at:
             if answered >= self.quorum:
                 return "labelled", f"deadline passed with {answered} of {len(self.expected)} answers"
+            if straggler_bound is not None:  # a majority answered, just too late for the bound to pass
+                return (
+                    "labelled",
+                    f"deadline passed with {answered} of {len(self.expected)} answers, more than half "
+                    f"of the {len(self.required)} waited for",
+                )
             return "failed", f"below quorum: {answered} of {self.quorum} needed answered by the deadline"
         return None
+
+    def straggler_bound(self, shard: ShardState) -> float | None:
+        """When `shard` stops waiting for the members that had not answered once more than half of the
+        required had: `max(grace_seconds, straggler_factor x the time that majority took)` after the
+        majority. None while no majority answered, or with no straggler bound (`straggler_factor` 0)."""
+        reached = shard.majority_reached_at
+        if reached is None or self.straggler_factor == 0.0:
+            return None
+        took = max(0.0, reached - self.opened_at)
+        return reached + max(self.grace_seconds, self.straggler_factor * took)
 
     def finish(self, shard_id: int, status: Literal["labelled", "failed"], reason: str | None = None) -> None:
         shard = self.shards[shard_id]
@@ -181,6 +224,9 @@ class RoundState:
             times.append(self.deadline_at)
             if shard.quorum_reached_at is not None:
                 times.append(shard.quorum_reached_at + self.grace_seconds)
+            straggler_bound = self.straggler_bound(shard)
+            if straggler_bound is not None:
+                times.append(straggler_bound)
         return min(times) if times else None
 
     # -- summary -----------------------------------------------------------
@@ -194,5 +240,14 @@ class RoundState:
         return {p for s in self.shards.values() for p in s.closed_with}
 
     def missing(self) -> set[str]:
-        """Expected participants who answered nothing in time, and nothing late either."""
-        return set(self.expected) - self.answered_all_shards() - set(self.late)
+        """Expected participants that left at least one shard unanswered, in time and late.
+
+        Per shard, not per round: a member that answers one shard and ignores the others costs the
+        others what a silent member does, so it misses the round as a silent member does (benching
+        counts these rounds)."""
+        return {
+            p
+            for p in self.expected
+            for shard in self.shards.values()
+            if p not in shard.closed_with and shard.shard_id not in self.late.get(p, set())
+        }

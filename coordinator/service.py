@@ -227,8 +227,9 @@ class Coordinator:
         return True
 
     def _benched(self, round_id: int, members: Sequence[str]) -> set[str]:
-        """Members that answered nothing, in time or late, in each of the last `bench_after_missed_rounds`
-        rounds: still asked, no longer waited for, until they answer again. Never all of them."""
+        """Members that left a shard unanswered, in time and late, in each of the last
+        `bench_after_missed_rounds` rounds (`RoundClosed.missing`): still asked, no longer waited for,
+        until they answer every shard of a round again. Never all of them."""
         rounds = self.settings.round.bench_after_missed_rounds
         if rounds == 0 or round_id <= rounds:
             return set()
@@ -248,7 +249,7 @@ class Coordinator:
                 round=round_id,
                 participant=member,
                 missed_rounds=self.settings.round.bench_after_missed_rounds,
-                hint="asked but not waited for until it answers again",
+                hint="asked but not waited for until it answers every shard of a round again",
             )
         for member in sorted((before - benched) & set(members)):
             log.info("member_unbenched", round=round_id, participant=member)
@@ -263,6 +264,7 @@ class Coordinator:
             deadline_at=opened.deadline_unix,
             grace_seconds=self.settings.round.grace_seconds,
             benched=benched,
+            straggler_factor=self.settings.round.straggler_factor,
         )
 
     async def _announce(self, round_id: int, message_id: str, body: bytes, recipients: Sequence[str]) -> None:

@@ -34,7 +34,17 @@ from broker.topology import (
 )
 from broker.transport import BODY_BYTES_HEADER, DEAD_LETTER_BODY_BYTES, ORIGINAL_USER_HEADER, REASON_HEADER
 from coordinator.service import Coordinator
-from schemas import Answer, GenerationBatch, Heartbeat, ParticipantReport, RoundClosed, encode, new_message_id
+from coordinator.settings import RoundSettings
+from schemas import (
+    Answer,
+    GenerationBatch,
+    Heartbeat,
+    ParticipantReport,
+    RoundClosed,
+    RoundOpened,
+    encode,
+    new_message_id,
+)
 from schemas.ids import batch_id, report_id
 
 pytestmark = pytest.mark.amqp
@@ -387,3 +397,81 @@ async def test_forged_audit_headers_replayed_ids_and_non_finite_numbers_are_refu
         await eventually(lambda: coordinator.counters.duplicates == duplicates + 1)
         assert coordinator.counters.dead_lettered == rejections
         assert second.round_id == 2
+
+
+# -- 6. one member sets everyone's pace (issue 20.4) ----------------------------
+
+
+class LastSecond(ScriptedParticipant):
+    """Answers every shard of every round with a valid batch, a second before the deadline."""
+
+    async def _answer(self, opened: RoundOpened) -> None:
+        await asyncio.sleep(max(0.0, opened.deadline_unix - opened.opened_unix - 1.0))
+        await super()._answer(opened)
+
+
+class OneEmptyBatch(ScriptedParticipant):
+    """Sends one batch a round, with no answers, for shard 0, and nothing for the other shards."""
+
+    async def _answer(self, opened: RoundOpened) -> None:
+        empty = msgspec.structs.replace(self.batch(opened, opened.shards[0]), answers=[])
+        await self.send(empty)
+
+
+async def run_paced_by(
+    tmp_path: Path, rabbit_vhost: Vhost, attacker_class: type[ScriptedParticipant]
+) -> tuple[list[RoundClosed], Coordinator, str]:
+    """Three honest members and `attacker_class` under the default quorum (1.0) and straggler bound,
+    a 10 s deadline and 1 s of grace: three rounds."""
+    alice, bob, carol, mallory = names("alice", "bob", "carol", "mallory")
+    urls = rabbit_vhost(participants=(alice, bob, carol, mallory))
+    defaults = RoundSettings()
+    config = round_config(
+        tmp_path,
+        4,
+        quorum=defaults.quorum,
+        straggler_factor=defaults.straggler_factor,
+        deadline_seconds=10.0,
+        grace_seconds=1.0,
+    )
+    async with federation(urls, config) as (coordinator, participants):
+        for name in (alice, bob, carol):
+            participants.append(await participant_at(urls[name], name, FEDERATION))
+        transport = AmqpTransport(urls[mallory], connection_name="test attacker")
+        await transport.__aenter__()
+        participants.append(attacker_class(mallory, transport, consensus_answers, federation=FEDERATION))
+        for participant in participants:
+            await participant.join()
+        summaries = await drive(coordinator, 3, timeout=90.0)
+    labels = [sum(o.labelled for o in s.shards) for s in summaries]
+    print(
+        f"{attacker_class.__name__}: rounds {[round(seconds(s), 2) for s in summaries]} s (deadline 10 s), "
+        f"labels {labels} of {2 * SHARDS} a round, "
+        f"shards {[[o.status for o in s.shards] for s in summaries]}, benched {coordinator.counters.benched}"
+    )
+    return summaries, coordinator, mallory
+
+
+async def test_a_member_answering_just_before_the_deadline_holds_no_round(
+    tmp_path: Path, rabbit_vhost: Vhost
+) -> None:
+    summaries, coordinator, mallory = await run_paced_by(tmp_path, rabbit_vhost, LastSecond)
+    for summary in summaries:
+        # Each shard waited for mallory at most max(grace, the time the honest majority took): not 9 s.
+        assert seconds(summary) < 3.0
+        assert all(o.status == "labelled" and mallory not in o.answered for o in summary.shards)
+        assert sum(o.labelled for o in summary.shards) == 2 * SHARDS
+    assert "straggler bound" in summaries[0].shards[0].reason
+    # Its answers come after the round closed, so it missed the first two rounds: benched in the third.
+    assert coordinator.counters.benched == [(3, mallory)]
+
+
+async def test_a_member_sending_one_empty_batch_fails_no_shard(tmp_path: Path, rabbit_vhost: Vhost) -> None:
+    summaries, coordinator, mallory = await run_paced_by(tmp_path, rabbit_vhost, OneEmptyBatch)
+    for summary in summaries:
+        assert seconds(summary) < 3.0
+        assert [o.status for o in summary.shards] == ["labelled"] * SHARDS
+        assert sum(o.labelled for o in summary.shards) == 2 * SHARDS
+    # It answered shard 0 and left the others unanswered: it missed the round, as a silent member does.
+    assert summaries[0].missing == summaries[1].missing == [mallory]
+    assert coordinator.counters.benched == [(3, mallory)]

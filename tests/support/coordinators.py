@@ -20,7 +20,9 @@ from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import CoordinatorSettings, load_coordinator_settings
 from support.scripted import ScriptedParticipant
 
-# One round of 6 prompts in 3 shards; quorum 3 of at least 5 members, a 3 s deadline.
+# One round of 6 prompts in 3 shards; quorum 3 of at least 5 members, a 3 s deadline. No straggler
+# bound: tests script their stragglers (a delay, a gate, a restart) and wait for them as the quorum says;
+# tests of the bound (test_rounds, test_attacks) set `straggler_factor` themselves.
 ROUND: dict[str, object] = {
     "rounds": 1,
     "prompts_per_round": 6,
@@ -29,6 +31,7 @@ ROUND: dict[str, object] = {
     "min_participants": 5,
     "deadline_seconds": 3.0,
     "grace_seconds": 0.2,
+    "straggler_factor": 0.0,
 }
 
 
