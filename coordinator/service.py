@@ -20,6 +20,7 @@ import structlog
 from broker.topology import COORDINATOR_USER, core_topology
 from broker.transport import Transport
 from common.embedding import Embedder
+from coordinator.benching import benched_in
 from coordinator.intake import Counters, Intake
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.outbox import Outbox
@@ -229,16 +230,9 @@ class Coordinator:
     def _benched(self, round_id: int, members: Sequence[str]) -> set[str]:
         """Members that left a shard unanswered, in time and late, in each of the last
         `bench_after_missed_rounds` rounds (`RoundClosed.missing`): still asked, no longer waited for,
-        until they answer every shard of a round again. Never all of them."""
-        rounds = self.settings.round.bench_after_missed_rounds
-        if rounds == 0 or round_id <= rounds:
-            return set()
-        summaries = self.store.summaries(round_id - rounds, round_id - 1)
-        if len(summaries) < rounds:
-            return set()
-        missing = [set(decode_summary(body).missing) for body in summaries]
-        benched = set(members).intersection(*missing)
-        return set() if benched >= set(members) else benched
+        until they answer every shard of a round again. Never all of them (coordinator.benching, which
+        the strategy's revisions ask too)."""
+        return benched_in(self.store, round_id, members, self.settings.round.bench_after_missed_rounds)
 
     def _report_benching(self, round_id: int, benched: set[str], members: Sequence[str]) -> None:
         before = self._benched(round_id - 1, self.store.expected(round_id - 1)) if round_id > 1 else set()
@@ -458,12 +452,6 @@ def _arrivals(state: RoundState, closings: Sequence[ShardClosing]) -> list[float
         for participant in closing.answered
         if (arrived := state.shards[closing.shard_id].answered.get(participant)) is not None
     ]
-
-
-def decode_summary(body: bytes) -> RoundClosed:
-    message = decode_reply(body)
-    assert isinstance(message, RoundClosed)
-    return message
 
 
 def mean_agreement(per_shard: Sequence[dict[str, float]]) -> dict[str, float]:
