@@ -238,6 +238,7 @@ def _simulate_round(
         opened_at=opened.opened_unix,
         deadline_at=opened.deadline_unix,
         grace_seconds=settings.round.grace_seconds,
+        straggler_factor=settings.round.straggler_factor,
     )
     closings: dict[int, _Closing] = {}
 
