@@ -79,8 +79,8 @@ class CoordinatorMetrics(ServiceMetrics):
         )
         self.benched = self.gauge(
             "benched_members",
-            "Members of the latest round that are asked but not waited for (silent for "
-            "round.bench_after_missed_rounds rounds).",
+            "Members of the latest round that are asked but not waited for (they left a shard "
+            "unanswered in each of the last round.bench_after_missed_rounds rounds).",
         )
         self.registry.register(TalliesCollector(intake_counters, published_bytes))
 

@@ -50,7 +50,8 @@ class HttpTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     # The NAME of the environment variable holding the API key, never the key itself; None sends no key.
     api_key_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)] | None = None
     connect_timeout_seconds: Annotated[float, Meta(gt=0.0, le=600.0)] = 10.0
-    # The longest silence from the server (per socket read, not per answer): generation must fit in it.
+    # The longest silence from the server; each attempt as a whole is also cut at connect + read timeout,
+    # so generation must fit in it.
     read_timeout_seconds: Annotated[float, Meta(gt=0.0, le=3_600.0)] = 120.0
     retries: Annotated[int, Meta(ge=0, le=20)] = 3  # on connection errors, timeouts, 429 and 5xx only
     backoff_seconds: Annotated[float, Meta(ge=0.0, le=600.0)] = 1.0  # doubles after each retry
