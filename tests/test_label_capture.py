@@ -19,6 +19,7 @@ from support.capture import (
     captured,
     drive,
     federation,
+    honest_pair,
     honest_text,
     leave,
     member,
@@ -47,12 +48,7 @@ async def test_a_reported_logprob_does_not_make_a_riders_text_the_label(
     urls = rabbit_vhost(participants=(honest_a, honest_b, mallory))
     async with federation(urls, round_config(tmp_path, 3)) as coordinator:
         members = [
-            await member(
-                urls[honest_a], Chooser, honest_a, FEDERATION, choose=lambda r, p: honest_text(0, p)
-            ),
-            await member(
-                urls[honest_b], Chooser, honest_b, FEDERATION, choose=lambda r, p: honest_text(1, p)
-            ),
+            *await honest_pair(urls, (honest_a, honest_b), FEDERATION),
             await member(
                 urls[mallory], Chooser, mallory, FEDERATION, choose=lambda r, p: rider_text(p), logprob=0.0
             ),
@@ -77,22 +73,7 @@ async def test_late_answers_written_after_the_labels_do_not_rewrite_them(
     config = round_config(tmp_path, 3, quorum=2, min_participants=3)
     async with federation(urls, config) as coordinator:
         members = [
-            await member(
-                urls[honest_a],
-                Chooser,
-                honest_a,
-                FEDERATION,
-                choose=lambda r, p: honest_text(0, p),
-                delay=1.0,
-            ),
-            await member(
-                urls[honest_b],
-                Chooser,
-                honest_b,
-                FEDERATION,
-                choose=lambda r, p: honest_text(1, p),
-                delay=1.0,
-            ),
+            *await honest_pair(urls, (honest_a, honest_b), FEDERATION, delay=1.0),
             await member(urls[mallory], LateRider, mallory, FEDERATION),
         ]
         try:
@@ -123,12 +104,7 @@ async def test_a_member_that_lowers_its_own_reputation_cannot_then_take_the_labe
 
     async with federation(urls, round_config(tmp_path, 3)) as coordinator:
         members = [
-            await member(
-                urls[honest_a], Chooser, honest_a, FEDERATION, choose=lambda r, p: honest_text(0, p)
-            ),
-            await member(
-                urls[honest_b], Chooser, honest_b, FEDERATION, choose=lambda r, p: honest_text(1, p)
-            ),
+            *await honest_pair(urls, (honest_a, honest_b), FEDERATION),
             await member(urls[mallory], Chooser, mallory, FEDERATION, choose=attack),
         ]
         try:

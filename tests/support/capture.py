@@ -111,6 +111,18 @@ async def member(
     return participant
 
 
+async def honest_pair(
+    urls: dict[str, str], ids: tuple[str, str], federation: str, **options: object
+) -> list[ScriptedParticipant]:
+    """Two honest members, one of each family (`honest_text`), connected and joined."""
+    return [
+        await member(
+            urls[pid], Chooser, pid, federation, choose=lambda r, p, f=family: honest_text(f, p), **options
+        )
+        for family, pid in enumerate(ids)
+    ]
+
+
 async def leave(participants: Iterable[ScriptedParticipant]) -> None:
     for participant in participants:
         await participant.leave()
