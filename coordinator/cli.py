@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import structlog
 
 from broker.addresses import is_memory
 from broker.connect import open_transport
-from common.exits import EXIT_OK, count_argument, run_command
+from common.exits import EXIT_INTERRUPTED, EXIT_OK, count_argument, run_command
+from common.interrupts import StopSignals, report_interrupted
 from common.logs import configure_logging
 from coordinator.prompts import PublicPrompt, load_prompts
 from coordinator.replay.recording import with_recording
@@ -62,7 +62,13 @@ def _run(args: argparse.Namespace) -> int:
         settings = load_coordinator_settings(args.config, broker_url=args.broker)
         if args.rounds is not None:
             settings = _with_rounds(settings, args.rounds)
-        asyncio.run(run_coordinator(settings))
+        try:
+            interrupted = asyncio.run(run_coordinator(settings))
+        except (KeyboardInterrupt, asyncio.CancelledError):  # before the handlers, or a second Ctrl-C
+            interrupted = True
+        if interrupted:
+            report_interrupted("chorus-coordinator")
+            return EXIT_INTERRUPTED
     else:
         print_status(_state_path(args))
     return EXIT_OK
@@ -80,8 +86,9 @@ def _state_path(args: argparse.Namespace) -> Path:
     return Path(load_coordinator_settings(args.config).state_path)
 
 
-async def run_coordinator(settings: CoordinatorSettings) -> None:
-    """Run until the configured rounds are done; SIGTERM/SIGINT stop intake and finish the step."""
+async def run_coordinator(settings: CoordinatorSettings) -> bool:
+    """Run until the configured rounds are done; SIGTERM/SIGINT stop intake and finish the step.
+    True when Ctrl-C (SIGINT) stopped it."""
     if is_memory(settings.broker_url):
         raise SettingsError(
             "the coordinator alone cannot use the in-memory broker (participants could not reach it); "
@@ -92,10 +99,10 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
     # Held until this process ends (the kernel drops it on any death): a second coordinator on the same
     # state stops here, before it touches the file or the broker.
     with StateLock(settings.state_path):
-        await _serve(settings, prompts)
+        return await _serve(settings, prompts)
 
 
-async def _serve(settings: CoordinatorSettings, prompts: list[PublicPrompt]) -> None:
+async def _serve(settings: CoordinatorSettings, prompts: list[PublicPrompt]) -> bool:
     store = CoordinatorStore(settings.state_path)
     log.info("coordinator_state", state=settings.state_path, run_id=store.run_id)
     try:
@@ -106,10 +113,9 @@ async def _serve(settings: CoordinatorSettings, prompts: list[PublicPrompt]) -> 
             strategy = build_round_strategy(settings, store, prompts)
             coordinator = Coordinator(settings, transport, store, strategy)
             log.debug("service_process_prepared", frozen_objects=prepare_service_process())
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, coordinator.request_stop)
-            await coordinator.run()
+            with StopSignals(coordinator.request_stop, service="chorus-coordinator") as signals:
+                await coordinator.run()
+            return signals.interrupted
     finally:
         store.close()
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.addresses import is_memory
 from broker.connect import open_transport
-from common.exits import EXIT_OK, count_argument, run_command
+from common.exits import EXIT_INTERRUPTED, EXIT_OK, count_argument, run_command
+from common.interrupts import StopSignals, report_interrupted
 from common.logs import configure_logging
 from participant.settings import ParticipantSettings, SettingsError, load_participant_settings
 
@@ -53,7 +53,13 @@ def _run(args: argparse.Namespace) -> int:
     settings = load_participant_settings(
         args.config, participant_id=args.participant_id, broker_url=args.broker
     )
-    asyncio.run(run_participant(settings, args.rounds))
+    try:
+        interrupted = asyncio.run(run_participant(settings, args.rounds))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # before the handlers, or a second Ctrl-C
+        interrupted = True
+    if interrupted:
+        report_interrupted("chorus-participant")
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -77,7 +83,8 @@ def load_models(settings: ParticipantSettings, *, evaluate: bool) -> tuple[Learn
     return learner, SentenceEmbedder().embed
 
 
-async def run_participant(settings: ParticipantSettings, rounds: int | None = None) -> None:
+async def run_participant(settings: ParticipantSettings, rounds: int | None = None) -> bool:
+    """Serve rounds until `rounds` are applied, the federation ends, or a signal; True after Ctrl-C."""
     if is_memory(settings.broker_url):
         raise SettingsError(
             "a participant alone cannot use the in-memory broker; give --broker amqp://... (or set "
@@ -96,10 +103,9 @@ async def run_participant(settings: ParticipantSettings, rounds: int | None = No
             load_models, settings, evaluate=settings.evaluate and bool(test)
         )
         participant = Participant(settings, transport, learner, private_train=train, test=test, embed=embed)
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, participant.request_stop)
-        await participant.run_until(rounds)
+        with StopSignals(participant.request_stop, service="chorus-participant") as signals:
+            await participant.run_until(rounds)
+        return signals.interrupted
 
 
 if __name__ == "__main__":
