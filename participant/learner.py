@@ -30,6 +30,7 @@ two methods of `AdapterLearner` (`LoraLearner` does); one without them sends not
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -332,6 +333,25 @@ class CommandLearner(GenerateOnlyLearner):
                 f"{prompt_id!r}; stderr: {finished.stderr.strip()[-500:] or '(empty)'}"
             )
         return finished.stdout
+
+
+# Programs that run a script named by a later argument: the script, not the interpreter, names the model.
+INTERPRETER = re.compile(
+    r"^(python|pypy|node|deno|bun|ruby|perl|php|bash|sh|zsh|lua|julia|Rscript|java|env)[0-9.]*(\.exe)?$"
+)
+
+
+def command_model_id(argv: Sequence[str]) -> str:
+    """A black box's default model id: the program's name, or the script's for an interpreter
+    (``["python3", "-u", "answer.py"]`` is "answer.py"; ``["ollama", "run", "llama3"]`` is "ollama")."""
+    names = [Path(arg).name for arg in argv]
+    if not names:
+        return "command"
+    if INTERPRETER.match(names[0]):
+        for arg, name in zip(argv[1:], names[1:], strict=True):
+            if not arg.startswith("-") and "=" not in arg and not INTERPRETER.match(name):
+                return name
+    return names[0]
 
 
 def _parameter_env(prompt_id: str, params: GenerationParams) -> dict[str, str]:

