@@ -13,6 +13,10 @@
     id = "p00"
     model = "smollm2-135m-instruct"
 
+Without [task], give `prompts_path` (the public prompts) and each participant's `private_data`;
+`test_data` is optional (a participant without it is not evaluated). `train_data`, the old name of
+`private_data`, still loads, with a warning.
+
 Unknown keys are errors, so a typo never silently falls back to a default.
 """
 
@@ -23,16 +27,23 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+import structlog
 from msgspec import Meta
 
 from common.settings import SettingsError, read_toml
 from coordinator.settings import CoordinatorSettings
 from federation.stdlib_task import TaskError
 from federation.stdlib_task.split import default_families
+from participant.data import DataFormat
 from participant.settings import Device, TrainTable
 from schemas.messages import GenerationParams, Id
 
 __all__ = ["ParticipantEntry", "RunConfig", "RunConfigError", "TaskTable", "load_run_config"]
+
+log = structlog.get_logger(__name__)
+
+# Old participant keys that still load, each with the name that replaced it (and a warning).
+DEPRECATED_PARTICIPANT_KEYS = {"train_data": "private_data"}
 
 
 class RunConfigError(SettingsError):
@@ -63,8 +74,11 @@ class TaskTable(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
 class ParticipantEntry(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: Id
     model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct, tiny-llama, tiny-gpt2, or a HF dir
-    train_data: str | None = None  # JSONL {prompt, response}; default: the generated task's share
-    test_data: str | None = None  # default: the generated task's global test set
+    # The participant settings' names: examples to train on (prompt_response, alpaca or chat records,
+    # see participant/data.py); default: the generated task's share.
+    private_data: str | None = None
+    test_data: str | None = None  # default: the generated task's global test set; none: not evaluated
+    data_format: DataFormat = "auto"  # both files' record format; "auto" finds it from each record's keys
     broker_url: str | None = None  # --broker amqp://...: this participant's own URL (its user)
     generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
     train: TrainTable | None = None  # keys given here override the run's [train] table
@@ -115,7 +129,9 @@ def load_run_config(path: Path) -> LoadedConfig:
     except SettingsError as e:
         raise RunConfigError(str(e)) from e
     try:
-        run = msgspec.convert(_participant_train_over_run_train(raw), RunConfig)
+        run = msgspec.convert(
+            _participant_train_over_run_train(_renamed_deprecated_keys(raw, path)), RunConfig
+        )
     except msgspec.ValidationError as e:
         raise RunConfigError(f"{path}: {e}") from e
     base = path.parent
@@ -134,12 +150,12 @@ def load_run_config(path: Path) -> LoadedConfig:
         except TaskError as e:
             raise RunConfigError(f"{path}: [task] {e}") from e
     if run.task is None:
-        missing = [e.id for e in entries if e.train_data is None or e.test_data is None]
+        missing = [e.id for e in entries if e.private_data is None and _trains(e, run)]
         if prompts is None or missing:
             raise RunConfigError(
-                f"{path}: without a [task] table, give prompts_path and each participant's train_data and "
-                f"test_data (missing for: {', '.join(missing) or 'prompts_path'}); or add [task] to "
-                "generate the stdlib-docstring benchmark"
+                f"{path}: without a [task] table, give prompts_path and each participant's private_data "
+                f"(missing for: {', '.join(missing) or 'prompts_path'}); or add [task] to generate the "
+                "stdlib-docstring benchmark"
             )
     run = msgspec.structs.replace(run, participants=entries, prompts_path=prompts)
     for key in ("federation", "prompts_path"):
@@ -149,6 +165,39 @@ def load_run_config(path: Path) -> LoadedConfig:
             )
     _check_coordinator(coordinator_raw, path)
     return LoadedConfig(path=path.resolve(), run=run, coordinator_raw=coordinator_raw)
+
+
+def _renamed_deprecated_keys(raw: dict[str, object], path: Path) -> dict[str, object]:
+    """Participant entries with their deprecated keys under the current names (each warned about once)."""
+    participants = raw.get("participants")
+    if not isinstance(participants, list):
+        return raw
+    renamed: list[object] = []
+    warned: set[str] = set()
+    for entry in participants:
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            for old, new in DEPRECATED_PARTICIPANT_KEYS.items():
+                if old not in entry:
+                    continue
+                if new in entry:
+                    raise RunConfigError(
+                        f"{path}: participant {entry.get('id')!r} gives both {old!r} and {new!r}; "
+                        f"keep {new!r} ({old!r} is its deprecated name)"
+                    )
+                entry[new] = entry.pop(old)
+                if old not in warned:
+                    warned.add(old)
+                    log.warning(
+                        "deprecated_key", file=str(path), key=old, use=new,
+                        hint=f"rename {old} to {new} in [[participants]]: {old} will stop loading",
+                    )  # fmt: skip
+        renamed.append(entry)
+    return {**raw, "participants": renamed}
+
+
+def _trains(entry: ParticipantEntry, run: RunConfig) -> bool:
+    return (entry.train or run.train).method != "none"
 
 
 def _coordinator_table(given: dict[str, object] | str, base: Path) -> dict[str, object]:
@@ -180,6 +229,6 @@ def _resolved_entry(entry: ParticipantEntry, base: Path) -> ParticipantEntry:
     return msgspec.structs.replace(
         entry,
         model=model,
-        train_data=_resolve(entry.train_data, base),
+        private_data=_resolve(entry.private_data, base),
         test_data=_resolve(entry.test_data, base),
     )

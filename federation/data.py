@@ -26,7 +26,7 @@ def prepare_data(config: LoadedConfig, results: Path) -> DataPaths:
     """Generate the task into `<results>/data` if the config asks; otherwise use the given files."""
     run = config.run
     ids = [p.id for p in run.participants]
-    train: dict[str, Path | None] = {p.id: _path(p.train_data) for p in run.participants}
+    train: dict[str, Path | None] = {p.id: _path(p.private_data) for p in run.participants}
     test: dict[str, Path | None] = {p.id: _path(p.test_data) for p in run.participants}
     if run.task is None:
         assert run.prompts_path is not None  # checked when the config loaded

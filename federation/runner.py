@@ -219,6 +219,8 @@ class FederationRun:
             settings = participant_settings(self.config, entry, data, results)
             learners[entry.id] = track(entry.id, build_learner(settings), self.phases, run.generation)
             datasets[entry.id] = load_data(settings)
+            if not datasets[entry.id][1]:
+                self.reporter.note(f"{entry.id}: no test_data, so it is not evaluated (its scores show as -)")
         return learners, datasets, embedder
 
     async def _federate(

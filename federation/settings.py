@@ -55,6 +55,8 @@ def participant_settings(
         state_dir=str(results / STATE_DIR / entry.id),
         private_data=None if train is None else str(train),
         test_data=None if test is None else str(test),
+        test_fraction=0.0,  # a run's member without test_data is not evaluated: none of its data is held out
+        data_format=entry.data_format,
         generation_batch_size=entry.generation_batch_size,
         device=config.run.device,
         heartbeat_seconds=5.0,
