@@ -11,6 +11,7 @@ from msgspec import Meta
 
 from broker.addresses import check_broker_urls
 from common.settings import MetricsTable, SettingsError, convert, read_settings
+from participant.data import DataFormat
 from participant.label_weights import LabelWeighting
 from schemas.messages import Id
 
@@ -85,9 +86,14 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     http: HttpTable | None = None  # a generate-only black box over an OpenAI-compatible HTTP API
     cache_dir: str | None = None  # converted models; default ~/.cache/chorus/models
     state_dir: str = "participant-state"  # checkpoints and the applied-message ledger
-    private_data: str | None = None  # JSONL {prompt, response}; none for a generate-only participant
-    test_data: str | None = None  # JSONL held out for evaluation; default: split from private_data
+    # Examples to train on (prompt_response, alpaca or chat records: participant/data.py); none for a
+    # generate-only participant.
+    private_data: str | None = None
+    # Examples to evaluate on, in the same formats; without it `test_fraction` of private_data is held
+    # out, and with test_fraction = 0 too the participant is not evaluated.
+    test_data: str | None = None
     test_fraction: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.2
+    data_format: DataFormat = "auto"  # both files' record format; "auto" finds it from each record's keys
     generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
     # torch intra-op threads; 0 keeps torch's default (all cores). On a busy 2-core machine one thread
     # generated 4-5x faster than two.

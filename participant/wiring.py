@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from participant.data import Example, load_jsonl, train_test_split
+import structlog
+
+from participant.data import Example, load_examples, train_test_split
 from participant.http_learner import HttpChatLearner
 from participant.last_layers import LastLayersLearner
 from participant.learner import CommandLearner, FrozenLearner, Learner, LoraLearner, command_model_id
 from participant.models import load_model
 from participant.settings import ParticipantSettings
 from participant.training import TrainSettings
+
+log = structlog.get_logger(__name__)
 
 
 def train_settings(settings: ParticipantSettings) -> TrainSettings:
@@ -57,13 +61,19 @@ def build_learner(settings: ParticipantSettings) -> Learner:
 
 
 def load_data(settings: ParticipantSettings) -> tuple[list[Example], list[Example]]:
-    """(private training examples, held-out test examples)."""
+    """(private training examples, held-out test examples); no test examples means no evaluation."""
     train: list[Example] = []
     test: list[Example] = []
     if settings.private_data:
-        train = load_jsonl(Path(settings.private_data))
+        train = load_examples(Path(settings.private_data), settings.data_format)
         if not settings.test_data:
             train, test = train_test_split(train, settings.test_fraction, seed=settings.train.seed)
     if settings.test_data:
-        test = load_jsonl(Path(settings.test_data))
+        test = load_examples(Path(settings.test_data), settings.data_format)
+    if settings.evaluate and not test:
+        log.info(
+            "not_evaluated",
+            participant=settings.participant_id,
+            reason="no test examples (no test_data, and none held out of private_data)",
+        )
     return train, test
