@@ -36,19 +36,25 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from types import MappingProxyType
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import hnswlib
+import msgspec
+import msgspec.inspect
 import numpy as np
 import numpy.typing as npt
+from msgspec import Meta
 
 from common.embedding import Embedder
 from schemas.errors import ChorusError
 
 FloatArray = npt.NDArray[np.float64]
+Cosine = Annotated[float, Meta(ge=-1.0, le=1.0)]
 IndexArray = npt.NDArray[np.intp]
 
 _SIMILARITY_DECIMALS = 9
@@ -58,7 +64,7 @@ _SIMILARITY_DECIMALS = 9
 LABEL_CHOICES = ("medoid",)
 
 
-class ConsensusError(ChorusError):
+class ConsensusError(ChorusError, ValueError):
     """Consensus could not run: bad settings, a bad candidate, or an embedder that misbehaved."""
 
 
@@ -108,9 +114,10 @@ class ShardConsensus:
         return tuple(decision for decision in self.decisions if not decision.labelled)
 
 
-@dataclass(frozen=True)
-class ConsensusSettings:
-    """Knobs of consensus. Similarity thresholds are cosine similarities in [-1, 1].
+class ConsensusSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Knobs of consensus. Similarity thresholds are cosine similarities in [-1, 1]. The coordinator's
+    `[consensus]` settings table is this type plus how to embed and weigh (coordinator.settings), so
+    each default and limit is stated here once; a value out of range is refused, on load or here.
 
     The defaults are tuned for all-MiniLM-L6-v2, where paraphrases of one answer score 0.7-0.97,
     a short answer against its one-sentence form (“Paris” / “The capital of France is Paris.”)
@@ -133,44 +140,66 @@ class ConsensusSettings:
       brute-force scan of the prompt instead of hnswlib's much slower filtered search.
     """
 
-    neighbours: int = 8
-    min_confidence: float = 0.5
-    min_answers: int = 2
-    outlier_similarity: float = 0.3
-    support_similarity: float = 0.7
-    hnsw_m: int = 16
-    hnsw_ef_construction: int = 100
-    hnsw_ef: int = 64
-    hnsw_seed: int = 100
-    hnsw_filter_min_texts: int = 1_024
-    min_support_share: float = 0.5
+    neighbours: Annotated[int, Meta(ge=1, le=1_000)] = 8
+    min_confidence: Cosine = 0.5
+    min_answers: Annotated[int, Meta(ge=2)] = 2  # confidence needs another answer
+    outlier_similarity: Cosine = 0.3
+    support_similarity: Cosine = 0.7
+    hnsw_m: Annotated[int, Meta(ge=2)] = 16
+    hnsw_ef_construction: Annotated[int, Meta(ge=1)] = 100
+    hnsw_ef: Annotated[int, Meta(ge=1)] = 64
+    hnsw_seed: Annotated[int, Meta(ge=0)] = 100
+    hnsw_filter_min_texts: Annotated[int, Meta(ge=0)] = 1_024
+    min_support_share: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.5
     label_choice: str = "medoid"  # one of LABEL_CHOICES
 
     def __post_init__(self) -> None:
-        problems = [
-            *_at_least("neighbours", self.neighbours, 1),
-            *_at_least("min_answers", self.min_answers, 2),
-            *_at_least("hnsw_m", self.hnsw_m, 2),
-            *_at_least("hnsw_ef_construction", self.hnsw_ef_construction, 1),
-            *_at_least("hnsw_ef", self.hnsw_ef, 1),
-            *_at_least("hnsw_seed", self.hnsw_seed, 0),
-            *_at_least("hnsw_filter_min_texts", self.hnsw_filter_min_texts, 0),
-            *_cosine("min_confidence", self.min_confidence),
-            *_cosine("outlier_similarity", self.outlier_similarity),
-            *_cosine("support_similarity", self.support_similarity),
-            *([] if 0.0 <= self.min_support_share < 1.0 else ["min_support_share must lie in [0, 1)"]),
-            *([] if self.label_choice in LABEL_CHOICES else [f"label_choice must be one of {LABEL_CHOICES}"]),
-        ]
+        if self.label_choice == "surest":
+            raise ConsensusError(
+                'label_choice "surest" was removed: a member\'s reported log-probability could make its '
+                'answer the label (issue #20); remove the key or set "medoid"'
+            )
+        if self.label_choice not in LABEL_CHOICES:
+            raise ConsensusError(
+                f"label_choice must be one of {list(LABEL_CHOICES)}, got {self.label_choice!r}"
+            )
+        # Decoding a settings file checks the bounds above; constructing in code does not, so check here.
+        problems = [problem for field in _bounded_fields(type(self)) if (problem := field.problem(self))]
         if problems:
             raise ConsensusError("invalid consensus settings: " + "; ".join(problems))
 
 
-def _at_least(name: str, value: int, low: int) -> list[str]:
-    return [] if value >= low else [f"{name} must be at least {low}, got {value}"]
+@dataclass(frozen=True)
+class _Bound:
+    name: str
+    ge: float | None
+    gt: float | None
+    le: float | None
+    lt: float | None
+
+    def problem(self, settings: object) -> str:
+        value = getattr(settings, self.name)
+        for limit, holds, words in (
+            (self.ge, operator.ge, ">="),
+            (self.gt, operator.gt, ">"),
+            (self.le, operator.le, "<="),
+            (self.lt, operator.lt, "<"),
+        ):
+            if limit is not None and not holds(value, limit):
+                return f"{self.name} must be {words} {limit}, got {value!r}"
+        return ""
 
 
-def _cosine(name: str, value: float) -> list[str]:
-    return [] if -1.0 <= value <= 1.0 else [f"{name} must lie in [-1, 1], got {value}"]
+@cache
+def _bounded_fields(kind: type) -> tuple[_Bound, ...]:
+    """The numeric bounds a struct type declares, read once from its annotations."""
+    info = msgspec.inspect.type_info(kind)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return tuple(
+        _Bound(field.name, field.type.ge, field.type.gt, field.type.le, field.type.lt)
+        for field in info.fields
+        if isinstance(field.type, msgspec.inspect.IntType | msgspec.inspect.FloatType)
+    )
 
 
 class ConsensusStrategy(Protocol):

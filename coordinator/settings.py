@@ -11,13 +11,12 @@ from msgspec import Meta
 
 from broker.addresses import check_broker_urls
 from common.settings import MetricsTable, SettingsError, convert, read_settings
-from coordinator.consensus import LABEL_CHOICES, ConsensusSettings
+from coordinator.consensus import ConsensusSettings
 from schemas.messages import GenerationParams, Id
 
 __all__ = ["CoordinatorSettings", "SettingsError", "load_coordinator_settings"]
 
 PositiveSeconds = Annotated[float, Meta(gt=0.0)]
-_CONSENSUS = ConsensusSettings()
 
 
 class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -64,12 +63,11 @@ class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
             raise ValueError(f"quorum as a fraction must be in (0, 1], got {quorum!r}")
 
 
-class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ConsensusSettingsTable(ConsensusSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[consensus]`: the consensus knobs (coordinator.consensus.ConsensusSettings, where each default
+    and limit is explained) plus the neighbour search, the embedder and how votes are weighed."""
+
     index: Literal["hnsw", "exact"] = "hnsw"
-    # The defaults are consensus's own (coordinator.consensus.ConsensusSettings, where they are explained).
-    neighbours: Annotated[int, Meta(ge=1, le=1_000)] = _CONSENSUS.neighbours
-    min_confidence: Annotated[float, Meta(ge=-1.0, le=1.0)] = _CONSENSUS.min_confidence
-    min_answers: Annotated[int, Meta(ge=2)] = _CONSENSUS.min_answers  # confidence needs another answer
     # "minilm-onnx": all-MiniLM-L6-v2 on ONNX Runtime (exported once into $CHORUS_CACHE_DIR/onnx; it gave the
     # same labels as "minilm" in bench/bench_embedding.py, faster); "minilm": the same model on torch
     # (sentence-transformers); "hashing": n-gram hashing, for tests; or a local sentence-transformers
@@ -87,21 +85,6 @@ class ConsensusSettingsTable(_Table, frozen=True, kw_only=True, forbid_unknown_f
     # "uniform": every answer counts the same.
     vote_weighting: Literal["uniform", "reputation"] = "reputation"
     reputation_floor: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.1
-    # A label needs more than this share of a prompt's answers within support_similarity of it (each
-    # member counting once): 0.5 is a strict majority. 0 disables the rule (not safe against colluders).
-    min_support_share: Annotated[float, Meta(ge=0.0, lt=1.0)] = _CONSENSUS.min_support_share
-    # The label rule, one of coordinator.consensus.LABEL_CHOICES: "medoid", the densest answer of the
-    # majority. ("surest" was removed: a reported log-probability could make any answer the label.)
-    label_choice: str = _CONSENSUS.label_choice
-
-    def __post_init__(self) -> None:
-        if self.label_choice == "surest":
-            raise ValueError(
-                'label_choice "surest" was removed: a member\'s reported log-probability could make its '
-                'answer the label (issue #20); remove the key or set "medoid"'
-            )
-        if self.label_choice not in LABEL_CHOICES:
-            raise ValueError(f"label_choice must be one of {list(LABEL_CHOICES)}, got {self.label_choice!r}")
 
 
 class RecordingSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.embedding import CachedEmbedder, Embedder, HashingEmbedder, SentenceEmbedder
-from coordinator.consensus import ConsensusSettings, ConsensusStrategy, ExactConsensus, HnswConsensus
+from coordinator.consensus import ConsensusStrategy, ExactConsensus, HnswConsensus
 from coordinator.settings import ConsensusSettingsTable
 
 
@@ -24,15 +24,9 @@ def build_embedder(table: ConsensusSettingsTable) -> Embedder:
 
 
 def build_consensus(table: ConsensusSettingsTable, embedder: Embedder | None = None) -> ConsensusStrategy:
-    """The consensus rule the settings name, over `embedder` (None: the one the settings name)."""
-    consensus = ConsensusSettings(
-        neighbours=table.neighbours,
-        min_confidence=table.min_confidence,
-        min_answers=table.min_answers,
-        min_support_share=table.min_support_share,
-        label_choice=table.label_choice,
-    )
+    """The consensus rule the settings name (the table is its settings), over `embedder` (None: the one
+    the settings name)."""
     chosen = embedder if embedder is not None else build_embedder(table)  # a CachedEmbedder has __len__
     if table.index == "exact":
-        return ExactConsensus(chosen, consensus)
-    return HnswConsensus(chosen, consensus)
+        return ExactConsensus(chosen, table)
+    return HnswConsensus(chosen, table)

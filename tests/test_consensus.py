@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import string
 from collections.abc import Iterator, Mapping, Sequence
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -339,7 +339,7 @@ def test_invalid_settings_and_candidates_are_rejected() -> None:
     for bad in ({"min_answers": 1}, {"neighbours": 0}, {"min_confidence": 1.5}, {"hnsw_m": 1}):
         with pytest.raises(ConsensusError):
             ConsensusSettings(**bad)
-    for weight in (0.0, -1.0, float("nan")):
+    for weight in (0.0, -1.0, 1.5, float("nan")):
         with pytest.raises(ConsensusError):
             Candidate("p", "text", weight)
 
@@ -452,7 +452,7 @@ def test_hnsw_falls_back_to_exact_scoring_when_the_filtered_search_fails() -> No
 
 def test_settings_are_plain_comparable_data() -> None:
     settings = ConsensusSettings()
-    assert dataclasses.replace(settings, neighbours=8) == settings
+    assert msgspec.structs.replace(settings, neighbours=8) == settings
     assert settings.outlier_similarity < settings.min_confidence < settings.support_similarity
 
 

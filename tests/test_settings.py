@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import msgspec.inspect as mi
 import pytest
 
@@ -157,3 +158,18 @@ def test_a_majority_share_outside_0_1_is_refused(tmp_path: Path, share: float) -
             CoordinatorSettings,
             settings_file(tmp_path, CoordinatorSettings, ("consensus", "min_support_share"), share),
         )
+
+
+def test_the_consensus_table_is_the_consensus_settings_with_one_set_of_defaults(tmp_path: Path) -> None:
+    from coordinator.consensus import ConsensusError, ConsensusSettings
+    from coordinator.settings import ConsensusSettingsTable
+
+    assert issubclass(ConsensusSettingsTable, ConsensusSettings)
+    table, plain = ConsensusSettingsTable(), ConsensusSettings()
+    assert {f: getattr(table, f) for f in plain.__struct_fields__} == msgspec.structs.asdict(plain)
+    # One set of bounds, checked on load (with the key's path) and on construction in code alike.
+    path = settings_file(tmp_path, CoordinatorSettings, ("consensus", "neighbours"), 0)
+    with pytest.raises(SettingsError, match=r">= 1 - at `\$\.consensus\.neighbours`"):
+        load(CoordinatorSettings, path)
+    with pytest.raises(ConsensusError, match="neighbours must be >= 1, got 0"):
+        ConsensusSettingsTable(neighbours=0)
