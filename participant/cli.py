@@ -40,7 +40,39 @@ def build_parser() -> argparse.ArgumentParser:
         "';' (the first reachable one is used, the others on connection loss); overrides the file",
     )
     run.add_argument("--rounds", type=count_argument, help="exit after applying this many rounds")
+    export = commands.add_parser(
+        "export",
+        help="write a round's model as a PEFT adapter folder (or, --merged, a whole Hugging Face model)",
+        description="Export a checkpoint of this participant's current run, with its tokenizer and chat "
+        "template, as folders that transformers and peft load without Chorus. A last_layers member "
+        "always exports merged.",
+    )
+    export.add_argument("--state-dir", type=Path, required=True, help="the participant's state_dir")
+    export.add_argument(
+        "--round",
+        dest="round_id",
+        type=_round_argument,
+        default=None,
+        help="round N's checkpoint (0: after warm-up), or latest (the default)",
+    )
+    export.add_argument(
+        "--out", type=Path, required=True, help="folder to write (must not exist or be empty)"
+    )
+    export.add_argument(
+        "--merged", action="store_true", help="fold the adapter into the base: a complete model folder"
+    )
+    export.add_argument(
+        "--model",
+        help="the base model the checkpoints were trained from, if the state_dir does not record it",
+    )
+    export.add_argument(
+        "--cache-dir", type=Path, help="where the converted SmolLM2 is cached, if not the default"
+    )
     return parser
+
+
+def _round_argument(text: str) -> int | None:
+    return None if text == "latest" else count_argument(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        return _export(args)
     settings = load_participant_settings(
         args.config, participant_id=args.participant_id, broker_url=args.broker
     )
@@ -60,6 +94,27 @@ def _run(args: argparse.Namespace) -> int:
     if interrupted:
         report_interrupted("chorus-participant")
         return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from participant.export import export_model
+
+    exported = export_model(
+        args.state_dir,
+        args.out,
+        round_id=args.round_id,
+        merged=args.merged,
+        model=args.model,
+        cache_dir=args.cache_dir,
+    )
+    what = "merged model" if exported.kind == "merged" else "LoRA adapter"
+    print(
+        f"exported round {exported.round_id} of {args.state_dir} as a {what} on "
+        f"{exported.record.base_model_name_or_path} to {exported.out}"
+    )
+    if exported.note:
+        print(f"note: {exported.note}")
     return EXIT_OK
 
 

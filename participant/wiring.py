@@ -7,6 +7,7 @@ from pathlib import Path
 import structlog
 
 from participant.data import Example, load_examples, train_test_split
+from participant.export import write_model_record
 from participant.http_learner import HttpChatLearner
 from participant.last_layers import LastLayersLearner
 from participant.learner import CommandLearner, FrozenLearner, Learner, LoraLearner, command_model_id
@@ -45,6 +46,7 @@ def build_learner(settings: ParticipantSettings) -> Learner:
         )
     cache = Path(settings.cache_dir) if settings.cache_dir else None
     lm = load_model(settings.model, cache_dir=cache, device=settings.device)
+    write_model_record(settings)  # what its checkpoints are trained from, for `chorus-participant export`
     if settings.train.method == "none":
         return FrozenLearner(lm, None, batch_size=settings.generation_batch_size, progress=settings.progress)
     if settings.train.method == "last_layers":
