@@ -137,3 +137,13 @@ def test_the_shipped_own_data_run_on_tiny_models(tmp_path: Path, capsys: pytest.
     assert summary["participants"]["alice"]["last_rouge_l"] is not None
     assert summary["participants"]["bob"]["last_rouge_l"] is None
     assert summary["participants"]["bob"]["rounds_answered"] == 1
+
+
+def test_the_readme_shows_the_shipped_own_data_files_verbatim() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own data") :]
+    section = section[: section.index("\n## ", 1)]
+    for name in ("chorus-run.toml", "participant.toml"):
+        assert f"```toml\n{(OWN_DATA / name).read_text()}```" in section, name
+    for key in ("private_data", "test_data", "data_format", "prompts_path", "train_data", "test_fraction"):
+        assert f"`{key}`" in section, key
