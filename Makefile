@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup rabbitmq lint test test-fast demo bench bench-quality bench-quality-quick bench-quality-gpu bench-quality-heterogeneous soak clean
+.PHONY: setup rabbitmq lint test test-fast contract demo bench bench-quality bench-quality-quick bench-quality-gpu bench-quality-heterogeneous soak clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ test: setup rabbitmq lint
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not amqp and not slow"
+
+# The wire contract kit (PROTOCOL.md §8.5): regenerate schemas/golden/ after a change to schemas/messages.py;
+# tests/test_contract.py fails until it is regenerated. Review the diff against the rules in §8.4.
+contract: setup
+	$(PY) -m schemas.contract --write
 
 # Performance, each ratio measured side by side in one run: coordinator ingest vs a bare consumer, embedding,
 # HNSW vs exact, 200 participants x 2,000 prompts, participant vs plain loops -> bench/results/*.{json,md}.
