@@ -2,6 +2,7 @@
 
     chorus-run CONFIG [--broker memory|local|amqp://...] [--results DIR] [--rounds N]
     chorus-run data --out DIR [--participants N] [--modules ...]   (the stdlib-docstring task)
+    chorus-run init DIR [--sites N] [--model SPEC] [--embedder NAME]  (a federation to start from)
 
 Log lines go to `<results>/run.log`; the terminal shows progress and a table per round.
 Ctrl-C stops cleanly (the step in flight finishes) and still writes the results
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chorus-run",
         description="Run a Chorus federation (coordinator + participants) in one process. "
-        "`chorus-run data --out DIR ...` writes the stdlib-docstring task instead.",
+        "`chorus-run data --out DIR ...` writes the stdlib-docstring task instead; `chorus-run init DIR` "
+        "a federation to start from (settings for N sites, sample data, the commands to run it).",
     )
     parser.add_argument("config", type=Path, help="run config TOML (see examples/demo.toml)")
     parser.add_argument(
@@ -52,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from federation.stdlib_task import cli as task_cli
 
         return task_cli.main(args_list[1:])
+    if args_list[:1] == ["init"]:
+        from federation import scaffold
+
+        return scaffold.main(args_list[1:])
     args = build_parser().parse_args(args_list)
     results = args.results or Path("results") / args.config.stem
     options = RunOptions(results=results, broker=args.broker, rounds=args.rounds, broker_dir=args.broker_dir)
