@@ -24,12 +24,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.exits import EXIT_OK, EXIT_USAGE
-from participant.models import SMOLLM2_SPEC
 
 RUN_CONFIG = "chorus-run.toml"
 COORDINATOR_DIR = "coordinator"
 PROMPTS_FILE = "public_prompts.jsonl"
 PRIVATE_FILE = "private.jsonl"
+# participant.models.SMOLLM2_SPEC, named here so that `init` does not wait for torch to import
+SMOLLM2_SPEC = "smollm2-135m-instruct"
 TEST_FILE = "test.jsonl"
 PRIVATE_PER_SITE = 24
 TEST_PER_SITE = 6
