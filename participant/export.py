@@ -174,6 +174,9 @@ def export_model(
     kind: Literal["adapter", "merged"] = "merged" if merged or record.method == "last_layers" else "adapter"
     base = record.base_model_name_or_path
     note = _note(record)
+    # What peft's model card and a merged config name as the base: not the folder it was loaded from.
+    lm.model.config._name_or_path = base
+    lm.model.name_or_path = base
     if record.method == "last_layers":
         _apply_last_layers(lm, record, checkpoint)
         model_to_save: Any = lm.model
@@ -181,7 +184,6 @@ def export_model(
         model_to_save = _with_adapter(lm, checkpoint, base)
         if kind == "merged":
             model_to_save = model_to_save.merge_and_unload()
-    model_to_save.config._name_or_path = base  # what a model card and a merged config name as the base
 
     def write(staging: Path) -> None:
         model_to_save.save_pretrained(staging, safe_serialization=True)

@@ -180,3 +180,21 @@ def test_round_choice_and_what_cannot_be_exported(tmp_path: Path) -> None:
 def test_the_built_in_smollm2_exports_under_its_hub_id() -> None:
     assert portable_base(SMOLLM2_SPEC) == SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert portable_base("/models/mine") == "/models/mine"
+
+
+@pytest.mark.slow
+def test_a_smollm2_adapter_names_the_hub_model_and_no_cache_folder(tmp_path: Path) -> None:
+    cache = tmp_path / "private-cache"
+    settings = ParticipantSettings(
+        participant_id="erin", state_dir=str(tmp_path / "erin"), cache_dir=str(cache), progress=False
+    )
+    learner = build_learner(settings)  # SmolLM2, converted from its GGUF into `cache`
+    learner.save_checkpoint(tmp_path / "erin" / "checkpoints" / "round-0")
+    out = tmp_path / "out"
+    exported = export_model(tmp_path / "erin", out)
+    assert exported.kind == "adapter" and exported.note is not None and "GGUF" in exported.note
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for path in out.iterdir():
+        if path.suffix in (".json", ".md", ".jinja"):
+            assert str(cache) not in path.read_text(), path.name
