@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--broker",
         help="broker URL (amqp://user:pass@host:port/vhost), or several nodes of one cluster separated "
-        "by ';' (the first reachable one is used, the others on connection loss); overrides the file",
+        "by ';' (the first reachable one is used, the others on connection loss); overrides the file and "
+        "CHORUS_BROKER_URL. Prefer those for a URL with a password: `ps` shows a command line to every user",
     )
     run.add_argument("--rounds", type=count_argument, help="number of rounds to run (0 = until stopped)")
     status = commands.add_parser("status", help="rounds and shards from the state database, as a table")

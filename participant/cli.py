@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--broker",
         help="broker URL, amqp://ID:PASSWORD@HOST:PORT/VHOST, or several nodes of one cluster separated by "
-        "';' (the first reachable one is used, the others on connection loss); overrides the file",
+        "';' (the first reachable one is used, the others on connection loss); overrides the file and "
+        "CHORUS_BROKER_URL. Prefer those for a URL with a password: `ps` shows a command line to every user",
     )
     run.add_argument("--rounds", type=count_argument, help="exit after applying this many rounds")
     export = commands.add_parser(
