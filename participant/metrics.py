@@ -46,6 +46,11 @@ class ParticipantMetrics(ServiceMetrics):
         self.labels_applied = self.counter(
             "labels_applied", "Pseudo-labels in the rounds this participant trained on."
         )
+        self.answers_withheld = self.counter(
+            "answers_withheld",
+            "Answers the leak guard withheld (sent blank or left out) for sharing a span with a private "
+            "example (participant/leak_guard.py).",
+        )
         self.publish_errors = self.counter(
             "publish_errors",
             "Publishes to the broker that failed (no confirm in time, refused, unroutable, disconnected).",

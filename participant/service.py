@@ -25,6 +25,7 @@ from participant.adapters import tensors_from_wire, tensors_to_wire
 from participant.data import Example
 from participant.evaluation import Embedder
 from participant.label_weights import label_example_weight
+from participant.leak_guard import LeakGuard
 from participant.learner import AdapterLearner, Learner, LearnerError
 from participant.ledger import ParticipantLedger
 from participant.metrics import ParticipantMetrics
@@ -35,6 +36,7 @@ from schemas.ids import adapter_update_id, batch_id, report_id
 from schemas.messages import (
     AdapterUpdate,
     AggregatedAdapter,
+    Answer,
     GenerationBatch,
     Heartbeat,
     Join,
@@ -82,6 +84,8 @@ class Participant:
         self._stopping = asyncio.Event()
         self._fedavg_rounds: set[int] = set()
         self.metrics = ParticipantMetrics()
+        self._leak_guard: LeakGuard | None = None  # built from the private examples on first use
+        self._withheld: dict[int, int] = {}  # round -> answers the leak guard withheld, for its report
 
     @property
     def pid(self) -> str:
@@ -107,6 +111,7 @@ class Participant:
 
     async def _start(self) -> None:
         restored = await asyncio.to_thread(self._restore_checkpoint)
+        await asyncio.to_thread(self._guard)
         self.metrics.started(self.ledger.last_applied_round())
         if (
             restored is None
@@ -356,8 +361,8 @@ class Participant:
             log.warning("round_not_answered", round=opened.round_id, participant=self.pid, error=str(e))
             return
         self.metrics.generated(time.perf_counter() - started, sum(a.completion_tokens for a in answers))
-        by_prompt = {a.prompt_id: a for a in answers}
         self.ledger.save_answers(opened.round_id, [(a.prompt_id, a.text) for a in answers])
+        by_prompt = self._screen(opened.round_id, [a.to_answer() for a in answers], prompts)
         for shard in opened.shards:
             batch = GenerationBatch(
                 federation=self.settings.federation,
@@ -367,9 +372,7 @@ class Participant:
                 participant_id=self.pid,
                 shard_id=shard.shard_id,
                 model_id=self.learner.model_id[:256],
-                answers=[
-                    by_prompt[p.prompt_id].to_answer() for p in shard.prompts if p.prompt_id in by_prompt
-                ],
+                answers=[by_prompt[p.prompt_id] for p in shard.prompts if p.prompt_id in by_prompt],
             )
             await self._publish(generation_key(shard.shard_id, self.pid), encode(batch), batch.message_id)
         self.ledger.mark_answered(opened.round_id)
@@ -378,8 +381,30 @@ class Participant:
             round=opened.round_id,
             participant=self.pid,
             prompts=len(prompts),
+            withheld=self._withheld.get(opened.round_id, 0),
             seconds=round(time.perf_counter() - started, 2),
         )
+
+    def _guard(self) -> LeakGuard:
+        """The leak guard over this participant's private examples (training and test), built once."""
+        if self._leak_guard is None:
+            self._leak_guard = LeakGuard(self.settings.leak_guard, [*self.private_train, *self.test])
+            log.info("leak_guard_ready", participant=self.pid, **self._leak_guard.summary())
+        return self._leak_guard
+
+    def _screen(
+        self, round_id: int, answers: list[Answer], prompts: list[tuple[str, str]]
+    ) -> dict[str, Answer]:
+        """Prompt id -> the answer to publish, after the leak guard; what it withheld is counted in the
+        log, the metrics and the round's report, by prompt id and never by text."""
+        screened = self._guard().screen(answers, dict(prompts))
+        counts = screened.counts()
+        self._withheld[round_id] = counts["withheld"]
+        if counts["withheld"]:
+            self.metrics.answers_withheld.inc(counts["withheld"])
+            first = sorted(screened.withheld)[:10]
+            log.warning("answers_withheld", round=round_id, participant=self.pid, prompt_ids=first, **counts)
+        return screened.answers
 
     def _log_answered_before(self, opened: RoundOpened) -> None:
         log.warning(
@@ -484,6 +509,8 @@ class Participant:
         if self.settings.evaluate and self.test and self.embed is not None:
             async with self._model_lock:
                 metrics = await asyncio.to_thread(self.learner.evaluate, self.test, self.embed, None)
+        if round_id in self._withheld:  # answered in this process: what the leak guard kept back
+            metrics = {**metrics, "answers_withheld": float(self._withheld.pop(round_id))}
         self.ledger.mark_applied(round_id, metrics)
         self.metrics.applied(round_id)
         report = ParticipantReport(

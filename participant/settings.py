@@ -15,7 +15,14 @@ from participant.data import DataFormat
 from participant.label_weights import LabelWeighting
 from schemas.messages import Id
 
-__all__ = ["HttpTable", "ParticipantSettings", "SettingsError", "TrainTable", "load_participant_settings"]
+__all__ = [
+    "HttpTable",
+    "LeakGuardTable",
+    "ParticipantSettings",
+    "SettingsError",
+    "TrainTable",
+    "load_participant_settings",
+]
 
 
 class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -58,6 +65,26 @@ class HttpTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     backoff_seconds: Annotated[float, Meta(ge=0.0, le=600.0)] = 1.0  # doubles after each retry
     max_backoff_seconds: Annotated[float, Meta(ge=0.0, le=3_600.0)] = 30.0
     max_concurrency: Annotated[int, Meta(ge=1, le=256)] = 4  # requests in flight at once
+
+
+class LeakGuardTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[leak_guard]`: before publishing, withhold an answer that copies a span of a private example
+    (participant/leak_guard.py). On by default; it checks the text, so it guards black boxes too."""
+
+    enabled: bool = True
+    # Withhold an answer that shares this many consecutive normalized word tokens with a private example.
+    min_span_tokens: Annotated[int, Meta(ge=2, le=1_024)] = 8
+    # Index each private example's prompt with its response (one span may run from one into the other);
+    # False: responses only.
+    index_prompts: bool = True
+    # Also withhold an answer of at least min_span_tokens tokens when more than this share of its distinct
+    # `precision_ngram_tokens`-grams occur in one private example (copying with a word changed here and
+    # there); None: off.
+    max_precision: Annotated[float, Meta(gt=0.0, lt=1.0)] | None = None
+    precision_ngram_tokens: Annotated[int, Meta(ge=1, le=64)] = 4
+    # "blank": a withheld answer is sent as "" (it counts against a label's majority, and as 0 in the
+    # member's agreement); "omit": it is left out of the batch.
+    withhold_as: Literal["blank", "omit"] = "blank"
 
 
 class ParticipantMetricsTable(MetricsTable, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -104,6 +131,7 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     progress: bool = True
     train: TrainTable = TrainTable()
     metrics: ParticipantMetricsTable = ParticipantMetricsTable()  # Prometheus /metrics and /healthz; off
+    leak_guard: LeakGuardTable = LeakGuardTable()  # withhold answers that copy private examples; on
 
     def __post_init__(self) -> None:
         if self.http is not None and self.command:
