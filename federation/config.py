@@ -35,7 +35,7 @@ from coordinator.settings import CoordinatorSettings
 from federation.stdlib_task import TaskError
 from federation.stdlib_task.split import default_families
 from participant.data import DataFormat
-from participant.settings import Device, TrainTable
+from participant.settings import Device, LearnerSpec, TrainTable, resolve_learner_file
 from schemas.messages import GenerationParams, Id
 
 __all__ = ["ParticipantEntry", "RunConfig", "RunConfigError", "TaskTable", "load_run_config"]
@@ -74,6 +74,9 @@ class TaskTable(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
 class ParticipantEntry(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: Id
     model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct, tiny-llama, tiny-gpt2, or a HF dir
+    # Or your own learner object instead of a model: "package.module:factory" or "file.py:factory" (a path
+    # against this file's folder), as in participant settings (examples/custom_learner.py).
+    learner: LearnerSpec | None = None
     # The participant settings' names: examples to train on (prompt_response, alpaca or chat records,
     # see participant/data.py); default: the generated task's share.
     private_data: str | None = None
@@ -229,6 +232,7 @@ def _resolved_entry(entry: ParticipantEntry, base: Path) -> ParticipantEntry:
     return msgspec.structs.replace(
         entry,
         model=model,
+        learner=None if entry.learner is None else resolve_learner_file(entry.learner, base),
         private_data=_resolve(entry.private_data, base),
         test_data=_resolve(entry.test_data, base),
     )

@@ -52,6 +52,7 @@ def participant_settings(
         federation=config.run.federation,
         participant_id=entry.id,
         model=entry.model,
+        learner=entry.learner,
         state_dir=str(results / STATE_DIR / entry.id),
         private_data=None if train is None else str(train),
         test_data=None if test is None else str(test),

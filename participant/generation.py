@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
 
+from participant.learner import MAX_ANSWER_CHARS as MAX_ANSWER_CHARS
+from participant.learner import GeneratedAnswer as GeneratedAnswer
 from participant.models import (
     LocalModel,
     ModelError,
@@ -16,31 +17,7 @@ from participant.models import (
     progress_bar,
     prompt_token_ids,
 )
-from schemas.messages import MIN_LOGPROB, Answer, GenerationParams
-
-# The wire's AnswerText limit (schemas.messages); longer answers are clipped rather than rejected.
-MAX_ANSWER_CHARS = 8_192
-
-
-@dataclass(frozen=True)
-class GeneratedAnswer:
-    prompt_id: str
-    text: str
-    prompt_tokens: int  # the prompt as the model saw it, chat markup included, padding excluded
-    completion_tokens: int  # tokens the model generated, its EOS included, padding after EOS excluded
-    # Mean log-probability (nats) of the generated tokens under the model's own distribution, EOS included:
-    # how sure the model was of this answer. None when nothing was generated. Not part of equality: the
-    # same answer's log-probability differs in its last bits with the batch it was generated in.
-    logprob: float | None = field(default=None, compare=False)
-
-    def to_answer(self) -> Answer:
-        return Answer(
-            prompt_id=self.prompt_id,
-            text=self.text,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            logprob=None if self.logprob is None else max(MIN_LOGPROB, min(0.0, self.logprob)),
-        )
+from schemas.messages import GenerationParams
 
 
 def generate_answers(

@@ -1,4 +1,4 @@
-"""A generate-only black box behind an OpenAI-compatible chat completions endpoint.
+"""The `http` kind: a generate-only black box behind an OpenAI-compatible chat completions endpoint.
 
 Each prompt is one `POST {base_url}/chat/completions` carrying a single user message; the round's
 generation parameters map onto the request (`max_new_tokens` -> `max_tokens`, `temperature`, `top_p`,
@@ -34,9 +34,9 @@ import msgspec
 import structlog
 from msgspec import Meta
 
-from participant.generation import GeneratedAnswer
-from participant.learner import GenerateOnlyLearner, LearnerError
-from participant.settings import HttpTable
+from participant.learner import GeneratedAnswer, LearnerError
+from participant.learners.black_box import GenerateOnlyLearner
+from participant.settings import HttpTable, ParticipantSettings
 from schemas.messages import GenerationParams
 
 log = structlog.get_logger(__name__)
@@ -320,3 +320,9 @@ def _seconds(header: str | None) -> float | None:
         return max(0.0, float(header)) if header is not None else None
     except ValueError:
         return None  # an HTTP date: rare from model servers; the exponential back-off applies
+
+
+def build(settings: ParticipantSettings) -> HttpChatLearner:
+    if settings.http is None:
+        raise LearnerError("the http learner needs an [http] table")
+    return HttpChatLearner.from_settings(settings.http)

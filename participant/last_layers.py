@@ -1,4 +1,4 @@
-"""A learner that fine-tunes its model's last transformer blocks in full, with no adapter.
+"""The `last_layers` kind: fine-tune a model's last transformer blocks in full, with no adapter.
 
 Another way to adapt than LoRA (what a member with memory to spare might do): every weight of the
 last `layers` blocks trains, the rest of the model stays frozen. It has no adapter to average, so a
@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from participant.data import Example
-from participant.learner import LocalLearner
+from participant.learners.local import LocalLearner, load_local_model, train_settings
 from participant.models import LocalModel, ModelError, write_directory_atomically
+from participant.settings import ParticipantSettings
 from participant.training import TrainSettings, TrainStats, train_parameters
 
 WEIGHTS_FILE = "last_layers.safetensors"
@@ -76,3 +77,13 @@ class LastLayersLearner(LocalLearner):
             for name, parameter in self.trained.items():
                 parameter.copy_(saved[name])
         return True
+
+
+def build(settings: ParticipantSettings) -> LastLayersLearner:
+    return LastLayersLearner(
+        load_local_model(settings),
+        settings.train.last_layers,
+        train_settings(settings),
+        batch_size=settings.generation_batch_size,
+        progress=settings.progress,
+    )

@@ -21,7 +21,6 @@ import structlog
 
 from broker.topology import UP_EXCHANGE, control_key, generation_key, reply_queue
 from broker.transport import Delivery, Subscription, Transport
-from participant.adapters import tensors_from_wire, tensors_to_wire
 from participant.data import Example
 from participant.evaluation import Embedder
 from participant.label_weights import label_example_weight
@@ -468,6 +467,8 @@ class Participant:
                 sent="nothing",
             )
             return
+        from participant.adapters import tensors_to_wire  # torch: only an adapter learner gets here
+
         private = self._training_mix(opened.round_id)
         started = time.perf_counter()
         async with self._model_lock:
@@ -497,6 +498,8 @@ class Participant:
                 reason=f"{type(learner).__name__} cannot load an adapter (see AdapterLearner)",
             )
             return
+        from participant.adapters import tensors_from_wire  # torch: only an adapter learner gets here
+
         async with self._model_lock:
             await asyncio.to_thread(learner.load_adapter_state, tensors_from_wire(message.tensors))
             await asyncio.to_thread(self.learner.save_checkpoint, self._checkpoint_dir(message.round_id))

@@ -13,6 +13,7 @@ from broker.addresses import check_broker_urls
 from common.settings import MetricsTable, SettingsError, convert, read_settings
 from participant.data import DataFormat
 from participant.label_weights import LabelWeighting
+from participant.learners import learner_kind
 from schemas.messages import Id
 
 __all__ = [
@@ -91,6 +92,9 @@ class ParticipantMetricsTable(MetricsTable, frozen=True, kw_only=True, forbid_un
     port: Annotated[int, Meta(ge=0, le=65_535)] = 9465  # beside a coordinator's 9464 on one host
 
 
+# A Python learner's factory: "package.module:factory" or "path/to/file.py:factory".
+LearnerSpec = Annotated[str, Meta(pattern=r"^[^:\s][^:]*:[A-Za-z_][A-Za-z0-9_.]*$", max_length=4_096)]
+
 # A local model's torch device; participant.models.resolve_device checks it against the machine.
 DEVICE_PATTERN = r"^(cpu|auto|cuda(:[0-9]+)?)$"
 Device = Annotated[str, Meta(pattern=DEVICE_PATTERN)]
@@ -111,6 +115,9 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     model_id: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     command_timeout_seconds: Annotated[float, Meta(gt=0.0)] = 120.0
     http: HttpTable | None = None  # a generate-only black box over an OpenAI-compatible HTTP API
+    # Your own learner object: "package.module:factory" or "file.py:factory" (a path against this file's
+    # folder); factory(settings) returns it (participant/learners/python.py, examples/custom_learner.py).
+    learner: LearnerSpec | None = None
     cache_dir: str | None = None  # converted models; default ~/.cache/chorus/models
     state_dir: str = "participant-state"  # checkpoints and the applied-message ledger
     # Examples to train on (prompt_response, alpaca or chat records: participant/data.py); none for a
@@ -134,13 +141,7 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     leak_guard: LeakGuardTable = LeakGuardTable()  # withhold answers that copy private examples; on
 
     def __post_init__(self) -> None:
-        if self.http is not None and self.command:
-            raise ValueError("give either command or [http] for a black box, not both")
-        if self.model_id is not None and not self.command:
-            raise ValueError(
-                "model_id names a `command` black box; a local model is reported by its `model`, "
-                "an [http] one by its [http] model"
-            )
+        learner_kind(self)  # one learner, and no key that only another kind reads (participant.learners)
         check_broker_urls(self.broker_url)
 
 
@@ -157,6 +158,7 @@ def load_participant_settings(
     if isinstance(model, str) and (model.startswith(".") or "/" in model):
         raw["model"] = str((path.parent / model).resolve())
     _resolve_command(raw, path)
+    _resolve_learner_file(raw, path)
     _refuse_training_setup_beside_http(raw, path)
     return convert(raw, ParticipantSettings, path)
 
@@ -173,6 +175,21 @@ def _resolve_command(raw: dict[str, object], path: Path) -> None:
     program = command[0]
     if isinstance(program, str) and isinstance(folder, str) and "/" in program:
         raw["command"] = [str((Path(folder) / Path(program).expanduser()).resolve()), *command[1:]]
+
+
+def _resolve_learner_file(raw: dict[str, object], path: Path) -> None:
+    """`learner = "file.py:factory"`: a relative file is against the settings file's folder."""
+    learner = raw.get("learner")
+    if isinstance(learner, str):
+        raw["learner"] = resolve_learner_file(learner, path.parent)
+
+
+def resolve_learner_file(spec: str, base: Path) -> str:
+    """`spec` with a relative "file.py" part made absolute against `base`; a module name is kept."""
+    source, colon, attribute = spec.rpartition(":")
+    if not colon or not source.endswith(".py"):
+        return spec
+    return f"{(base / Path(source).expanduser()).resolve()}:{attribute}"
 
 
 def _refuse_training_setup_beside_http(raw: Mapping[str, object], path: Path) -> None:

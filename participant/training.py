@@ -23,6 +23,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file
 
 from participant.data import Example
+from participant.learner import NO_TRAINING as NO_TRAINING
+from participant.learner import TrainStats as TrainStats
 from participant.models import (
     LocalModel,
     ModelError,
@@ -78,23 +80,6 @@ class TrainSettings:
         ]
         if problems:
             raise ModelError(f"invalid training settings: {', '.join(problems)} out of range ({self})")
-
-
-@dataclass(frozen=True)
-class TrainStats:
-    samples: int  # examples processed, every epoch counted
-    steps: int
-    response_tokens: int  # tokens the loss was computed on, every epoch counted
-    mean_loss: float  # mean of the per-step weighted losses
-    final_loss: float  # the last step's
-    seconds: float
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
-
-
-NO_TRAINING = TrainStats(samples=0, steps=0, response_tokens=0, mean_loss=0.0, final_loss=0.0, seconds=0.0)
 
 
 @dataclass(frozen=True)

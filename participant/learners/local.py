@@ -1,0 +1,87 @@
+"""What the local-model kinds (lora, last_layers, frozen) share: generation, evaluation, a round-seeded
+`train`, and loading the model the settings name. Imports torch (through participant.models)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from participant.data import Example
+from participant.evaluation import Embedder, evaluate
+from participant.export import write_model_record
+from participant.generation import generate_answers
+from participant.learner import GeneratedAnswer, PromptBatch
+from participant.models import LocalModel, load_model
+from participant.settings import ParticipantSettings
+from participant.training import TrainSettings, TrainStats
+from schemas.messages import GenerationParams
+
+
+class LocalLearner:
+    """A local causal LM that trains some of its weights: generation and evaluation shared by the kinds,
+    which differ in what they train and checkpoint.
+
+    Not thread-safe: generation and training share the model and seed torch's global RNG, so run one call
+    at a time (e.g. on a single worker thread, off the event loop).
+    """
+
+    can_train = True
+
+    def __init__(
+        self, lm: LocalModel, settings: TrainSettings | None, batch_size: int, progress: bool
+    ) -> None:
+        self.lm = lm
+        self.settings = settings or TrainSettings()
+        self.model_id = lm.model_id
+        self.batch_size = batch_size
+        self.progress = progress
+        self.rounds_trained = 0
+
+    def generate(self, prompts: PromptBatch, params: GenerationParams) -> list[GeneratedAnswer]:
+        return generate_answers(self.lm, prompts, params, batch_size=self.batch_size, progress=self.progress)
+
+    def train(self, examples: Sequence[Example]) -> TrainStats:
+        # A fresh seed each round: the same shuffle and dropout every round would correlate the rounds.
+        settings = replace(self.settings, seed=self.settings.seed + self.rounds_trained)
+        stats = self._train(examples, settings)
+        self.rounds_trained += 1
+        return stats
+
+    def _train(self, examples: Sequence[Example], settings: TrainSettings) -> TrainStats:
+        raise NotImplementedError
+
+    def save_checkpoint(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        raise NotImplementedError
+
+    def evaluate(
+        self, test: Sequence[Example], embed: Embedder, params: GenerationParams | None = None
+    ) -> dict[str, float]:
+        return evaluate(self.lm, test, params or GenerationParams(), embed, batch_size=self.batch_size)
+
+
+def load_local_model(settings: ParticipantSettings) -> LocalModel:
+    """The model the settings name, on their device; recorded for `chorus-participant export`."""
+    cache = Path(settings.cache_dir) if settings.cache_dir else None
+    lm = load_model(settings.model, cache_dir=cache, device=settings.device)
+    write_model_record(settings)  # what its checkpoints are trained from
+    return lm
+
+
+def train_settings(settings: ParticipantSettings) -> TrainSettings:
+    table = settings.train
+    targets = table.target_modules
+    return TrainSettings(
+        rank=table.rank,
+        alpha=table.alpha,
+        dropout=table.dropout,
+        target_modules=tuple(targets) if isinstance(targets, list) else targets,
+        epochs=table.epochs,
+        learning_rate=table.learning_rate,
+        batch_size=table.batch_size,
+        max_length=table.max_length,
+        seed=table.seed,
+    )

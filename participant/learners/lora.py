@@ -1,0 +1,64 @@
+"""The `lora` kind (the default): a local causal LM fine-tuned with a LoRA adapter, which FedAvg averages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from participant.data import Example
+from participant.learner import AdapterState
+from participant.learners.local import LocalLearner, load_local_model, train_settings
+from participant.models import LocalModel
+from participant.settings import ParticipantSettings
+from participant.training import (
+    ADAPTER_CONFIG_FILE,
+    TrainSettings,
+    TrainStats,
+    adapter_state,
+    attach_lora,
+    finetune,
+    load_adapter,
+    load_adapter_state,
+    save_adapter,
+)
+
+
+class LoraLearner(LocalLearner):
+    """A local causal LM with LoRA; the adapter is attached at construction, so FedAvg can read it at once."""
+
+    def __init__(
+        self,
+        lm: LocalModel,
+        settings: TrainSettings | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(lm, settings, batch_size, progress)
+        attach_lora(lm, self.settings)
+
+    def _train(self, examples: Sequence[Example], settings: TrainSettings) -> TrainStats:
+        return finetune(self.lm, examples, settings, progress=self.progress)
+
+    def save_checkpoint(self, directory: Path) -> None:
+        save_adapter(self.lm, directory)
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        if not (Path(directory) / ADAPTER_CONFIG_FILE).is_file():
+            return False
+        load_adapter(self.lm, directory)
+        return True
+
+    def adapter_state(self) -> AdapterState:
+        return adapter_state(self.lm)
+
+    def load_adapter_state(self, state: AdapterState) -> None:
+        load_adapter_state(self.lm, state)
+
+
+def build(settings: ParticipantSettings) -> LoraLearner:
+    return LoraLearner(
+        load_local_model(settings),
+        train_settings(settings),
+        batch_size=settings.generation_batch_size,
+        progress=settings.progress,
+    )

@@ -1,0 +1,177 @@
+"""Learner kinds: a black box starts without torch, settings pick one kind by registry, and your own
+Python learner object takes part through chorus-participant's settings and chorus-run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from federation import cli
+from participant.data import Example
+from participant.learner import LearnerError
+from participant.learners import KINDS, learner_kind
+from participant.settings import ParticipantSettings, SettingsError, TrainTable, load_participant_settings
+from participant.wiring import build_learner
+from schemas.messages import GenerationParams
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "custom_learner.py"
+HEAVY = ("torch", "transformers", "peft", "safetensors")
+
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
+# Starts a command black box's participant on the in-memory broker: settings, learner, service, Join.
+START_A_BLACK_BOX = """
+import asyncio, json, sys
+from pathlib import Path
+from broker.memory import MemoryBroker
+from broker.topology import full_topology
+import participant.cli
+from participant.service import Participant
+from participant.settings import load_participant_settings
+from participant.wiring import build_learner
+from schemas.messages import GenerationParams
+
+async def main():
+    settings = load_participant_settings(Path(sys.argv[1]), env={})
+    learner = build_learner(settings)
+    [answer] = learner.generate([("p1", "hello")], GenerationParams())
+    broker = MemoryBroker()
+    broker.declare(full_topology([settings.participant_id]))
+    service = Participant(settings, broker.connect(settings.participant_id), learner)
+    await service.start()
+    await service.stop()
+    return answer.text
+
+text = asyncio.run(main())
+print(json.dumps({"answer": text, "modules": sorted(sys.modules)}))
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "learner",
+    [
+        f'command = ["{sys.executable}", "-c", "import sys; print(sys.stdin.read()[::-1])"]\n',
+        f'learner = "{EXAMPLE}:make_learner"\n',
+    ],
+    ids=["command", "python"],
+)
+def test_a_black_box_participant_starts_without_torch(tmp_path: Path, learner: str) -> None:
+    config = write(
+        tmp_path / "participant.toml",
+        f'participant_id = "box"\nstate_dir = "{tmp_path / "state"}"\nprogress = false\n{learner}',
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", START_A_BLACK_BOX, str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    result = json.loads(found.stdout.splitlines()[-1])
+    assert result["answer"] in ("olleh", "nothing learned yet")
+    assert [m for m in result["modules"] if m.split(".")[0] in HEAVY] == []
+
+
+def test_an_http_learner_is_built_without_torch() -> None:
+    code = (
+        "import json, sys\n"
+        "from participant.settings import ParticipantSettings, HttpTable\n"
+        "from participant.wiring import build_learner\n"
+        "http = HttpTable(base_url='http://127.0.0.1:9/v1', model='m')\n"
+        "build_learner(ParticipantSettings(participant_id='box', http=http))\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert [m for m in json.loads(found.stdout.splitlines()[-1]) if m.split(".")[0] in HEAVY] == []
+
+
+def test_every_train_method_has_a_kind() -> None:
+    methods = typing.get_args(typing.get_type_hints(TrainTable)["method"])
+    assert sorted(methods) == sorted(kind.method for kind in KINDS.values() if kind.method is not None)
+
+
+@pytest.mark.parametrize(
+    ("given", "kind"),
+    [
+        ({}, "lora"),
+        ({"train": TrainTable(method="last_layers")}, "last_layers"),
+        ({"train": TrainTable(method="none")}, "frozen"),
+        ({"command": ["answer"]}, "command"),
+        ({"command": ["answer"], "model_id": "mine"}, "command"),
+        ({"learner": "mine.model:make"}, "python"),
+        ({"learner": "mine.py:make", "model_id": "mine"}, "python"),
+    ],
+)
+def test_the_settings_pick_one_kind(given: dict[str, object], kind: str) -> None:
+    assert learner_kind(ParticipantSettings(participant_id="p", **given)) == kind  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('command = ["a"]\nlearner = "m:f"\n', "give either command or learner for the learner, not both"),
+        ('learner = "m:f"\n[http]\nbase_url = "http://h/v1"\nmodel = "m"\n', "either [http] or learner"),
+        ('model_id = "x"\n', "model_id names a `command` black box or a Python `learner` object"),
+        ('learner = "no colon"\n', "learner"),
+    ],
+)
+def test_a_clash_between_kinds_says_what_to_write(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_participant_settings(write(tmp_path / "p.toml", 'participant_id = "p"\n' + text), env={})
+
+
+def test_a_python_learner_file_is_found_beside_the_settings_and_learns(tmp_path: Path) -> None:
+    (tmp_path / "mine.py").write_text(EXAMPLE.read_text())
+    settings = load_participant_settings(
+        write(tmp_path / "p.toml", 'participant_id = "p"\nlearner = "mine.py:make_learner"\n'), env={}
+    )
+    assert settings.learner == f"{tmp_path / 'mine.py'}:make_learner"
+    learner = build_learner(settings)
+    assert learner.model_id == "bag-of-words" and learner.can_train
+    stats = learner.train([Example("a b", "c d c")])
+    assert stats is not None and stats.samples == 1
+    learner.save_checkpoint(tmp_path / "ckpt")
+    fresh = build_learner(settings)
+    assert fresh.load_checkpoint(tmp_path / "ckpt") and not fresh.load_checkpoint(tmp_path / "none")
+    [answer] = fresh.generate([("1", "a")], GenerationParams())
+    assert answer.text == "c d"
+
+
+def test_a_python_learner_that_is_not_one_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text("def make(settings):\n    return object()\n")
+    settings = ParticipantSettings(participant_id="p", learner=f"{tmp_path / 'bad.py'}:make")
+    with pytest.raises(LearnerError, match="returned an object of type object without model_id"):
+        build_learner(settings)
+    with pytest.raises(LearnerError, match="has no 'absent'"):
+        build_learner(msgspec.structs.replace(settings, learner=f"{tmp_path / 'bad.py'}:absent"))
+
+
+def test_chorus_run_federates_your_own_learner_objects(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "run.toml",
+        'federation = "own"\nrounds = 1\nembedder = "hashing"\n'
+        '[task]\nfamilies = ["text", "data"]\nmax_public = 4\nmax_train = 4\nmax_test = 2\n'
+        "[coordinator.round]\nprompts_per_round = 2\nshards = 1\nquorum = 2\ndeadline_seconds = 60.0\n"
+        "grace_seconds = 0.0\n"
+        "[coordinator.consensus]\nmin_confidence = -1.0\noutlier_similarity = -1.0\n"
+        "support_similarity = -1.0\n"
+        + "".join(
+            f'[[participants]]\nid = "{pid}"\nlearner = "{EXAMPLE}:make_learner"\n' for pid in ("ann", "bo")
+        ),
+    )
+    results = tmp_path / "results"
+    assert cli.main([str(config), "--results", str(results)]) == 0
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and set(summary["participants"]) == {"ann", "bo"}
