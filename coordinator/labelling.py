@@ -6,12 +6,18 @@ builds exactly the candidates and the exact bytes the live coordinator would hav
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+
+from msgspec import UNSET
 
 from broker.topology import COORDINATOR_USER
 from coordinator.consensus import Candidate, ShardConsensus
 from schemas.ids import pseudo_labels_id
 from schemas.messages import GenerationBatch, Label, PseudoLabels
+
+MAX_REASON_CHARS = 256  # PseudoLabels.abstain_reasons holds ShortText
 
 
 def shard_candidates(
@@ -81,4 +87,38 @@ def pseudo_labels_message(
         shard_id=shard_id,
         labels=labels,
         abstained=[d.prompt_id for d in result.decisions if d.label is None],
+        abstain_reasons={
+            d.prompt_id: d.abstain_reason[:MAX_REASON_CHARS] for d in result.decisions if d.label is None
+        }
+        or UNSET,
     )
+
+
+# A reason's words that differ from prompt to prompt (counts, a confidence), so that one cause reads as
+# one line however many prompts it stopped: see `coordinator.consensus` for the reasons themselves.
+_PER_PROMPT_PARTS = (
+    (
+        re.compile(r"^usable answers: \d+(?: \(\d+ blank\))?; (min_answers is .*)$"),
+        r"too few non-blank answers: \1",
+    ),
+    (re.compile(r"^(no answer is agreed with by more than \S+ of the prompt's) \d+ (answers.*)$"), r"\1 \2"),
+    (re.compile(r"^confidence \S+ is below (min_confidence .*)$"), r"confidence is below \1"),
+)
+UNSAID = "no reason given (labels from an older coordinator)"
+
+
+def reason_group(reason: str) -> str:
+    """The cause `reason` names, without the numbers of its one prompt."""
+    for pattern, replacement in _PER_PROMPT_PARTS:
+        if pattern.match(reason):
+            return pattern.sub(replacement, reason)
+    return reason or UNSAID
+
+
+def abstain_reason_counts(messages: Iterable[PseudoLabels]) -> dict[str, int]:
+    """Cause -> how many prompts abstained for it, over `messages` (their revisions left out), most first."""
+    counts: Counter[str] = Counter()
+    for message in messages:
+        if message.revision == 0:
+            counts.update(reason_group(message.abstain_reason(p)) for p in message.abstained)
+    return dict(counts.most_common())

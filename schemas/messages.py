@@ -140,9 +140,19 @@ class PseudoLabels(Message, frozen=True, kw_only=True, tag="pseudo_labels"):
     shard_id: ShardId
     labels: Annotated[list[Label], Meta(max_length=MAX_PROMPTS_PER_SHARD)]
     abstained: Annotated[list[PromptId], Meta(max_length=MAX_PROMPTS_PER_SHARD)] = []
+    # Why each abstained prompt has no label (prompt id -> the consensus's reason), for people reading
+    # a report; no decision depends on it. UNSET is never encoded, so labels without abstentions (or an
+    # older coordinator's) are the same bytes as before the field existed.
+    abstain_reasons: (
+        Annotated[dict[PromptId, ShortText], Meta(max_length=MAX_PROMPTS_PER_SHARD)] | UnsetType
+    ) = UNSET
     # 0: the shard's labels. 1: a revision, sent a round later, of the labels that late answers changed
     # (late_policy "revise"): train on it once, like any labels.
     revision: Annotated[int, Meta(ge=0, le=1)] = 0
+
+    def abstain_reason(self, prompt_id: str) -> str:
+        """Why `prompt_id` abstained, or "" when the coordinator did not say."""
+        return self.abstain_reasons.get(prompt_id, "") if isinstance(self.abstain_reasons, dict) else ""
 
 
 class RoundClosed(Message, frozen=True, kw_only=True, tag="round_closed"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from coordinator.labelling import abstain_reason_counts
 from coordinator.replay.consensus import ConsensusReplay, LabelChange, ShardReplay
 from coordinator.replay.label_quality import LabelQuality, QualitySummary
 from coordinator.replay.log import RecordedLog, Recording
@@ -48,6 +49,9 @@ def inspect_text(log: RecordedLog, recording: Recording) -> str:
         "",
         "rounds (round 0: before the first round opened)",
         *_rounds_table(recording),
+        "",
+        "abstentions (why prompts got no label)",
+        *_abstention_lines(recording),
         "",
         "participants (messages the coordinator received from each login)",
         *_participants_table(recording),
@@ -155,6 +159,25 @@ def _rounds_table(recording: Recording) -> list[str]:
             )
         )
     return table(rows)
+
+
+def _abstention_lines(recording: Recording) -> list[str]:
+    """Per round with abstentions: "6 abstained: <cause> (4); <cause> (2)", from the published labels."""
+    by_round: dict[int, list[PseudoLabels]] = {}
+    for (round_id, _), body in sorted(recording.labels.items()):
+        try:
+            message = decode_reply(body)
+        except SchemaError:
+            continue
+        if isinstance(message, PseudoLabels):
+            by_round.setdefault(round_id, []).append(message)
+    lines = []
+    for round_id, messages in sorted(by_round.items()):
+        counts = abstain_reason_counts(messages)
+        if counts:
+            causes = "; ".join(f"{cause} ({n})" for cause, n in counts.items())
+            lines.append(f"  round {round_id}: {sum(counts.values())} abstained: {causes}")
+    return lines or ["  none"]
 
 
 def _participants_table(recording: Recording) -> list[str]:
