@@ -1,12 +1,13 @@
 """`chorus-run`: run a whole federation in one process and report it.
 
-    chorus-run CONFIG [--broker memory|local|amqp://...] [--results DIR] [--rounds N]
+    chorus-run CONFIG [--broker memory|local|amqp://...] [--results DIR] [--rounds N] [--compare local]
     chorus-run data --out DIR [--participants N] [--modules ...]   (the stdlib-docstring task)
     chorus-run init DIR [--sites N] [--model SPEC] [--embedder NAME]  (a federation to start from)
 
 Log lines go to `<results>/run.log`; the terminal shows progress and a table per round.
 Ctrl-C stops cleanly (the step in flight finishes) and still writes the results
-of the rounds that finished; a second Ctrl-C aborts at once.
+of the rounds that finished; a second Ctrl-C aborts at once. A run in which no round produced labels
+or an average exits 1 and says why.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--results", type=Path, help="results directory (default results/<config name>)")
     parser.add_argument("--rounds", type=count_argument, help="number of rounds (overrides the config)")
+    parser.add_argument(
+        "--compare",
+        choices=["local"],
+        help="local: after the run, train each trainable member's local-only twin (same warm-up, same "
+        "private data) and report its scores beside the member's",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -60,7 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return scaffold.main(args_list[1:])
     args = build_parser().parse_args(args_list)
     results = args.results or Path("results") / args.config.stem
-    options = RunOptions(results=results, broker=args.broker, rounds=args.rounds, broker_dir=args.broker_dir)
+    options = RunOptions(
+        results=results,
+        broker=args.broker,
+        rounds=args.rounds,
+        broker_dir=args.broker_dir,
+        compare=args.compare,
+    )
     try:
         check_options(options)
         config = load_run_config(args.config)
@@ -72,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if finished.error is not None:
         print(f"chorus-run: error: {finished.error} (log: {results / LOG_FILE})", file=sys.stderr)
         return EXIT_USAGE if finished.config_fault else EXIT_FAILED
+    unproductive = None if finished.run.interrupted else finished.reporter.unproductive()
+    if unproductive is not None:
+        print(f"chorus-run: error: {unproductive} (log: {results / LOG_FILE})", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_INTERRUPTED if finished.run.interrupted else EXIT_OK
 
 

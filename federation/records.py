@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from coordinator.labelling import abstain_reason_counts
 from schemas.messages import ParticipantReport, PseudoLabels, RoundClosed
 
 
@@ -31,7 +32,10 @@ class RoundRecord:
     consensus_seconds: float
     labelled: int
     abstained: int
+    abstain_reasons: dict[str, int]  # cause -> prompts that abstained for it (coordinator.labelling)
     failed_shards: list[int]
+    shards: int
+    strategy: str  # "semantic" or "fedavg", as the round was announced
     mean_confidence: float | None
     late: list[str]
     missing: list[str]
@@ -44,6 +48,7 @@ def round_record(
     reports: dict[tuple[int, str], ParticipantReport],
     participant_ids: Sequence[str],
     elapsed: float,
+    strategy: str = "semantic",
 ) -> RoundRecord:
     confidences = [label.confidence for message in labels for label in message.labels]
     rows = []
@@ -75,9 +80,30 @@ def round_record(
         consensus_seconds=round(closed.consensus_seconds, 3),
         labelled=sum(s.labelled for s in closed.shards),
         abstained=sum(s.abstained for s in closed.shards),
+        abstain_reasons=abstain_reason_counts(labels),
         failed_shards=[s.shard_id for s in closed.shards if s.status == "failed"],
+        shards=len(closed.shards),
+        strategy=strategy,
         mean_confidence=round(sum(confidences) / len(confidences), 4) if confidences else None,
         late=list(closed.late),
         missing=list(closed.missing),
         participants=rows,
     )
+
+
+def produced(record: RoundRecord) -> bool:
+    """Whether the round gave its members something to learn from: labels, or (FedAvg) an average."""
+    if record.strategy == "fedavg":
+        return record.shards > len(record.failed_shards)
+    return record.labelled > 0
+
+
+def abstentions_text(record: RoundRecord) -> str:
+    """ "6 abstained: <cause> (4); <cause> (2)", or "" when nothing abstained."""
+    if not record.abstained:
+        return ""
+    causes = "; ".join(
+        cause if len(record.abstain_reasons) == 1 else f"{cause} ({count})"
+        for cause, count in record.abstain_reasons.items()
+    )
+    return f"{record.abstained} abstained" + (f": {causes}" if causes else "")

@@ -20,7 +20,7 @@ from rich.status import Status
 from rich.table import Table
 
 from federation.plots import write_plots
-from federation.records import RoundRecord, round_record
+from federation.records import RoundRecord, abstentions_text, produced, round_record
 from schemas.messages import Message, ParticipantReport, PseudoLabels, RoundClosed, RoundOpened
 
 if TYPE_CHECKING:
@@ -42,8 +42,25 @@ def _bytes(value: int) -> str:
     return str(value)
 
 
-def rounds_table(records: Sequence[RoundRecord], title: str = "Chorus rounds") -> Table:
-    table = Table(title=title, title_justify="left", show_lines=False)
+Baseline = dict[str, dict[str, float]]  # participant -> its test scores after warm-up (round 0)
+
+
+def rounds_table(
+    records: Sequence[RoundRecord],
+    title: str = "Chorus rounds",
+    baseline: Baseline | None = None,
+    participant_ids: Sequence[str] = (),
+) -> Table:
+    """A row per participant and round; with `baseline`, round 0 (after warm-up, before any label)
+    first; under the table, why prompts abstained, per round."""
+    causes = [f"round {r.round_id}: {abstentions_text(r)}" for r in records if r.abstained]
+    table = Table(
+        title=title,
+        title_justify="left",
+        show_lines=False,
+        caption="\n".join(causes) or None,
+        caption_justify="left",
+    )
     for name, justify in (
         ("round", "right"),
         ("participant", "left"),
@@ -59,6 +76,18 @@ def rounds_table(records: Sequence[RoundRecord], title: str = "Chorus rounds") -
         ("round time", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    if baseline is not None:
+        ids = list(participant_ids) or sorted(baseline)
+        for i, pid in enumerate(ids):
+            scores = baseline.get(pid, {})
+            table.add_row(
+                "0" if i == 0 else "",
+                pid,
+                _num(scores.get("rouge_l")),
+                _num(scores.get("embedding_similarity")),
+                *([""] * 8),
+                end_section=i == len(ids) - 1,
+            )
     for record in records:
         for i, row in enumerate(record.participants):
             first = i == 0
@@ -105,6 +134,9 @@ class Reporter:
     _closed: list[RoundClosed] = field(default_factory=list)
     _labels: dict[int, dict[str, PseudoLabels]] = field(default_factory=dict)  # round -> message id -> labels
     _reports: dict[tuple[int, str], ParticipantReport] = field(default_factory=dict)
+    _strategies: dict[int, str] = field(default_factory=dict)  # round -> its announced strategy
+    baseline: Baseline | None = None  # round 0, once the run has evaluated its warmed-up members
+    compare: dict[str, dict[str, Any]] | None = None  # `--compare local`: per member, see `compare_local`
 
     # -- live -------------------------------------------------------------------------------------
 
@@ -114,7 +146,12 @@ class Reporter:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
-        labels = {"data": "generating the task data", "models": "loading models"}
+        labels = {
+            "data": "generating the task data",
+            "models": "loading models",
+            "warm-up": "warming up and scoring round 0",
+            "compare": "training local-only twins (--compare local)",
+        }
         with self.console.status(labels.get(name, name)):
             try:
                 yield
@@ -133,6 +170,7 @@ class Reporter:
         """Take note of a message a service published."""
         if isinstance(message, RoundOpened):
             self._open_round = message.round_id
+            self._strategies[message.round_id] = message.strategy
         elif isinstance(message, PseudoLabels):  # a body sent in several BCC publishes counts once
             self._labels.setdefault(message.round_id, {})[message.message_id] = message
         elif isinstance(message, RoundClosed):
@@ -159,11 +197,51 @@ class Reporter:
                 return
             labels = list(self._labels.get(closed.round_id, {}).values())
             elapsed = time.perf_counter() - (self.rounds_started or self.started)
-            record = round_record(closed, labels, self._reports, self.participant_ids, elapsed)
+            strategy = self._strategies.get(closed.round_id, "semantic")
+            record = round_record(closed, labels, self._reports, self.participant_ids, elapsed, strategy)
             self.records.append(record)
             with (self.results / ROUNDS_FILE).open("a", encoding="utf-8") as out:
                 out.write(json.dumps(asdict(record)) + "\n")
             self.console.print(rounds_table([record], title=f"round {record.round_id}"))
+
+    def show_baseline(self, baseline: Baseline) -> None:
+        """Round 0: each evaluated member's scores after warm-up, before any label."""
+        self.baseline = baseline
+        self.console.print(
+            rounds_table(
+                [], title="round 0 (after warm-up)", baseline=baseline, participant_ids=self.participant_ids
+            )
+        )
+
+    def last_scores(self, pid: str) -> tuple[int, dict[str, float]] | None:
+        """The last round `pid` was scored after, and its scores; None if it never was."""
+        for record in reversed(self.records):
+            row = next(r for r in record.participants if r.participant_id == pid)
+            if row.rouge_l is not None and row.embedding_similarity is not None:
+                return record.round_id, {
+                    "rouge_l": row.rouge_l,
+                    "embedding_similarity": row.embedding_similarity,
+                }
+        return None
+
+    def unproductive(self) -> str | None:
+        """Why the run taught its members nothing: no round produced labels or an average; else None."""
+        if any(produced(r) for r in self.records):
+            return None
+        if not self.records:
+            return "no round finished"
+        fedavg = any(r.strategy == "fedavg" for r in self.records)
+        what = "an average" if fedavg else "labels"
+        why = "; ".join(
+            f"round {r.round_id}: "
+            + (
+                f"shards {r.failed_shards} failed (missing: {', '.join(r.missing) or '-'})"
+                if r.failed_shards
+                else abstentions_text(r) or "nothing to label"
+            )
+            for r in self.records
+        )
+        return f"no round produced {what} ({why})"
 
     def stop_status(self) -> None:
         if self._status is not None:
@@ -179,12 +257,17 @@ class Reporter:
         wall = time.perf_counter() - self.started
         if self.rounds_started is not None:
             self.phase_seconds["rounds"] = round(time.perf_counter() - self.rounds_started, 2)
-        plots = write_plots(self.records, self.results)
+        plots = write_plots(self.records, self.results, self.baseline)
+        unproductive = None if interrupted or error else self.unproductive()
         summary = {
             "rounds_wanted": rounds_wanted,
             "rounds_completed": len(self.records),
             "interrupted": interrupted,
             "error": error,
+            "unproductive": unproductive,  # why no round produced labels or an average (chorus-run exits 1)
+            "rounds_productive": sum(produced(r) for r in self.records),
+            "abstain_reasons": _total_reasons(self.records),
+            "round_0": self.baseline,
             "broker": self.broker,
             "wall_seconds": round(wall, 2),
             "phase_seconds": self.phase_seconds,
@@ -196,18 +279,25 @@ class Reporter:
                 "up": sum(r.bytes_up for rec in self.records for r in rec.participants),
                 "down": sum(r.bytes_down for rec in self.records for r in rec.participants),
             },
+            "compare_local": self.compare,
             "files": {"rounds": ROUNDS_FILE, **{k: v for k, v in plots.items()}},
             **extra,
         }
         path = self.results / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if self.records:
-            self.console.print(rounds_table(self.records, title="all rounds"))
-        state = "interrupted" if interrupted else "failed" if error else "done"
+        if self.records or self.baseline:
+            self.console.print(
+                rounds_table(self.records, "all rounds", self.baseline, participant_ids=self.participant_ids)
+            )
+        if self.compare:
+            self.console.print(compare_table(self.compare))
+        state = "interrupted" if interrupted else "failed" if error or unproductive else "done"
         self.console.print(
             f"{state}: {len(self.records)}/{rounds_wanted} rounds in {wall:.1f}s "
             f"(" + ", ".join(f"{k} {v:.1f}s" for k, v in self.phase_seconds.items()) + ")"
         )
+        if unproductive:
+            self.console.print(f"[bold red]{unproductive}[/]")
         self.console.print(f"results: {self.results}")
         for name in (ROUNDS_FILE, SUMMARY_FILE, *plots.values()):
             self.console.print(f"  {self.results / name}")
@@ -218,12 +308,20 @@ class Reporter:
         for pid in self.participant_ids:
             rows = [r for rec in self.records for r in rec.participants if r.participant_id == pid]
             scored = [r for r in rows if r.rouge_l is not None]
+            start = (self.baseline or {}).get(pid, {})
+            last_rouge = scored[-1].rouge_l if scored else None
+            last_similarity = scored[-1].embedding_similarity if scored else None
             out[pid] = {
                 "rounds_answered": sum(r.status == "answered" for r in rows),
+                "round_0_rouge_l": start.get("rouge_l"),
+                "round_0_embedding_similarity": start.get("embedding_similarity"),
                 "first_rouge_l": scored[0].rouge_l if scored else None,
-                "last_rouge_l": scored[-1].rouge_l if scored else None,
+                "last_rouge_l": last_rouge,
                 "first_embedding_similarity": scored[0].embedding_similarity if scored else None,
-                "last_embedding_similarity": scored[-1].embedding_similarity if scored else None,
+                "last_embedding_similarity": last_similarity,
+                # last round minus round 0: what the federation's rounds changed
+                "rouge_l_change": _change(last_rouge, start.get("rouge_l")),
+                "embedding_similarity_change": _change(last_similarity, start.get("embedding_similarity")),
                 "mean_agreement": _mean([r.agreement for r in rows]),
                 "bytes_up": sum(r.bytes_up for r in rows),
                 "bytes_down": sum(r.bytes_down for r in rows),
@@ -234,3 +332,47 @@ class Reporter:
 def _mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return round(sum(present) / len(present), 4) if present else None
+
+
+def _change(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else round(after - before, 4)
+
+
+def _total_reasons(records: Sequence[RoundRecord]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for record in records:
+        for cause, count in record.abstain_reasons.items():
+            total[cause] = total.get(cause, 0) + count
+    return dict(sorted(total.items(), key=lambda item: -item[1]))
+
+
+def compare_table(compare: dict[str, dict[str, Any]]) -> Table:
+    """`--compare local`: each trainable member's last federated scores beside its local-only twin's."""
+    table = Table(title="federated vs local-only (same warm-up, same data)", title_justify="left")
+    for name in (
+        "participant",
+        "rounds",
+        "ROUGE-L fed",
+        "ROUGE-L local",
+        "diff",
+        "emb sim fed",
+        "emb sim local",
+        "diff",
+    ):
+        table.add_column(name, justify="left" if name == "participant" else "right")
+    for pid, row in compare.items():
+        table.add_row(
+            pid,
+            str(row["rounds"]),
+            _num(row["federated"].get("rouge_l")),
+            _num(row["local"].get("rouge_l")),
+            _signed(row["difference"].get("rouge_l")),
+            _num(row["federated"].get("embedding_similarity")),
+            _num(row["local"].get("embedding_similarity")),
+            _signed(row["difference"].get("embedding_similarity")),
+        )
+    return table
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"

@@ -1,8 +1,10 @@
 """Run a whole federation in one process: the coordinator and every participant, on one broker.
 
 The broker is chosen in `federation.brokers`, each service's settings come from
-`federation.settings`, the data from `federation.data`; this module loads the models and drives
-the rounds, one participant's model work at a time when the config asks for it.
+`federation.settings`, the data from `federation.data`; this module loads the models, warms the
+members up and scores them (round 0, the baseline), drives the rounds, one participant's model work
+at a time when the config asks for it, and with `--compare local` trains each member's local-only
+twin (`federation.local`) from the same warm-up.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from coordinator.wiring import build_embedder
 from federation.brokers import BrokerPlan, plan_broker
 from federation.config import LoadedConfig, RunConfigError
 from federation.data import DataPaths, prepare_data
+from federation.local import train_local_rounds
 from federation.observe import ObservedTransport
-from federation.report import Reporter
+from federation.report import Baseline, Reporter
 from federation.settings import STATE_DIR, coordinator_settings, participant_settings
 from participant.data import Example
 from participant.learner import AdapterLearner, AdapterState, Learner
@@ -60,6 +63,7 @@ class RunOptions:
     # participant id -> an adapter checkpoint it starts from instead of warming up (bench/quality.py
     # gives every method the same warm-up this way)
     warm_start: Mapping[str, Path] = field(default_factory=dict)
+    compare: str | None = None  # "local": after the run, each trainable member's local-only twin
 
 
 # ---- compute: one participant at a time, and what each phase cost --------------------------------
@@ -197,6 +201,10 @@ class FederationRun:
             data = await asyncio.to_thread(prepare_data, self.config, results)
         with reporter.phase("models"):
             learners, datasets, embedder = await asyncio.to_thread(self._load, data, results)
+        with reporter.phase("warm-up"):
+            baseline = await asyncio.to_thread(self._warm_up, data, learners, datasets, embedder)
+        if baseline:
+            reporter.show_baseline(baseline)
         settings = coordinator_settings(self.config, data, results, self.rounds, "memory://")
         plan = plan_broker(self.options.broker, self.options.broker_dir, self.config, results, reporter.note)
         reporter.start_rounds(plan.description)
@@ -204,6 +212,76 @@ class FederationRun:
             await self._federate(settings, plan, data, learners, datasets, embedder)
         finally:
             await asyncio.to_thread(plan.close)
+        if self.options.compare == "local" and not self.stopping.is_set():
+            reporter.stop_status()
+            with reporter.phase("compare"):
+                reporter.compare = await asyncio.to_thread(
+                    self._compare_local, data, learners, datasets, embedder
+                )
+
+    def _warmup_checkpoint(self, pid: str) -> Path:
+        return self.options.results / STATE_DIR / pid / "checkpoints" / "round-0"
+
+    def _warm_up(
+        self,
+        data: DataPaths,
+        learners: dict[str, Learner],
+        datasets: dict[str, tuple[list[Example], list[Example]]],
+        embedder: Embedder,
+    ) -> Baseline:
+        """Round 0: each trainable member warmed up on its private data, as its participant would on
+        start, and checkpointed where the participant restores it from (so it does not warm up again,
+        and `--compare local` starts its twin there); then each member with test data scored."""
+        baseline: Baseline = {}
+        for entry in self.config.run.participants:
+            if self.stopping.is_set():
+                raise StopRequested("stopped while warming up")
+            learner, (private, test) = learners[entry.id], datasets[entry.id]
+            settings = participant_settings(self.config, entry, data, self.options.results)
+            checkpoint = self._warmup_checkpoint(entry.id)
+            if entry.id in self.options.warm_start:
+                learner.load_checkpoint(checkpoint)
+            elif learner.can_train:
+                if private and settings.train.warmup_epochs:
+                    learner.train(private * settings.train.warmup_epochs)
+                learner.save_checkpoint(checkpoint)
+            if test and settings.evaluate:
+                baseline[entry.id] = learner.evaluate(test, embedder.embed)
+        return baseline
+
+    def _compare_local(
+        self,
+        data: DataPaths,
+        learners: dict[str, Learner],
+        datasets: dict[str, tuple[list[Example], list[Example]]],
+        embedder: Embedder,
+    ) -> dict[str, dict[str, Any]]:
+        """Each trainable, evaluated member's local-only twin (federation.local): from the same warm-up,
+        the same private slices for as many rounds as the member was scored after; both scores."""
+        out: dict[str, dict[str, Any]] = {}
+        for entry in self.config.run.participants:
+            learner, (private, test) = learners[entry.id], datasets[entry.id]
+            federated = self.reporter.last_scores(entry.id)
+            checkpoint = self._warmup_checkpoint(entry.id)
+            if federated is None or not learner.can_train or not test or not checkpoint.is_dir():
+                continue
+            if self.stopping.is_set():
+                break
+            round_id, scores = federated
+            self.reporter.note(f"{entry.id}: local-only twin, rounds 1-{round_id}")
+            settings = participant_settings(self.config, entry, data, self.options.results)
+            if not learner.load_checkpoint(checkpoint):
+                raise ChorusError(f"{entry.id}: cannot load its warm-up checkpoint {checkpoint}")
+            train_local_rounds(learner, private, settings.train, range(1, round_id + 1))
+            local = learner.evaluate(test, embedder.embed)
+            out[entry.id] = {
+                "rounds": round_id,
+                "federated": scores,
+                "local": local,
+                # federated minus local-only: what the federation added
+                "difference": {k: round(v - local[k], 4) for k, v in scores.items() if k in local},
+            }
+        return out
 
     def _load(
         self, data: DataPaths, results: Path
