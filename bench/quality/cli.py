@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import machine
 from bench.quality.execute import GridRunner
-from bench.quality.grid import METHODS, load_grid
+from bench.quality.grid import METHODS, GridError, load_grid
 from bench.quality.markdown import render
 from bench.quality.plots import plot_task
 from bench.quality.report import junk_summary, members_beside_local, refusal_summary, summarise
 from bench.quality.results import ResultStore
 from bench.quality.scoring import Scorer
+from common.settings import SettingsError
 from coordinator.settings import ConsensusSettingsTable
 from coordinator.wiring import build_embedder
 from federation.launch import quiet_library_progress_bars
@@ -33,7 +35,11 @@ def _list(text: str | None) -> list[str] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
     parser.add_argument(
-        "grid", type=Path, nargs="?", default=GRID, help="the grid file (tasks, seeds, methods)"
+        "grid",
+        type=Path,
+        nargs="?",
+        default=GRID,
+        help="the grid file (tasks, seeds, methods), or one chorus-run config (a grid of that task)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: one task, one seed, tiny sizes")
     parser.add_argument("--tasks", help="comma-separated task names (default: the grid's)")
@@ -52,15 +58,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="write the report from stored results")
     args = parser.parse_args(argv)
     seeds = _list(args.seeds)
-    grid = load_grid(
-        args.grid,
-        quick=args.quick,
-        tasks=_list(args.tasks),
-        seeds=[int(s) for s in seeds] if seeds else None,
-        methods=_list(args.methods),
-        junk_member=not args.no_junk_member and not args.quick,
-        device=args.device,
-    )
+    try:
+        grid = load_grid(
+            args.grid,
+            quick=args.quick,
+            tasks=_list(args.tasks),
+            seeds=[int(s) for s in seeds] if seeds else None,
+            methods=_list(args.methods),
+            junk_member=not args.no_junk_member and not args.quick,
+            device=args.device,
+        )
+    except (GridError, SettingsError) as e:  # RunConfigError is a SettingsError
+        print(f"python -m bench.quality: error: {e}", file=sys.stderr)
+        return 2
     work = args.work / "quick" if args.quick else args.work
     out: Path = args.out or (work if args.quick else RESULTS)  # a smoke run never replaces the real report
     store = ResultStore(work / "runs")

@@ -3,6 +3,11 @@
 `bench/quality_grid.toml` names the tasks (chorus-run configs), seeds and methods. A seed shifts the
 task's data seed and sets the training seed; a method sets the coordinator's strategy (and, for the
 new recipe, the settings layered over the semantic run). `--quick` shrinks everything.
+
+A chorus-run config given in place of a grid file is a grid of that one task, at the default seeds
+and methods. A config without `[task]` (your own data) is run on its own files: a seed then sets the
+training seed only, `--quick` keeps every example, and every method is scored on one test set, the
+first `test_data` its `[[participants]]` give (one of them must give it).
 """
 
 from __future__ import annotations
@@ -155,8 +160,11 @@ def load_grid(
 ) -> Grid:
     """Read the grid file; the keyword arguments narrow it (command-line choices); `device` moves every
     participant's model there (a run's identity includes it, so CPU and GPU results never mix)."""
+    text = read_toml(path)
+    if "participants" in text:  # a chorus-run config: a grid of that one task
+        text = {"tasks": {str(text.get("federation") or path.stem): path.name}}
     try:
-        raw = msgspec.convert(read_toml(path), GridFile)
+        raw = msgspec.convert(text, GridFile)
     except msgspec.ValidationError as e:
         raise GridError(f"{path}: {e}") from e
     chosen_methods = methods or raw.methods
@@ -168,6 +176,8 @@ def load_grid(
     if missing:
         raise GridError(f"unknown tasks {missing}; {path} has {sorted(raw.tasks)}")
     loaded = {name: load_run_config((path.parent / raw.tasks[name]).resolve()) for name in task_names}
+    for config in loaded.values():
+        check_scorable(config)
     if quick:
         loaded = {name: shrink(config, raw.quick) for name, config in loaded.items()}
     if device is not None:
@@ -195,11 +205,19 @@ def load_grid(
     )
 
 
+def check_scorable(config: LoadedConfig) -> None:
+    """Every method is scored on one test set: the task's, or (own data) a participant's test_data."""
+    if config.run.task is None and all(e.test_data is None for e in config.run.participants):
+        raise GridError(
+            f"{config.path}: the quality bench scores every method on one test set, and this config has "
+            "neither a [task] table nor any test_data: give test_data to a [[participants]] entry"
+        )
+
+
 def shrink(config: LoadedConfig, quick: Quick) -> LoadedConfig:
-    """The same task and method, at smoke-test sizes."""
+    """The same task and method, at smoke-test sizes (own data: every example, fewer rounds and tokens)."""
     run = config.run
-    assert run.task is not None, f"{config.path}: the quality grid needs a [task] table"
-    task = msgspec.structs.replace(
+    task = run.task and msgspec.structs.replace(
         run.task, max_public=quick.max_public, max_train=quick.max_train, max_test=quick.max_test
     )
     train = msgspec.structs.replace(run.train, warmup_epochs=quick.warmup_epochs)
@@ -219,10 +237,10 @@ def on_device(config: LoadedConfig, device: str) -> LoadedConfig:
 
 
 def seeded(config: LoadedConfig, seed: int) -> LoadedConfig:
-    """Seed `seed` of a task: the data split seed shifted by it, the training seed set to it."""
+    """Seed `seed` of a task: the data split seed shifted by it (own data: the files as they are), the
+    training seed set to it."""
     run = config.run
-    assert run.task is not None, f"{config.path}: the quality grid needs a [task] table"
-    task = msgspec.structs.replace(run.task, seed=run.task.seed + seed)
+    task = run.task and msgspec.structs.replace(run.task, seed=run.task.seed + seed)
     train = msgspec.structs.replace(run.train, seed=seed)
     entries = [
         msgspec.structs.replace(

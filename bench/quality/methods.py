@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,12 @@ from coordinator.replay.label_sources import label_quality_of_run
 from federation.config import LoadedConfig
 from federation.data import DataPaths, prepare_data
 from federation.launch import run_to_end
+from federation.local import private_slice, train_local_rounds
 from federation.runner import RunOptions
 from federation.settings import participant_settings
 from participant.data import Example
-from participant.settings import ParticipantSettings, TrainTable
+from participant.learner import Learner
+from participant.settings import ParticipantSettings
 from participant.wiring import build_learner, load_data
 
 CENTRAL = "central"  # the centralized run's one model
@@ -56,13 +57,6 @@ class Trained:
     warm_started: list[str] = field(default_factory=list)  # whose round 0 is the shared warm-up
 
 
-def private_slice(private: Sequence[Example], train: TrainTable, round_id: int) -> list[Example]:
-    """The private examples a participant mixes into round `round_id` (as the participant service does)."""
-    chosen = list(private)
-    random.Random(f"{train.seed}:{round_id}").shuffle(chosen)
-    return chosen[: train.private_examples_per_round]
-
-
 def _prepared(config: LoadedConfig, run_dir: Path) -> tuple[DataPaths, dict[str, ParticipantSettings]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(config, run_dir)
@@ -73,9 +67,12 @@ def _prepared(config: LoadedConfig, run_dir: Path) -> tuple[DataPaths, dict[str,
 def _trained(
     config: LoadedConfig, run_dir: Path, data: DataPaths, settings: dict[str, ParticipantSettings]
 ) -> Trained:
-    test_path = next(iter(data.test.values()))
-    assert test_path is not None  # the task always writes its global test set
-    _, test = load_data(next(iter(settings.values())))
+    # The task's global test set, or (own data) the first participant's test_data (bench.quality.grid)
+    scored_by = next(pid for pid, path in data.test.items() if path is not None)
+    test_path = data.test[scored_by]
+    assert test_path is not None
+    entry = next(e for e in config.run.participants if e.id == scored_by)
+    _, test = load_data(participant_settings(config, entry, data, run_dir))
     return Trained(run_dir, settings, test, test_path, config.run.rounds)
 
 
@@ -101,14 +98,17 @@ def train_local(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Traine
         if learner.can_train and not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
             raise FileNotFoundError(f"{pid}: no warm-up checkpoint under {warmup_dir}")
         private, _ = load_data(participant)
-        for round_id in range(1, config.run.rounds + 1):
-            learner.train(private_slice(private, participant.train, round_id))
-            learner.save_checkpoint(checkpoint_dir(run_dir, pid, round_id))
+        save = partial(_save_round, learner, run_dir, pid)
+        train_local_rounds(learner, private, participant.train, range(1, config.run.rounds + 1), save)
         del learner
         gc.collect()
     trained = _trained(config, run_dir, data, settings)
     trained.warm_started = list(settings)
     return trained
+
+
+def _save_round(learner: Learner, run_dir: Path, pid: str, round_id: int) -> None:
+    learner.save_checkpoint(checkpoint_dir(run_dir, pid, round_id))
 
 
 def train_centralized(config: LoadedConfig, run_dir: Path) -> Trained:
@@ -167,11 +167,10 @@ def train_federated(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Tr
         f"started from the shared warm-up: {sorted(warm) or 'none'}"
         + (f"; warmed up in the run: {others}" if others else "")
     )
-    if silent.coordinator_raw.get("strategy") == "semantic" and records:
+    references = run_dir / "data" / "public_references.jsonl"  # the task's; own data has none
+    if silent.coordinator_raw.get("strategy") == "semantic" and records and references.is_file():
         state = run_dir / STATE_DIR / "coordinator.sqlite3"
-        trained.label_quality = label_quality_of_run(
-            state, run_dir / "data" / "public_references.jsonl"
-        ).as_dict()
+        trained.label_quality = label_quality_of_run(state, references).as_dict()
     return trained
 
 
