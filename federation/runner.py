@@ -293,7 +293,7 @@ class FederationRun:
         for entry in run.participants:
             if self.stopping.is_set():
                 raise StopRequested("stopped while loading models")
-            self.reporter.note(f"loading {entry.model} for {entry.id}")
+            self.reporter.note(f"loading {entry.learner or entry.model} for {entry.id}")
             settings = participant_settings(self.config, entry, data, results)
             learners[entry.id] = track(entry.id, build_learner(settings), self.phases, run.generation)
             datasets[entry.id] = load_data(settings)

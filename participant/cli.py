@@ -15,7 +15,7 @@ from common.interrupts import StopSignals, report_interrupted
 from common.logs import configure_logging
 from participant.settings import ParticipantSettings, SettingsError, load_participant_settings
 
-# The service and the learners import torch and transformers (seconds): they load only once the settings
+# The service and a local model's learner (torch and transformers: seconds) load only once the settings
 # are valid and the broker has let the participant in, so that a mistake in either is reported at once.
 if TYPE_CHECKING:
     from participant.evaluation import Embedder
@@ -127,11 +127,14 @@ def apply_torch_threads(count: int) -> None:
         torch.set_num_threads(count)
 
 
-def load_models(settings: ParticipantSettings, *, evaluate: bool) -> tuple[Learner, Embedder | None]:
-    """The learner, and the sentence encoder that scores its answers when it evaluates (seconds each)."""
+def load_models(
+    settings: ParticipantSettings, *, evaluate: bool, learner: Learner | None = None
+) -> tuple[Learner, Embedder | None]:
+    """The learner (given, or the one the settings describe), and the sentence encoder that scores its
+    answers when it evaluates (seconds each)."""
     from participant.wiring import build_learner
 
-    learner = build_learner(settings)
+    learner = build_learner(settings) if learner is None else learner
     if not evaluate:
         return learner, None
     from common.embedding import SentenceEmbedder  # the same encoder the coordinator scores with
@@ -139,8 +142,11 @@ def load_models(settings: ParticipantSettings, *, evaluate: bool) -> tuple[Learn
     return learner, SentenceEmbedder().embed
 
 
-async def run_participant(settings: ParticipantSettings, rounds: int | None = None) -> bool:
-    """Serve rounds until `rounds` are applied, the federation ends, or a signal; True after Ctrl-C."""
+async def run_participant(
+    settings: ParticipantSettings, rounds: int | None = None, learner: Learner | None = None
+) -> bool:
+    """Serve rounds until `rounds` are applied, the federation ends, or a signal; True after Ctrl-C.
+    `learner` takes part in place of the one the settings describe."""
     if is_memory(settings.broker_url):
         raise SettingsError(
             "a participant alone cannot use the in-memory broker; give --broker amqp://... (or set "
@@ -155,10 +161,12 @@ async def run_participant(settings: ParticipantSettings, rounds: int | None = No
 
         apply_torch_threads(settings.torch_threads)
         train, test = load_data(settings)
-        learner, embed = await asyncio.to_thread(
-            load_models, settings, evaluate=settings.evaluate and bool(test)
+        taking_part, embed = await asyncio.to_thread(
+            load_models, settings, evaluate=settings.evaluate and bool(test), learner=learner
         )
-        participant = Participant(settings, transport, learner, private_train=train, test=test, embed=embed)
+        participant = Participant(
+            settings, transport, taking_part, private_train=train, test=test, embed=embed
+        )
         with StopSignals(participant.request_stop, service="chorus-participant") as signals:
             await participant.run_until(rounds)
         return signals.interrupted

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
+import participant
+import participant.cli
+from broker.memory import MemoryBroker
+from broker.topology import LOBBY_QUEUE, full_topology
 from federation import cli
 from participant.data import Example
-from participant.learner import LearnerError
+from participant.learner import FunctionLearner, LearnerError
 from participant.learners import KINDS, learner_kind
 from participant.settings import ParticipantSettings, SettingsError, TrainTable, load_participant_settings
 from participant.wiring import build_learner
@@ -175,3 +180,22 @@ def test_chorus_run_federates_your_own_learner_objects(tmp_path: Path) -> None:
     assert cli.main([str(config), "--results", str(results)]) == 0
     summary = json.loads((results / "summary.json").read_text())
     assert summary["rounds_completed"] == 1 and set(summary["participants"]) == {"ann", "bo"}
+
+
+def test_participant_run_takes_part_with_your_learner_in_one_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`participant.run(learner, settings)` connects, joins with the learner's model id, and closes."""
+    broker = MemoryBroker()
+    broker.declare(full_topology(["box"]))
+    monkeypatch.setattr(
+        participant.cli, "open_transport", lambda url, *, user, connection_name: broker.connect(user)
+    )
+    settings = ParticipantSettings(
+        participant_id="box", broker_url="amqp://box:secret@127.0.0.1:5672/chorus", state_dir=str(tmp_path)
+    )
+    mine = FunctionLearner(lambda prompt: prompt[::-1], model_id="mine")
+    with capture_logs() as logs:
+        assert participant.run(mine, settings, rounds=0) is False  # rounds=0: join, then leave
+    [joined] = [entry for entry in logs if entry["event"] == "participant_joined"]
+    assert joined["model"] == "mine" and broker.queue_depth(LOBBY_QUEUE) >= 1  # the Join waits there
