@@ -276,7 +276,8 @@ def broker_failures(
     port = closed_port()
     alice = f"alice-{secrets.token_hex(3)}"
     urls = rabbit_node.add_vhost(f"test-{secrets.token_hex(4)}", (alice,))
-    wrong = {user: with_password(url, "wrong-password") for user, url in urls.items()}
+    wrong_password = f"not-{secrets.token_hex(8)}"  # no test path holds it, unlike "wrong-password"
+    wrong = {user: with_password(url, wrong_password) for user, url in urls.items()}
     cases = {
         "coordinator-closed-port": BrokerFailure(
             COORDINATOR, "coordinator", f"amqp://coordinator:any-password@127.0.0.1:{port}/chorus"
