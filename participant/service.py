@@ -50,6 +50,9 @@ from schemas.messages import (
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^round-(\d+)$")
+# The Join is sent again after this many seconds, then twice as long each time (up to heartbeat_seconds),
+# until a RoundOpened expects this participant (PROTOCOL.md §5.3).
+JOIN_RESEND_SECONDS = 1.0
 
 
 class Participant:
@@ -80,6 +83,8 @@ class Participant:
         self._model_lock = asyncio.Lock()  # one torch job at a time: generation and training share weights
         self._subscription: Subscription | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._rejoin: asyncio.Task[None] | None = None
+        self._admitted = asyncio.Event()  # a RoundOpened listed us in `expected`: the Join got through
         self._stopping = asyncio.Event()
         self._fedavg_rounds: set[int] = set()
         self.metrics = ParticipantMetrics()
@@ -122,17 +127,17 @@ class Participant:
         # prefetch 1: replies are handled strictly in order, one at a time (a RoundClosed must not
         # race the PseudoLabels or AggregatedAdapter before it).
         self._subscription = await self.transport.consume(reply_queue(self.pid), self._on_reply, prefetch=1)
-        await self._publish_control(
-            Join(
-                federation=self.settings.federation,
-                round_id=self.ledger.last_applied_round(),
-                message_id=new_message_id(),
-                participant_id=self.pid,
-                model_id=self.learner.model_id[:256],
-                can_train=self.learner.can_train,
-            )
+        join = Join(
+            federation=self.settings.federation,
+            round_id=self.ledger.last_applied_round(),
+            message_id=new_message_id(),
+            participant_id=self.pid,
+            model_id=self.learner.model_id[:256],
+            can_train=self.learner.can_train,
         )
+        await self._publish_control(join)
         self._heartbeat = asyncio.create_task(self._beat())
+        self._rejoin = asyncio.create_task(self._join_until_admitted(join))
         log.info(
             "participant_joined", participant=self.pid, model=self.learner.model_id, restored_round=restored
         )
@@ -140,8 +145,9 @@ class Participant:
     async def stop(self) -> None:
         """Stop intake; a delivery being handled finishes first (it holds the model lock)."""
         self._stopping.set()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for task in (self._heartbeat, self._rejoin):
+            if task is not None:
+                task.cancel()
         try:
             if self._subscription is not None:
                 await self._subscription.cancel()
@@ -168,6 +174,22 @@ class Participant:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    async def _join_until_admitted(self, join: Join) -> None:
+        """Send the same `join` again, waiting longer each time, until a RoundOpened expects us: another
+        member's flood can push a Join out of the coordinator's lobby, and a repeated one changes nothing."""
+        wait = JOIN_RESEND_SECONDS
+        while True:
+            try:
+                await asyncio.wait_for(self._admitted.wait(), wait)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self._publish_control(join)
+            except Exception as e:  # counted in publish_errors; the next try may pass
+                log.warning("join_not_sent", participant=self.pid, error=repr(e), retry_seconds=wait)
+            wait = min(2 * wait, self.settings.heartbeat_seconds)
 
     async def _beat(self) -> None:
         while True:
@@ -323,6 +345,7 @@ class Participant:
             if self.pid not in message.expected:
                 log.info("round_skipped", round=message.round_id, participant=self.pid, reason="not expected")
                 return
+            self._admitted.set()
             self.metrics.round_announced(message.round_id)
             if message.strategy == "fedavg":
                 self._fedavg_rounds.add(message.round_id)
