@@ -13,10 +13,13 @@ a crash of the machine what the OS had not written yet), `rotate` (also fsync ea
 closed), `always` (write and fsync every frame at once: durable, and a disk flush per message on
 the event loop).
 
-Rejected traffic is recorded within bounds, since a hostile sender chooses its size and rate: a
-dead-lettered message is written with its body cut to `DEAD_LETTER_BODY_BYTES`, and at most
-`rejected_frames_per_sender` of each sender's per session; the rest are only counted
-(`rejected_unrecorded`).
+What a consumer does not take is recorded within bounds, since a hostile sender chooses its size
+and rate: a dead-lettered message, and one acked unread (`ack_unread`: a copy whose twin is judged,
+such as the lobby's copy of a member's control message), is written with its body cut to
+`DEAD_LETTER_BODY_BYTES`; at most `rejected_frames_per_sender` dead letters of each sender are
+written per session, the rest only counted (`rejected_unrecorded`). The headers of every received
+message are kept up to `RECEIVED_HEADER_BYTES` (participants send none; a hostile one could send
+a frame's worth with each message): the rest are dropped and counted in `HEADERS_CUT_KEY`.
 
 Recording never takes the service down: if writing fails (disk full...), the recorder logs the
 error once, stops recording and counts what it dropped.
@@ -54,6 +57,48 @@ log = structlog.get_logger(__name__)
 FsyncPolicy = Literal["never", "rotate", "always"]
 DEFAULT_ROTATE_BYTES = 256 * 1024 * 1024
 DEFAULT_REJECTED_FRAMES_PER_SENDER = 1_000
+# The reason an ack carries when its consumer settled the delivery without reading the body.
+UNREAD = "unread"
+# A received message's headers are recorded up to about this many bytes (keys and values as text).
+RECEIVED_HEADER_BYTES = 4096
+# The header a recorded frame gets when some of the message's headers were left out: how many.
+HEADERS_CUT_KEY = "x-chorus-recorder-headers-cut"
+
+
+async def ack_unread(delivery: Delivery) -> None:
+    """Ack `delivery` without having read its body (a copy whose twin is judged instead).
+
+    A `RecordingTransport` records it with the body cut, as a dead letter's; any other transport
+    acks it as `delivery.ack()` does.
+    """
+    await delivery._do("ack", UNREAD)
+
+
+def bounded_headers(headers: Mapping[str, object], limit: int = RECEIVED_HEADER_BYTES) -> dict[str, object]:
+    """`headers` up to about `limit` bytes, in order; a header that does not fit is left out and counted."""
+    kept: dict[str, object] = {}
+    size = left_out = 0
+    for key, value in headers.items():
+        entry = len(key) + _size_as_text(value)
+        if size + entry > limit:
+            left_out += 1
+        else:
+            kept[key] = value
+            size += entry
+    if left_out:
+        kept[HEADERS_CUT_KEY] = left_out
+    return kept
+
+
+def _size_as_text(value: object) -> int:
+    if isinstance(value, str | bytes):
+        return len(value)
+    if isinstance(value, int | float | bool) or value is None:
+        return 8
+    try:
+        return len(repr(value))  # a table or an array, at most a frame's worth
+    except RecursionError:
+        return RECEIVED_HEADER_BYTES + 1
 
 
 class Recorder:
@@ -146,6 +191,7 @@ class Recorder:
         self, delivery: Delivery, *, received_unix: float, settle: Settlement, reason: str = ""
     ) -> None:
         body, body_bytes = delivery.body, 0
+        cut = settle == "dead_letter" or (settle == "ack" and reason == UNREAD)
         if settle == "dead_letter":
             sender = delivery.user_id
             recorded = self._rejected_by_sender.get(sender, 0)
@@ -160,8 +206,8 @@ class Recorder:
                 self.rejected_unrecorded += 1
                 return
             self._rejected_by_sender[sender] = recorded + 1
-            if len(body) > DEAD_LETTER_BODY_BYTES:
-                body, body_bytes = body[:DEAD_LETTER_BODY_BYTES], len(body)
+        if cut and len(body) > DEAD_LETTER_BODY_BYTES:
+            body, body_bytes = body[:DEAD_LETTER_BODY_BYTES], len(body)
         self._write(
             {
                 "type": "message",
@@ -171,7 +217,7 @@ class Recorder:
                 "routing_key": delivery.routing_key,
                 "message_id": delivery.message_id,
                 "user_id": delivery.user_id,
-                "headers": dict(delivery.headers),
+                "headers": bounded_headers(delivery.headers),
                 "body": body,
                 "redelivered": delivery.redelivered,
                 "settle": settle,
@@ -396,6 +442,9 @@ class RecordingTransport:
                     # Written before the broker hears of it: frames follow the order of decisions.
                     recorder.record_received(delivery, received_unix=received, settle=action, reason=reason)
                     await inner_settle(action, reason)
+                    # This settler and the inner one refer to the delivery, which refers to them: a cycle
+                    # that would keep the body, whatever its size, until the cyclic collector runs.
+                    delivery._settle = None
 
                 delivery._settle = settle
             try:

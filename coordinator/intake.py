@@ -2,7 +2,11 @@
 
 Each member's traffic waits in its own intake queue (a bulkhead: a flood fills only the flooder's
 queue); the lobby holds what comes from participants that have none yet, and a copy of all control
-traffic, so a Join always gets through. Handlers decode (large bodies off the event loop), check
+traffic. The lobby is shared, so another member's flood can push a newcomer's Join out of it: any
+control message from a sender whose intake queue is not consumed yet (a heartbeat, a re-sent Join)
+makes the coordinator consume that queue, where the sender's own copy of its Join waits, out of
+everyone else's reach; copies that are not read (the lobby's, once the sender's queue is consumed) are
+acked unread, and recorded cut. Handlers decode (large bodies off the event loop), check
 identity and ownership, validate, persist, then ack: they never wait for other participants, so no
 delivery is held unacked across a round. Generation batches are stored by group commit: one SQLite
 transaction (and fsync) for all the batches of an event-loop turn, in a worker thread.
@@ -19,6 +23,7 @@ from typing import TypeVar
 import structlog
 
 from broker.errors import BrokerError
+from broker.recorder import ack_unread
 from broker.topology import LOBBY_MAX_MESSAGES, LOBBY_QUEUE, intake_queue
 from broker.transport import Delivery, Handler, Subscription, Transport
 from coordinator.identity import identity_problem, ownership_problem, shard_of_routing_key
@@ -27,7 +32,13 @@ from coordinator.rounds import Acceptance, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import CoordinatorStore, NewBatch, Stored
 from coordinator.strategies.base import RoundStrategy
-from schemas.codec import MAX_SMALL_CONTROL_BYTES, decode_control, decode_generation
+from schemas.codec import (
+    CONTROL_MESSAGES,
+    MAX_ADAPTER_BODY_BYTES,
+    MAX_SMALL_CONTROL_BYTES,
+    Codec,
+    decode_generation,
+)
 from schemas.errors import SchemaError
 from schemas.messages import AdapterUpdate, GenerationBatch, Heartbeat, Join, Message, ParticipantReport
 
@@ -47,11 +58,34 @@ OFF_LOOP_DECODE_BYTES = 64 * 1024
 LOBBY_JUDGED_MEMORY = LOBBY_MAX_MESSAGES
 # A member's last-seen time is written at most this often; more heartbeats than that change nothing.
 TOUCH_INTERVAL_SECONDS = 1.0
+# What a Join or a Heartbeat may weigh: at its field limits one takes under 2 KiB (ids of 4-byte code
+# points), so this leaves room for fields added later; a larger one (a padded flood) is refused unread.
+MAX_PRESENCE_BYTES = 4096
+# Control bodies by kind, checked from the `kind` alone before a body is decoded (PROTOCOL.md §8.3).
+CONTROL_BODY_LIMITS = {
+    "join": MAX_PRESENCE_BYTES,
+    "heartbeat": MAX_PRESENCE_BYTES,
+    "participant_report": MAX_SMALL_CONTROL_BYTES,
+}
+_control_codec: Codec[Message] = Codec(
+    CONTROL_MESSAGES, max_body_bytes=MAX_ADAPTER_BODY_BYTES, kind_limits=CONTROL_BODY_LIMITS
+)
 # Why an answer of the wrong kind for this federation's strategy is refused.
 REFUSED_ANSWERS = {
     AdapterUpdate: "adapter updates are only taken in a fedavg federation",
     GenerationBatch: "generation batches are only taken in a semantic federation",
 }
+
+
+def _remember(memory: OrderedDict[tuple[str, str], None], key: tuple[str, str]) -> None:
+    memory[key] = None
+    while len(memory) > LOBBY_JUDGED_MEMORY:
+        memory.popitem(last=False)
+
+
+def _forget(memory: OrderedDict[tuple[str, str], None], key: tuple[str, str]) -> bool:
+    """Whether `key` was remembered (it no longer is)."""
+    return memory.pop(key, False) is None
 
 
 @dataclass
@@ -85,7 +119,8 @@ class Intake:
     """Consumes the lobby and members' intake queues; judges and stores what arrives.
 
     `current_round()` gives the open round's state (None between rounds), `on_join(pid)` makes a new
-    member's queues exist (and calls `consume` for its intake queue), `wake()` tells the driver that
+    member's queues exist (and calls `consume` for its intake queue; it is also called for a sender
+    whose other control messages come through the lobby first), `wake()` tells the driver that
     something it waits for arrived.
     """
 
@@ -117,6 +152,10 @@ class Intake:
         # (sender, message id) of control messages judged from the lobby before the sender's intake
         # queue was consumed: that queue's copy of each is acked unread.
         self._judged_in_lobby: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Senders consumed on word from the lobby whose lobby copies may have no twin yet, and what their
+        # intake queue judged meanwhile (see _other_copy_judged).
+        self._untwinned: set[str] = set()
+        self._judged_in_intake: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._pending_writes: list[PendingWrite] = []
         self._committing: asyncio.Task[None] | None = None
         self._revision_window = RevisionWindow(store) if settings.round.late_policy == "revise" else None
@@ -170,7 +209,7 @@ class Intake:
             self.counters.received_bytes += len(delivery.body)
             key = delivery.routing_key
             if key.startswith("ctl.") and self._other_copy_judged(owner, key[4:], delivery.message_id):
-                await delivery.ack()
+                await ack_unread(delivery)
                 return
             if key.startswith("gen."):
                 await self._on_generation(delivery, owner)
@@ -189,18 +228,29 @@ class Intake:
         Control traffic reaches both the lobby and the sender's intake queue. Once that queue is
         consumed, it judges; the lobby's copies are acked unread. A copy the lobby judged before then
         is remembered, so the intake queue's copy of the same message is not judged a second time.
+        A sender whose queue was consumed when the lobby brought word of it may have copies in the
+        lobby from before that queue existed, with no twin: its lobby copies are judged too (each
+        message once, from whichever copy comes first) until one is seen to have a twin. The lobby
+        delivers in order, so every later copy has one.
         """
         if owner is None:
-            if sender in self._consumed:
+            if sender in self._consumed and sender not in self._untwinned:
                 return True
-            if message_id is not None:
-                self._judged_in_lobby[(sender, message_id)] = None
-                while len(self._judged_in_lobby) > LOBBY_JUDGED_MEMORY:
-                    self._judged_in_lobby.popitem(last=False)
+            if message_id is None:
+                return False
+            if sender in self._untwinned and _forget(self._judged_in_intake, (sender, message_id)):
+                self._untwinned.discard(sender)
+                return True
+            _remember(self._judged_in_lobby, (sender, message_id))
             return False
         if message_id is None:
             return False
-        return self._judged_in_lobby.pop((owner, message_id), False) is None
+        if _forget(self._judged_in_lobby, (owner, message_id)):
+            self._untwinned.discard(owner)
+            return True
+        if owner in self._untwinned:
+            _remember(self._judged_in_intake, (owner, message_id))
+        return False
 
     async def _decode(self, decode: Callable[[bytes], DecodedT], body: bytes) -> DecodedT:
         if len(body) > OFF_LOOP_DECODE_BYTES:
@@ -409,7 +459,7 @@ class Intake:
                 f"body is {len(body)} bytes, limit {MAX_SMALL_CONTROL_BYTES} for control messages "
                 f"({REFUSED_ANSWERS[AdapterUpdate]})",
             )
-        return decode_control(body)
+        return _control_codec.decode(body)
 
     async def _on_control(self, delivery: Delivery, owner: str | None) -> None:
         try:
@@ -425,6 +475,12 @@ class Intake:
             return
         now = self.clock()
         pid = message.participant_id
+        if owner is None and pid not in self._consumed:
+            self._untwinned.add(pid)
+            if not isinstance(message, Join):
+                # Its Join may have been pushed out of the shared lobby by another member's flood; the
+                # copy in its own intake queue is still there, and is read once that queue is consumed.
+                await self.on_join(pid)
         if isinstance(message, Join):
             # Stored first, so that a round opening meanwhile counts it; its queues before the ack.
             self.store.upsert_member(pid, message.model_id, message.can_train, now)

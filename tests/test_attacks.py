@@ -8,8 +8,10 @@ rounds, answers and labels are what they are without the attack.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,11 +21,12 @@ import pytest
 from support.attackers import Attacker, DeadLetters, IdThief, directory_bytes, reset_peak_rss, rss_status
 from support.coordinators import coordinator_at
 from support.faults import FEDERATION, SHARDS, label_table, reference_labels, round_config, stored_batches
+from support.lobby_attackers import LobbyAttacker, bodies_held, member_ids, participant_service_at
 from support.scripted import ScriptedParticipant, consensus_answers, participant_at
 from support.waiting import eventually
 
 from broker.amqp import AmqpTransport
-from broker.recorder import Recorder, RecordingTransport
+from broker.recorder import RECEIVED_HEADER_BYTES, Recorder, RecordingTransport
 from broker.topology import (
     COORDINATOR_USER,
     DEAD_LETTER_MAX_BYTES,
@@ -31,10 +34,12 @@ from broker.topology import (
     UP_EXCHANGE,
     control_key,
     generation_key,
+    intake_topology,
 )
 from broker.transport import BODY_BYTES_HEADER, DEAD_LETTER_BODY_BYTES, ORIGINAL_USER_HEADER, REASON_HEADER
 from coordinator.service import Coordinator
 from coordinator.settings import RoundSettings
+from participant.service import Participant
 from schemas import (
     Answer,
     GenerationBatch,
@@ -475,3 +480,109 @@ async def test_a_member_sending_one_empty_batch_fails_no_shard(tmp_path: Path, r
     # It answered shard 0 and left the others unanswered: it missed the round, as a silent member does.
     assert summaries[0].missing == summaries[1].missing == [mallory]
     assert coordinator.counters.benched == [(3, mallory)]
+
+
+# -- 7. the lobby: a newcomer's Join, and what is refused unread (issue 20.5) ----
+
+
+async def test_newcomers_join_while_another_member_floods_the_lobby(
+    tmp_path: Path, rabbit_vhost: Vhost
+) -> None:
+    mallory, nina, olga, paula = names("mallory", "nina", "olga", "paula")
+    urls = rabbit_vhost(participants=(mallory, nina, olga, paula))
+    config = round_config(tmp_path, 3, min_participants=4)
+    # Valid heartbeats padded to 60 KB (decoders skip unknown keys): the lobby keeps 279 of them.
+    attacker = LobbyAttacker(urls[mallory], mallory, FEDERATION, "heartbeats", 60_000, seconds=8.0)
+    services: list[Participant] = []
+    try:
+        async with federation(urls, config) as (coordinator, participants):
+            async with AmqpTransport(urls[COORDINATOR_USER], connection_name="test provisioning") as operator:
+                await operator.declare(intake_topology([olga]))  # as `chorus-broker add-participant` does
+            await attacker.ready()
+            await eventually(lambda: mallory in member_ids(coordinator))
+            # The coordinator is away (a restart, a long step) while nina (the participant service) and
+            # olga (one Join, as a client of PROTOCOL.md's first text sends) join, and the flood pushes
+            # both Joins out of the lobby; paula joins while the flood goes on.
+            await coordinator.stop_intake()
+            services.append(await participant_service_at(urls[nina], nina, FEDERATION, tmp_path / nina))
+            participants.append(await participant_at(urls[olga], olga, FEDERATION))
+            await participants[-1].join()
+            attacker.go()
+            started = time.monotonic()
+            await asyncio.sleep(2.0)
+            await coordinator.start()
+            services.append(await participant_service_at(urls[paula], paula, FEDERATION, tmp_path / paula))
+            newcomers = {nina, olga, paula}
+            while not newcomers <= member_ids(coordinator) and time.monotonic() - started < 20.0:
+                # olga heartbeats, as every participant does (every 15 s by default; here every second)
+                beat = Heartbeat(
+                    federation=FEDERATION,
+                    round_id=0,
+                    message_id=new_message_id(),
+                    participant_id=olga,
+                    sent_unix=time.time(),
+                )
+                await participants[-1].transport.publish(
+                    UP_EXCHANGE, control_key(olga), encode(beat), message_id=beat.message_id
+                )
+                await asyncio.sleep(1.0)
+            joined = sorted(newcomers & member_ids(coordinator))
+            waited = time.monotonic() - started
+            print(f"members {joined} after {waited:.1f} s; attacker {await attacker.finish()}")
+            assert joined == sorted(newcomers)
+            (summary,) = await drive(coordinator, 1)
+            assert newcomers <= set(summary.answered)
+            # Expected in a round: the services stop sending their Join again.
+            await eventually(lambda: all(s._rejoin is not None and s._rejoin.done() for s in services))
+    finally:
+        attacker.kill()
+        for service in services:
+            await service.stop()
+            await service.transport.close()
+
+
+async def test_refused_control_messages_are_recorded_cut_and_their_bodies_freed(
+    tmp_path: Path, rabbit_vhost: Vhost
+) -> None:
+    (mallory,) = names("mallory")
+    urls = rabbit_vhost(participants=(mallory,))
+    records = tmp_path / "records"
+    size = 64 * 1024 * 1024
+    # Three control messages of 64 MiB, then 5 s of valid heartbeats padded to 60 KB with 60 KB of
+    # headers: each is refused unread from mallory's intake queue, and its lobby copy acked unread.
+    oversized = LobbyAttacker(urls[mallory], mallory, FEDERATION, "oversized", size, count=3)
+    flood = LobbyAttacker(
+        urls[mallory], mallory, FEDERATION, "heartbeats", 60_000, seconds=5.0, header_bytes=60_000
+    )
+    try:
+        async with federation(urls, round_config(tmp_path, 1), records=records) as (coordinator, _):
+            assert isinstance(coordinator.transport, RecordingTransport)
+            await oversized.ready()
+            await flood.ready()
+            await eventually(lambda: mallory in member_ids(coordinator))
+            gc.collect()  # what earlier tests left for the collector
+            rss_before, records_before = rss_status("VmRSS"), directory_bytes(records)
+            oversized.go()
+            await oversized.finish()
+            flood.go()
+            sent = 3 + int((await flood.finish()).split()[1])
+            received = -1
+            for _ in range(30):  # until intake took nothing more for a second
+                if coordinator.counters.received_bytes == received:
+                    break
+                received = coordinator.counters.received_bytes
+                await asyncio.sleep(1.0)
+            coordinator.transport.recorder.flush()
+            grown = directory_bytes(records) - records_before
+            held = bodies_held(32 * 1024)
+            rss_grown = rss_status("VmRSS") - rss_before
+    finally:
+        oversized.kill()
+        flood.kill()
+    print(f"{sent} messages: records +{grown >> 10} KiB, RSS +{rss_grown >> 20} MiB, bodies held {held}")
+    # Each message leaves two copies, each recorded with its body and headers cut to 4 KiB.
+    assert grown <= 2 * sent * (DEAD_LETTER_BODY_BYTES + RECEIVED_HEADER_BYTES + 1024)
+    # Nothing keeps a body once its delivery is settled (a reference cycle between a delivery and its
+    # settlers kept every one until the cyclic collector ran): its memory is given back at once.
+    assert held == []
+    assert rss_grown < size

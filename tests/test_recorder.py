@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import io
+import weakref
 from pathlib import Path
 
 import msgspec
@@ -15,8 +17,23 @@ from broker.addresses import redact_password
 from broker.errors import Unroutable
 from broker.memory import MemoryBroker
 from broker.record_format import FORMAT_VERSION, MessageFrame, read_log_file
-from broker.recorder import Recorder, RecordingTransport
-from broker.transport import REASON_HEADER, BindingSpec, Delivery, ExchangeSpec, QueueSpec, Topology
+from broker.recorder import (
+    HEADERS_CUT_KEY,
+    RECEIVED_HEADER_BYTES,
+    UNREAD,
+    Recorder,
+    RecordingTransport,
+    ack_unread,
+)
+from broker.transport import (
+    DEAD_LETTER_BODY_BYTES,
+    REASON_HEADER,
+    BindingSpec,
+    Delivery,
+    ExchangeSpec,
+    QueueSpec,
+    Topology,
+)
 from coordinator.replay.log import load_log
 from coordinator.replay.recording import recorded_settings
 from coordinator.settings import CoordinatorSettings
@@ -176,3 +193,43 @@ def test_unencodable_header_values_are_kept_as_text(tmp_path: Path) -> None:
         recorder.record_received(delivery, received_unix=1.0, settle="ack")
     (frame,) = frames_of(recorder)
     assert frame.headers == {"x-price": "1.5", REASON_HEADER: "why"} and frame.user_id is None
+
+
+async def test_what_is_not_read_is_recorded_cut_and_no_delivery_outlives_its_settling(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    broker.declare(TOPOLOGY)
+    recorder = make_recorder(tmp_path)
+    big = b"x" * (DEAD_LETTER_BODY_BYTES * 10)
+    headers: dict[str, str | int] = {"small": 1, "pad": "h" * RECEIVED_HEADER_BYTES, "after": 2}
+    settled: list[weakref.ref[Delivery]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        if delivery.message_id == "unread":
+            await ack_unread(delivery)
+        elif delivery.message_id == "refused":
+            await delivery.dead_letter("too big")
+        else:
+            await delivery.ack()
+        settled.append(weakref.ref(delivery))
+
+    gc.disable()  # what only the cyclic collector would free stays
+    try:
+        async with RecordingTransport(broker.connect("coordinator"), recorder) as transport:
+            await transport.consume("work", handler)
+            publisher = broker.connect("alice")
+            for message_id in ("unread", "refused", "read"):
+                await publisher.publish("up", "job.alice", big, message_id=message_id, headers=headers)
+            for _ in range(20):
+                await asyncio.sleep(0)
+        assert len(settled) == 3 and all(ref() is None for ref in settled)
+    finally:
+        gc.enable()
+
+    frames = {f.message_id: f for f in frames_of(recorder) if f.direction == "in"}
+    unread, refused, read = frames["unread"], frames["refused"], frames["read"]
+    assert (unread.settle, unread.reason) == ("ack", UNREAD)
+    for cut in (unread, refused):
+        assert cut.body == big[:DEAD_LETTER_BODY_BYTES] and cut.body_bytes == len(big)
+    assert read.body == big and read.body_bytes == 0  # what the consumer took is recorded whole
+    # Headers, whoever sent them, are kept up to RECEIVED_HEADER_BYTES: the rest is counted.
+    assert all(f.headers == {"small": 1, "after": 2, HEADERS_CUT_KEY: 1} for f in (unread, read))
