@@ -128,6 +128,9 @@ class Delivery:
         assert self._settle is not None, "delivery has no settler"
         await self._settle(action, reason)
         self.settled = True
+        # The settler closes over this delivery: drop it, or the cycle keeps the body alive until the
+        # cyclic garbage collector happens to run (a refused 100 MiB body held for no reason).
+        self._settle = None
 
 
 def dead_letter_copy(

@@ -26,6 +26,7 @@ from broker.errors import BrokerError
 from broker.recorder import ack_unread
 from broker.topology import LOBBY_MAX_MESSAGES, LOBBY_QUEUE, intake_queue
 from broker.transport import Delivery, Handler, Subscription, Transport
+from common.log_budget import LogBudget
 from coordinator.identity import identity_problem, ownership_problem, shard_of_routing_key
 from coordinator.late_answers import RevisionWindow
 from coordinator.rounds import Acceptance, RoundState
@@ -145,6 +146,7 @@ class Intake:
         self.on_join = on_join
         self.wake = wake
         self.counters = Counters()
+        self._rejected_log = LogBudget(log)
         self.is_open = False
         self._subscriptions: list[Subscription] = []
         self._consumed: set[str] = set()  # participants whose intake queue this coordinator consumes
@@ -534,8 +536,11 @@ class Intake:
 
     async def _reject(self, delivery: Delivery, reason: str, message: Message | None = None) -> None:
         self.counters.reject(reason)
-        log.warning(
+        # At most a few lines per sender and minute: a flood of bad messages must not write the log at
+        # the flooder's bandwidth (the counters and metrics still count every one).
+        self._rejected_log.warning(
             "rejected",
+            sender=delivery.user_id,
             reason=reason,
             round=None if message is None else message.round_id,
             shard=getattr(message, "shard_id", None),

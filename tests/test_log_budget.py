@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 from structlog.testing import capture_logs
+from support.coordinators import memory_coordinator, write_config
+from support.waiting import eventually
 
+from bench.fake_participant import publish_join
+from broker.memory import MemoryBroker
+from broker.topology import UP_EXCHANGE, generation_key
 from common.log_budget import OVERFLOW_SENDER, LogBudget
+from schemas import new_message_id
 
 log = structlog.get_logger("test")
 
@@ -95,3 +102,24 @@ def test_new_senders_past_the_limit_share_one_budget() -> None:
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="per_window"):
         LogBudget(log, per_window=0)
+
+
+async def test_a_coordinator_logs_a_flood_of_bad_messages_in_a_few_lines(tmp_path: Path) -> None:
+    # 300 undecodable batches from one member's own login: every one is dead-lettered and counted, and
+    # the log gets the budget's lines plus a count, not one line each.
+    broker = MemoryBroker()
+    coordinator = memory_coordinator(write_config(tmp_path, federation="flood"), broker)
+    mallory = broker.connect("mallory")
+    with capture_logs() as logs:
+        await coordinator.start()
+        await publish_join(mallory, "flood", "mallory", "scripted")
+        await eventually(lambda: "mallory" in coordinator.active_members())
+        for _ in range(300):
+            await mallory.publish(
+                UP_EXCHANGE, generation_key(0, "mallory"), b"\xc1", message_id=new_message_id()
+            )
+        await eventually(lambda: coordinator.counters.dead_lettered >= 300)
+        await coordinator.stop_intake()
+    rejected = [e for e in logs if e["event"] == "rejected"]
+    assert coordinator.counters.dead_lettered == 300
+    assert 1 <= len(rejected) <= 20, len(rejected)
