@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +19,7 @@ import msgspec
 import pytest
 from support.attackers import Attacker, DeadLetters, IdThief, directory_bytes, reset_peak_rss, rss_status
 from support.coordinators import coordinator_at
+from support.driving import drive, names, seconds
 from support.faults import FEDERATION, SHARDS, label_table, reference_labels, round_config, stored_batches
 from support.lobby_attackers import LobbyAttacker, bodies_held, member_ids, participant_service_at
 from support.scripted import ScriptedParticipant, consensus_answers, participant_at
@@ -57,11 +57,6 @@ pytestmark = pytest.mark.amqp
 Vhost = Callable[..., dict[str, str]]
 
 
-def names(*roles: str) -> list[str]:
-    tag = secrets.token_hex(3)
-    return [f"{role}-{tag}" for role in roles]
-
-
 @asynccontextmanager
 async def federation(
     urls: dict[str, str], config: Path, dead: DeadLetters | None = None, records: Path | None = None
@@ -89,32 +84,6 @@ async def federation(
         await coordinator.transport.close()
         coordinator.store.close()
         await inspector.close()
-
-
-async def drive(coordinator: Coordinator, rounds: int, timeout: float = 60.0) -> list[RoundClosed]:
-    """Run the coordinator until `rounds` rounds in all are closed; summaries of those this call closed."""
-    settings = coordinator.settings
-    coordinator.settings = msgspec.structs.replace(
-        settings, round=msgspec.structs.replace(settings.round, rounds=rounds)
-    )
-    before = len(coordinator.closed_rounds)
-    try:
-        await asyncio.wait_for(coordinator.drive(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"rounds did not close in {timeout} s: {progress(coordinator)}") from None
-    return coordinator.closed_rounds[before:]
-
-
-def progress(coordinator: Coordinator) -> str:
-    """Where the open round stands, and what intake did: for a failure message."""
-    state = coordinator.round
-    shards = {} if state is None else {s: sorted(shard.answered) for s, shard in state.shards.items()}
-    round_id = None if state is None else state.round_id
-    return f"round {round_id} answered {shards}, intake {coordinator.counters}"
-
-
-def seconds(summary: RoundClosed) -> float:
-    return summary.closed_unix - summary.opened_unix
 
 
 # -- 1. somebody else's message ids ------------------------------------------

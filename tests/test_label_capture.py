@@ -17,16 +17,15 @@ from support.capture import (
     Chooser,
     LateRider,
     captured,
-    drive,
     federation,
     honest_pair,
     honest_text,
     leave,
     member,
-    names,
     rider_text,
     round_seconds,
 )
+from support.driving import drive, names
 from support.faults import FEDERATION, round_config
 
 from coordinator.reputation import reputation_weights

@@ -9,8 +9,6 @@ ignores an answer's own weight lets it win once it is down-weighted (late, or lo
 
 from __future__ import annotations
 
-import asyncio
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from broker.topology import COORDINATOR_USER
 from coordinator.service import Coordinator
 from schemas import Answer, GenerationBatch, PromptShard, RoundClosed, RoundOpened
 from support.coordinators import coordinator_at
+from support.driving import seconds
 from support.scripted import ScriptedParticipant
 from support.waiting import eventually
 
@@ -40,12 +39,6 @@ def honest_text(family: int, prompt_id: str) -> str:
 def rider_text(prompt_id: str) -> str:
     """Family 0's honest text with the attacker's payload appended."""
     return honest_text(0, prompt_id) + PAYLOAD
-
-
-def names(*roles: str) -> list[str]:
-    """Participant ids for one test: `role-<tag>`, so ids sort by role."""
-    tag = secrets.token_hex(3)
-    return [f"{role}-{tag}" for role in roles]
 
 
 @dataclass
@@ -129,20 +122,9 @@ async def leave(participants: Iterable[ScriptedParticipant]) -> None:
         await participant.transport.close()
 
 
-async def drive(coordinator: Coordinator, rounds: int, timeout: float = 90.0) -> list[RoundClosed]:
-    """Run the coordinator until `rounds` rounds in all are closed; summaries of those this call closed."""
-    settings = coordinator.settings
-    coordinator.settings = msgspec.structs.replace(
-        settings, round=msgspec.structs.replace(settings.round, rounds=rounds)
-    )
-    before = len(coordinator.closed_rounds)
-    await asyncio.wait_for(coordinator.drive(), timeout)
-    return coordinator.closed_rounds[before:]
-
-
 def round_seconds(summaries: Iterable[RoundClosed]) -> str:
     """Each round's length, for the report a test prints."""
-    return ", ".join(f"{s.closed_unix - s.opened_unix:.2f}s" for s in summaries)
+    return ", ".join(f"{seconds(s):.2f}s" for s in summaries)
 
 
 @dataclass(frozen=True)
