@@ -510,16 +510,17 @@ class HnswConsensus(_MedoidConsensus):
     A prompt with at most neighbours + 1 distinct texts needs no search (all its texts are
     neighbours): it is scored exactly and left out of the index. The others are searched in two
     passes, because hnswlib's `filter=` is a Python callable that it calls, under the GIL, for every
-    node it visits (several hundred per query here; 3-5x slower than an unfiltered query, and slower
-    still with more threads). Pass one: one unfiltered batch query for every text of the shard,
-    asking for twice the neighbours needed, keeping the same-prompt hits in order; a prompt's answers
-    sit together in embedding space, so that usually suffices. Pass two, only for the texts still
-    short (typically answers far from the rest of their prompt):
+    node it visits (slower than an unfiltered query, and slower still with more threads). Pass one:
+    one unfiltered batch query for every text of the shard, asking for twice the neighbours needed,
+    keeping the same-prompt hits in order; a prompt's answers sit together in embedding space, so
+    that usually suffices. Pass two, only for the texts still short (typically answers far from the
+    rest of their prompt):
 
     - in a prompt with fewer than `hnsw_filter_min_texts` distinct texts, a brute-force scan of the
       prompt's texts (`scanned_queries` counts them). A filter that admits a few dozen labels of a
-      large index makes hnswlib visit much of the graph, a Python call per node: measured ~2 ms per
-      query in a 2,500-text index, against microseconds for the scan;
+      large index makes hnswlib visit much of the graph, a Python call per node: with 10 answers a
+      prompt (500 prompts), a shard took 1.194 CPU s with `filter=` always against 0.446 s with the
+      scan (`python -m bench.bench_hnsw`, its `filter= always` rows; bench/results/hnsw_vs_exact.md);
     - in larger prompts, one hnswlib query per prompt with `filter=` restricted to the prompt's label
       range (`filtered_queries` counts them).
 

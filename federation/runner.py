@@ -60,7 +60,7 @@ class RunOptions:
     broker: str = "memory"  # "memory", "local", or an amqp:// URL for the coordinator
     rounds: int | None = None  # overrides the config
     broker_dir: Path | None = None  # with amqp://: a chorus-broker node dir to create participant users in
-    # participant id -> an adapter checkpoint it starts from instead of warming up (bench/quality.py
+    # participant id -> an adapter checkpoint it starts from instead of warming up (bench/quality/methods.py
     # gives every method the same warm-up this way)
     warm_start: Mapping[str, Path] = field(default_factory=dict)
     compare: str | None = None  # "local": after the run, each trainable member's local-only twin

@@ -130,7 +130,7 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     data_format: DataFormat = "auto"  # both files' record format; "auto" finds it from each record's keys
     generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
     # torch intra-op threads; 0 keeps torch's default (all cores). On a busy 2-core machine one thread
-    # generated 4-5x faster than two.
+    # generated 4-5x faster than two (`python -m bench.bench_participant --speed --threads 1`, then 2).
     torch_threads: Annotated[int, Meta(ge=0, le=1_024)] = 0
     device: Device = "cpu"  # where a local model runs: "cpu", "cuda", "cuda:N", or "auto" (a GPU if any)
     heartbeat_seconds: Annotated[float, Meta(gt=0.0)] = 15.0

@@ -236,7 +236,8 @@ def per_example_loss(lm: LocalModel, batch: Batch) -> tuple[torch.Tensor, torch.
     logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     # Position t predicts token t + 1. Shifting the labels (the last position gets none) rather than the
     # logits keeps the [batch, time, vocab] logits uncopied with the vocabulary last, where cross_entropy
-    # is fast: a transposed [batch, vocab, time] view made training ~10% slower than transformers' own loss.
+    # is fast: a transposed [batch, vocab, time] view made training ~10% slower than transformers' own loss
+    # (`python -m bench.bench_participant`: training against a plain loop with transformers' loss).
     targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     token_loss = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
