@@ -126,7 +126,9 @@ def test_the_shipped_own_data_run_on_tiny_models(tmp_path: Path, capsys: pytest.
     text = text.replace('model = "smollm2-135m-instruct"', 'model = "tiny-gpt2"', 1)
     text = text.replace('embedder = "minilm"', 'embedder = "hashing"')
     text = text.replace("max_new_tokens = 48", "max_new_tokens = 8").replace("rounds = 3", "rounds = 1")
-    text += "\n[coordinator.consensus]\nmin_confidence = -1.0\n"
+    # Tiny random models answer noise: label it anyway (as examples/tiny.toml does), so the run has labels.
+    loose = ("min_confidence = -1.0", "outlier_similarity = -1.0", "support_similarity = -1.0")
+    text += "\n[coordinator.consensus]\n" + "\n".join(loose) + "\n"
     config.write_text(text)
     results = tmp_path / "results"
     assert cli.main([str(config), "--results", str(results)]) == 0
