@@ -3,7 +3,7 @@ processes, started from a copy of the shipped examples/coordinator.toml and exam
 against the session's RabbitMQ node.
 
 What a user must see: a short federation that ends with both tools exiting 0; and for a bad settings
-file, an unreachable broker or a wrong password, a non-zero exit status (README, "Exit status") and one
+file, an unreachable broker or a wrong password, a non-zero exit status (docs/operate.md) and one
 paragraph on stderr that says what is wrong and where, never a Python traceback.
 
 The settings and broker failures start all their processes at once (module fixtures), so that the

@@ -1,5 +1,5 @@
 """Ctrl-C on `chorus-coordinator` and `chorus-participant`: each stops cleanly, logs that it was
-interrupted, and exits 130 (README, "Exit status"), as `chorus-run` does. Real console scripts in their
+interrupted, and exits 130 (docs/operate.md), as `chorus-run` does. Real console scripts in their
 own processes, on the session's RabbitMQ node, each sent SIGINT once it is serving."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Many participant connections publish at once to one node: nothing lost, rounds close.
 
-The numbers for the README come from `python -m bench.bench_load` (100 connections);
+The numbers in docs/results.md come from `python -m bench.bench_load` (100 connections);
 `make test` runs 30 connections for two rounds, `make soak` the full 100 for three.
 """
 
