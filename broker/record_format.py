@@ -16,14 +16,23 @@ caught. The map's `type` says what it is:
 
 Reading stops a file at its first bad frame (cut short, not msgpack, CRC mismatch, not a frame)
 and reports that frame's byte offset; the frames before it are kept.
+
+`FrameScan` streams a file one frame at a time, in memory bounded by its largest frame: each
+payload is read once into one buffer (its length comes from the frame's prefix), and the message's
+`body` is a memoryview into that buffer, not a copy. A frame whose payload is over
+`max_frame_bytes` (`MAX_FRAME_BYTES` by default) is not loaded: its checksum is verified in chunks
+and it is reported in `skipped`, and reading goes on after it. `read_frame(path, offset)` reads one
+frame again where a scan found it. `read_log_file` holds every frame of a file at once (small files,
+tests).
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type stubs
 import msgspec
@@ -53,7 +62,7 @@ class HeaderFrame(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     settings: dict[str, Any]
 
 
-class MessageFrame(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="message"):
+class _MessageFields(msgspec.Struct, frozen=True, kw_only=True):
     t: float
     direction: Direction
     exchange: str
@@ -61,7 +70,6 @@ class MessageFrame(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", 
     message_id: str | None
     user_id: str | None
     headers: dict[str, Any]
-    body: bytes
     redelivered: bool = False
     settle: Settlement | None = None
     reason: str = ""
@@ -69,7 +77,18 @@ class MessageFrame(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", 
     body_bytes: int = 0  # the full size of a body that was cut short; 0 when `body` is all of it
 
 
+class MessageFrame(_MessageFields, frozen=True, kw_only=True, tag_field="type", tag="message"):
+    body: bytes
+
+
+class MessageFrameView(_MessageFields, frozen=True, kw_only=True, tag_field="type", tag="message"):
+    """A message frame whose `body` is a view into the payload it was read from (no copy)."""
+
+    body: memoryview
+
+
 Frame = HeaderFrame | MessageFrame
+_frame_view_decoder = msgspec.msgpack.Decoder(HeaderFrame | MessageFrameView)
 
 
 def _unencodable(value: object) -> object:
@@ -102,6 +121,22 @@ class Damage:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A sound frame that was not loaded: its payload is over the reader's `max_frame_bytes`."""
+
+    path: Path
+    offset: int
+    payload_bytes: int
+    limit: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: frame at byte {self.offset} skipped: its payload is {self.payload_bytes} bytes, "
+            f"over the {self.limit}-byte frame limit (not loaded)"
+        )
+
+
+@dataclass(frozen=True)
 class LogFile:
     """One file's good frames; `damage` is set when reading stopped before the end of the file."""
 
@@ -110,63 +145,174 @@ class LogFile:
     header: HeaderFrame | None
     frames: tuple[MessageFrame, ...]
     damage: Damage | None
+    skipped: tuple[Skipped, ...] = ()
 
 
-def read_log_file(path: Path) -> LogFile:
-    """Every good frame of `path`, up to the first bad one (reported in `damage`)."""
+def read_log_file(path: Path, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> LogFile:
+    """Every good frame of `path`, up to the first bad one (reported in `damage`), all in memory."""
+    scan = FrameScan(path, max_frame_bytes=max_frame_bytes)
+    frames = tuple(
+        MessageFrame(**{f: getattr(view, f) for f in _MESSAGE_FIELDS}, body=bytes(view.body))
+        for _, view in scan.messages()
+    )
+    return LogFile(path, scan.size, scan.header, frames, scan.damage, tuple(scan.skipped))
+
+
+_MESSAGE_FIELDS = _MessageFields.__struct_fields__
+_CHUNK = 1 << 20  # bytes read at a time from a frame that is checked but not loaded
+_TRUNCATED = "the file ends inside this frame (truncated)"
+
+
+class _BadFrame(Exception):
+    """What is wrong with the frame at the current offset (internal to the reader)."""
+
+
+@dataclass
+class FrameScan:
+    """One pass over a record file, a frame at a time: `messages()` yields them; after it has
+    finished, `header`, `damage`, `skipped` and `frames` say what the file held."""
+
+    path: Path
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    size: int = 0
+    header: HeaderFrame | None = None
+    damage: Damage | None = None
+    skipped: list[Skipped] = field(default_factory=list)
+    frames: int = 0  # message frames yielded
+
+    def __post_init__(self) -> None:
+        try:
+            self.size = self.path.stat().st_size
+        except OSError as e:
+            raise RecordLogError(f"cannot open record log {self.path}: {e.strerror or e}") from e
+
+    def messages(self) -> Iterator[tuple[int, MessageFrameView]]:
+        """(byte offset, frame) of each message frame, read once; the file is open while this runs."""
+        try:
+            opened: BinaryIO = self.path.open("rb")
+        except OSError as e:
+            raise RecordLogError(f"cannot open record log {self.path}: {e.strerror or e}") from e
+        with opened as handle:
+            offset = 0
+            while offset < self.size:
+                try:
+                    frame = self._next(handle, offset)
+                except _BadFrame as e:
+                    self.damage = Damage(self.path, offset, str(e))
+                    return
+                here, offset = offset, handle.tell()
+                if isinstance(frame, MessageFrameView):
+                    self.frames += 1
+                    yield here, frame
+            if self.header is None:
+                self.damage = Damage(self.path, 0, "the file is empty: no header frame (truncated)")
+
+    def _next(self, handle: BinaryIO, offset: int) -> HeaderFrame | MessageFrameView | None:
+        """The frame at `offset` (None: skipped, over the limit); raises _BadFrame."""
+        crc, length = _frame_prefix(handle)
+        first = offset == 0
+        if length > self.max_frame_bytes:
+            if first:
+                raise _BadFrame(f"a {length}-byte first frame: not a Chorus record log header")
+            _check_unloaded(handle, crc, length)
+            self.skipped.append(Skipped(self.path, offset, length, self.max_frame_bytes))
+            return None
+        payload = handle.read(length)
+        if len(payload) < length:
+            raise _BadFrame(_TRUNCATED)
+        return _checked_frame(crc, payload, first=first, header=self)
+
+
+def read_frame(path: Path, offset: int) -> MessageFrameView:
+    """The message frame a `FrameScan` of `path` found at `offset`, read again (checksum checked)."""
     try:
-        handle = path.open("rb")
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            crc, length = _frame_prefix(handle)
+            payload = handle.read(length)
     except OSError as e:
-        raise RecordLogError(f"cannot open record log {path}: {e.strerror or e}") from e
-    with handle:
-        size = path.stat().st_size
-        unpacker = msgpack.Unpacker(handle, raw=False, max_buffer_size=MAX_FRAME_BYTES)
-        header: HeaderFrame | None = None
-        frames: list[MessageFrame] = []
-        offset = 0
-        while True:
-            try:
-                envelope = unpacker.unpack()
-            except msgpack.OutOfData:
-                if offset < size:
-                    missing = "the file ends inside this frame (truncated)"
-                    return LogFile(path, size, header, tuple(frames), Damage(path, offset, missing))
-                if header is None:
-                    empty = Damage(path, 0, "the file is empty: no header frame (truncated)")
-                    return LogFile(path, size, None, (), empty)
-                return LogFile(path, size, header, tuple(frames), None)
-            except (ValueError, msgpack.UnpackException) as e:
-                problem = f"not msgpack ({type(e).__name__}: {str(e) or 'invalid type byte'})"
-                return LogFile(path, size, header, tuple(frames), Damage(path, offset, problem))
-            frame_or_problem = _check_frame(envelope, first=header is None and not frames)
-            if isinstance(frame_or_problem, str):
-                return LogFile(path, size, header, tuple(frames), Damage(path, offset, frame_or_problem))
-            if isinstance(frame_or_problem, HeaderFrame):
-                header = frame_or_problem
-            else:
-                frames.append(frame_or_problem)
-            offset = unpacker.tell()
-
-
-def _check_frame(envelope: object, *, first: bool) -> Frame | str:
-    """The frame in `envelope`, or what is wrong with it."""
-    if not (isinstance(envelope, list) and len(envelope) == 2):
-        return "not a frame (expected a msgpack array [crc32, payload])"
-    crc, payload = envelope
-    if not isinstance(crc, int) or not isinstance(payload, bytes):
-        return "not a frame (expected [crc32 as int, payload as bin])"
-    if zlib.crc32(payload) != crc:
-        return f"checksum mismatch (stored {crc:#010x}, computed {zlib.crc32(payload):#010x}): corrupt"
+        raise RecordLogError(f"cannot read record log {path}: {e.strerror or e}") from e
+    except _BadFrame as e:
+        raise RecordLogError(f"{path}: bad frame at byte {offset}: {e}") from e
     try:
-        fields = msgpack.unpackb(payload, raw=False)
-        frame: Frame = msgspec.convert(fields, Frame)
-    except (ValueError, msgpack.UnpackException, msgspec.ValidationError) as e:
-        return f"payload is not a valid frame ({e})"
+        if len(payload) < length:
+            raise _BadFrame(_TRUNCATED)
+        frame = _checked_frame(crc, payload, first=False, header=None)
+    except _BadFrame as e:
+        raise RecordLogError(f"{path}: bad frame at byte {offset}: {e}") from e
+    if not isinstance(frame, MessageFrameView):
+        raise RecordLogError(f"{path}: the frame at byte {offset} is not a message")
+    return frame
+
+
+_UINT_BYTES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BIN_BYTES = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _frame_prefix(handle: BinaryIO) -> tuple[int, int]:
+    """The stored checksum and payload length of the frame at the handle's position, which is left at
+    the first payload byte. A frame is the msgpack array [crc32 as uint, payload as bin]."""
+    start = _read_exactly(handle, 2)
+    if start[0] != 0x92:
+        if start[0] == 0xC1:
+            raise _BadFrame("not msgpack (0xc1 is no msgpack type byte)")
+        raise _BadFrame(
+            f"not a frame (starts with byte {start[0]:#04x}, expected a msgpack array [crc32, payload])"
+        )
+    if start[1] <= 0x7F:
+        crc, marker = start[1], _read_exactly(handle, 1)[0]
+    elif start[1] in _UINT_BYTES:
+        raw = _read_exactly(handle, _UINT_BYTES[start[1]] + 1)
+        crc, marker = int.from_bytes(raw[:-1], "big"), raw[-1]
+    else:
+        raise _BadFrame("not a frame (expected [crc32 as int, payload as bin])")
+    if marker not in _BIN_BYTES:
+        raise _BadFrame("not a frame (expected [crc32 as int, payload as bin])")
+    return crc, int.from_bytes(_read_exactly(handle, _BIN_BYTES[marker]), "big")
+
+
+def _read_exactly(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) < size:
+        raise _BadFrame(_TRUNCATED)
+    return data
+
+
+def _check_unloaded(handle: BinaryIO, crc: int, length: int) -> None:
+    """Verify a payload's checksum reading it a chunk at a time; the handle ends after it."""
+    computed, left = 0, length
+    while left:
+        chunk = handle.read(min(left, _CHUNK))
+        if not chunk:
+            raise _BadFrame(_TRUNCATED)
+        computed, left = zlib.crc32(chunk, computed), left - len(chunk)
+    if computed != crc:
+        raise _BadFrame(_mismatch(crc, computed))
+
+
+def _mismatch(stored: int, computed: int) -> str:
+    return f"checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt"
+
+
+def _checked_frame(
+    crc: int, payload: bytes, *, first: bool, header: FrameScan | None
+) -> HeaderFrame | MessageFrameView:
+    """The frame in a payload whose checksum and kind are right; raises _BadFrame. A header frame is
+    stored on `header` (the scan)."""
+    computed = zlib.crc32(payload)
+    if computed != crc:
+        raise _BadFrame(_mismatch(crc, computed))
+    try:
+        frame = _frame_view_decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise _BadFrame(f"payload is not a valid frame ({e})") from e
     if first and not isinstance(frame, HeaderFrame):
-        return "the file does not start with a header frame: not a Chorus record log"
+        raise _BadFrame("the file does not start with a header frame: not a Chorus record log")
     if isinstance(frame, HeaderFrame):
         if not first:
-            return "a header frame in the middle of a file"
+            raise _BadFrame("a header frame in the middle of a file")
         if frame.format != FORMAT_VERSION:
-            return f"record format {frame.format}; this build reads format {FORMAT_VERSION}"
+            raise _BadFrame(f"record format {frame.format}; this build reads format {FORMAT_VERSION}")
+        if header is not None:
+            header.header = frame
     return frame

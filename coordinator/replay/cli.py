@@ -1,7 +1,10 @@
 """`chorus-replay`: look into a coordinator's record log, re-run its consensus, or publish it again.
 
-Exit status: 0 done; 1 done, but `--strict` found damage in the log or `--check` found changed
-labels; 2 error (nothing usable, bad options, broker trouble).
+Exit status: 0 done; 1 done, but `--strict` found damage in the log (or frames skipped over the
+frame limit) or `--check` found changed labels; 2 error (nothing usable, bad options, broker trouble).
+
+Memory: the log is read a frame at a time (`coordinator.replay.log`); a replay's peak is about its
+largest frame or two, plus a few hundred bytes per frame (bench/bench_replay_memory.py measures it).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from broker.record_format import MAX_FRAME_BYTES
 from common.logs import configure_logging
 from coordinator.replay.consensus import ConsensusOverrides, replay_consensus, replay_settings
 from coordinator.replay.label_sources import replay_label_quality
@@ -96,7 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_logs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("logs", nargs="+", type=Path, metavar="LOG", help="record log files or folders")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a log is truncated or corrupt")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a log is truncated or corrupt, or frames were skipped",
+    )
+    parser.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=MAX_FRAME_BYTES,
+        metavar="N",
+        help=f"frames with a larger payload are checked and reported, not loaded (default {MAX_FRAME_BYTES})",
+    )
 
 
 def _quorum(text: str) -> int | float:
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        log = load_log(args.logs)
+        log = load_log(args.logs, max_frame_bytes=args.max_frame_bytes)
         if args.command == "inspect":
             status = run_inspect(log)
         elif args.command == "consensus":
@@ -126,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    if args.strict and log.damage:
-        print(f"{PROG}: {len(log.damage)} damaged files (--strict)", file=sys.stderr)
+    if args.strict and (log.damage or log.skipped):
+        print(
+            f"{PROG}: {len(log.damage)} damaged files, {len(log.skipped)} skipped frames (--strict)",
+            file=sys.stderr,
+        )
         return 1
     return status
 

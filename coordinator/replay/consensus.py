@@ -7,6 +7,12 @@ the log has no summary of, the answered sets are worked out again by running the
 over the recorded arrival times. Candidates and the PseudoLabels bytes come from
 `coordinator.labelling`, the code the service runs, so the same log and settings give
 byte-identical labels.
+
+A shard's batches are read from the log when its consensus runs, and let go after it: a replay holds
+one shard's batches at a time (`ShardReplay.batches()` reads them again). The embedding cache is
+kept to `REPLAY_CACHE_ENTRIES` (the recorded `cache_entries` if smaller): a replay meets each answer
+once or twice, in its round and the next, so a cache the size of the live coordinator's (200,000 by
+default) would only grow with the log.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import msgspec
 
 from common.embedding import Embedder
 from coordinator.labelling import pseudo_labels_message, shard_candidates
-from coordinator.replay.log import Recording, ReplayError
+from coordinator.replay.log import BatchKey, RecordedFrame, Recording, ReplayError, batch_of
 from coordinator.reputation import weigh_votes
 from coordinator.rounds import RoundState, resolve_quorum
 from coordinator.settings import CoordinatorSettings
@@ -30,6 +36,7 @@ from schemas.messages import GenerationBatch, Label, PseudoLabels, RoundOpened
 ShardKey = tuple[int, int]  # (round, shard)
 # The embedders `coordinator.wiring.build_embedder` knows by name; anything else is a local folder to load.
 NAMED_EMBEDDERS = ("minilm-onnx", "minilm", "hashing")
+REPLAY_CACHE_ENTRIES = 20_000  # embeddings a replay keeps: a large round's answers, and the next's
 
 
 @dataclass(frozen=True)
@@ -105,11 +112,15 @@ class ShardReplay:
     recorded: bytes | None  # the PseudoLabels the coordinator published (None: none in the log)
     replayed: bytes | None  # None when the shard fails (below quorum)
     changes: tuple[LabelChange, ...]
-    batches: tuple[GenerationBatch, ...] = ()  # the answered set's batches: what consensus chose among
+    batch_frames: tuple[RecordedFrame, ...] = ()  # the answered set's batches: what consensus chose among
 
     @property
     def identical(self) -> bool:
         return self.recorded == self.replayed
+
+    def batches(self) -> list[GenerationBatch]:
+        """The answered set's batches, read again from the log."""
+        return [batch_of(frame) for frame in self.batch_frames]
 
 
 @dataclass(frozen=True)
@@ -144,7 +155,10 @@ def replay_consensus(
     """
     if settings.strategy != "semantic":
         raise ReplayError("this log is of a fedavg federation: there is no consensus to replay")
-    strategy = build_consensus(settings.consensus, embedder)
+    table = settings.consensus
+    if table.cache_entries > REPLAY_CACHE_ENTRIES:
+        table = msgspec.structs.replace(table, cache_entries=REPLAY_CACHE_ENTRIES)
+    strategy = build_consensus(table, embedder)
     recorded_quorum = None if recording.settings is None else recording.settings.round.quorum
     resimulate = settings.round.quorum != recorded_quorum
     accepted = recording.accepted_batches()
@@ -154,7 +168,7 @@ def replay_consensus(
         opened = recording.opened[round_id]
         carried = []
         if settings.round.late_policy == "carry":
-            carried = [accepted[key][1] for key in sorted(late) if key[0] == round_id - 1]
+            carried = [batch_of(accepted[key]) for key in sorted(late) if key[0] == round_id - 1]
         for shard in opened.shards:
             key = (round_id, shard.shard_id)
             closing = closings.get(key)
@@ -164,8 +178,9 @@ def replay_consensus(
             prompt_ids = [p.prompt_id for p in shard.prompts]
             replayed = None
             reasons: dict[str, str] = {}
-            fresh = [accepted[(*key, p)][1] for p in closing.answered if (*key, p) in accepted]
+            fresh_frames = tuple(accepted[(*key, p)] for p in closing.answered if (*key, p) in accepted)
             if closing.status == "labelled":
+                fresh = [batch_of(frame) for frame in fresh_frames]
                 if len(fresh) != len(closing.answered):
                     notes.append(
                         f"round {round_id} shard {shard.shard_id}: {len(closing.answered) - len(fresh)} "
@@ -192,7 +207,7 @@ def replay_consensus(
                     recorded=recorded,
                     replayed=replayed,
                     changes=changes,
-                    batches=tuple(fresh),
+                    batch_frames=fresh_frames,
                 )
             )
     return ConsensusReplay(settings=settings, shards=tuple(shards), notes=tuple(notes))
@@ -201,7 +216,7 @@ def replay_consensus(
 def _closings(
     recording: Recording,
     settings: CoordinatorSettings,
-    accepted: Mapping[tuple[int, int, str], tuple[float, GenerationBatch]],
+    accepted: Mapping[BatchKey, RecordedFrame],
     resimulate: bool,
 ) -> tuple[dict[ShardKey, _Closing], set[tuple[int, int, str]], list[str]]:
     """Per shard how it closed, the late (round, shard, participant) batches, and notes."""
@@ -227,7 +242,7 @@ def _closings(
 def _simulate_round(
     opened: RoundOpened,
     settings: CoordinatorSettings,
-    accepted: Mapping[tuple[int, int, str], tuple[float, GenerationBatch]],
+    accepted: Mapping[BatchKey, RecordedFrame],
 ) -> tuple[dict[int, _Closing], set[tuple[int, int, str]]]:
     """Run the round engine over the recorded arrival times, as the live driver would have."""
     state = RoundState(
@@ -248,7 +263,7 @@ def _simulate_round(
             state.finish(closing.shard_id, closing.status)
 
     arrivals = sorted(
-        (t, key) for key, (t, _) in accepted.items() if key[0] == opened.round_id
+        (frame.t, key) for key, frame in accepted.items() if key[0] == opened.round_id
     )  # time order; ties by key
     for t, (_, shard_id, participant) in arrivals:
         while (wakeup := state.next_wakeup()) is not None and wakeup <= t:

@@ -42,7 +42,7 @@ def replay_label_quality(
             body = shard.replayed if side == "replayed" else shard.recorded
             if body is not None:
                 where = f"round {shard.round_id} shard {shard.shard_id}"
-                yield from shard_outcomes(_pseudo_labels(body, where), shard.batches)
+                yield from shard_outcomes(_pseudo_labels(body, where), shard.batches())
 
     return label_quality(outcomes(), references)
 

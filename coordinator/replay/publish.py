@@ -37,7 +37,7 @@ from broker.connect import AMQP_SCHEMES, open_transport
 from broker.errors import BrokerError
 from broker.topology import reply_queue
 from broker.transport import Delivery, HeaderValue, Transport
-from coordinator.replay.log import Recording, ReplayError
+from coordinator.replay.log import RecordedFrame, Recording, ReplayError
 from schemas.codec import decode_reply
 from schemas.errors import SchemaError
 from schemas.messages import AdapterUpdate, GenerationBatch, RoundOpened
@@ -45,6 +45,8 @@ from schemas.messages import AdapterUpdate, GenerationBatch, RoundOpened
 log = structlog.get_logger(__name__)
 
 Connect = Callable[[str], Transport]
+# The kinds of message that answer a round: only useful once the round is open.
+ROUND_ANSWERS = frozenset(str(k.__struct_config__.tag) for k in (GenerationBatch, AdapterUpdate))
 DEFAULT_ROUND_TIMEOUT = 120.0
 
 
@@ -55,9 +57,13 @@ class Republish:
     exchange: str
     routing_key: str
     message_id: str
-    body: bytes
-    headers: Mapping[str, HeaderValue]
+    frame: RecordedFrame  # where its body and headers lie: read when it is published, one at a time
     needs_round: int | None = None  # a round answer (batch, adapter): only useful once that round is open
+
+    def load(self) -> tuple[bytes, dict[str, HeaderValue]]:
+        """Its body and the headers to send again, read from the log."""
+        recorded = self.frame.load()
+        return bytes(recorded.body), _sendable_headers(recorded.headers)
 
 
 @dataclass(frozen=True)
@@ -126,8 +132,8 @@ def plan_republish(recording: Recording, *, acked_only: bool = False) -> Republi
 
     for item in sorted(recording.received, key=lambda r: r.frame.t):
         frame = item.frame
-        message_id = frame.message_id or (item.message.message_id if item.message is not None else "")
-        if item.message is None:
+        message_id = frame.message_id or item.content.message_id
+        if not item.decoded:
             skip("malformed")
         elif acked_only and frame.settle != "ack":
             skip("not acked")
@@ -144,13 +150,8 @@ def plan_republish(recording: Recording, *, acked_only: bool = False) -> Republi
                     exchange=frame.exchange,
                     routing_key=frame.routing_key,
                     message_id=message_id,
-                    body=frame.body,
-                    headers=_sendable_headers(frame.headers),
-                    needs_round=(
-                        item.message.round_id
-                        if isinstance(item.message, GenerationBatch | AdapterUpdate)
-                        else None
-                    ),
+                    frame=frame,
+                    needs_round=item.content.round_id if item.content.kind in ROUND_ANSWERS else None,
                 )
             )
     return RepublishPlan(messages=tuple(chosen), skipped=skipped)
@@ -219,12 +220,13 @@ async def republish(
 
 async def _publish_one(transport: Transport, message: Republish, report: RepublishReport) -> None:
     try:
+        body, headers = message.load()
         await transport.publish(
             message.exchange,
             message.routing_key,
-            message.body,
+            body,
             message_id=message.message_id,
-            headers=message.headers or None,
+            headers=headers or None,
         )
     except BrokerError as e:
         why = type(e).__name__

@@ -80,7 +80,7 @@ def inspect_text(log: RecordedLog, recording: Recording) -> str:
         late_rows: list[tuple[str, ...]] = [("round", "shard", "participant", "arrived")]
         for key in late:
             opened_at = recording.opened_at.get(key[0], start)
-            arrived = _since(opened_at, accepted[key][0]) + " after open"
+            arrived = _since(opened_at, accepted[key].t) + " after open"
             late_rows.append((str(key[0]), str(key[1]), key[2], arrived))
         lines += table(late_rows)
     lines += damage_lines(log)
@@ -92,6 +92,9 @@ def damage_lines(log: RecordedLog) -> list[str]:
     if log.damage:
         lines += ["", f"damage: {len(log.damage)} files stop early (their frames before it are used)"]
         lines += [f"  {d}" for d in log.damage]
+    if log.skipped:
+        lines += ["", f"skipped: {len(log.skipped)} frames over the frame limit, checked but not loaded"]
+        lines += [f"  {s}" for s in log.skipped]
     if log.notes:
         lines += ["", "notes", *[f"  {note}" for note in log.notes]]
     return lines
@@ -103,7 +106,7 @@ def _files_table(log: RecordedLog) -> list[str]:
         session = "-" if f.header is None else f.header.session
         index = "-" if f.header is None else str(f.header.file_index)
         damage = "" if f.damage is None else f"byte {f.damage.offset}: {f.damage.problem}"
-        rows.append((f.path.name, session, index, str(len(f.frames)), str(f.size), damage))
+        rows.append((f.path.name, session, index, str(f.frames), str(f.size), damage))
     return table(rows)
 
 
@@ -127,11 +130,8 @@ def _rounds_table(recording: Recording) -> list[str]:
     rounds = sorted({0, *recording.opened, *(r.round_id for r in recording.received)})
     out_by_round: dict[int, list[int]] = {}
     for frame in recording.published:
-        try:
-            round_id = decode_reply(frame.body).round_id
-        except SchemaError:
-            continue
-        out_by_round.setdefault(round_id, []).append(len(frame.body))
+        if frame.content.kind:
+            out_by_round.setdefault(frame.content.round_id, []).append(frame.body_size)
     for round_id in rounds:
         received = [r for r in recording.received if r.round_id == round_id]
         opened, closed = recording.opened.get(round_id), recording.closed.get(round_id)
@@ -152,7 +152,7 @@ def _rounds_table(recording: Recording) -> list[str]:
                 shards,
                 labelled,
                 str(len(received)),
-                str(sum(len(r.frame.body) for r in received)),
+                str(sum(r.frame.body_size for r in received)),
                 str(len(out)),
                 str(sum(out)),
                 str(sum(1 for r in received if r.frame.settle == "dead_letter")),
@@ -191,7 +191,7 @@ def _participants_table(recording: Recording) -> list[str]:
             (
                 user,
                 str(len(mine)),
-                str(sum(len(r.frame.body) for r in mine)),
+                str(sum(r.frame.body_size for r in mine)),
                 str(sum(1 for key in accepted if key[2] == user and key not in late)),
                 str(sum(1 for key in late if key[2] == user)),
                 str(sum(1 for r in mine if r.frame.settle == "dead_letter")),
