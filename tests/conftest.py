@@ -27,6 +27,14 @@ from broker.cli import bring_up
 from broker.local_node import LocalNode
 
 
+@pytest.fixture(autouse=True)
+def default_logging() -> Iterator[None]:
+    """Each test starts from structlog's defaults: a CLI's main() run by an earlier test may have left a
+    level (say, warning) that would hide the info lines a test captures with capture_logs."""
+    structlog.reset_defaults()
+    yield
+
+
 @pytest.fixture(scope="session")
 def rabbit_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     node, _ = bring_up(tmp_path_factory.mktemp("rabbitmq"))
