@@ -5,9 +5,10 @@ Pure: plain data in, plain data out; no broker, no clock, no I/O beyond the embe
 For each prompt, every non-blank answer is embedded (one embedder call per shard, each distinct text
 once). The *density* of an answer is its own weight times the weighted sum of its (non-negative)
 cosine similarities to its `neighbours` nearest same-prompt answers, each neighbour weighted by its
-`Candidate.weight`. The pseudo-label is the densest answer that is not an outlier and that a strict
-majority of the prompt's answers agree with: a real answer, the semantic medoid of the majority,
-never a blend. Then:
+`Candidate.weight`. The settings' label rule (`label_choice`, one of coordinator.label_rules) picks
+the pseudo-label among the answers; the shipped "medoid" picks the densest answer that is not an
+outlier and that a strict majority of the prompt's answers agree with: a real answer, the semantic
+medoid of the majority, never a blend. Then:
 
 - confidence = the winner's weighted mean similarity to the prompt's other answers;
 - support = how many answers (the winner included) lie within `support_similarity` of it;
@@ -34,7 +35,6 @@ different BLAS paths; sums use `math.fsum`, exact and independent of order.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -51,6 +51,7 @@ import numpy.typing as npt
 from msgspec import Meta
 
 from common.embedding import Embedder
+from coordinator.label_rules import LABEL_RULES, PromptAnswers
 from schemas.errors import ChorusError
 
 FloatArray = npt.NDArray[np.float64]
@@ -58,10 +59,6 @@ Cosine = Annotated[float, Meta(ge=-1.0, le=1.0)]
 IndexArray = npt.NDArray[np.intp]
 
 _SIMILARITY_DECIMALS = 9
-# Label rules a settings file may name; the adversarial harness runs every one. "surest" (the answer its
-# writer reported the highest log-probability for) let any reported number beat members that reported
-# none, and was removed (issue #20).
-LABEL_CHOICES = ("medoid",)
 
 
 class ConsensusError(ChorusError, ValueError):
@@ -151,17 +148,19 @@ class ConsensusSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     hnsw_seed: Annotated[int, Meta(ge=0)] = 100
     hnsw_filter_min_texts: Annotated[int, Meta(ge=0)] = 1_024
     min_support_share: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.5
-    label_choice: str = "medoid"  # one of LABEL_CHOICES
+    label_choice: str = "medoid"  # a rule of coordinator.label_rules.LABEL_RULES
 
     def __post_init__(self) -> None:
+        # "surest" (the answer its writer reported the highest log-probability for) let any reported
+        # number beat members that reported none.
         if self.label_choice == "surest":
             raise ConsensusError(
                 'label_choice "surest" was removed: a member\'s reported log-probability could make its '
                 'answer the label (issue #20); remove the key or set "medoid"'
             )
-        if self.label_choice not in LABEL_CHOICES:
+        if self.label_choice not in LABEL_RULES:
             raise ConsensusError(
-                f"label_choice must be one of {list(LABEL_CHOICES)}, got {self.label_choice!r}"
+                f"label_choice must be one of {sorted(LABEL_RULES)}, got {self.label_choice!r}"
             )
         # Decoding a settings file checks the bounds above; constructing in code does not, so check here.
         problems = [problem for field in _bounded_fields(type(self)) if (problem := field.problem(self))]
@@ -358,47 +357,6 @@ def _nearness_key(pools: _Pools, known: npt.NDArray[np.bool_], levels: FloatArra
     return np.where(known, key, np.iinfo(np.int64).min)
 
 
-def _winner(
-    prompt: _Prompt,
-    density: FloatArray,
-    closest: FloatArray,
-    vectors: FloatArray,
-    settings: ConsensusSettings,
-) -> tuple[int | None, str]:
-    """The densest answer that is no outlier and that more than `min_support_share` of the prompt's
-    answers agree with; (None, why) when there is none, or when answers that disagree tie exactly."""
-    allowed = np.flatnonzero(closest >= settings.outlier_similarity)
-    if not len(allowed):
-        return None, "every answer is an outlier: no two answers agree"
-    needed = settings.min_support_share * len(prompt.candidates)  # blank answers agree with nothing
-    backed: dict[int, bool] = {}  # per distinct text
-    tied: list[int] = []
-    for answer in sorted(allowed.tolist(), key=lambda a: -density[a]):  # stable: canonical order in ties
-        if tied and density[answer] < density[tied[0]]:
-            break
-        text = int(prompt.text_of[answer])
-        if text not in backed:
-            to_text = _similarities_to(vectors, prompt.rows, int(prompt.rows[text]))[prompt.text_of]
-            backed[text] = int(np.count_nonzero(to_text >= settings.support_similarity)) > needed
-        if backed[text]:
-            tied.append(answer)
-    if not tied:
-        return None, (
-            f"no answer is agreed with by more than {settings.min_support_share:g} of the prompt's "
-            f"{len(prompt.candidates)} answers (support_similarity {settings.support_similarity})"
-        )
-    texts = sorted({int(prompt.text_of[a]) for a in tied})
-    if len(texts) > 1:
-        if (_similarity_matrix(vectors, prompt.rows[texts]) < settings.support_similarity).any():
-            return None, "answers that disagree tie exactly: no majority between them"
-        return min(tied, key=lambda a: _text_hash(prompt.candidates[int(prompt.eligible[a])].text)), ""
-    return tied[0], ""
-
-
-def _text_hash(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-
-
 def _abstain(prompt_id: str, reason: str, confidence: float = 0.0, support: int = 0) -> PromptDecision:
     return PromptDecision(prompt_id, None, None, confidence, support, abstain_reason=reason)
 
@@ -415,9 +373,12 @@ def _decide_prompt(
             prompt.prompt_id, f"usable answers: {usable}{detail}; min_answers is {settings.min_answers}"
         ), None
     density, closest = _densities_by_group(prompt, pools, settings.neighbours)
-    winner, reason = _winner(prompt, density * prompt.weights, closest, vectors, settings)
+    choice = LABEL_RULES[settings.label_choice].choose(
+        _rule_view(prompt, density * prompt.weights, closest, vectors), settings
+    )
+    winner = choice.answer
     if winner is None:
-        return _abstain(prompt.prompt_id, reason), None
+        return _abstain(prompt.prompt_id, choice.reason), None
     label_row = int(prompt.rows[prompt.text_of[winner]])
     to_label = _similarities_to(vectors, prompt.rows, label_row)[prompt.text_of]
     confidence = _weighted_mean_without(to_label, prompt.weights, winner)
@@ -428,6 +389,28 @@ def _decide_prompt(
     candidate = prompt.candidates[int(prompt.eligible[winner])]
     decision = PromptDecision(prompt.prompt_id, candidate.text, candidate.participant_id, confidence, support)
     return decision, label_row
+
+
+def _rule_view(
+    prompt: _Prompt, density: FloatArray, closest: FloatArray, vectors: FloatArray
+) -> PromptAnswers:
+    """The prompt as a label rule sees it: its eligible answers, and similarities by this module's one
+    arithmetic."""
+    eligible = [prompt.candidates[i] for i in prompt.eligible.tolist()]
+    return PromptAnswers(
+        prompt_id=prompt.prompt_id,
+        participants=tuple(c.participant_id for c in eligible),
+        texts=tuple(c.text for c in eligible),
+        weights=prompt.weights,
+        density=density,
+        closest=closest,
+        text_of=prompt.text_of,
+        answers_total=len(prompt.candidates),
+        similarities_to_text=lambda text: _similarities_to(vectors, prompt.rows, int(prompt.rows[text]))[
+            prompt.text_of
+        ],
+        text_similarities=lambda texts: _similarity_matrix(vectors, prompt.rows[list(texts)]),
+    )
 
 
 def _weighted_mean_without(values: FloatArray, weights: FloatArray, skip: int) -> float:

@@ -29,20 +29,21 @@ from hypothesis import strategies as st
 from support.geometry import TableEmbedder
 
 from coordinator.consensus import (
-    LABEL_CHOICES,
     Candidate,
     ConsensusSettings,
     ExactConsensus,
     HnswConsensus,
     ShardConsensus,
 )
+from coordinator.label_rules import LABEL_RULES
 from coordinator.labelling import shard_candidates
 from coordinator.reputation import reputation_weights, weighted
 from schemas import Answer, GenerationBatch
 
 DIM = 24
 SEARCHES = (ExactConsensus, HnswConsensus)
-RULES = [(search, rule) for search in SEARCHES for rule in LABEL_CHOICES]
+# Read from the registry, so that a rule registered there is covered here without a line of this file.
+RULES = [(search, rule) for search in SEARCHES for rule in sorted(LABEL_RULES)]
 HARNESS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PAYLOAD = "::payload"
 
@@ -331,3 +332,9 @@ def test_a_minority_cannot_drive_an_honest_members_reputation_down(
     for member in first.honest:
         assert final[member] >= lowest_honest - 1e-9
     assert max(final[m] for m in first.attackers) <= min(final[m] for m in first.honest)
+
+
+def test_the_harness_runs_every_registered_rule_with_both_searches() -> None:
+    assert sorted(RULES, key=repr) == sorted(
+        ((search, rule) for search in SEARCHES for rule in LABEL_RULES), key=repr
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from broker.record_format import MAX_FRAME_BYTES
 from common.logs import configure_logging
+from coordinator.label_rules import LABEL_RULES
 from coordinator.replay.consensus import ConsensusOverrides, replay_consensus, replay_settings
 from coordinator.replay.label_sources import replay_label_quality
 from coordinator.replay.log import RecordedLog, ReplayError, interpret, load_log
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--quorum", type=_quorum, metavar="Q", help="a count (3) or fraction (0.6); re-decides answered sets"
     )
     consensus.add_argument("--embedder", metavar="minilm-onnx|minilm|hashing|DIR")
+    consensus.add_argument(
+        "--label-choice",
+        choices=sorted(LABEL_RULES),
+        help="the label rule to replay with (default: recorded)",
+    )
     consensus.add_argument(
         "--write", type=Path, metavar="DIR", help="write recorded/ and replayed/ PseudoLabels bodies here"
     )
@@ -172,6 +178,7 @@ def run_consensus(log: RecordedLog, args: argparse.Namespace) -> int:
         min_answers=args.min_answers,
         embedder=args.embedder,
         quorum=args.quorum,
+        label_choice=args.label_choice,
     )
     references = None if args.references is None else load_references(args.references)
     replay = replay_consensus(interpret(log), replay_settings(log.settings, overrides))

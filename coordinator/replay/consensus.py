@@ -49,6 +49,7 @@ class ConsensusOverrides:
     min_answers: int | None = None
     embedder: str | None = None
     quorum: int | float | None = None
+    label_choice: str | None = None  # a rule of coordinator.label_rules, as a settings file names it
 
 
 def replay_settings(recorded: CoordinatorSettings, overrides: ConsensusOverrides) -> CoordinatorSettings:
@@ -71,6 +72,7 @@ def replay_settings(recorded: CoordinatorSettings, overrides: ConsensusOverrides
         "min_confidence": overrides.min_confidence,
         "min_answers": overrides.min_answers,
         "embedder": overrides.embedder,
+        "label_choice": overrides.label_choice,
     }
     table = msgspec.to_builtins(recorded.consensus) | {k: v for k, v in changes.items() if v is not None}
     rounds = msgspec.to_builtins(recorded.round)

@@ -1,0 +1,16 @@
+"""Label rules by name: a settings file's `label_choice` names one, the live coordinator and
+`chorus-replay` build consensus with it, and the adversarial harness runs every one registered here.
+
+A new rule is one module in this package and one line below.
+"""
+
+from __future__ import annotations
+
+from coordinator.label_rules.base import Choice, LabelRule, PromptAnswers
+from coordinator.label_rules.medoid import MedoidRule
+
+LABEL_RULES: dict[str, LabelRule] = {
+    "medoid": MedoidRule(),
+}
+
+__all__ = ["LABEL_RULES", "Choice", "LabelRule", "PromptAnswers"]
