@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
@@ -39,7 +40,7 @@ def test_the_coordinator_reads_the_management_api_and_a_participant_cannot(
     rabbit_node: LocalNode, rabbit_vhost: Callable[..., dict[str, str]]
 ) -> None:
     urls = rabbit_vhost(participants=("ops-alice",))
-    alice_password = urllib.request.unquote(urls["ops-alice"].split(":")[2].split("@")[0])
+    alice_password = urllib.parse.unquote(urls["ops-alice"].split(":")[2].split("@")[0])
     status, body = get(
         f"{rabbit_node.management_url}/overview", COORDINATOR_USER, rabbit_node.state.coordinator_password
     )

@@ -337,6 +337,8 @@ async def test_a_participant_counts_its_failed_publishes(tmp_path: Path) -> None
     )
     with pytest.raises(Exception, match="closed"):
         await participant._publish_control(beat)
-    samples = {(s.name, ()): s.value for f in participant.metrics.registry.collect() for s in f.samples}
+    samples: Samples = {
+        (s.name, ()): s.value for f in participant.metrics.registry.collect() for s in f.samples
+    }
     assert value(samples, "chorus_participant_publish_errors_total") == 1
     participant.ledger.close()

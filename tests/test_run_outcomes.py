@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -39,11 +40,11 @@ def tiny_variant(tmp_path: Path, *replacements: tuple[str, str]) -> Path:
     return config
 
 
-def summary_of(results: Path) -> dict[str, object]:
+def summary_of(results: Path) -> dict[str, Any]:
     return dict(json.loads((results / "summary.json").read_text()))
 
 
-def rounds_of(results: Path) -> list[dict[str, object]]:
+def rounds_of(results: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines() if line]
 
 
@@ -95,8 +96,8 @@ def test_a_member_without_test_data_has_no_round_zero_and_no_twin(tmp_path: Path
     results = tmp_path / "results"
     assert cli.main([str(config), "--results", str(results), "--compare", "local"]) == 0
     summary = summary_of(results)
-    assert set(summary["round_0"]) == {"llama"}  # type: ignore[arg-type]
-    assert set(summary["compare_local"]) == {"llama"}  # type: ignore[arg-type]
+    assert set(summary["round_0"]) == {"llama"}
+    assert set(summary["compare_local"]) == {"llama"}
 
 
 # ---- a run that labels nothing says why, and exits 1 ----------------------------------------------
@@ -122,7 +123,7 @@ def test_every_prompt_abstaining_is_explained_and_exits_1(
     assert isinstance(reasons, dict) and reasons
     assert sum(reasons.values()) == sum(int(str(r["abstained"])) for r in rounds_of(results)) > 0
     for record in rounds_of(results):
-        assert sum(record["abstain_reasons"].values()) == record["abstained"]  # type: ignore[union-attr]
+        assert sum(record["abstain_reasons"].values()) == record["abstained"]
         assert record["labelled"] == 0
     assert UNSAID not in reasons
     assert (results / "agreement.png").read_bytes()[:4] == b"\x89PNG"
@@ -157,10 +158,10 @@ def test_a_fedavg_run_whose_every_round_failed_exits_1(
 # ---- the reasons themselves -----------------------------------------------------------------------
 
 
-def _decide(answers: dict[str, list[Candidate]], **settings: float) -> PseudoLabels:
+def _decide(answers: dict[str, list[Candidate]], **settings: Any) -> PseudoLabels:
     from common.embedding import HashingEmbedder
 
-    consensus = ExactConsensus(HashingEmbedder(), ConsensusSettings(**settings))  # type: ignore[arg-type]
+    consensus = ExactConsensus(HashingEmbedder(), ConsensusSettings(**settings))
     return pseudo_labels_message("f", 1, 0, consensus.decide(answers))
 
 

@@ -15,7 +15,7 @@ import pytest
 from coordinator.settings import CoordinatorSettings, SettingsError, load_coordinator_settings
 from participant.settings import ParticipantSettings, load_participant_settings
 
-REQUIRED = {
+REQUIRED: dict[type, dict[str, str]] = {
     CoordinatorSettings: {"prompts_path": "p.jsonl"},
     ParticipantSettings: {"participant_id": "alice"},
 }
@@ -67,7 +67,7 @@ def settings_file(tmp_path: Path, kind: type, key: tuple[str, ...], value: Any) 
     return path
 
 
-def load(kind: type, path: Path) -> object:
+def load(kind: type, path: Path) -> Any:
     if kind is CoordinatorSettings:
         return load_coordinator_settings(path, env={})
     return load_participant_settings(path, env={})

@@ -40,7 +40,7 @@ GEN = topology.generation_key
 ALICE_IN = topology.intake_queue("alice")
 
 
-def with_limits(topo: Topology, queue: str, **limits: int) -> Topology:
+def with_limits(topo: Topology, queue: str, **limits: Any) -> Topology:
     """`topo` with `queue` bounded tighter, so that a test fills it with a few messages."""
     return replace(topo, queues=tuple(replace(q, **limits) if q.name == queue else q for q in topo.queues))
 
@@ -491,7 +491,7 @@ async def test_consumers_of_one_queue_share_the_work(transport_factory: Transpor
     await transport.declare(f.topology())
     got: dict[str, list[str | None]] = {"a": [], "b": []}
 
-    def worker(name: str):  # type: ignore[no-untyped-def]
+    def worker(name: str) -> Callable[[Delivery], Awaitable[None]]:
         async def handle(delivery: Delivery) -> None:
             await asyncio.sleep(0.01)
             got[name].append(delivery.message_id)

@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from broker.amqp import AmqpTransport
 from broker.memory import MemoryBroker
@@ -68,7 +69,7 @@ def toml_keys(values: Mapping[str, object]) -> list[str]:
     return [f"{key} = {json.dumps(value)}" for key, value in values.items()]
 
 
-def federation_config(directory: Path, federation: str, **round_overrides: object) -> Path:
+def federation_config(directory: Path, federation: str, **round_overrides: Any) -> Path:
     """`write_config` for a federation of its own (tests sharing one RabbitMQ node)."""
     return write_config(directory, federation=federation, **round_overrides)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from broker.amqp import AmqpTransport
 from broker.errors import BrokerError, PublishTimeout
@@ -38,7 +39,7 @@ LabelTable = dict[LabelKey, list[tuple[str, str, float]]]
 
 def round_config(directory: Path, participants: int, **overrides: object) -> Path:
     """One semantic round of 6 prompts in 3 shards that waits for all `participants` (deadline 120 s)."""
-    settings: dict[str, object] = {
+    settings: dict[str, Any] = {
         "min_participants": participants,
         "quorum": participants,
         "deadline_seconds": 120.0,

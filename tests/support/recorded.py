@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from broker.memory import MemoryBroker
 from broker.topology import COORDINATOR_USER, UP_EXCHANGE, full_topology, generation_key
@@ -22,9 +23,9 @@ NAMES = ["alice", "bob", "carol", "dave", "erin"]
 SHARDS = 3
 
 
-def write_config(directory: Path, *, rotate_bytes: int = 1 << 20, **round_overrides: object) -> Path:
+def write_config(directory: Path, *, rotate_bytes: int = 1 << 20, **round_overrides: Any) -> Path:
     """Two rounds of all five `NAMES`, recording into directory/records (files rotated at `rotate_bytes`)."""
-    rounds: dict[str, object] = {
+    rounds: dict[str, Any] = {
         "rounds": 2,
         "quorum": len(NAMES),
         "min_participants": len(NAMES),
