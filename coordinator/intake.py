@@ -71,10 +71,10 @@ CONTROL_BODY_LIMITS = {
 _control_codec: Codec[Message] = Codec(
     CONTROL_MESSAGES, max_body_bytes=MAX_ADAPTER_BODY_BYTES, kind_limits=CONTROL_BODY_LIMITS
 )
-# Why an answer of the wrong kind for this federation's strategy is refused.
+# Why an answer of the wrong kind for this federation's strategy is refused (PROTOCOL.md §8.1).
 REFUSED_ANSWERS = {
     AdapterUpdate: "adapter updates are only taken in a fedavg federation",
-    GenerationBatch: "generation batches are only taken in a semantic federation",
+    GenerationBatch: "generation batches are not taken in a federation answered by adapters",
 }
 
 
@@ -356,7 +356,7 @@ class Intake:
         await self._reject(delivery, f"message_id {batch.message_id!r} was already used for {slot}", batch)
 
     def _kind_problem(self, answer: GenerationBatch | AdapterUpdate) -> str | None:
-        if isinstance(answer, self.strategy.answer_kind):
+        if isinstance(answer, self.strategy.answers.kind):
             return None
         return REFUSED_ANSWERS[type(answer)]
 
@@ -454,11 +454,12 @@ class Intake:
     # -- control messages ----------------------------------------------------
 
     def _decode_control(self, body: bytes) -> Message:
-        if self.strategy.answer_kind is not AdapterUpdate and len(body) > MAX_SMALL_CONTROL_BYTES:
-            # Only an adapter may be larger, and this federation takes none: refused unread.
+        limit = self.strategy.answers.max_control_bytes
+        if len(body) > limit and limit < _control_codec.max_body_bytes:
+            # Only an adapter may be larger, and this federation's strategy takes none: refused unread.
             raise SchemaError(
                 "too_large",
-                f"body is {len(body)} bytes, limit {MAX_SMALL_CONTROL_BYTES} for control messages "
+                f"body is {len(body)} bytes, limit {limit} for control messages "
                 f"({REFUSED_ANSWERS[AdapterUpdate]})",
             )
         return _control_codec.decode(body)
@@ -525,9 +526,15 @@ class Intake:
             return f"not_expected: participant {update.participant_id!r} is not in round {update.round_id}"
         if acceptance is Acceptance.LATE:
             state.record(shard_id, update.participant_id, now)  # listed as late, not used
-        elif acceptance is Acceptance.ACCEPTED and self.store.add_adapter(
-            update.message_id, update.round_id, update.participant_id, body
-        ):
+            return None
+        stored = Stored.DUPLICATE
+        if acceptance is Acceptance.ACCEPTED:
+            # Stored with the batches (one table of answers), so a restart finds it like any answer.
+            new = NewBatch(
+                update.message_id, update.round_id, shard_id, update.participant_id, now, False, body
+            )
+            (stored,) = self.store.add_batches([new])
+        if stored is Stored.STORED:
             state.record(shard_id, update.participant_id, now)  # an answer only once it is stored
             self.wake()
         else:

@@ -44,7 +44,7 @@ class RevisionWindow:
             return False
         if shard_of_routing_key(delivery.routing_key) != batch.shard_id:
             return False
-        if self.store.revisions(previous) is not None:
+        if self.store.stage_done(previous, "revised"):
             return False  # revised already: too late even for that
         closed = self._closed_round(previous)
         answered = closed.labelled_shards.get(batch.shard_id)

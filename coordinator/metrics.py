@@ -7,20 +7,17 @@ tallies when Prometheus scrapes, so their hot paths only add to plain ints.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
-from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from common.embedding import Embedder, Embeddings
 from common.metrics_http import ServiceMetrics
+from coordinator import stored
+from coordinator.decisions import Outgoing
 from coordinator.intake import Counters
 from coordinator.rounds import RoundState
-from coordinator.strategies.base import Outgoing, RoundStrategy
-from schemas.codec import decode_reply
-from schemas.messages import PseudoLabels, RoundClosed
+from schemas.messages import RoundClosed
 
 PREFIX = "chorus_coordinator_"
 # Consensus and embedding of one closing step: milliseconds (hashing, cached) to minutes (cold MiniLM).
@@ -62,6 +59,8 @@ class CoordinatorMetrics(ServiceMetrics):
             "Time of each call to the sentence embedder during consensus (cache lookups included).",
             SECONDS_BUCKETS,
         )
+        # The parts of a decision a strategy may time (`RoundStrategy.time_parts`), by name.
+        self._parts = {"embedding": self.embedding_seconds}
         self.label_confidence = self.histogram(
             "label_confidence",
             "Confidence (mean similarity to the other answers) of each published pseudo-label.",
@@ -100,10 +99,8 @@ class CoordinatorMetrics(ServiceMetrics):
         batch (arrival time, the service's clock) they were decided from."""
         for reply in replies:
             if reply.kind == "pseudo_labels":
-                message = decode_reply(reply.body)
-                if isinstance(message, PseudoLabels):
-                    for label in message.labels:
-                        self.label_confidence.observe(label.confidence)
+                for label in stored.pseudo_labels.decode(reply.body).labels:
+                    self.label_confidence.observe(label.confidence)
         for arrived in arrivals:
             self.queue_to_labels_seconds.observe(max(0.0, now - arrived))
         self.progress.mark()
@@ -122,14 +119,13 @@ class CoordinatorMetrics(ServiceMetrics):
         self.current_round.set(0)
         self.progress.mark()
 
-    def instrument_embedder(self, strategy: RoundStrategy) -> None:
-        """Time the strategy's embedder, if it has one (semantic consensus keeps it at
-        `strategy.consensus.embedder`; FedAvg embeds nothing). The strategy seam has no observer, so
-        the embedder is wrapped in place."""
-        consensus = getattr(strategy, "consensus", None)
-        embedder = getattr(consensus, "embedder", None)
-        if isinstance(embedder, Embedder) and not isinstance(embedder, TimedEmbedder):
-            consensus.embedder = TimedEmbedder(embedder, self.embedding_seconds)  # type: ignore[union-attr]
+    def observe_part(self, part: str, seconds: float) -> None:
+        """How long one timed part of a strategy's decision took (`RoundStrategy.time_parts`), from
+        the strategy's worker thread (prometheus_client's metrics are thread-safe); a part without a
+        metric here is not recorded."""
+        histogram = self._parts.get(part)
+        if histogram is not None:
+            histogram.observe(seconds)
 
     def health_facts(self, state: RoundState | None, rounds_closed: int) -> Mapping[str, object]:
         return {
@@ -137,33 +133,6 @@ class CoordinatorMetrics(ServiceMetrics):
             "rounds_closed": rounds_closed,
             "seconds_since_progress": self.progress.seconds_since(),
         }
-
-
-class TimedEmbedder:
-    """An embedder that observes how long each `embed` call takes (it runs in consensus's worker thread;
-    prometheus_client's metrics are thread-safe)."""
-
-    def __init__(self, inner: Embedder, seconds: Histogram) -> None:
-        self.inner = inner
-        self._seconds = seconds
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def embed(self, texts: Sequence[str]) -> Embeddings:
-        started = time.perf_counter()
-        try:
-            return self.inner.embed(texts)
-        finally:
-            self._seconds.observe(time.perf_counter() - started)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)  # what else the inner one offers (a cache's size, say)
 
 
 class TalliesCollector(Collector):

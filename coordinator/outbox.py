@@ -25,7 +25,7 @@ from broker.topology import (
 from broker.transport import Transport
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import CoordinatorStore
-from coordinator.strategies.base import Outgoing
+from coordinator.decisions import Outgoing
 
 log = structlog.get_logger(__name__)
 

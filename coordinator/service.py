@@ -1,10 +1,11 @@
 """The coordinator service: lifecycle, the round driver, and restart.
 
 A single driver task opens rounds, closes shards when the round engine says so, has the strategy
-decide them and the outbox send the replies. Intake (coordinator.intake) stores what participants
-send as it arrives; the strategy (coordinator.strategies) is all that differs between a semantic
-and a FedAvg federation. Every decision is in SQLite before it is acted on, so a restarted
-coordinator resumes the open round and re-sends exactly what it had decided.
+decide them, stores the decisions and has the outbox send their replies. Intake (coordinator.intake)
+stores what participants send as it arrives; the strategy (coordinator.strategies) is all that
+differs between a semantic, a majority and a FedAvg federation, and it only decides. Every decision is
+in SQLite before it is acted on, so a restarted coordinator resumes the open round and re-sends
+exactly what it had decided.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import structlog
 from broker.topology import COORDINATOR_USER, core_topology
 from broker.transport import Transport
 from common.embedding import Embedder
+from coordinator import stored
 from coordinator.benching import benched_in
+from coordinator.decisions import Decision, Outgoing
 from coordinator.intake import Counters, Intake
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.outbox import Outbox
@@ -30,9 +33,9 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.store import CoordinatorStore, RoundRow
 from coordinator.strategies import build_round_strategy
 from coordinator.strategies.base import RoundStrategy
-from schemas.codec import decode_reply, encode
+from schemas.codec import encode
 from schemas.ids import round_closed_id, round_opened_id
-from schemas.messages import AdapterUpdate, RoundClosed, RoundOpened, ShardOutcome
+from schemas.messages import RoundClosed, RoundOpened, ShardOutcome
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +73,7 @@ class Coordinator:
             wake=self._arrived,
         )
         self.metrics = CoordinatorMetrics(lambda: self.intake.counters, lambda: self.outbox.published_bytes)
-        self.metrics.instrument_embedder(strategy)
+        strategy.time_parts(self.metrics.observe_part)
 
     @property
     def counters(self) -> Counters:
@@ -313,9 +316,8 @@ class Coordinator:
                 answered=len(closing.answered),
             )
         if any(closing.status == "labelled" for closing in closings):
-            slots = {shard_id: shard.prompt_ids for shard_id, shard in state.shards.items()}
             started = time.perf_counter()
-            replies = await asyncio.to_thread(self.strategy.decide, state.round_id, closings, slots)
+            replies = await self._decide(state, closings)
             decide_seconds = time.perf_counter() - started
             self._decide_seconds += decide_seconds
             self.metrics.consensus_seconds.observe(decide_seconds)
@@ -324,6 +326,19 @@ class Coordinator:
         for closing in closings:
             state.finish(closing.shard_id, closing.status)
 
+    async def _decide(self, state: RoundState, closings: Sequence[ShardClosing]) -> list[Outgoing]:
+        """The replies of the shards that closed together: those decided before a restart as they were
+        stored, the others decided now (in a worker thread) and stored before they are sent."""
+        decided = self.store.decisions(state.round_id, "decided")
+        undecided = [c for c in closings if c.shard_id not in decided]
+        if undecided:
+            slots = {shard_id: shard.prompt_ids for shard_id, shard in state.shards.items()}
+            fresh = await asyncio.to_thread(self.strategy.decide, state.round_id, undecided, slots)
+            self.store.save_decisions(state.round_id, "decided", _one_per_shard(fresh, undecided))
+            decided = self.store.decisions(state.round_id, "decided")
+        # Exactly what is stored: a decision made before a restart is re-sent byte for byte.
+        return [decided[c.shard_id].reply for c in closings if c.shard_id in decided]
+
     def _recipients(self, expected: Iterable[str]) -> list[str]:
         """Who gets a round's replies: everyone it expected or active now (stragglers too, so they
         catch up)."""
@@ -331,28 +346,32 @@ class Coordinator:
 
     async def _revise_round(self, round_id: int) -> None:
         """Send the revisions late answers made to `round_id`'s decisions, before the next round's
-        RoundClosed: a member trains on them with that round's labels."""
+        RoundClosed: a member trains on them with that round's labels. The strategy is asked once per
+        round; after a restart the stored revisions are sent again."""
         if round_id < 1:
             return
-        revisions = await asyncio.to_thread(self.strategy.revise, round_id)
-        if revisions:
+        if not self.store.stage_done(round_id, "revised"):
+            decided = self.store.decisions(round_id, "decided")
+            revisions = await asyncio.to_thread(self.strategy.revise, round_id, decided)
+            self.store.save_decisions(round_id, "revised", revisions, round_done=True)
+        replies = [d.reply for _, d in sorted(self.store.decisions(round_id, "revised").items())]
+        if replies:
             recipients = self._recipients(self.store.expected(round_id))
-            await self.outbox.send_to_members(round_id, revisions, recipients)
+            await self.outbox.send_to_members(round_id, replies, recipients)
 
     async def _close_round(self, state: RoundState) -> None:
         await self._revise_round(state.round_id - 1)
         closings = self.store.closings(state.round_id)
         outcomes = []
         for c in closings:
-            labelled, abstained = self.strategy.counts(c)
             outcomes.append(
                 ShardOutcome(
                     shard_id=c.shard_id,
                     status=c.status,
                     reason=c.reason[:256],
                     answered=list(c.answered),
-                    labelled=labelled,
-                    abstained=abstained,
+                    labelled=0 if c.decision is None else c.decision.labelled,
+                    abstained=0 if c.decision is None else c.decision.abstained,
                 )
             )
         now = self.clock()
@@ -395,18 +414,13 @@ class Coordinator:
         row = self.store.open_round()
         if row is None:
             return
-        opened = decode_reply(row.announcement)
-        assert isinstance(opened, RoundOpened)
+        opened = stored.announcement.decode(row.announcement)
         state = self._round_state(opened, self._benched(row.round_id, opened.expected))
         for shard_id, participant_id, arrived, late in self.store.received(row.round_id):
             if late:
                 state.late.setdefault(participant_id, set()).add(shard_id)
             else:
                 state.record(shard_id, participant_id, arrived)
-        if self.strategy.answer_kind is AdapterUpdate:
-            (shard_id,) = state.shards  # an adapter answers the round's one shard
-            for participant_id, _ in self.store.adapters(row.round_id):
-                state.record(shard_id, participant_id, row.opened_unix)
         for closing in self.store.closings(row.round_id):
             state.restore_closing(closing.shard_id, closing.status, closing.answered, closing.reason)
         self.round = state
@@ -441,6 +455,21 @@ def build_coordinator(
     return Coordinator(
         settings, transport, store, build_round_strategy(settings, store, prompts, embedder), clock=clock
     )
+
+
+def _one_per_shard(decisions: Sequence[Decision], closings: Sequence[ShardClosing]) -> list[Decision]:
+    """`decisions` for the shards of `closings`, the first of each: a strategy's extra or stray
+    decisions are a bug, and are not sent."""
+    asked = {c.shard_id for c in closings if c.status == "labelled"}
+    kept: dict[int, Decision] = {}
+    for decision in decisions:
+        if decision.shard_id in asked and decision.shard_id not in kept:
+            kept[decision.shard_id] = decision
+        else:
+            log.error(
+                "decision_dropped", shard=decision.shard_id, reason="not a shard it was asked to decide"
+            )
+    return list(kept.values())
 
 
 def _arrivals(state: RoundState, closings: Sequence[ShardClosing]) -> list[float]:

@@ -21,14 +21,17 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from coordinator.decisions import Decision, Outgoing, Stage
+from schemas.codec import decode_reply
 from schemas.errors import ChorusError
+from schemas.messages import PseudoLabels
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS members (
@@ -50,7 +53,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     closed_unix REAL,
     summary BLOB                     -- the encoded RoundClosed
 );
-CREATE TABLE IF NOT EXISTS batches (
+CREATE TABLE IF NOT EXISTS batches (  -- every answer: a GenerationBatch, or an AdapterUpdate
     message_id TEXT NOT NULL,
     round_id INTEGER NOT NULL,
     shard_id INTEGER NOT NULL,
@@ -67,15 +70,19 @@ CREATE TABLE IF NOT EXISTS shard_closings (
     status TEXT NOT NULL,            -- labelled | failed: the verdict when intake stopped
     reason TEXT NOT NULL,
     answered TEXT NOT NULL,          -- JSON list: the frozen answer set
-    labels BLOB,                     -- the encoded PseudoLabels template, once consensus ran
-    agreement TEXT,                  -- JSON {participant: similarity}
     PRIMARY KEY (round_id, shard_id)
 );
-CREATE TABLE IF NOT EXISTS revisions (
-    round_id INTEGER NOT NULL,       -- the round whose labels late answers revised
-    shard_id INTEGER NOT NULL,       -- NO_REVISION: the round was revised and nothing changed
-    body BLOB,                       -- the encoded revision (PseudoLabels, revision 1)
-    PRIMARY KEY (round_id, shard_id)
+CREATE TABLE IF NOT EXISTS decisions (
+    round_id INTEGER NOT NULL,
+    shard_id INTEGER NOT NULL,       -- WHOLE_ROUND: the row that marks the round's stage as done
+    stage TEXT NOT NULL CHECK (stage IN ('decided', 'revised')),
+    message_id TEXT,                 -- the reply's (NULL on a WHOLE_ROUND row, as are the others)
+    kind TEXT,                       -- how its publication is recorded, e.g. 'pseudo_labels'
+    body BLOB,                       -- the encoded reply, re-sent as is after a restart
+    agreement TEXT,                  -- JSON {participant: agreement}, for RoundClosed
+    labelled INTEGER,
+    abstained INTEGER,
+    PRIMARY KEY (round_id, shard_id, stage)
 );
 CREATE TABLE IF NOT EXISTS publications (
     message_id TEXT PRIMARY KEY,
@@ -102,20 +109,44 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,            -- 'run_id': this state's run, made once with the file
     value TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS adapters (
-    message_id TEXT NOT NULL,
-    round_id INTEGER NOT NULL,
-    participant_id TEXT NOT NULL,
-    body BLOB NOT NULL,
-    PRIMARY KEY (participant_id, message_id),
-    UNIQUE (round_id, participant_id)
-);
 """
-# PRAGMA user_version of the schema above. Version 0 keyed batches, reports and adapters by message id
-# alone, across senders; opening such a file moves their rows into the new tables.
-SCHEMA_VERSION = 1
-NO_REVISION = -1  # the shard id of the row that marks a round as revised
-_SENDER_KEYED_TABLES = ("batches", "reports", "adapters")
+# PRAGMA user_version of the schema above; opening an older file migrates it (`_migrate`).
+SCHEMA_VERSION = 2
+WHOLE_ROUND = -1  # the shard id of the row that marks a round's stage as done (`save_decisions`)
+# Tables of version 1 that version 2 changed or dropped. Version 0 keyed the first three by message id
+# alone, across senders; version 1 re-keyed them by sender.
+_SENDER_KEYED = ("batches", "reports", "adapters")
+_V1_TABLES = {
+    "batches": "CREATE TABLE batches (message_id TEXT NOT NULL, round_id INTEGER NOT NULL, "
+    "shard_id INTEGER NOT NULL, participant_id TEXT NOT NULL, received_unix REAL NOT NULL, "
+    "late INTEGER NOT NULL, body BLOB NOT NULL, PRIMARY KEY (participant_id, message_id), "
+    "UNIQUE (round_id, shard_id, participant_id));",
+    "reports": "CREATE TABLE reports (message_id TEXT NOT NULL, round_id INTEGER NOT NULL, "
+    "participant_id TEXT NOT NULL, metrics TEXT NOT NULL, PRIMARY KEY (participant_id, message_id));",
+    "adapters": "CREATE TABLE adapters (message_id TEXT NOT NULL, round_id INTEGER NOT NULL, "
+    "participant_id TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (participant_id, message_id), "
+    "UNIQUE (round_id, participant_id));",
+    "shard_closings": "CREATE TABLE shard_closings (round_id INTEGER NOT NULL, shard_id INTEGER NOT NULL, "
+    "status TEXT NOT NULL, reason TEXT NOT NULL, answered TEXT NOT NULL, labels BLOB, agreement TEXT, "
+    "PRIMARY KEY (round_id, shard_id));",
+    "revisions": "CREATE TABLE revisions (round_id INTEGER NOT NULL, shard_id INTEGER NOT NULL, body BLOB, "
+    "PRIMARY KEY (round_id, shard_id));",
+}
+# Version 1 kept semantic labels in shard_closings and their revisions in a table of their own, and
+# adapters apart from batches: version 2 holds every strategy's replies in `decisions`, every answer in
+# `batches` (an adapter at the round's one shard, 0, arrived when its round opened).
+_V1_TO_V2 = """
+INSERT OR IGNORE INTO batches SELECT a.message_id, a.round_id, 0, a.participant_id,
+    coalesce(r.opened_unix, 0), 0, a.body FROM adapters AS a LEFT JOIN rounds AS r USING (round_id);
+DROP TABLE adapters;
+DROP TABLE revisions;
+ALTER TABLE shard_closings DROP COLUMN labels;
+ALTER TABLE shard_closings DROP COLUMN agreement;
+"""
+
+
+class StateVersionError(ChorusError):
+    """A coordinator state file this build cannot read or migrate."""
 
 
 class StateLockedError(ChorusError):
@@ -177,6 +208,22 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _v1_reply(path: Path | str, round_id: int, shard_id: int, body: bytes) -> tuple[str, int, int]:
+    """(message id, labelled, abstained) of the PseudoLabels a version-1 file stored."""
+    try:
+        message = decode_reply(body)
+        problem = None if isinstance(message, PseudoLabels) else f"a {type(message).__name__}"
+    except ChorusError as e:
+        problem = str(e)
+    if problem is not None or not isinstance(message, PseudoLabels):
+        raise StateVersionError(
+            f"the coordinator state {path} (schema version 1) holds labels for round {round_id} shard "
+            f"{shard_id} that are no PseudoLabels ({problem}): it cannot be migrated; start with a new "
+            "state_path"
+        )
+    return message.message_id, len(message.labels), len(message.abstained)
+
+
 class Stored(Enum):
     """What storing a participant's batch did."""
 
@@ -212,8 +259,21 @@ class ClosingRow:
     status: Literal["labelled", "failed"]
     reason: str
     answered: tuple[str, ...]
-    labels: bytes | None
-    agreement: dict[str, float] | None
+    decision: Decision | None = None  # what the strategy decided as the shard closed (None: not yet)
+
+    @property
+    def labels(self) -> bytes | None:
+        """The encoded PseudoLabels decided for this shard, when that is its reply (for readers of a
+        state: the status command, replay)."""
+        decision = self.decision
+        return (
+            decision.reply.body if decision is not None and decision.reply.kind == "pseudo_labels" else None
+        )
+
+    @property
+    def agreement(self) -> dict[str, float] | None:
+        """Each member's agreement with the decision, as `RoundClosed.agreement` averages it."""
+        return None if self.decision is None else dict(self.decision.agreement)
 
 
 class NewBatch(NamedTuple):
@@ -265,7 +325,7 @@ class CoordinatorStore:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._migrate()
+        self._migrate(path)
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         # Made once, with the file (or the first time a file from before run ids is opened).
@@ -281,19 +341,86 @@ class CoordinatorStore:
         with self._lock:
             self._db.close()
 
-    def _migrate(self) -> None:
-        """Re-key a version-0 file's sender-keyed tables; the columns are unchanged."""
+    def _migrate(self, path: Path | str) -> None:
+        """Bring an older file to SCHEMA_VERSION, one version at a time, each step in one transaction
+        (a crash halfway leaves the file as it was); refuse a file from a newer build."""
         ((version,),) = self._db.execute("PRAGMA user_version").fetchall()
         existing = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        old = [t for t in _SENDER_KEYED_TABLES if t in existing]
-        if version >= SCHEMA_VERSION or not old:
-            return
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise StateVersionError(
+                f"the coordinator state {path} has schema version {version}, newer than this build's "
+                f"{SCHEMA_VERSION}: run the Chorus version that wrote it, or start with a new state_path"
+            )
+        if not existing:
+            return  # a new file: SCHEMA makes it
+        if version < 1:
+            self._rekey_by_sender(existing)
+        if version < 2:
+            self._move_replies_to_decisions(path)
+
+    def _rekey_by_sender(self, existing: set[str]) -> None:
+        """Version 0 -> 1: re-key the sender-keyed tables; the columns are unchanged."""
+        old = [t for t in _SENDER_KEYED if t in existing]
         renames = "".join(f"ALTER TABLE {t} RENAME TO {t}_v0;" for t in old)
+        creates = "".join(_V1_TABLES[t] for t in old)
         copies = "".join(f"INSERT OR IGNORE INTO {t} SELECT * FROM {t}_v0; DROP TABLE {t}_v0;" for t in old)
-        # One script, one transaction: a crash halfway leaves the version-0 file as it was.
         self._db.executescript(
-            f"BEGIN IMMEDIATE; {renames} {SCHEMA} {copies} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            f"BEGIN IMMEDIATE; {renames} {creates} {copies} PRAGMA user_version = 1; COMMIT;"
         )
+
+    def _move_replies_to_decisions(self, path: Path | str) -> None:
+        """Version 1 -> 2: labels and their revisions into `decisions`, adapters into `batches`."""
+        # Every table either version has, for a file from before some of them existed (each statement
+        # idempotent, so a crash before the move below only leaves empty tables).
+        v1_tables = "".join(
+            t.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS") for t in _V1_TABLES.values()
+        )
+        self._db.executescript(v1_tables + SCHEMA)
+        decisions = self._v1_decisions(path)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", decisions
+            )
+            for statement in _V1_TO_V2.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute("PRAGMA user_version = 2")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _v1_decisions(self, path: Path | str) -> list[tuple[object, ...]]:
+        """A version-1 file's labels and revisions, as rows of `decisions`."""
+        rows: list[tuple[object, ...]] = []
+        closings = "SELECT round_id, shard_id, labels, agreement FROM shard_closings WHERE labels IS NOT NULL"
+        for round_id, shard_id, body, agreement in self._db.execute(closings).fetchall():
+            reply = _v1_reply(path, round_id, shard_id, body)
+            rows.append(
+                (
+                    round_id,
+                    shard_id,
+                    "decided",
+                    reply[0],
+                    "pseudo_labels",
+                    body,
+                    agreement or "{}",
+                    *reply[1:],
+                )
+            )
+        for round_id, shard_id, body in self._db.execute(
+            "SELECT round_id, shard_id, body FROM revisions"
+        ).fetchall():
+            if body is None:  # the row that said the round was revised
+                rows.append((round_id, WHOLE_ROUND, "revised", None, None, None, None, None, None))
+            else:
+                reply = _v1_reply(path, round_id, shard_id, body)
+                rows.append(
+                    (round_id, shard_id, "revised", reply[0], "label_revision", body, "{}", *reply[1:])
+                )
+        return rows
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -538,41 +665,58 @@ class CoordinatorStore:
                 (round_id, shard_id, status, reason, json.dumps(sorted(answered))),
             )
 
-    def save_labels(self, round_id: int, shard_id: int, labels: bytes, agreement: dict[str, float]) -> None:
-        with self.transaction():
-            self._db.execute(
-                "UPDATE shard_closings SET labels = ?, agreement = ? WHERE round_id = ? AND shard_id = ?",
-                (labels, json.dumps(agreement, sort_keys=True), round_id, shard_id),
-            )
-
     def closings(self, round_id: int) -> list[ClosingRow]:
+        """The round's closed shards, each with what the strategy decided for it (if it did yet)."""
         rows = self._read(
-            "SELECT shard_id, status, reason, answered, labels, agreement FROM shard_closings "
-            "WHERE round_id = ? ORDER BY shard_id",
+            "SELECT shard_id, status, reason, answered FROM shard_closings WHERE round_id = ? "
+            "ORDER BY shard_id",
             (round_id,),
         )
-        return [
-            ClosingRow(s, st, r, tuple(json.loads(a)), lb, None if ag is None else json.loads(ag))
-            for s, st, r, a, lb, ag in rows
-        ]
+        decided = self.decisions(round_id, "decided")
+        return [ClosingRow(s, st, r, tuple(json.loads(a)), decided.get(s)) for s, st, r, a in rows]
 
-    # -- label revisions -----------------------------------------------------
+    # -- decisions -----------------------------------------------------------
 
-    def save_revisions(self, round_id: int, bodies: Mapping[int, bytes]) -> None:
-        """Record that round `round_id` was revised, with the revision of each shard that changed."""
-        with self.transaction():
-            self._db.execute("INSERT OR IGNORE INTO revisions VALUES (?, ?, NULL)", (round_id, NO_REVISION))
-            self._db.executemany(
-                "INSERT OR IGNORE INTO revisions VALUES (?, ?, ?)",
-                [(round_id, shard_id, body) for shard_id, body in sorted(bodies.items())],
+    def save_decisions(
+        self, round_id: int, stage: Stage, decisions: Iterable[Decision], *, round_done: bool = False
+    ) -> None:
+        """Store a strategy's decisions (a shard's first one counts); `round_done`: also record that
+        the round's `stage` is over, with or without decisions."""
+        rows: list[tuple[object, ...]] = [
+            (
+                round_id,
+                d.shard_id,
+                stage,
+                d.reply.message_id,
+                d.reply.kind,
+                d.reply.body,
+                json.dumps(dict(d.agreement), sort_keys=True),
+                d.labelled,
+                d.abstained,
             )
+            for d in decisions
+        ]
+        if round_done:
+            rows.append((round_id, WHOLE_ROUND, stage, None, None, None, None, None, None))
+        with self.transaction():
+            self._db.executemany("INSERT OR IGNORE INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def revisions(self, round_id: int) -> dict[int, bytes] | None:
-        """Shard -> revision body of round `round_id`, or None if the round was not revised yet."""
-        rows = self._read("SELECT shard_id, body FROM revisions WHERE round_id = ?", (round_id,))
-        if not rows:
-            return None
-        return {shard_id: body for shard_id, body in rows if shard_id != NO_REVISION}
+    def decisions(self, round_id: int, stage: Stage) -> dict[int, Decision]:
+        """Shard -> the decision stored for round `round_id` at `stage`."""
+        rows = self._read(
+            "SELECT shard_id, message_id, kind, body, agreement, labelled, abstained FROM decisions "
+            "WHERE round_id = ? AND stage = ? AND shard_id != ? ORDER BY shard_id",
+            (round_id, stage, WHOLE_ROUND),
+        )
+        return {
+            shard_id: Decision(shard_id, Outgoing(message_id, bytes(body), kind), json.loads(ag), lb, ab)
+            for shard_id, message_id, kind, body, ag, lb, ab in rows
+        }
+
+    def stage_done(self, round_id: int, stage: Stage) -> bool:
+        """Whether round `round_id`'s `stage` was recorded as over (`save_decisions(round_done=True)`)."""
+        query = "SELECT 1 FROM decisions WHERE round_id = ? AND stage = ? AND shard_id = ?"
+        return bool(self._read(query, (round_id, stage, WHOLE_ROUND)))
 
     # -- publications and traffic ------------------------------------------
 
@@ -593,10 +737,6 @@ class CoordinatorStore:
                 for name in names:
                     self._add_traffic(round_id, name, "out", nbytes)
 
-    def add_traffic(self, round_id: int, participant_id: str, direction: str, nbytes: int) -> None:
-        with self.transaction():
-            self._add_traffic(round_id, participant_id, direction, nbytes)
-
     def _add_traffic(self, round_id: int, participant_id: str, direction: str, nbytes: int) -> None:
         self._db.execute(_ADD_TRAFFIC.format(_marks(1, 4)), (round_id, participant_id, direction, nbytes))
 
@@ -608,7 +748,7 @@ class CoordinatorStore:
         )
         return {p: int(b) for p, b in rows}
 
-    # -- reports and adapters ----------------------------------------------
+    # -- reports -----------------------------------------------------------
 
     def add_report(
         self, message_id: str, round_id: int, participant_id: str, metrics: dict[str, float]
@@ -628,21 +768,3 @@ class CoordinatorStore:
             else self._read(query + " WHERE round_id = ? ORDER BY participant_id", (round_id,))
         )
         return [(r, p, json.loads(m)) for r, p, m in rows]
-
-    def add_adapter(self, message_id: str, round_id: int, participant_id: str, body: bytes) -> bool:
-        with self.transaction():
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO adapters VALUES (?, ?, ?, ?)",
-                (message_id, round_id, participant_id, body),
-            )
-            stored = cursor.rowcount == 1
-            if stored:
-                self._add_traffic(round_id, participant_id, "in", len(body))
-        return stored
-
-    def adapters(self, round_id: int) -> list[tuple[str, bytes]]:
-        rows = self._read(
-            "SELECT participant_id, body FROM adapters WHERE round_id = ? ORDER BY participant_id",
-            (round_id,),
-        )
-        return [(p, b) for p, b in rows]

@@ -3,7 +3,8 @@
 Handles its reply queue in order: RoundOpened -> generate and publish one
 GenerationBatch per shard; PseudoLabels -> keep the labels; RoundClosed ->
 train on labels mixed with private data, checkpoint, evaluate, report.
-FedAvg rounds: train locally, upload the adapter, load the average.
+FedAvg rounds: train locally, upload the adapter, load the average. A round of a strategy it does
+not know (ROUND_ROLES): sent nothing, trained nothing, said so in the log and the round's report.
 Torch work runs in a worker thread, so heartbeats and acks keep flowing.
 """
 
@@ -16,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
@@ -50,6 +52,15 @@ from schemas.messages import (
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^round-(\d+)$")
+# What each announced strategy (RoundOpened.strategy, PROTOCOL.md §5.4) asks of a member: "answer" the
+# prompts and train on the labels, or train and send an "adapter". A round of any other is sat out.
+ROUND_ROLES: dict[str, Literal["answer", "adapter"]] = {
+    "semantic": "answer",
+    "majority": "answer",
+    "fedavg": "adapter",
+}
+# The report metric that says a round was sat out because its strategy is unknown here.
+UNKNOWN_STRATEGY_METRIC = "unknown_strategy"
 # The Join is sent again after this many seconds, then twice as long each time (up to heartbeat_seconds),
 # until a RoundOpened expects this participant (PROTOCOL.md §5.3).
 JOIN_RESEND_SECONDS = 1.0
@@ -87,6 +98,8 @@ class Participant:
         self._admitted = asyncio.Event()  # a RoundOpened listed us in `expected`: the Join got through
         self._stopping = asyncio.Event()
         self._fedavg_rounds: set[int] = set()
+        self._sat_out: set[int] = set()  # rounds of a strategy this participant does not know
+        self._roles = {"answer": self._answer, "adapter": self._adapter_round}
         self.metrics = ParticipantMetrics()
         self._leak_guard: LeakGuard | None = None  # built from the private examples on first use
         self._withheld: dict[int, int] = {}  # round -> answers the leak guard withheld, for its report
@@ -301,6 +314,7 @@ class Participant:
             moved = await asyncio.to_thread(self._archive_round_checkpoints, archive / "checkpoints")
             self.ledger.start_run(run_id, archive / "participant.sqlite3")
             self._fedavg_rounds.clear()
+            self._sat_out.clear()
             model = await asyncio.to_thread(self._model_for_new_run, moved)
         self.metrics.started(0)
         log.warning(
@@ -347,11 +361,11 @@ class Participant:
                 return
             self._admitted.set()
             self.metrics.round_announced(message.round_id)
-            if message.strategy == "fedavg":
-                self._fedavg_rounds.add(message.round_id)
-                await self._fedavg_train_and_upload(message)
+            role = ROUND_ROLES.get(message.strategy)
+            if role is None:
+                self._sit_out(message)
             else:
-                await self._answer(message)
+                await self._roles[role](message)
             self.round_seen.set()
         elif isinstance(message, PseudoLabels):
             labels = [(label.prompt_id, label.text, label.confidence) for label in message.labels]
@@ -360,12 +374,29 @@ class Participant:
             else:
                 self.ledger.save_labels(message.round_id, labels)
         elif isinstance(message, RoundClosed):
-            if message.round_id in self._fedavg_rounds:
+            if message.round_id in self._fedavg_rounds or message.round_id in self._sat_out:
                 await self._finish_round(message.round_id, 0, 0.0)  # no average came: keep the local adapter
             else:
                 await self._apply_labels(message)
         elif isinstance(message, AggregatedAdapter):
             await self._apply_adapter(message)
+
+    def _sit_out(self, opened: RoundOpened) -> None:
+        """A round of a strategy this participant does not know: nothing is sent, nothing trained, and
+        the round's report says why (PROTOCOL.md §7.1 step 8)."""
+        self._sat_out.add(opened.round_id)
+        log.warning(
+            "round_sat_out",
+            round=opened.round_id,
+            participant=self.pid,
+            strategy=opened.strategy,
+            known=sorted(ROUND_ROLES),
+            hint="the coordinator runs a strategy this participant does not know: upgrade it to take part",
+        )
+
+    async def _adapter_round(self, opened: RoundOpened) -> None:
+        self._fedavg_rounds.add(opened.round_id)
+        await self._fedavg_train_and_upload(opened)
 
     async def _answer(self, opened: RoundOpened) -> None:
         prompts = [(p.prompt_id, p.text) for shard in opened.shards for p in shard.prompts]
@@ -537,6 +568,8 @@ class Participant:
                 metrics = await asyncio.to_thread(self.learner.evaluate, self.test, self.embed, None)
         if round_id in self._withheld:  # answered in this process: what the leak guard kept back
             metrics = {**metrics, "answers_withheld": float(self._withheld.pop(round_id))}
+        if round_id in self._sat_out:
+            metrics = {**metrics, UNKNOWN_STRATEGY_METRIC: 1.0}
         self.ledger.mark_applied(round_id, metrics)
         self.metrics.applied(round_id)
         report = ParticipantReport(

@@ -219,6 +219,13 @@ def valid_cases() -> list[Case]:
             "a FedAvg round with the optional run_id",
         ),
         Case(
+            "round_opened.unknown_strategy",
+            "reply",
+            _body("round_opened", strategy="not_yet_invented"),
+            "a strategy this reader may not know: the message is valid (the participant sits the round"
+            " out, PROTOCOL.md §7.1 step 8)",
+        ),
+        Case(
             "round_closed.required_only",
             "reply",
             _body(

@@ -118,7 +118,10 @@ class Tensor(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RoundOpened(Message, frozen=True, kw_only=True, tag="round_opened"):
-    strategy: Literal["semantic", "fedavg"] = "semantic"
+    # What the round asks of a member, an open set (PROTOCOL.md §5.4): "semantic" and "majority" (answer
+    # the prompts, train on the labels), "fedavg" (send an adapter, load the average). A participant
+    # that does not know the name decodes the round and sits it out, rather than refusing it.
+    strategy: Id = "semantic"
     shards: Annotated[list[PromptShard], Meta(max_length=1_024)]
     generation: GenerationParams = GenerationParams()
     expected: Annotated[list[Id], Meta(max_length=MAX_PARTICIPANTS)]

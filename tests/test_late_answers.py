@@ -9,6 +9,7 @@ import pytest
 
 from broker.topology import COORDINATOR_USER, generation_key
 from broker.transport import Delivery
+from coordinator.decisions import Decision, Outgoing
 from coordinator.late_answers import RevisionWindow
 from coordinator.store import CoordinatorStore, NewBatch
 from schemas import Answer, GenerationBatch, Prompt, PromptShard, RoundOpened, encode
@@ -100,8 +101,8 @@ def test_other_batches_for_a_closed_round_are_not_taken(
 
 
 def test_nothing_is_taken_for_a_round_once_it_was_revised(store: CoordinatorStore) -> None:
-    store.save_revisions(1, {})
-    assert store.revisions(1) == {}
+    store.save_decisions(1, "revised", [], round_done=True)
+    assert store.stage_done(1, "revised") and store.decisions(1, "revised") == {}
     assert not RevisionWindow(store).admits(*late("cyd", 0, ["q0"]), open_round=2)
 
 
@@ -119,10 +120,14 @@ def test_a_batch_whose_routing_key_names_another_shard_is_not_taken(store: Coord
 
 
 def test_revisions_are_stored_once_per_round(store: CoordinatorStore) -> None:
-    assert store.revisions(1) is None  # not revised yet
-    store.save_revisions(1, {0: b"rev"})
-    store.save_revisions(1, {0: b"other"})  # a second decision changes nothing
-    assert store.revisions(1) == {0: b"rev"}
+    assert not store.stage_done(1, "revised")  # not revised yet
+    store.save_decisions(1, "revised", [revision(b"rev")], round_done=True)
+    store.save_decisions(1, "revised", [revision(b"other")], round_done=True)  # a second changes nothing
+    assert {shard: d.reply.body for shard, d in store.decisions(1, "revised").items()} == {0: b"rev"}
+
+
+def revision(body: bytes) -> Decision:
+    return Decision(0, Outgoing("test.r1.s0.labels.rev1", body, "label_revision"))
 
 
 def test_one_late_batch_per_member_and_shard(store: CoordinatorStore) -> None:

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.decisions import Decision, Outgoing
 from coordinator.prompts import PromptSampler, PromptSetError, PublicPrompt, load_prompts, split_into_shards
-from coordinator.store import CoordinatorStore, Stored
+from coordinator.store import CoordinatorStore, StateVersionError, Stored
+from schemas.codec import encode
+from schemas.messages import Label, PseudoLabels
 
 
 def test_batches_are_idempotent_by_message_id_and_by_slot(tmp_path: Path) -> None:
@@ -30,7 +33,7 @@ def test_round_lifecycle_persists(tmp_path: Path) -> None:
     )
     store.save_closing(1, 0, "labelled", "all answered", ["b", "a"])
     store.save_closing(1, 0, "failed", "ignored: first verdict wins", [])
-    store.save_labels(1, 0, b"labels", {"a": 0.5})
+    store.save_decisions(1, "decided", [Decision(0, Outgoing("l", b"labels", "pseudo_labels"), {"a": 0.5})])
     store.close()
     store = CoordinatorStore(tmp_path / "s.sqlite3")
     row = store.open_round()
@@ -141,3 +144,84 @@ def test_a_version_0_store_is_rekeyed_by_sender_on_open(tmp_path: Path) -> None:
     assert [b.participant_id for b in store.batches(1)] == ["alice"]
     common = {"round_id": 1, "shard_id": 0, "received_unix": 2.0, "late": False, "body": b"y"}
     assert store.add_batch(message_id="m1", participant_id="bob", **common) is Stored.STORED  # type: ignore[arg-type]
+
+
+def version_1_store(path: Path, labels: bytes) -> None:
+    """A state file as version 1 wrote it: labels in shard_closings, a revisions table, adapters apart."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE rounds (round_id INTEGER PRIMARY KEY, status TEXT NOT NULL, opened_unix REAL NOT NULL,"
+        " deadline_unix REAL NOT NULL, quorum INTEGER NOT NULL, expected TEXT NOT NULL,"
+        " announcement BLOB NOT NULL, announced INTEGER NOT NULL DEFAULT 0, closed_unix REAL, summary BLOB);"
+        "CREATE TABLE shard_closings (round_id INTEGER NOT NULL, shard_id INTEGER NOT NULL,"
+        " status TEXT NOT NULL, reason TEXT NOT NULL, answered TEXT NOT NULL, labels BLOB, agreement TEXT,"
+        " PRIMARY KEY (round_id, shard_id));"
+        "CREATE TABLE revisions (round_id INTEGER NOT NULL, shard_id INTEGER NOT NULL, body BLOB,"
+        " PRIMARY KEY (round_id, shard_id));"
+        "CREATE TABLE adapters (message_id TEXT NOT NULL, round_id INTEGER NOT NULL,"
+        " participant_id TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (participant_id, message_id),"
+        " UNIQUE (round_id, participant_id));"
+        "INSERT INTO rounds VALUES (1, 'open', 5.0, 9.0, 2, '[\"a\", \"b\"]', x'00', 1, NULL, NULL);"
+        "INSERT INTO adapters VALUES ('a.r1.adapter', 1, 'a', x'01');"
+        "INSERT INTO revisions VALUES (1, -1, NULL);"
+        "PRAGMA user_version = 1;"
+    )
+    db.execute(
+        "INSERT INTO shard_closings VALUES (1, 0, 'labelled', 'all answered', '[\"a\", \"b\"]', ?, ?)",
+        (labels, '{"a": 0.5}'),
+    )
+    db.execute("INSERT INTO revisions VALUES (1, 0, ?)", (labels,))
+    db.commit()
+    db.close()
+
+
+def test_a_version_1_store_moves_its_labels_revisions_and_adapters_on_open(tmp_path: Path) -> None:
+    message = PseudoLabels(
+        federation="f",
+        round_id=1,
+        message_id="f.r1.s0.labels",
+        participant_id="coordinator",
+        shard_id=0,
+        labels=[Label(prompt_id="q0", text="zero", confidence=0.9, support=2, source="a")],
+        abstained=["q1", "q2"],
+    )
+    path = tmp_path / "v1.sqlite3"
+    version_1_store(path, encode(message))
+    store = CoordinatorStore(path)
+    (closing,) = store.closings(1)
+    assert closing.labels == encode(message) and closing.agreement == {"a": 0.5}
+    assert closing.decision is not None
+    assert (closing.decision.reply.message_id, closing.decision.labelled, closing.decision.abstained) == (
+        "f.r1.s0.labels",
+        1,
+        2,
+    )
+    assert store.stage_done(1, "revised")
+    assert store.decisions(1, "revised")[0].reply.body == encode(message)
+    assert [(b.shard_id, b.participant_id, b.late, b.body) for b in store.batches(1)] == [
+        (0, "a", False, b"\x01")
+    ]
+    assert store.received(1) == [(0, "a", 5.0, False)]  # arrived, for a restart, as its round opened
+    store.close()
+    assert CoordinatorStore(path).closings(1)[0].labels == encode(message)  # migrated once
+
+
+def test_a_version_1_store_whose_labels_do_not_decode_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite3"
+    version_1_store(path, b"not msgpack labels")
+    with pytest.raises(StateVersionError, match=r"round 1 shard 0 .*cannot be migrated; start with a new"):
+        CoordinatorStore(path)
+
+
+def test_a_store_from_a_newer_build_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "new.sqlite3"
+    CoordinatorStore(path).close()
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(StateVersionError, match="schema version 99, newer than this build's 2"):
+        CoordinatorStore(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,16 @@ from coordinator.prompts import split_into_shards
 from coordinator.rounds import ShardClosing
 from coordinator.service import build_coordinator
 from coordinator.settings import SettingsError, load_coordinator_settings
-from coordinator.store import ClosingRow
-from coordinator.strategies.base import Announced, Outgoing, StrategyContext
-from schemas.codec import decode_generation, decode_reply, encode
+from coordinator.strategies.base import (
+    TEXT_ANSWERS,
+    AnswerRules,
+    Decision,
+    Observe,
+    Outgoing,
+    RoundStrategy,
+    StrategyContext,
+)
+from schemas.codec import decode_generation, encode
 from schemas.ids import pseudo_labels_id
 from schemas.messages import AdapterUpdate, GenerationBatch, Label, PromptShard, PseudoLabels
 
@@ -28,10 +35,11 @@ ANSWERS = {"alice": "A long answer from alice.", "bob": "Short (bob).", "carol":
 
 
 class ShortestAnswer:
-    """The toy strategy: every prompt's label is its shortest answer."""
+    """The toy strategy: every prompt's label is its shortest answer. It implements the whole
+    `RoundStrategy` protocol and announces its own name."""
 
-    announces: Announced = "semantic"
-    answer_kind: type[GenerationBatch] | type[AdapterUpdate] = GenerationBatch
+    announces = "shortest"
+    answers: AnswerRules = TEXT_ANSWERS
 
     def __init__(self, context: StrategyContext) -> None:
         self.context = context
@@ -48,9 +56,9 @@ class ShortestAnswer:
 
     def decide(
         self, round_id: int, closings: Sequence[ShardClosing], slots: Mapping[int, Sequence[str]]
-    ) -> list[Outgoing]:
+    ) -> list[Decision]:
         store, federation = self.context.store, self.context.settings.federation
-        replies = []
+        decisions = []
         for closing in closings:
             if closing.status != "labelled":
                 continue
@@ -72,25 +80,22 @@ class ShortestAnswer:
                 shard_id=closing.shard_id,
                 labels=labels,
             )
-            body = encode(message)
-            store.save_labels(round_id, closing.shard_id, body, {})
-            replies.append(Outgoing(message.message_id, body, "pseudo_labels"))
-        return replies
+            reply = Outgoing(message.message_id, encode(message), "pseudo_labels")
+            decisions.append(Decision(closing.shard_id, reply, labelled=len(labels)))
+        return decisions
 
-    def counts(self, closing: ClosingRow) -> tuple[int, int]:
-        return (0, 0) if closing.labels is None else (len(decode_message(closing.labels).labels), 0)
+    def revise(self, round_id: int, decided: Mapping[int, Decision]) -> list[Decision]:
+        return []
 
-
-def decode_message(body: bytes) -> PseudoLabels:
-    message = decode_reply(body)
-    assert isinstance(message, PseudoLabels)
-    return message
+    def time_parts(self, observe: Observe) -> None:
+        return None
 
 
 async def test_a_toy_third_strategy_runs_a_round_with_one_registration_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(strategies.STRATEGIES, "shortest", ShortestAnswer)  # the one registration line
+    build: Callable[[StrategyContext], RoundStrategy] = ShortestAnswer  # the whole protocol, typed
+    monkeypatch.setitem(strategies.STRATEGIES, "shortest", build)  # the one registration line
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt_id": f"q{i}", "prompt": f"Q{i}?"}) + "\n" for i in range(4))
@@ -120,12 +125,15 @@ async def test_a_toy_third_strategy_runs_a_round_with_one_registration_line(
     assert summary.answered == sorted(ANSWERS)
     assert sum(o.labelled for o in summary.shards) == 4
     for member in members:
+        assert [opened.strategy for opened in member.opened] == ["shortest"]  # it announces its own name
         labels = [label for message in member.labels.values() for label in message.labels]
         assert len(labels) == 4 and {label.text for label in labels} == {ANSWERS["bob"]}
 
 
-def test_an_unregistered_strategy_is_refused_on_load(tmp_path: Path) -> None:
+def test_an_unregistered_strategy_is_refused_where_it_is_built(tmp_path: Path) -> None:
     config = tmp_path / "coordinator.toml"
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt_id": "q0", "prompt": "Q0?"}) + "\n")
     config.write_text('prompts_path = "p.jsonl"\nstrategy = "shortest"\n')
-    with pytest.raises(SettingsError, match=r"strategy must be one of \['fedavg', 'semantic'\]"):
-        load_coordinator_settings(config, env={})
+    settings = load_coordinator_settings(config, env={})  # loading imports no strategy to check it
+    with pytest.raises(SettingsError, match=r"strategy must be one of \['fedavg', 'majority', 'semantic'\]"):
+        build_coordinator(settings, MemoryBroker().connect(COORDINATOR_USER))

@@ -34,7 +34,7 @@ def fedavg_refusal(config: LoadedConfig, work: Path, deadline: float) -> dict[st
         evidence["rejections"] = dict(coordinator.counters.rejections)
         store = CoordinatorStore(coordinator.settings.state_path)  # the run closed its handle
         try:
-            evidence["stored_adapters"] = [pid for pid, _ in store.adapters(1)]
+            evidence["stored_adapters"] = [row.participant_id for row in store.batches(1)]  # a fedavg run
             kinds = [str(row[0]) for row in store._db.execute("SELECT kind FROM publications").fetchall()]
         finally:
             store.close()

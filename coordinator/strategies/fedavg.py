@@ -14,10 +14,17 @@ import numpy as np
 import structlog
 
 from broker.topology import COORDINATOR_USER
+from coordinator import stored
 from coordinator.rounds import ShardClosing
-from coordinator.store import ClosingRow
-from coordinator.strategies.base import Announced, Outgoing, StrategyContext
-from schemas.codec import decode_control, encode
+from coordinator.strategies.base import (
+    ADAPTER_ANSWERS,
+    AnswerRules,
+    Decision,
+    Observe,
+    Outgoing,
+    StrategyContext,
+)
+from schemas.codec import encode
 from schemas.errors import ChorusError
 from schemas.ids import aggregated_adapter_id
 from schemas.messages import AdapterUpdate, AggregatedAdapter, GenerationBatch, PromptShard, Tensor
@@ -37,8 +44,8 @@ def build(context: StrategyContext) -> FedAvgStrategy:
 
 
 class FedAvgStrategy:
-    announces: Announced = "fedavg"
-    answer_kind: type[GenerationBatch] | type[AdapterUpdate] = AdapterUpdate
+    announces = "fedavg"
+    answers: AnswerRules = ADAPTER_ANSWERS
 
     def __init__(self, context: StrategyContext) -> None:
         self.settings = context.settings
@@ -51,7 +58,8 @@ class FedAvgStrategy:
         return {ADAPTER_SHARD: []}
 
     def answer_problem(self, round_id: int, answer: GenerationBatch | AdapterUpdate) -> str | None:
-        assert isinstance(answer, AdapterUpdate)
+        if not isinstance(answer, AdapterUpdate):
+            return "a fedavg round is answered by an adapter update"  # intake refuses others first
         try:
             shapes = check_wire(answer.tensors)
         except ChorusError as e:
@@ -63,27 +71,26 @@ class FedAvgStrategy:
 
     def _first_shapes(self, round_id: int) -> dict[str, tuple[int, ...]] | None:
         """Names and shapes of the first adapter stored this round, which every other must match."""
-        stored = self.store.adapters(round_id)
-        if not stored:
+        rows = self.store.batches(round_id, ADAPTER_SHARD)
+        if not rows:
             return None
-        first = decode_control(stored[0][1])
-        assert isinstance(first, AdapterUpdate)
+        first = stored.adapter_update.decode(rows[0].body)
         return {t.name: tuple(t.shape) for t in first.tensors}
 
     def decide(
         self, round_id: int, closings: Sequence[ShardClosing], slots: Mapping[int, Sequence[str]]
-    ) -> list[Outgoing]:
-        outgoing = []
+    ) -> list[Decision]:
+        decisions = []
         for closing in closings:
             if closing.status != "labelled":
                 continue
             answered = set(closing.answered)
-            updates = []
-            for participant_id, body in self.store.adapters(round_id):
-                if participant_id in answered:
-                    update = decode_control(body)
-                    assert isinstance(update, AdapterUpdate)
-                    updates.append((update.tensors, update.num_samples))
+            updates = [
+                (update.tensors, update.num_samples)
+                for row in self.store.batches(round_id, closing.shard_id)
+                if row.participant_id in answered
+                for update in [stored.adapter_update.decode(row.body)]
+            ]
             federation = self.settings.federation
             message = AggregatedAdapter(
                 federation=federation,
@@ -94,14 +101,15 @@ class FedAvgStrategy:
                 contributors=sorted(answered),
             )
             log.info("adapters_averaged", round=round_id, contributors=len(answered))
-            outgoing.append(Outgoing(message.message_id, encode(message), "aggregated_adapter"))
-        return outgoing
+            reply = Outgoing(message.message_id, encode(message), "aggregated_adapter")
+            decisions.append(Decision(closing.shard_id, reply))
+        return decisions
 
-    def counts(self, closing: ClosingRow) -> tuple[int, int]:
-        return 0, 0
-
-    def revise(self, round_id: int) -> list[Outgoing]:
+    def revise(self, round_id: int, decided: Mapping[int, Decision]) -> list[Decision]:
         return []  # an average, once applied, is not taken back
+
+    def time_parts(self, observe: Observe) -> None:
+        return None  # averaging embeds nothing; the service times the whole decision
 
 
 def average_adapters(updates: Sequence[tuple[Mapping[str, AnyArray], int]]) -> dict[str, AnyArray]:
