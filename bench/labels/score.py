@@ -34,13 +34,23 @@ class RuleScore:
     chose_expert: float | None  # share of those whose label is the expert's answer
 
 
+Chosen = tuple[PromptRecord, str | None]  # a prompt and the member whose answer is its label (None: none)
+
+
 def score_choices(corpus: str, rule: str, records: Sequence[PromptRecord], choices: Choices) -> RuleScore:
     """The scores of `choices` (prompt id -> member, None: abstain) on the records of one stage."""
-    labelled = [r for r in records if choices.get(r.prompt_id) is not None]
+    stage = records[0].stage if records else ""
+    return score_chosen(corpus, stage, rule, [(r, choices.get(r.prompt_id)) for r in records])
+
+
+def score_chosen(corpus: str, stage: str, rule: str, chosen: Sequence[Chosen]) -> RuleScore:
+    """The scores of a rule's choices, pooled over whatever prompts `chosen` holds."""
     label, mean, best = [], [], []
     expert_hits: list[bool] = []
-    for record in labelled:
-        text = record.answers[str(choices[record.prompt_id])].text
+    for record, member in chosen:
+        if member is None:
+            continue
+        text = record.answers[member].text
         scores = [rouge_l(a.text, record.reference) for a in record.answers.values()]
         label.append(rouge_l(text, record.reference))
         mean.append(fmean(scores))
@@ -51,10 +61,10 @@ def score_choices(corpus: str, rule: str, records: Sequence[PromptRecord], choic
     gap = oracle - members_mean
     return RuleScore(
         corpus=corpus,
-        stage=records[0].stage if records else "",
+        stage=stage,
         rule=rule,
-        prompts=len(records),
-        labelled=len(labelled),
+        prompts=len(chosen),
+        labelled=len(label),
         label=label_mean,
         members_mean=members_mean,
         oracle=oracle,
@@ -72,14 +82,19 @@ def shipped_choices(records: Sequence[PromptRecord], rule: str, embedder: Embedd
     return {d.prompt_id: d.source for d in result.decisions}
 
 
+def choose_stage(
+    records: Sequence[PromptRecord], rules: Sequence[str], embedder: Embedder
+) -> dict[str, Choices]:
+    """Rule -> its choices on one stage of one corpus (a candidate's normalizations span the stage)."""
+    shipped = {name: shipped_choices(records, name, embedder) for name in LABEL_RULES}
+    stage = Stage(records, shipped)
+    return {name: shipped[name] if name in shipped else CANDIDATE_RULES[name].choose(stage) for name in rules}
+
+
 def score_stage(
     corpus: str, records: Sequence[PromptRecord], rules: Sequence[str], embedder: Embedder
 ) -> list[RuleScore]:
-    shipped = {name: shipped_choices(records, name, embedder) for name in LABEL_RULES}
-    stage = Stage(records, shipped)
-    choices = {
-        name: shipped[name] if name in shipped else CANDIDATE_RULES[name].choose(stage) for name in rules
-    }
+    choices = choose_stage(records, rules, embedder)
     return [score_choices(corpus, name, records, choices[name]) for name in rules]
 
 
@@ -87,16 +102,28 @@ def all_rules() -> list[str]:
     return [*LABEL_RULES, *CANDIDATE_RULES]
 
 
+POOLED = "all"  # the corpus name of the rows pooled over every corpus
+
+
 def score_corpora(paths: Sequence[Path], rules: Sequence[str], embedder: Embedder) -> list[RuleScore]:
+    """Each rule on each stage of each corpus, then on each stage pooled over the corpora."""
     unknown = sorted(set(rules) - set(all_rules()))
     if unknown:
         raise ValueError(f"unknown rules {unknown}; choose from {all_rules()}")
     scores = []
+    pooled: dict[tuple[str, str], list[Chosen]] = {}
     for path in paths:
         records = read_corpus(path)
         for stage in stages(records):
             chosen = [r for r in records if r.stage == stage]
-            scores += score_stage(path.stem, chosen, rules, embedder)
+            choices = choose_stage(chosen, rules, embedder)
+            for name in rules:
+                scores.append(score_choices(path.stem, name, chosen, choices[name]))
+                pooled.setdefault((stage, name), []).extend(
+                    (r, choices[name].get(r.prompt_id)) for r in chosen
+                )
+    if len(paths) > 1:
+        scores += [score_chosen(POOLED, stage, name, rows) for (stage, name), rows in pooled.items()]
     return scores
 
 
