@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, machine_line, table, write_results
-from bench.fake_participant import ScriptedParticipant, run_with_coordinator_process
+from bench.fake_participant import run_with_coordinator_process
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
+from participant.testing import ScriptedParticipant
 
 RESULTS = Path(__file__).parent / "results"
 FEDERATION = "load"

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, machine_line, table, write_results
-from bench.fake_participant import ScriptedParticipant, run_with_coordinator_process
+from bench.fake_participant import run_with_coordinator_process
 from broker.amqp import AmqpTransport
 from broker.cli import bring_up
 from common.logs import configure_logging
+from participant.testing import ScriptedParticipant
 
 FEDERATION = "scale"
 PUBLISH_TIMEOUT = 300.0

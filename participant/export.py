@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from common.atomic import write_directory_atomically
 from participant.models import (
     SMOLLM2_HUB_ID,
     SMOLLM2_SPEC,
@@ -33,7 +34,6 @@ from participant.models import (
     LocalModel,
     ModelError,
     load_model,
-    write_directory_atomically,
 )
 from participant.settings import ParticipantSettings
 from schemas.errors import ChorusError

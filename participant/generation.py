@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
+from common.progress import progress_bar
 from participant.learner import MAX_ANSWER_CHARS as MAX_ANSWER_CHARS
 from participant.learner import GeneratedAnswer as GeneratedAnswer
 from participant.models import (
@@ -14,7 +15,6 @@ from participant.models import (
     ModelError,
     eos_token_ids,
     max_positions,
-    progress_bar,
     prompt_token_ids,
 )
 from schemas.messages import GenerationParams

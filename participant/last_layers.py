@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.atomic import write_directory_atomically
 from participant.data import Example
 from participant.learners.local import LocalLearner, load_local_model, train_settings
-from participant.models import LocalModel, ModelError, write_directory_atomically
+from participant.models import LocalModel, ModelError
 from participant.settings import ParticipantSettings
 from participant.training import TrainSettings, TrainStats, train_parameters
 

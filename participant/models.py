@@ -6,7 +6,7 @@
   transformers once and cached as safetensors (see `smollm2_cache_dir`).
 - a path to a local Hugging Face model directory (``config.json`` + weights + tokenizer files).
 - ``tiny-llama`` / ``tiny-gpt2`` — 2-layer random models built in-process with their own, different
-  tokenizers, seeded so they are identical every time; for tests only.
+  tokenizers, seeded so they are identical every time; for tests only (`participant.testing.tiny_models`).
 
 The prompt/response rendering lives here too, so that training and generation format prompts the same way.
 """
@@ -15,30 +15,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from common.atomic import write_directory_atomically
 from schemas.errors import ChorusError
 
 log = structlog.get_logger()
@@ -95,7 +81,9 @@ def load_model(
     if spec == SMOLLM2_SPEC:
         lm = _load_smollm2(_resolve_cache_dir(cache_dir), dtype)
     elif spec in TINY_SPECS:
-        lm = _build_tiny(spec, dtype)
+        from participant.testing.tiny_models import build_tiny  # tokenizers' builders, tests only
+
+        lm = build_tiny(spec, dtype)
     elif Path(spec).expanduser().is_dir():
         lm = _load_hf_directory(Path(spec).expanduser(), dtype)
     elif looks_like_path(spec):
@@ -262,44 +250,6 @@ def _convert_smollm2(package_dir: Path, target: Path) -> None:
     log.info("converted model", model=SMOLLM2_SPEC, seconds=round(time.perf_counter() - started, 2))
 
 
-def write_directory_atomically(target: Path, write: Callable[[Path], object]) -> None:
-    """Run `write` into a staging directory beside `target`, then rename it into place.
-
-    Readers see the old directory, or none, or the new one: never a half-written one.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        staging.mkdir()
-        write(staging)
-        if target.exists():
-            os.rename(target, aside)  # a non-empty directory cannot be renamed over
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if aside.exists() and not target.exists():
-                os.rename(aside, target)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-@contextmanager
-def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar when `enabled`; yields `advance(status)` that steps it once (a no-op when off)."""
-    if not enabled:
-        yield lambda status: None
-        return
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda status: bar.update(task, advance=1, description=f"{description} {status}".rstrip())
-
-
 # ---- any local Hugging Face directory -------------------------------------------------------------
 
 
@@ -312,95 +262,6 @@ def _load_hf_directory(directory: Path, dtype: torch.dtype) -> LocalModel:
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load the model in {directory}: {e}") from e
     return LocalModel(model=model, tokenizer=tokenizer, model_id=directory.name)
-
-
-# ---- tiny in-process models for tests -------------------------------------------------------------
-
-TINY_SEED = 1234
-# Wider than the usual 0.02 so that a random model's greedy answers differ from prompt to prompt.
-TINY_INIT_STD = 0.3
-# Chat markup for the tiny Llama, in the same ChatML shape SmolLM2 uses.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# The tiny GPT-2 reads characters from this alphabet; anything else becomes <unk>.
-TINY_ALPHABET = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
-
-
-def _build_tiny(spec: str, dtype: torch.dtype) -> LocalModel:
-    tokenizer = _byte_level_chat_tokenizer() if spec == "tiny-llama" else _character_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model: Any = _tiny_llama(tokenizer) if spec == "tiny-llama" else _tiny_gpt2(tokenizer)
-    model.to(dtype)
-    return LocalModel(model=model, tokenizer=tokenizer, model_id=spec)
-
-
-def _byte_level_chat_tokenizer() -> PreTrainedTokenizerFast:
-    """256 byte tokens (a BPE with no merges) plus ChatML specials; pad token deliberately distinct."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    vocab = {token: i for i, token in enumerate(specials)}
-    for byte_symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: the set's order varies by call
-        vocab.setdefault(byte_symbol, len(vocab))
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=core,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def _character_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, no chat template and no pad token (so the missing-pad path runs)."""
-    specials = ["<|endoftext|>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + TINY_ALPHABET)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=core, eos_token="<|endoftext|>", unk_token="<unk>"
-    )
-
-
-def _tiny_llama(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        initializer_range=TINY_INIT_STD,
-    )
-    return LlamaForCausalLM(config)
-
-
-def _tiny_gpt2(tokenizer: PreTrainedTokenizerBase) -> GPT2LMHeadModel:
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=512,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=TINY_INIT_STD,
-    )
-    return GPT2LMHeadModel(config)
 
 
 # ---- shared finishing touches ----------------------------------------------------------------------

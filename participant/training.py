@@ -22,17 +22,12 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from common.atomic import write_directory_atomically
+from common.progress import progress_bar
 from participant.data import Example
 from participant.learner import NO_TRAINING as NO_TRAINING
 from participant.learner import TrainStats as TrainStats
-from participant.models import (
-    LocalModel,
-    ModelError,
-    progress_bar,
-    prompt_token_ids,
-    render_response,
-    write_directory_atomically,
-)
+from participant.models import LocalModel, ModelError, prompt_token_ids, render_response
 
 log = structlog.get_logger()
 

@@ -12,10 +12,10 @@ from structlog.testing import capture_logs
 from support.coordinators import memory_coordinator, write_config
 from support.waiting import eventually
 
-from bench.fake_participant import publish_join
 from broker.memory import MemoryBroker
 from broker.topology import UP_EXCHANGE, generation_key
 from common.log_budget import OVERFLOW_SENDER, LogBudget
+from participant.testing import publish_join
 from schemas import new_message_id
 
 log = structlog.get_logger("test")

@@ -20,7 +20,6 @@ from participant.models import (
     prompt_token_ids,
     render_prompt,
     render_response,
-    write_directory_atomically,
 )
 from schemas.errors import ChorusError
 from schemas.messages import GenerationParams
@@ -94,22 +93,6 @@ def test_local_hugging_face_directory_loads(tmp_path: Path) -> None:
     assert loaded.model_id == "my-tiny-llama"
     assert loaded.has_chat_template
     assert torch.allclose(_logits(original, "same input"), _logits(loaded, "same input"))
-
-
-def test_failed_directory_write_keeps_the_old_one(tmp_path: Path) -> None:
-    target = tmp_path / "cache"
-    write_directory_atomically(target, lambda staging: (staging / "a.txt").write_text("old"))
-
-    def crash(staging: Path) -> None:
-        (staging / "a.txt").write_text("half")
-        raise RuntimeError("crashed mid-write")
-
-    with pytest.raises(RuntimeError):
-        write_directory_atomically(target, crash)
-    assert (target / "a.txt").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no staging left behind
-    write_directory_atomically(target, lambda staging: (staging / "b.txt").write_text("new"))
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
 
 
 @pytest.mark.slow

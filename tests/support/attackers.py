@@ -117,7 +117,7 @@ def directory_bytes(path: Path) -> int:
 _ATTACKER = """
 import asyncio, sys, time
 from broker.amqp import AmqpTransport
-from bench.fake_participant import publish_join
+from participant.testing import publish_join
 from broker.topology import UP_EXCHANGE, control_key, generation_key
 from schemas import new_message_id
 from support.attackers import hostile_map

@@ -36,7 +36,7 @@ from aiormq.abc import DeliveredMessage
 
 from broker.amqp import AmqpTransport
 from broker.transport import Delivery
-from bench.fake_participant import publish_join
+from participant.testing import publish_join
 from broker.topology import UP_EXCHANGE, control_key
 from schemas import new_message_id
 

@@ -1,4 +1,4 @@
-"""Scripted participants for tests: bench/fake_participant's `ScriptedParticipant` (real transport
+"""Scripted participants for tests: `participant.testing.ScriptedParticipant` (real transport
 clients that answer with canned text, no models), the answers they agree on, and one on RabbitMQ.
 
 They speak the wire protocol exactly as a real participant does, so the coordinator can be tested end
@@ -7,8 +7,8 @@ to end on either transport.
 
 from __future__ import annotations
 
-from bench.fake_participant import ScriptedParticipant
 from broker.amqp import AmqpTransport
+from participant.testing import ScriptedParticipant
 
 __all__ = ["ScriptedParticipant", "consensus_answers", "participant_at"]
 
