@@ -23,9 +23,9 @@ from broker.topology import (
     reply_key,
 )
 from broker.transport import Transport
+from coordinator.decisions import Outgoing
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import CoordinatorStore
-from coordinator.decisions import Outgoing
 
 log = structlog.get_logger(__name__)
 

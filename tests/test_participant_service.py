@@ -13,14 +13,14 @@ from support.coordinators import memory_coordinator
 from support.tiny_models import PRIVATE, CrashOnSecondTrain, coordinator_config, tiny_participant
 
 from broker.memory import MemoryBroker
-from broker.topology import COORDINATOR_USER, control_key, full_topology
+from broker.topology import COORDINATOR_USER, control_key, full_topology, generation_key
 from participant.data import Example
 from participant.learner import FunctionLearner, LoraLearner
 from participant.models import load_model
 from participant.service import Participant
 from participant.settings import ParticipantSettings, TrainTable
 from participant.training import TrainSettings
-from schemas.ids import label_revision_id, report_id
+from schemas.ids import batch_id, label_revision_id, report_id
 from schemas.messages import (
     AggregatedAdapter,
     Label,
@@ -194,7 +194,7 @@ async def test_a_fedavg_round_reaching_a_generate_only_learner_sends_nothing(tmp
     transport = RecordingTransport()
     learner = FunctionLearner(lambda prompt: "an answer", model_id="box")
     participant = Participant(settings, transport, learner, private_train=PRIVATE)  # type: ignore[arg-type]
-    sent = {"federation": "t", "round_id": 1, "participant_id": "coordinator"}
+    sent: dict[str, Any] = {"federation": "t", "round_id": 1, "participant_id": "coordinator"}
     opened = RoundOpened(
         **sent,
         message_id="t.r1.opened",
@@ -218,4 +218,62 @@ async def test_a_fedavg_round_reaching_a_generate_only_learner_sends_nothing(tmp
     )
     await participant._handle(closed)
     assert transport.published == [(control_key("box"), report_id("box", 1))]  # the round still reports
+    participant.ledger.close()
+
+
+def generate_only(tmp_path: Path) -> tuple[Participant, RecordingTransport]:
+    settings = ParticipantSettings(
+        federation="t",
+        participant_id="box",
+        model="tiny-llama",
+        state_dir=str(tmp_path / "box"),
+        progress=False,
+    )
+    transport = RecordingTransport()
+    learner = FunctionLearner(lambda prompt: "an answer", model_id="box")
+    return Participant(settings, transport, learner, private_train=PRIVATE), transport  # type: ignore[arg-type]
+
+
+def round_of(strategy: str) -> RoundOpened:
+    return RoundOpened(
+        federation="t",
+        round_id=1,
+        participant_id="coordinator",
+        message_id="t.r1.opened",
+        strategy=strategy,
+        shards=[PromptShard(shard_id=0, prompts=[Prompt(prompt_id="q0", text="Say 0.")])],
+        expected=["box", "other"],
+        quorum=1,
+        deadline_unix=60.0,
+        opened_unix=0.0,
+    )
+
+
+async def test_a_round_of_an_unknown_strategy_is_sat_out_and_reported(tmp_path: Path) -> None:
+    participant, transport = generate_only(tmp_path)
+    with capture_logs() as logs:
+        await participant._handle(round_of("not_yet_invented"))
+    assert transport.published == []  # no answer to a round it does not understand
+    (line,) = [entry for entry in logs if entry["event"] == "round_sat_out"]
+    assert line["strategy"] == "not_yet_invented" and line["log_level"] == "warning"
+    closed = RoundClosed(
+        federation="t",
+        round_id=1,
+        participant_id="coordinator",
+        message_id="t.r1.closed",
+        shards=[],
+        answered=["other"],
+        opened_unix=0.0,
+        closed_unix=1.0,
+    )
+    await participant._handle(closed)
+    assert transport.published == [(control_key("box"), report_id("box", 1))]
+    assert participant.reports[-1].metrics["unknown_strategy"] == 1.0
+    participant.ledger.close()
+
+
+async def test_a_majority_round_is_answered_like_a_semantic_one(tmp_path: Path) -> None:
+    participant, transport = generate_only(tmp_path)
+    await participant._handle(round_of("majority"))
+    assert transport.published == [(generation_key(0, "box"), batch_id("box", 1, 0))]
     participant.ledger.close()
