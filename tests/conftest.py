@@ -6,7 +6,9 @@ end. Tests that use it carry the `amqp` marker.
 
 `transport_factory` runs a test once on the in-memory broker and once on
 RabbitMQ. Every test gets its own exchange and queue names (a unique prefix),
-so tests on the shared node never see each other's messages.
+so tests on the shared node never see each other's messages. With
+`--transport package.module:connect` it runs on that transport instead: the
+conformance suite for a `Transport` of your own (docs/operate.md).
 
 Helpers that tests call (rather than receive as fixtures) live in tests/support/.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import structlog
-from support.brokers import PARTICIPANT_PASSWORDS, TransportFactory
+from support.brokers import PARTICIPANT_PASSWORDS, TransportFactory, load_connect
 
 from broker import cli
 from broker.cli import bring_up
@@ -74,15 +76,35 @@ def rabbit_vhost(rabbit_node: LocalNode) -> Callable[..., dict[str, str]]:
     return make
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("memory"),
-        pytest.param("amqp", marks=pytest.mark.amqp),
-    ]
-)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--transport",
+        metavar="package.module:connect",
+        help="run the transport_factory tests on this transport only: connect(user, *, dead_letter_exchange) "
+        "returns an unopened Transport",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    spec = config.getoption("--transport")
+    if spec:
+        load_connect(spec)  # a bad name is a usage error before any test runs
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "transport_factory" not in metafunc.fixturenames:
+        return
+    kinds = [pytest.param("memory"), pytest.param("amqp", marks=pytest.mark.amqp)]
+    if metafunc.config.getoption("--transport"):
+        kinds = [pytest.param("custom")]
+    metafunc.parametrize("transport_factory", kinds, indirect=True)
+
+
+@pytest.fixture
 async def transport_factory(request: pytest.FixtureRequest) -> AsyncIterator[TransportFactory]:
     node: LocalNode | None = request.getfixturevalue("rabbit_node") if request.param == "amqp" else None
-    factory = TransportFactory(request.param, node)
+    custom = request.config.getoption("--transport") if request.param == "custom" else None
+    factory = TransportFactory(request.param, node, custom=load_connect(custom) if custom else None)
     try:
         yield factory
     finally:

@@ -36,6 +36,7 @@ from broker.transport import (
 )
 
 GEN = topology.generation_key
+TEXT: dict[str, Any] = {"capture_output": True, "text": True, "timeout": 300}
 # Any participant's intake queue is a plain work queue for the tests that need one.
 ALICE_IN = topology.intake_queue("alice")
 
@@ -343,7 +344,10 @@ async def test_a_full_intake_queue_refuses_its_owner_only_and_keeps_what_it_hold
     )
     up = f.name(topology.UP_EXCHANGE)
     # The memory broker refuses at once; RabbitMQ nacks, and the transport retries until its timeout.
-    refusal = QueueFull if f.kind == "memory" else PublishTimeout
+    refusal: type[BrokerError] | tuple[type[BrokerError], ...] = {
+        "memory": QueueFull,
+        "amqp": PublishTimeout,
+    }.get(f.kind, (QueueFull, PublishTimeout))
     accepted: list[tuple[str, bytes]] = []
     for i in range(6):
         body = f"batch {i}".encode()  # 7 bytes
@@ -404,7 +408,8 @@ async def test_a_dead_letter_keeps_none_of_the_publishers_own_audit_headers(
     f = transport_factory
     consumer = await f.connect()
     await consumer.declare(f.topology())
-    # On RabbitMQ the factory logs in as the coordinator only; the memory broker takes any user.
+    # On RabbitMQ (and a transport of your own) the factory logs in as the coordinator only; the memory
+    # broker takes any user.
     publisher = await f.connect("mallory") if f.kind == "memory" else consumer
     body = bytes(range(256)) * 40  # 10 KiB
     forged: dict[str, Any] = {
@@ -801,3 +806,30 @@ async def test_is_connected_says_whether_the_link_is_up(rabbit_node: LocalNode) 
     assert memory.is_connected()
     await memory.close()
     assert not memory.is_connected()
+
+
+def test_the_suite_runs_on_a_transport_named_on_the_command_line() -> None:
+    """`--transport package.module:connect` runs every transport_factory test on that transport alone."""
+    # Only the parametrized tests: this one (not parametrized) would otherwise run itself again.
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-m",
+        "not amqp",
+        "-k",
+        "custom",
+        "-v",
+        "-p",
+        "no:cacheprovider",
+    ]
+    tests = Path(__file__).parent
+    ran = subprocess.run([*command, "--transport", "support.brokers:memory_connect"], cwd=tests, **TEXT)
+    assert ran.returncode == 0, ran.stdout[-3000:]
+    passed = [line for line in ran.stdout.splitlines() if " PASSED" in line]
+    assert len(passed) >= 15 and all("custom" in line for line in passed), ran.stdout[-3000:]
+    assert "memory]" not in ran.stdout and "amqp]" not in ran.stdout
+    refused = subprocess.run([*command, "--transport", "support.brokers"], cwd=tests, **TEXT)
+    assert refused.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "expected package.module:connect" in refused.stderr

@@ -7,9 +7,13 @@ in-memory broker or the session's RabbitMQ node, under a name prefix no other te
 
 from __future__ import annotations
 
+import importlib
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import cast
+
+import pytest
 
 from broker import topology as chorus
 from broker.amqp import AmqpTransport
@@ -47,13 +51,44 @@ def isolated(topo: Topology, prefix: str) -> Topology:
     )
 
 
-class TransportFactory:
-    """Connections to one broker for one test, with names no other test uses."""
+# What `--transport package.module:connect` names: an unopened transport for `user`, dead-lettering to
+# `dead_letter_exchange` (the test-local name of chorus.dead).
+Connect = Callable[..., Transport]
 
-    def __init__(self, kind: str, node: LocalNode | None) -> None:
+
+def load_connect(spec: str) -> Connect:
+    """The `connect` callable that `spec` ("package.module:connect") names, or a UsageError that says why."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise pytest.UsageError(f"--transport {spec!r}: expected package.module:connect")
+    try:
+        connect = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise pytest.UsageError(f"--transport {spec!r}: {error}") from error
+    if not callable(connect):
+        raise pytest.UsageError(f"--transport {spec!r}: {attribute} is not callable")
+    return cast(Connect, connect)
+
+
+_STRANGER = MemoryBroker()
+
+
+def memory_connect(user: str, *, dead_letter_exchange: str) -> Transport:
+    """A `--transport` connect for the hook's own test: the memory broker, run as if it were unknown."""
+    del dead_letter_exchange  # the memory broker dead-letters by the topology it is given
+    return _STRANGER.connect(user)
+
+
+class TransportFactory:
+    """Connections to one broker for one test, with names no other test uses.
+
+    `kind` is "memory", "amqp" (the session node) or "custom" (the `custom` connect callable)."""
+
+    def __init__(self, kind: str, node: LocalNode | None, *, custom: Connect | None = None) -> None:
         self.kind = kind
         self.prefix = f"t{secrets.token_hex(4)}."
         self._node = node
+        self._custom = custom
         self._memory = MemoryBroker()
         self._opened: list[Transport] = []
 
@@ -72,6 +107,8 @@ class TransportFactory:
         transport: Transport
         if self.kind == "memory":
             transport = self._memory.connect(user)
+        elif self._custom is not None:
+            transport = self._custom(user, dead_letter_exchange=self.name(chorus.DEAD_LETTER_EXCHANGE))
         else:
             assert self._node is not None
             assert user == chorus.COORDINATOR_USER, "participants need node.add_participant first"
