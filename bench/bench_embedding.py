@@ -56,12 +56,13 @@ from coordinator.consensus import (
     ConsensusSettings,
     HnswConsensus,
     _all_pairs,
-    _densities,
+    _densities_by_group,
     _prepare,
+    _rule_view,
     _similarities_to,
     _weighted_mean_without,
-    _winner,
 )
+from coordinator.label_rules import LABEL_RULES
 from federation.stdlib_task.harvest import Example
 from federation.stdlib_task.split import build_task
 
@@ -90,7 +91,7 @@ class QuantizedSentenceEmbedder(SentenceEmbedder):
         }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization warns that it moves to torchao
-            self._model = quantize_dynamic(self._model, chosen, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+            self._model = quantize_dynamic(self._model, chosen, dtype=torch.qint8)
 
 
 def perturb(text: str, rng: random.Random) -> str:
@@ -168,9 +169,11 @@ def close_calls(
         if len(prompt.weights) < settings.min_answers:
             out[prompt.prompt_id] = float("inf")
             continue
-        density, closest = _densities(_all_pairs(prompt, vectors), prompt.weights, settings.neighbours)
+        density, closest = _densities_by_group(prompt, _all_pairs(prompt, vectors), settings.neighbours)
+        density = density * prompt.weights
         gaps = [8 * float(np.min(np.abs(closest - settings.outlier_similarity)))]
-        winner = _winner(density, closest, settings.outlier_similarity)
+        view = _rule_view(prompt, density, closest, vectors)
+        winner = LABEL_RULES[settings.label_choice].choose(view, settings).answer
         if winner is not None:
             rivals = (closest >= settings.outlier_similarity) & (prompt.text_of != prompt.text_of[winner])
             if rivals.any():

@@ -428,8 +428,11 @@ def test_a_device_moves_every_task_and_is_part_of_each_run_identity(tmp_path: Pa
     assert cpu_runner.fingerprint(key) != any_runner.fingerprint(key)
     # "cpu" is the default: naming it keeps the runs finished without it.
     named = GridRunner(
-        load_grid(write_grid(tmp_path), device="cpu"), tmp_path, ResultStore(tmp_path / "r"), None
-    )  # type: ignore[arg-type]
+        load_grid(write_grid(tmp_path), device="cpu"),
+        tmp_path,
+        ResultStore(tmp_path / "r"),
+        None,  # type: ignore[arg-type]
+    )
     assert named.fingerprint(key) == cpu_runner.fingerprint(key)
     with pytest.raises(GridError, match="--device 'gpu'"):
         load_grid(write_grid(tmp_path), device="gpu")
