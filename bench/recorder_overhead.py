@@ -40,10 +40,9 @@ from common.embedding import HashingEmbedder
 from common.logs import configure_logging
 from coordinator.prompts import PublicPrompt
 from coordinator.replay.recording import recorded_settings
-from coordinator.service import Coordinator
+from coordinator.service import build_coordinator
 from coordinator.settings import CoordinatorSettings, RoundSettings
 from coordinator.store import CoordinatorStore
-from coordinator.strategies import build_round_strategy
 from schemas.codec import encode
 from schemas.messages import Answer, GenerationBatch
 
@@ -207,8 +206,9 @@ def bench_coordinator(
                 # Members before start(): it declares and consumes their intake queues.
                 for name in names:
                     store.upsert_member(name, "m", True, time.time())
-                strategy = build_round_strategy(settings, store, prompt_set, HashingEmbedder())
-                coordinator = Coordinator(settings, transport, store, strategy)
+                coordinator = build_coordinator(
+                    settings, transport, store=store, prompts=prompt_set, embedder=HashingEmbedder()
+                )
                 await coordinator.start()
                 await coordinator._open_round()
                 state = coordinator.round

@@ -17,10 +17,9 @@ from common.logs import configure_logging
 from coordinator.prompts import PublicPrompt, load_prompts
 from coordinator.replay.recording import with_recording
 from coordinator.runtime import prepare_service_process
-from coordinator.service import Coordinator
+from coordinator.service import build_coordinator
 from coordinator.settings import CoordinatorSettings, SettingsError, load_coordinator_settings
 from coordinator.store import CoordinatorStore, StateLock
-from coordinator.strategies import build_round_strategy
 from schemas.codec import decode_reply
 from schemas.errors import ChorusError
 from schemas.messages import RoundClosed
@@ -111,8 +110,7 @@ async def _serve(settings: CoordinatorSettings, prompts: list[PublicPrompt]) -> 
         async with with_recording(connection, settings) as transport:
             # The strategy loads its sentence encoder (seconds; tens of them for a first ONNX export): only
             # once the broker has let the coordinator in, so that a wrong URL or password shows at once.
-            strategy = build_round_strategy(settings, store, prompts)
-            coordinator = Coordinator(settings, transport, store, strategy)
+            coordinator = build_coordinator(settings, transport, store=store, prompts=prompts)
             log.debug("service_process_prepared", frozen_objects=prepare_service_process())
             with StopSignals(coordinator.request_stop, service="chorus-coordinator") as signals:
                 await coordinator.run()

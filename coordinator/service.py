@@ -22,14 +22,14 @@ from broker.topology import COORDINATOR_USER, core_topology
 from broker.transport import Transport
 from common.embedding import Embedder
 from coordinator import stored
-from coordinator.benching import benched_in
 from coordinator.decisions import Decision, Outgoing
 from coordinator.intake import Counters, Intake
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.outbox import Outbox
-from coordinator.prompts import load_prompts
+from coordinator.prompts import PublicPrompt, load_prompts
 from coordinator.rounds import RoundState, ShardClosing, resolve_quorum
 from coordinator.settings import CoordinatorSettings
+from coordinator.sidelining import sidelined_in
 from coordinator.store import CoordinatorStore, RoundRow
 from coordinator.strategies import build_round_strategy
 from coordinator.strategies.base import RoundStrategy
@@ -190,8 +190,8 @@ class Coordinator:
             await self._sleep_until_woken(1.0)
             return False
         round_id = self.store.last_round_id() + 1
-        benched = self._benched(round_id, active)
-        quorum = resolve_quorum(settings.quorum, len(active) - len(benched))
+        sidelined = self._sidelined(round_id, active)
+        quorum = resolve_quorum(settings.quorum, len(active) - len(sidelined))
         now = self.clock()
         opened = RoundOpened(
             federation=self.settings.federation,
@@ -216,9 +216,9 @@ class Coordinator:
             expected=active,
             announcement=body,
         )
-        self.round = self._round_state(opened, benched)
-        self.metrics.round_opened(round_id, len(benched))
-        self._report_benching(round_id, benched, active)
+        self.round = self._round_state(opened, sidelined)
+        self.metrics.round_opened(round_id, len(sidelined))
+        self._report_sidelining(round_id, sidelined, active)
         await self._announce(round_id, opened.message_id, body, active)
         log.info(
             "round_opened",
@@ -226,32 +226,32 @@ class Coordinator:
             participants=len(active),
             quorum=quorum,
             shards=len(opened.shards),
-            benched=sorted(benched),
+            sidelined=sorted(sidelined),
         )
         return True
 
-    def _benched(self, round_id: int, members: Sequence[str]) -> set[str]:
+    def _sidelined(self, round_id: int, members: Sequence[str]) -> set[str]:
         """Members that left a shard unanswered, in time and late, in each of the last
-        `bench_after_missed_rounds` rounds (`RoundClosed.missing`): still asked, no longer waited for,
-        until they answer every shard of a round again. Never all of them (coordinator.benching, which
+        `sideline_after_missed_rounds` rounds (`RoundClosed.missing`): still asked, no longer waited for,
+        until they answer every shard of a round again. Never all of them (coordinator.sidelining, which
         the strategy's revisions ask too)."""
-        return benched_in(self.store, round_id, members, self.settings.round.bench_after_missed_rounds)
+        return sidelined_in(self.store, round_id, members, self.settings.round.sideline_after_missed_rounds)
 
-    def _report_benching(self, round_id: int, benched: set[str], members: Sequence[str]) -> None:
-        before = self._benched(round_id - 1, self.store.expected(round_id - 1)) if round_id > 1 else set()
-        for member in sorted(benched - before):
-            self.counters.benched.append((round_id, member))
+    def _report_sidelining(self, round_id: int, sidelined: set[str], members: Sequence[str]) -> None:
+        before = self._sidelined(round_id - 1, self.store.expected(round_id - 1)) if round_id > 1 else set()
+        for member in sorted(sidelined - before):
+            self.counters.sidelined.append((round_id, member))
             log.warning(
-                "member_benched",
+                "member_sidelined",
                 round=round_id,
                 participant=member,
-                missed_rounds=self.settings.round.bench_after_missed_rounds,
+                missed_rounds=self.settings.round.sideline_after_missed_rounds,
                 hint="asked but not waited for until it answers every shard of a round again",
             )
-        for member in sorted((before - benched) & set(members)):
-            log.info("member_unbenched", round=round_id, participant=member)
+        for member in sorted((before - sidelined) & set(members)):
+            log.info("member_returned", round=round_id, participant=member)
 
-    def _round_state(self, opened: RoundOpened, benched: set[str]) -> RoundState:
+    def _round_state(self, opened: RoundOpened, sidelined: set[str]) -> RoundState:
         return RoundState(
             round_id=opened.round_id,
             shards=self.strategy.answer_slots(opened.shards),
@@ -260,7 +260,7 @@ class Coordinator:
             opened_at=opened.opened_unix,
             deadline_at=opened.deadline_unix,
             grace_seconds=self.settings.round.grace_seconds,
-            benched=benched,
+            sidelined=sidelined,
             straggler_factor=self.settings.round.straggler_factor,
         )
 
@@ -415,7 +415,7 @@ class Coordinator:
         if row is None:
             return
         opened = stored.announcement.decode(row.announcement)
-        state = self._round_state(opened, self._benched(row.round_id, opened.expected))
+        state = self._round_state(opened, self._sidelined(row.round_id, opened.expected))
         for shard_id, participant_id, arrived, late in self.store.received(row.round_id):
             if late:
                 state.late.setdefault(participant_id, set()).add(shard_id)
@@ -445,13 +445,16 @@ def build_coordinator(
     settings: CoordinatorSettings,
     transport: Transport,
     *,
+    store: CoordinatorStore | None = None,
+    prompts: Sequence[PublicPrompt] | None = None,
     embedder: Embedder | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Coordinator:
-    """A coordinator as its settings describe it: their store, public prompts and strategy (`embedder`:
-    None for the one the settings name)."""
-    store = CoordinatorStore(settings.state_path)
-    prompts = load_prompts(Path(settings.prompts_path))
+    """A coordinator as its settings describe it: the one place that puts store, public prompts and
+    strategy together (chorus-coordinator, chorus-run and the tests). Each of `store`, `prompts` and
+    `embedder` is None for the one the settings name; whoever opened a store closes it."""
+    store = store if store is not None else CoordinatorStore(settings.state_path)
+    prompts = prompts if prompts is not None else load_prompts(Path(settings.prompts_path))
     return Coordinator(
         settings, transport, store, build_round_strategy(settings, store, prompts, embedder), clock=clock
     )

@@ -24,10 +24,9 @@ import structlog
 from common.embedding import Embedder
 from coordinator.prompts import load_prompts
 from coordinator.replay.recording import with_recording
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, build_coordinator
 from coordinator.settings import ConsensusSettingsTable, CoordinatorSettings, SettingsError
 from coordinator.store import CoordinatorStore
-from coordinator.strategies import build_round_strategy
 from coordinator.wiring import build_embedder
 from federation.brokers import BrokerPlan, plan_broker
 from federation.config import LoadedConfig, RunConfigError
@@ -312,17 +311,17 @@ class FederationRun:
     ) -> None:
         store = CoordinatorStore(settings.state_path)
         try:
-            strategy = build_round_strategy(
-                settings,
-                store,
-                load_prompts(data.prompts),
-                embedder if settings.consensus.embedder == self.config.run.embedder else None,
-            )
             async with contextlib.AsyncExitStack() as stack:
                 coordinator_transport = await stack.enter_async_context(
                     with_recording(ObservedTransport(plan.coordinator(), self.reporter.observe), settings)
                 )
-                self.coordinator = Coordinator(settings, coordinator_transport, store, strategy)
+                self.coordinator = build_coordinator(
+                    settings,
+                    coordinator_transport,
+                    store=store,
+                    prompts=load_prompts(data.prompts),
+                    embedder=embedder if settings.consensus.embedder == self.config.run.embedder else None,
+                )
                 await self.coordinator.start()
                 for entry in self.config.run.participants:
                     transport = await stack.enter_async_context(
