@@ -201,7 +201,7 @@ def _bounded_fields(kind: type) -> tuple[_Bound, ...]:
     )
 
 
-class ConsensusStrategy(Protocol):
+class Consensus(Protocol):
     """Turns a shard's answers (prompt id -> candidates) into per-prompt decisions."""
 
     @property

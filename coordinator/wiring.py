@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.embedding import CachedEmbedder, Embedder, HashingEmbedder, SentenceEmbedder
-from coordinator.consensus import ConsensusStrategy, ExactConsensus, HnswConsensus
+from coordinator.consensus import Consensus, ExactConsensus, HnswConsensus
 from coordinator.settings import ConsensusSettingsTable
 
 
@@ -23,7 +23,7 @@ def build_embedder(table: ConsensusSettingsTable) -> Embedder:
     return CachedEmbedder(inner, max_entries=table.cache_entries) if table.cache_entries else inner
 
 
-def build_consensus(table: ConsensusSettingsTable, embedder: Embedder | None = None) -> ConsensusStrategy:
+def build_consensus(table: ConsensusSettingsTable, embedder: Embedder | None = None) -> Consensus:
     """The consensus rule the settings name (the table is its settings), over `embedder` (None: the one
     the settings name)."""
     chosen = embedder if embedder is not None else build_embedder(table)  # a CachedEmbedder has __len__

@@ -17,7 +17,7 @@ from coordinator.consensus import (
     Candidate,
     ConsensusError,
     ConsensusSettings,
-    ConsensusStrategy,
+    Consensus,
     ExactConsensus,
     HnswConsensus,
     ShardConsensus,
@@ -328,7 +328,7 @@ def test_same_input_in_any_order_gives_the_same_output() -> None:
 
 
 def test_strategies_satisfy_the_protocol() -> None:
-    strategies: list[ConsensusStrategy] = [
+    strategies: list[Consensus] = [
         ExactConsensus(HashingEmbedder()),
         HnswConsensus(HashingEmbedder()),
     ]

@@ -10,11 +10,11 @@ import structlog
 
 from common.embedding import Embedder, Embeddings
 from coordinator import stored
-from coordinator.benching import benched_in
-from coordinator.consensus import Candidate, ConsensusStrategy
+from coordinator.consensus import Candidate, Consensus
 from coordinator.labelling import changed_labels, pseudo_labels_message, shard_candidates
 from coordinator.reputation import weigh_votes
 from coordinator.rounds import ShardClosing
+from coordinator.sidelining import sidelined_in
 from coordinator.store import ClosingRow
 from coordinator.strategies.base import Decision, Observe, Outgoing, StrategyContext
 from coordinator.strategies.prompted import PromptedStrategy
@@ -37,7 +37,7 @@ class SemanticStrategy(PromptedStrategy):
     announces = "semantic"
 
     def __init__(
-        self, context: StrategyContext, consensus: ConsensusStrategy, embedder: TimedEmbedder | None = None
+        self, context: StrategyContext, consensus: Consensus, embedder: TimedEmbedder | None = None
     ) -> None:
         """`embedder`: the one `consensus` embeds with, if it is to be timed."""
         super().__init__(context)
@@ -113,11 +113,10 @@ class SemanticStrategy(PromptedStrategy):
         them (at `staleness_weight`); a decision for each shard whose labels changed or appeared."""
         if self.settings.round.late_policy != "revise" or round_id < 1:
             return []
-        # A benched member is not waited for; its late answers do not get to rewrite the labels either.
-        benched = benched_in(
-            self.store, round_id, self.store.expected(round_id), self.settings.round.bench_after_missed_rounds
-        )
-        late = [b for b in self._late_batches(round_id) if b.participant_id not in benched]
+        # A sidelined member is not waited for; its late answers do not get to rewrite the labels either.
+        rounds = self.settings.round.sideline_after_missed_rounds
+        sidelined = sidelined_in(self.store, round_id, self.store.expected(round_id), rounds)
+        late = [b for b in self._late_batches(round_id) if b.participant_id not in sidelined]
         revisions = []
         for closing in self.store.closings(round_id) if late else []:
             original = decided.get(closing.shard_id)
