@@ -99,7 +99,7 @@ class Counters:
     dead_lettered: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
     received_bytes: int = 0  # body bytes of every delivery handled, whatever became of it
-    benched: list[tuple[int, str]] = field(default_factory=list)  # (round, member) as each was benched
+    sidelined: list[tuple[int, str]] = field(default_factory=list)  # (round, member) as each was sidelined
 
     def reject(self, reason: str) -> None:
         self.dead_lettered += 1

@@ -76,19 +76,19 @@ class CoordinatorMetrics(ServiceMetrics):
             "members",
             "Active members (seen within round.member_timeout_seconds) when a round last could open.",
         )
-        self.benched = self.gauge(
-            "benched_members",
+        self.sidelined = self.gauge(
+            "sidelined_members",
             "Members of the latest round that are asked but not waited for (they left a shard "
-            "unanswered in each of the last round.bench_after_missed_rounds rounds).",
+            "unanswered in each of the last round.sideline_after_missed_rounds rounds).",
         )
         self.registry.register(TalliesCollector(intake_counters, published_bytes))
 
     # -- hooks the service calls -----------------------------------------------
 
-    def round_opened(self, round_id: int, benched: int) -> None:
+    def round_opened(self, round_id: int, sidelined: int) -> None:
         self.rounds_opened.inc()
         self.current_round.set(round_id)
-        self.benched.set(benched)
+        self.sidelined.set(sidelined)
         self.progress.mark()
 
     def round_resumed(self, round_id: int) -> None:

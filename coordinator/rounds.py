@@ -2,7 +2,7 @@
 
 A round has shards; each shard closes on its own, when
   * every expected participant answered ("all answered"), or every one that is not
-    benched (a member that left shards unanswered for several rounds is still asked, but not
+    sidelined (a member that left shards unanswered for several rounds is still asked, but not
     waited for), or
   * quorum was reached and the grace period since then has passed, or
   * more than half of the members it waits for answered, and the stragglers had their bound:
@@ -79,7 +79,7 @@ class RoundState:
         opened_at: float,
         deadline_at: float,
         grace_seconds: float,
-        benched: Iterable[str] = (),
+        sidelined: Iterable[str] = (),
         straggler_factor: float = 0.0,
     ) -> None:
         if quorum < 1:
@@ -90,8 +90,8 @@ class RoundState:
             raise ValueError(f"straggler_factor must be at least 0, got {straggler_factor}")
         self.round_id = round_id
         self.expected = frozenset(expected)
-        self.benched = frozenset(benched) & self.expected
-        self.required = self.expected - self.benched  # those a shard waits for
+        self.sidelined = frozenset(sidelined) & self.expected
+        self.required = self.expected - self.sidelined  # those a shard waits for
         self.majority = len(self.required) // 2 + 1  # more than half of them
         self.quorum = quorum
         self.opened_at = opened_at
@@ -158,10 +158,10 @@ class RoundState:
         answered = len(shard.answered)
         if self.expected <= shard.answered.keys():
             return "labelled", "all answered"
-        if self.benched and self.required <= shard.answered.keys() and answered >= self.quorum:
+        if self.sidelined and self.required <= shard.answered.keys() and answered >= self.quorum:
             return (
                 "labelled",
-                f"all answered but benched members {sorted(self.benched - shard.answered.keys())}",
+                f"all answered but sidelined members {sorted(self.sidelined - shard.answered.keys())}",
             )
         if shard.quorum_reached_at is not None and now >= shard.quorum_reached_at + self.grace_seconds:
             return "labelled", f"quorum {self.quorum} reached, grace {self.grace_seconds:g}s passed"
@@ -243,7 +243,7 @@ class RoundState:
         """Expected participants that left at least one shard unanswered, in time and late.
 
         Per shard, not per round: a member that answers one shard and ignores the others costs the
-        others what a silent member does, so it misses the round as a silent member does (benching
+        others what a silent member does, so it misses the round as a silent member does (sidelining
         counts these rounds)."""
         return {
             p

@@ -7,14 +7,17 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+import structlog
 from msgspec import Meta
 
 from broker.addresses import check_broker_urls
-from common.settings import MetricsTable, SettingsError, convert, read_settings
+from common.settings import MetricsTable, SettingsError, read_settings
 from coordinator.consensus import ConsensusSettings
 from schemas.messages import GenerationParams, Id
 
-__all__ = ["CoordinatorSettings", "SettingsError", "load_coordinator_settings"]
+__all__ = ["CoordinatorSettings", "SettingsError", "load_coordinator_settings", "settings_from_table"]
+
+log = structlog.get_logger(__name__)
 
 PositiveSeconds = Annotated[float, Meta(gt=0.0)]
 
@@ -27,7 +30,7 @@ class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     rounds: Annotated[int, Meta(ge=0)] = 3  # 0: keep opening rounds until stopped
     prompts_per_round: Annotated[int, Meta(ge=1, le=100_000)] = 32
     shards: Annotated[int, Meta(ge=1, le=1024)] = 4
-    # int: a count; float in (0, 1]: a fraction of the active members that are not benched. A shard
+    # int: a count; float in (0, 1]: a fraction of the active members that are not sidelined. A shard
     # labels once quorum answered and grace_seconds passed. The default, 1.0, waits for every one of
     # them: a round then lasts as long as its slowest member, up to the straggler bound below (one
     # member can make every round that long on purpose). A fraction such as 0.75 labels grace_seconds
@@ -47,9 +50,9 @@ class RoundSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     staleness_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
     member_timeout_seconds: PositiveSeconds = 300.0
     # A member that left a shard of the round unanswered (in time and late) in this many rounds in a row
-    # is benched: still asked, not waited for and not counted in the quorum, until it answers every shard
-    # of a round again. 0: never bench.
-    bench_after_missed_rounds: Annotated[int, Meta(ge=0, le=1_000)] = 2
+    # is sidelined: still asked, not waited for and not counted in the quorum, until it answers every shard
+    # of a round again. 0: never sideline.
+    sideline_after_missed_rounds: Annotated[int, Meta(ge=0, le=1_000)] = 2
     # After the last round, how long `run()` waits for its members' reports before it stops.
     final_reports_seconds: Annotated[float, Meta(ge=0.0, le=3_600.0)] = 30.0
     seed: int = 0
@@ -121,6 +124,22 @@ class CoordinatorSettings(_Table, frozen=True, kw_only=True, forbid_unknown_fiel
         check_broker_urls(self.broker_url)
 
 
+# (table, key) an earlier release read -> the key's name now (docs/changes.md): still read, with a warning.
+RENAMED = {("round", "bench_after_missed_rounds"): "sideline_after_missed_rounds"}
+
+
+def settings_from_table(raw: Mapping[str, object]) -> CoordinatorSettings:
+    """`raw` (a settings file, chorus-run's [coordinator] table, a recording's settings) as settings:
+    the one conversion every reader uses. Raises msgspec.ValidationError; callers say where it came from."""
+    tables = dict(raw)
+    for (table, old), new in RENAMED.items():
+        given = tables.get(table)
+        if isinstance(given, Mapping) and old in given and new not in given:
+            log.warning("setting_renamed", setting=f"{table}.{old}", now=f"{table}.{new}")
+            tables[table] = {new if key == old else key: value for key, value in given.items()}
+    return msgspec.convert(tables, CoordinatorSettings)
+
+
 # Environment variable -> top-level key it overrides.
 ENV_OVERRIDES = {
     "CHORUS_BROKER_URL": "broker_url",
@@ -137,4 +156,7 @@ def load_coordinator_settings(
     recording = raw.get("recording")
     if isinstance(recording, dict) and isinstance(recording.get("directory"), str):
         recording["directory"] = str((path.parent / recording["directory"]).resolve())
-    return convert(raw, CoordinatorSettings, path)
+    try:
+        return settings_from_table(raw)
+    except msgspec.ValidationError as e:
+        raise SettingsError(f"{path}: {e}") from e

@@ -1,8 +1,8 @@
-"""Who is benched in a round: members still asked but no longer waited for, because they left a shard
+"""Who is sidelined in a round: members still asked but no longer waited for, because they left a shard
 unanswered (in time and late) in each of the last `rounds` rounds (`RoundClosed.missing`).
 
 One function for every reader (the service opening a round, the strategy revising one), so that the
-round that benched a member and the revision that ignores its late answers agree on who it was.
+round that sidelined a member and the revision that ignores its late answers agree on who it was.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from schemas.codec import decode_reply
 from schemas.messages import RoundClosed
 
 
-def benched_in(store: CoordinatorStore, round_id: int, members: Iterable[str], rounds: int) -> set[str]:
-    """The `members` benched in `round_id` under `bench_after_missed_rounds = rounds`; never all of them."""
+def sidelined_in(store: CoordinatorStore, round_id: int, members: Iterable[str], rounds: int) -> set[str]:
+    """The `members` sidelined in `round_id` under `sideline_after_missed_rounds = rounds`; never all of
+    them."""
     everyone = set(members)
     if rounds == 0 or round_id <= rounds:
         return set()
@@ -23,8 +24,8 @@ def benched_in(store: CoordinatorStore, round_id: int, members: Iterable[str], r
     if len(summaries) < rounds:
         return set()
     missing = [set(_summary(body).missing) for body in summaries]
-    benched = everyone.intersection(*missing)
-    return set() if benched >= everyone else benched
+    sidelined = everyone.intersection(*missing)
+    return set() if sidelined >= everyone else sidelined
 
 
 def _summary(body: bytes) -> RoundClosed:

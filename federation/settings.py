@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from coordinator.settings import CoordinatorSettings
+from coordinator.settings import CoordinatorSettings, settings_from_table
 from federation.config import LoadedConfig, ParticipantEntry, RunConfigError
 from federation.data import DataPaths
 from participant.settings import ParticipantSettings
@@ -39,7 +39,7 @@ def coordinator_settings(
         broker_url=broker_url,
     )
     try:
-        return msgspec.convert(raw, CoordinatorSettings)
+        return settings_from_table(raw)
     except msgspec.ValidationError as e:
         raise RunConfigError(f"{config.path}: [coordinator] {e}") from e
 

@@ -239,13 +239,13 @@ async def test_a_flooding_member_delays_no_one_and_fills_no_shared_storage(
 # -- 4. a silent member ------------------------------------------------------
 
 
-async def test_a_silent_member_is_benched_and_comes_back_when_it_answers(
+async def test_a_silent_member_is_sidelined_and_comes_back_when_it_answers(
     tmp_path: Path, rabbit_vhost: Vhost
 ) -> None:
     alice, bob, carol = names("alice", "bob", "carol")
     urls = rabbit_vhost(participants=(alice, bob, carol))
     # The default quorum (1.0: every active member) and a short deadline.
-    config = round_config(tmp_path, 3, quorum=1.0, deadline_seconds=1.5, bench_after_missed_rounds=2)
+    config = round_config(tmp_path, 3, quorum=1.0, deadline_seconds=1.5, sideline_after_missed_rounds=2)
     async with federation(urls, config) as (coordinator, participants):
         for name in (alice, bob, carol):
             participants.append(await participant_at(urls[name], name, FEDERATION, silent=name == carol))
@@ -253,8 +253,8 @@ async def test_a_silent_member_is_benched_and_comes_back_when_it_answers(
         first, second, third = await drive(coordinator, 3)
         assert [o.status for o in first.shards + second.shards] == ["failed"] * 2 * SHARDS
         assert first.missing == second.missing == [carol]
-        # Benched after two silent rounds: asked, not waited for.
-        assert coordinator.counters.benched == [(3, carol)]
+        # Sidelined after two silent rounds: asked, not waited for.
+        assert coordinator.counters.sidelined == [(3, carol)]
         assert all(o.status == "labelled" for o in third.shards)
         assert seconds(third) < 1.0
         assert carol in coordinator.store.expected(3)
@@ -421,7 +421,7 @@ async def run_paced_by(
     print(
         f"{attacker_class.__name__}: rounds {[round(seconds(s), 2) for s in summaries]} s (deadline 10 s), "
         f"labels {labels} of {2 * SHARDS} a round, "
-        f"shards {[[o.status for o in s.shards] for s in summaries]}, benched {coordinator.counters.benched}"
+        f"shards {[[o.status for o in s.shards] for s in summaries]}, sidelined {coordinator.counters.sidelined}"
     )
     return summaries, coordinator, mallory
 
@@ -436,8 +436,8 @@ async def test_a_member_answering_just_before_the_deadline_holds_no_round(
         assert all(o.status == "labelled" and mallory not in o.answered for o in summary.shards)
         assert sum(o.labelled for o in summary.shards) == 2 * SHARDS
     assert "straggler bound" in summaries[0].shards[0].reason
-    # Its answers come after the round closed, so it missed the first two rounds: benched in the third.
-    assert coordinator.counters.benched == [(3, mallory)]
+    # Its answers come after the round closed, so it missed the first two rounds: sidelined in the third.
+    assert coordinator.counters.sidelined == [(3, mallory)]
 
 
 async def test_a_member_sending_one_empty_batch_fails_no_shard(tmp_path: Path, rabbit_vhost: Vhost) -> None:
@@ -448,7 +448,7 @@ async def test_a_member_sending_one_empty_batch_fails_no_shard(tmp_path: Path, r
         assert sum(o.labelled for o in summary.shards) == 2 * SHARDS
     # It answered shard 0 and left the others unanswered: it missed the round, as a silent member does.
     assert summaries[0].missing == summaries[1].missing == [mallory]
-    assert coordinator.counters.benched == [(3, mallory)]
+    assert coordinator.counters.sidelined == [(3, mallory)]
 
 
 # -- 7. the lobby: a newcomer's Join, and what is refused unread (issue 20.5) ----

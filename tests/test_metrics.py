@@ -122,7 +122,7 @@ async def test_coordinator_metrics_and_health_during_and_after_a_real_round(
     assert value(samples, "chorus_coordinator_rounds_opened_total") == 1
     assert value(samples, "chorus_coordinator_rounds_closed_total") == 0
     assert value(samples, "chorus_coordinator_members") == 2
-    assert value(samples, "chorus_coordinator_benched_members") == 0
+    assert value(samples, "chorus_coordinator_sidelined_members") == 0
     assert value(samples, "chorus_coordinator_queue_to_labels_seconds_count") == 2  # both batches of shard 0
     assert value(samples, "chorus_coordinator_consensus_seconds_count") == 1
     assert (value(samples, "chorus_coordinator_embedding_seconds_count") or 0) >= 1

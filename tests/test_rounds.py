@@ -150,7 +150,7 @@ def bounded_round(
     quorum: int = 4,
     straggler_factor: float = 1.0,
     grace_seconds: float = 1.0,
-    benched: str = "",
+    sidelined: str = "",
     shards: int = 1,
 ) -> RoundState:
     """Opened at 100, deadline at 160, waiting for every member (quorum 4 of 4, like quorum 1.0)."""
@@ -162,7 +162,7 @@ def bounded_round(
         opened_at=100.0,
         deadline_at=160.0,
         grace_seconds=grace_seconds,
-        benched=benched,
+        sidelined=sidelined,
         straggler_factor=straggler_factor,
     )
 
@@ -182,7 +182,7 @@ def test_a_straggler_gets_as_long_again_as_the_majority_took_then_the_shard_labe
     assert closing.answered == ("a", "b", "c")
     assert state.record(0, "d", 159.0) is Acceptance.LATE  # its answer is late_policy's, not the shard's
     state.finish(0, "labelled")
-    assert state.missing() == set()  # it answered, late: a straggler is bounded, not benched
+    assert state.missing() == set()  # it answered, late: a straggler is bounded, not sidelined
 
 
 def test_the_straggler_bound_is_at_least_grace_seconds() -> None:
@@ -246,8 +246,8 @@ def test_two_members_wait_for_each_other() -> None:
     assert state.next_wakeup() == 160.0
 
 
-def test_benched_members_do_not_make_the_majority() -> None:
-    state = bounded_round("abcde", benched="e", grace_seconds=0.0)  # waits for a-d: a majority is 3
+def test_sidelined_members_do_not_make_the_majority() -> None:
+    state = bounded_round("abcde", sidelined="e", grace_seconds=0.0)  # waits for a-d: a majority is 3
     state.record(0, "e", 101.0)
     state.record(0, "a", 102.0)
     state.record(0, "b", 103.0)
@@ -292,7 +292,7 @@ def test_a_member_that_answers_one_shard_misses_the_round_and_fails_none() -> No
     for shard in range(3):
         state.finish(shard, "labelled")
     assert state.answered_all_shards() == {"a", "b", "c", "d"}
-    assert state.missing() == {"d"}  # counted as missing (and so benched in time), not as answered
+    assert state.missing() == {"d"}  # counted as missing (and so sidelined in time), not as answered
 
 
 def test_missing_is_per_shard_and_late_answers_count() -> None:

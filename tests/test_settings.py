@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 import pytest
+from structlog.testing import capture_logs
 
 from coordinator.settings import CoordinatorSettings, SettingsError, load_coordinator_settings
 from participant.settings import ParticipantSettings, load_participant_settings
@@ -173,3 +174,17 @@ def test_the_consensus_table_is_the_consensus_settings_with_one_set_of_defaults(
         load(CoordinatorSettings, path)
     with pytest.raises(ConsensusError, match="neighbours must be >= 1, got 0"):
         ConsensusSettingsTable(neighbours=0)
+
+
+def test_a_key_renamed_since_an_earlier_release_still_reads_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.toml"
+    path.write_text('prompts_path = "p.jsonl"\n[round]\nbench_after_missed_rounds = 5\n')
+    with capture_logs() as logs:
+        settings = load_coordinator_settings(path)
+    assert settings.round.sideline_after_missed_rounds == 5
+    (warning,) = [entry for entry in logs if entry["event"] == "setting_renamed"]
+    assert warning["now"] == "round.sideline_after_missed_rounds" and warning["log_level"] == "warning"
+    # Both names at once is a mistake, not a rename: the old one is an unknown key.
+    path.write_text(path.read_text() + "sideline_after_missed_rounds = 1\n")
+    with pytest.raises(SettingsError, match="bench_after_missed_rounds"):
+        load_coordinator_settings(path)

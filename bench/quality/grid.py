@@ -22,7 +22,7 @@ import msgspec
 from msgspec import Meta
 
 from common.settings import read_toml
-from coordinator.settings import CoordinatorSettings
+from coordinator.settings import settings_from_table
 from federation.config import LoadedConfig, RunConfig, load_run_config
 from participant.settings import TrainTable
 
@@ -301,7 +301,7 @@ def recipe_problem(recipe: NewRecipe, config: LoadedConfig) -> str | None:
     try:
         method_config(config, "new_recipe", recipe)
         consensus = _merged(config.coordinator_raw, {"consensus": recipe.consensus})
-        msgspec.convert({**consensus, "prompts_path": "-"}, CoordinatorSettings)
+        settings_from_table({**consensus, "prompts_path": "-"})
     except msgspec.ValidationError as e:
         return f"the installed settings do not take the new recipe yet ({e})"
     return None

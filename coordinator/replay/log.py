@@ -37,7 +37,7 @@ from broker.record_format import (
     Skipped,
     read_frame,
 )
-from coordinator.settings import CoordinatorSettings
+from coordinator.settings import CoordinatorSettings, settings_from_table
 from schemas.codec import decode_control, decode_generation, decode_reply
 from schemas.errors import ChorusError, SchemaError
 from schemas.messages import GenerationBatch, PseudoLabels, RoundClosed, RoundOpened
@@ -245,7 +245,7 @@ def _gaps(files: list[RecordedFile]) -> list[str]:
 
 def _settings(raw: dict[str, object], source: Path) -> tuple[CoordinatorSettings | None, list[str]]:
     try:
-        return msgspec.convert(raw, CoordinatorSettings), []
+        return settings_from_table(raw), []
     except msgspec.ValidationError as e:
         return None, [f"{source}: the recorded settings cannot be read by this build ({e})"]
 

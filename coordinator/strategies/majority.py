@@ -4,7 +4,7 @@ gave word for word, once case and whitespace are set aside; otherwise it abstain
 
 Why it is safe against members that lie (DESIGN.md §4): every member counts once and no weight is
 read, so none can count for more; no number a member reports (`Answer.logprob`) is read; a label needs
-more than half of all the members the round expected (silent and benched ones count against it), so
+more than half of all the members the round expected (silent and sidelined ones count against it), so
 attackers that are not such a majority cannot label a prompt, and two answers with the same count can
 never both be a majority: a tie abstains. Late answers are not counted (nothing is carried or revised).
 """
