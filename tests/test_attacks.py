@@ -421,7 +421,8 @@ async def run_paced_by(
     print(
         f"{attacker_class.__name__}: rounds {[round(seconds(s), 2) for s in summaries]} s (deadline 10 s), "
         f"labels {labels} of {2 * SHARDS} a round, "
-        f"shards {[[o.status for o in s.shards] for s in summaries]}, sidelined {coordinator.counters.sidelined}"
+        f"shards {[[o.status for o in s.shards] for s in summaries]}, "
+        f"sidelined {coordinator.counters.sidelined}"
     )
     return summaries, coordinator, mallory
 

@@ -15,9 +15,9 @@ from support.geometry import TableEmbedder, block_gram, table_of
 from common.embedding import Embedder, HashingEmbedder, SentenceEmbedder
 from coordinator.consensus import (
     Candidate,
+    Consensus,
     ConsensusError,
     ConsensusSettings,
-    Consensus,
     ExactConsensus,
     HnswConsensus,
     ShardConsensus,
