@@ -121,16 +121,6 @@ class MemoryBroker:
         """Messages waiting in `name`, not counting those delivered and not yet settled."""
         return self._queue(name).depth()
 
-    def unacked_count(self, name: str) -> int:
-        """Messages of `name` delivered to a consumer and not yet settled."""
-        return sum(len(c.unacked) for c in self._queue(name).consumers)
-
-    def has_queue(self, name: str) -> bool:
-        return name in self._queues
-
-    def has_exchange(self, name: str) -> bool:
-        return name in self._exchanges
-
     # -- topology ----------------------------------------------------------
 
     def _declare_exchange(self, spec: ExchangeSpec) -> None:

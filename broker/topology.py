@@ -70,11 +70,6 @@ def intake_queue(participant_id: str) -> str:
     return f"chorus.in.{participant_id}"
 
 
-def participant_of_intake_queue(queue: str) -> str | None:
-    prefix = intake_queue("")
-    return queue[len(prefix) :] if queue.startswith(prefix) else None
-
-
 def reply_queue(participant_id: str) -> str:
     return f"chorus.reply.{participant_id}"
 

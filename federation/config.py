@@ -31,7 +31,7 @@ import structlog
 from msgspec import Meta
 
 from common.settings import SettingsError, read_toml
-from coordinator.settings import CoordinatorSettings
+from coordinator.settings import settings_from_table
 from federation.stdlib_task import TaskError
 from federation.stdlib_task.split import default_families
 from participant.data import DataFormat
@@ -216,7 +216,7 @@ def _coordinator_table(given: dict[str, object] | str, base: Path) -> dict[str, 
 def _check_coordinator(raw: dict[str, object], path: Path) -> None:
     """Validate the coordinator table now, so a typo fails before any model loads."""
     try:
-        msgspec.convert({**raw, "prompts_path": "-"}, CoordinatorSettings)
+        settings_from_table({**raw, "prompts_path": "-"})
     except msgspec.ValidationError as e:
         raise RunConfigError(f"{path}: [coordinator] {e}") from e
 
