@@ -127,10 +127,13 @@ def test_config_errors_are_clear(
 
 def test_a_renamed_coordinator_setting_still_loads_with_a_warning(tmp_path: Path) -> None:
     config = tmp_path / "old.toml"
-    config.write_text('[task]\n[coordinator.round]\nbench_after_missed_rounds = 5\n[[participants]]\nid = "a"\n')
+    config.write_text(
+        '[task]\n[coordinator.round]\nbench_after_missed_rounds = 5\n[[participants]]\nid = "a"\n'
+    )
     with capture_logs() as logs:
         load_run_config(config)  # validated like chorus-coordinator's file, not refused as unknown
-    assert [line["now"] for line in logs if line["event"] == "setting_renamed"] == ["round.sideline_after_missed_rounds"]
+    renamed = [line["now"] for line in logs if line["event"] == "setting_renamed"]
+    assert renamed == ["round.sideline_after_missed_rounds"]
 
 
 def test_missing_config_and_bad_broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
