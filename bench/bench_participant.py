@@ -43,7 +43,8 @@ from participant.data import Example
 from participant.generation import generate_answers
 from participant.learner import LoraLearner
 from participant.models import SMOLLM2_SPEC, LocalModel, eos_token_ids, load_model
-from participant.training import TrainSettings, adapter_state, attach_lora, encode_example, finetune
+from participant.settings import TrainSettings
+from participant.training import adapter_state, attach_lora, encode_example, finetune
 from schemas.messages import GenerationParams
 
 TOPICS = [

@@ -35,7 +35,7 @@ from coordinator.settings import settings_from_table
 from federation.stdlib_task import TaskError
 from federation.stdlib_task.split import default_families
 from participant.data import DataFormat
-from participant.settings import Device, LearnerSpec, TrainTable, resolve_learner_file
+from participant.settings import Device, LearnerSpec, TrainSettings, resolve_learner_file
 from schemas.messages import GenerationParams, Id
 
 __all__ = ["ParticipantEntry", "RunConfig", "RunConfigError", "TaskTable", "load_run_config"]
@@ -84,7 +84,7 @@ class ParticipantEntry(_Table, frozen=True, kw_only=True, forbid_unknown_fields=
     data_format: DataFormat = "auto"  # both files' record format; "auto" finds it from each record's keys
     broker_url: str | None = None  # --broker amqp://...: this participant's own URL (its user)
     generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
-    train: TrainTable | None = None  # keys given here override the run's [train] table
+    train: TrainSettings | None = None  # keys given here override the run's [train] table
 
 
 class RunConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -97,7 +97,7 @@ class RunConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     device: Device = "cpu"  # every participant's local model: "cpu", "cuda", "cuda:N" or "auto"
     task: TaskTable | None = None
     generation: GenerationParams = GenerationParams()
-    train: TrainTable = TrainTable()
+    train: TrainSettings = TrainSettings()
     coordinator: dict[str, object] | str = {}
     participants: Annotated[list[ParticipantEntry], Meta(min_length=1)]
 

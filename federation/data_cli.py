@@ -22,7 +22,7 @@ import structlog
 from common.exits import EXIT_FAILED, EXIT_OK, run_command
 from common.logs import configure_logging
 from participant.data import DataFormat
-from participant.settings import ParticipantSettings, TrainTable
+from participant.settings import ParticipantSettings, TrainSettings
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: characters and words",
     )
     check.add_argument(
-        "--max-length", type=int, default=TrainTable().max_length,
+        "--max-length", type=int, default=TrainSettings().max_length,
         help="with --model: the [train] max_length to count cut examples against (default %(default)s)",
     )  # fmt: skip
     check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 from participant.data import Example
 from participant.learner import Learner
-from participant.settings import TrainTable
+from participant.settings import TrainSettings
 
 
-def private_slice(private: Sequence[Example], train: TrainTable, round_id: int) -> list[Example]:
+def private_slice(private: Sequence[Example], train: TrainSettings, round_id: int) -> list[Example]:
     """The private examples a participant mixes into round `round_id` (as the participant service does)."""
     chosen = list(private)
     random.Random(f"{train.seed}:{round_id}").shuffle(chosen)
@@ -26,7 +26,7 @@ def private_slice(private: Sequence[Example], train: TrainTable, round_id: int) 
 def train_local_rounds(
     learner: Learner,
     private: Sequence[Example],
-    train: TrainTable,
+    train: TrainSettings,
     rounds: Iterable[int],
     after_round: Callable[[int], None] = lambda round_id: None,
 ) -> None:

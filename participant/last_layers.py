@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from common.atomic import write_directory_atomically
 from participant.data import Example
-from participant.learners.local import LocalLearner, load_local_model, train_settings
+from participant.learners.local import LocalLearner, load_local_model
 from participant.models import LocalModel, ModelError
-from participant.settings import ParticipantSettings
-from participant.training import TrainSettings, TrainStats, train_parameters
+from participant.settings import ParticipantSettings, TrainSettings
+from participant.training import TrainStats, train_parameters
 
 WEIGHTS_FILE = "last_layers.safetensors"
 
@@ -84,7 +84,7 @@ def build(settings: ParticipantSettings) -> LastLayersLearner:
     return LastLayersLearner(
         load_local_model(settings),
         settings.train.last_layers,
-        train_settings(settings),
+        settings.train,
         batch_size=settings.generation_batch_size,
         progress=settings.progress,
     )

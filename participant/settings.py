@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,12 +22,16 @@ __all__ = [
     "LeakGuardTable",
     "ParticipantSettings",
     "SettingsError",
-    "TrainTable",
+    "TrainSettings",
+    "checked_train",
     "load_participant_settings",
 ]
 
 
-class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class TrainSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[train]`: how a participant trains, the one place its defaults and limits live (the training loop,
+    the learners and chorus-run's [train] tables all take this type)."""
+
     # "lora": train a LoRA adapter (what FedAvg averages); "last_layers": train the last `last_layers`
     # transformer blocks in full, no adapter (semantic federations only); "none": only answer, as a
     # black box would.
@@ -35,10 +40,11 @@ class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     rank: Annotated[int, Meta(ge=1, le=1024)] = 8
     alpha: Annotated[int, Meta(ge=1)] = 16
     dropout: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.05
-    target_modules: list[str] | Literal["all-linear"] | None = None  # None: q/v (per architecture)
+    target_modules: tuple[str, ...] | Literal["all-linear"] | None = None  # None: q/v (per architecture)
     epochs: Annotated[int, Meta(ge=1)] = 1
     warmup_epochs: Annotated[int, Meta(ge=0)] = 1  # local epochs on private data before round 1
     learning_rate: Annotated[float, Meta(gt=0.0)] = 2e-4
+    max_grad_norm: Annotated[float, Meta(gt=0.0)] = 1.0  # gradients are clipped to this norm each step
     batch_size: Annotated[int, Meta(ge=1)] = 8
     max_length: Annotated[int, Meta(ge=8)] = 256
     seed: int = 0
@@ -49,6 +55,19 @@ class TrainTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     # How much a pseudo-label counts against a private example (weight 1), before the confidence factor.
     # Below 1, labels cannot outweigh the private data when the federation's answers are weak.
     label_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.learning_rate) and math.isfinite(self.max_grad_norm)):
+            raise ValueError("learning_rate and max_grad_norm must be finite")
+
+
+def checked_train(train: TrainSettings) -> TrainSettings:
+    """`train` held to the limits a settings file is: msgspec checks them when it decodes, not when
+    Python code builds the struct, and the training loop takes both."""
+    try:
+        return msgspec.convert(msgspec.to_builtins(train), TrainSettings)
+    except msgspec.ValidationError as e:
+        raise SettingsError(f"invalid training settings: {e}") from e
 
 
 class HttpTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -136,7 +155,7 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     heartbeat_seconds: Annotated[float, Meta(gt=0.0)] = 15.0
     evaluate: bool = True
     progress: bool = True
-    train: TrainTable = TrainTable()
+    train: TrainSettings = TrainSettings()
     metrics: ParticipantMetricsTable = ParticipantMetricsTable()  # Prometheus /metrics and /healthz; off
     leak_guard: LeakGuardTable = LeakGuardTable()  # withhold answers that copy private examples; on
 

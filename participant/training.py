@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import structlog
 import torch
@@ -28,6 +27,7 @@ from participant.data import Example
 from participant.learner import NO_TRAINING as NO_TRAINING
 from participant.learner import TrainStats as TrainStats
 from participant.models import LocalModel, ModelError, prompt_token_ids, render_response
+from participant.settings import TrainSettings, checked_train
 
 log = structlog.get_logger()
 
@@ -43,38 +43,6 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "gemma": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",),
 }
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] | Literal["all-linear"] | None = None  # None: per architecture
-    epochs: int = 1
-    learning_rate: float = 2e-4
-    batch_size: int = 8
-    max_length: int = 256
-    max_grad_norm: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = [
-            name
-            for name, ok in [
-                ("rank", self.rank >= 1),
-                ("alpha", self.alpha >= 1),
-                ("dropout", 0.0 <= self.dropout < 1.0),
-                ("epochs", self.epochs >= 1),
-                ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate)),
-                ("batch_size", self.batch_size >= 1),
-                ("max_length", self.max_length >= 2),
-                ("max_grad_norm", self.max_grad_norm > 0),
-            ]
-            if not ok
-        ]
-        if problems:
-            raise ModelError(f"invalid training settings: {', '.join(problems)} out of range ({self})")
 
 
 @dataclass(frozen=True)
@@ -112,6 +80,7 @@ def attach_lora(lm: LocalModel, settings: TrainSettings) -> None:
     """Wrap `lm.model` with a fresh LoRA adapter, in place; only the adapter's weights stay trainable."""
     if has_lora(lm):
         raise ModelError(f"{lm.model_id} already has a LoRA adapter")
+    settings = checked_train(settings)
     model_type = str(getattr(lm.model.config, "model_type", ""))
     targets = settings.target_modules or DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
     config = LoraConfig(
@@ -257,6 +226,7 @@ def train_parameters(
     lm: LocalModel, examples: Sequence[Example], settings: TrainSettings, progress: bool = False
 ) -> TrainStats:
     """The training loop, over whichever parameters of `lm.model` require gradients."""
+    settings = checked_train(settings)
     if not examples:
         return NO_TRAINING
     encoded = [encode_example(lm, example, settings.max_length) for example in examples]

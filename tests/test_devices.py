@@ -18,8 +18,7 @@ from participant.last_layers import LastLayersLearner
 from participant.learner import FrozenLearner, LoraLearner
 from participant.models import ModelError, load_model, resolve_device
 from participant.scoring import response_nll
-from participant.settings import ParticipantSettings
-from participant.training import TrainSettings
+from participant.settings import ParticipantSettings, TrainSettings
 from schemas.messages import GenerationParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

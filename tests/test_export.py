@@ -20,7 +20,7 @@ from participant.data import Example
 from participant.export import MODEL_RECORD, ExportError, export_model, portable_base
 from participant.learner import LocalLearner
 from participant.models import SMOLLM2_HUB_ID, SMOLLM2_SPEC, load_model
-from participant.settings import ParticipantSettings, TrainTable
+from participant.settings import ParticipantSettings, TrainSettings
 from participant.wiring import build_learner
 from schemas.messages import GenerationParams
 
@@ -86,7 +86,7 @@ def trained_participant(tmp_path: Path, name: str, base: Path, method: str) -> t
         state_dir=str(state),
         generation_batch_size=1,
         progress=False,
-        train=TrainTable(
+        train=TrainSettings(
             method=method,  # type: ignore[arg-type]
             last_layers=1,
             epochs=3,

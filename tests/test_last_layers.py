@@ -13,8 +13,7 @@ from support.tiny_models import PRIVATE
 from participant.last_layers import LastLayersLearner, transformer_blocks
 from participant.learner import AdapterLearner, FrozenLearner
 from participant.models import ModelError, load_model
-from participant.settings import ParticipantSettings, TrainTable
-from participant.training import TrainSettings
+from participant.settings import ParticipantSettings, TrainSettings
 from participant.wiring import build_learner
 
 SETTINGS = TrainSettings(batch_size=4, max_length=64, learning_rate=1e-2)
@@ -62,10 +61,10 @@ def test_settings_choose_the_learner(tmp_path: Path) -> None:
         participant_id="alice",
         model="tiny-llama",
         state_dir=str(tmp_path),
-        train=TrainTable(method="last_layers", last_layers=1),
+        train=TrainSettings(method="last_layers", last_layers=1),
     )
     learner = build_learner(settings)
     assert isinstance(learner, LastLayersLearner) and len(learner.trained) > 0
-    frozen = build_learner(msgspec.structs.replace(settings, train=TrainTable(method="none")))
+    frozen = build_learner(msgspec.structs.replace(settings, train=TrainSettings(method="none")))
     assert isinstance(frozen, FrozenLearner) and not frozen.can_train
     assert not isinstance(frozen, AdapterLearner)

@@ -21,7 +21,7 @@ from participant.learner import (
     LoraLearner,
 )
 from participant.models import load_model
-from participant.training import TrainSettings
+from participant.settings import TrainSettings
 from schemas.messages import GenerationParams
 
 PROMPTS = [("p1", "first prompt"), ("p2", "second"), ("p3", "the third prompt")]

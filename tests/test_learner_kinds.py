@@ -21,7 +21,7 @@ from federation import cli
 from participant.data import Example
 from participant.learner import FunctionLearner, LearnerError
 from participant.learners import KINDS, learner_kind
-from participant.settings import ParticipantSettings, SettingsError, TrainTable, load_participant_settings
+from participant.settings import ParticipantSettings, SettingsError, TrainSettings, load_participant_settings
 from participant.wiring import build_learner
 from schemas.messages import GenerationParams
 
@@ -103,16 +103,30 @@ def test_an_http_learner_is_built_without_torch() -> None:
 
 
 def test_every_train_method_has_a_kind() -> None:
-    methods = typing.get_args(typing.get_type_hints(TrainTable)["method"])
+    methods = typing.get_args(typing.get_type_hints(TrainSettings)["method"])
     assert sorted(methods) == sorted(kind.method for kind in KINDS.values() if kind.method is not None)
+
+
+@pytest.mark.parametrize("method", ["lora", "last_layers", "none"])
+def test_a_local_learner_trains_with_the_train_table_the_file_gives(tmp_path: Path, method: str) -> None:
+    # one type from the file to the training loop: no copy in between to drop a key or default it again
+    text = (
+        f'participant_id = "p"\nmodel = "tiny-llama"\nstate_dir = "{tmp_path}"\n'
+        f'[train]\nmethod = "{method}"\nrank = 4\nmax_grad_norm = 0.5\nmax_length = 64\nlast_layers = 1\n'
+    )
+    settings = load_participant_settings(write(tmp_path / "p.toml", text), env={})
+    learner = build_learner(settings)
+    assert learner.settings == settings.train  # type: ignore[attr-defined]
+    plain = load_participant_settings(write(tmp_path / "plain.toml", 'participant_id = "p"\n'), env={})
+    assert plain.train == TrainSettings() == ParticipantSettings(participant_id="p").train
 
 
 @pytest.mark.parametrize(
     ("given", "kind"),
     [
         ({}, "lora"),
-        ({"train": TrainTable(method="last_layers")}, "last_layers"),
-        ({"train": TrainTable(method="none")}, "frozen"),
+        ({"train": TrainSettings(method="last_layers")}, "last_layers"),
+        ({"train": TrainSettings(method="none")}, "frozen"),
         ({"command": ["answer"]}, "command"),
         ({"command": ["answer"], "model_id": "mine"}, "command"),
         ({"learner": "mine.model:make"}, "python"),

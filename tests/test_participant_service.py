@@ -18,8 +18,7 @@ from participant.data import Example
 from participant.learner import FunctionLearner, LoraLearner
 from participant.models import load_model
 from participant.service import Participant
-from participant.settings import ParticipantSettings, TrainTable
-from participant.training import TrainSettings
+from participant.settings import ParticipantSettings, TrainSettings
 from schemas.ids import batch_id, label_revision_id, report_id
 from schemas.messages import (
     AggregatedAdapter,
@@ -111,7 +110,7 @@ async def test_fedavg_round_averages_adapters_of_the_same_architecture(tmp_path:
     assert [r.round_id for r in one.reports] == [1]
 
 
-def lone_participant(tmp_path: Path, train: TrainTable) -> Participant:
+def lone_participant(tmp_path: Path, train: TrainSettings) -> Participant:
     """alice with a tiny model on a broker of her own, for checking what she trains on."""
     settings = ParticipantSettings(
         federation="t",
@@ -126,7 +125,7 @@ def lone_participant(tmp_path: Path, train: TrainTable) -> Participant:
 
 
 def test_label_weight_scales_pseudo_labels_not_private_examples(tmp_path: Path) -> None:
-    participant = lone_participant(tmp_path, TrainTable(private_examples_per_round=2, label_weight=0.5))
+    participant = lone_participant(tmp_path, TrainSettings(private_examples_per_round=2, label_weight=0.5))
     participant.ledger.save_prompts(1, [("q0", "Say 0."), ("q1", "Say 1.")])
     participant.ledger.save_labels(1, [("q0", "zero", 0.8), ("q1", "one", 1.0)])
     mix = participant._training_mix(1)
@@ -137,7 +136,7 @@ def test_label_weight_scales_pseudo_labels_not_private_examples(tmp_path: Path) 
 
 
 def test_disagreement_weighting_skips_labels_that_are_our_own_answer(tmp_path: Path) -> None:
-    train = TrainTable(private_examples_per_round=0, label_weighting="disagreement")
+    train = TrainSettings(private_examples_per_round=0, label_weighting="disagreement")
     participant = lone_participant(tmp_path, train)
     participant.ledger.save_prompts(1, [("q0", "Say 0."), ("q1", "Say 1."), ("q2", "Say 2.")])
     participant.ledger.save_answers(1, [("q0", "zero"), ("q1", "uno")])  # q2: not answered
@@ -148,7 +147,7 @@ def test_disagreement_weighting_skips_labels_that_are_our_own_answer(tmp_path: P
 
 
 async def test_a_label_revision_is_trained_on_once_with_the_next_rounds_labels(tmp_path: Path) -> None:
-    participant = lone_participant(tmp_path, TrainTable(private_examples_per_round=0))
+    participant = lone_participant(tmp_path, TrainSettings(private_examples_per_round=0))
     participant.ledger.save_prompts(1, [("q0", "Say 0."), ("q1", "Say 1.")])
     participant.ledger.save_prompts(2, [("q2", "Say 2.")])
     participant.ledger.save_labels(1, [("q0", "zero", 1.0)])

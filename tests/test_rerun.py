@@ -27,7 +27,7 @@ from participant.data import Example
 from participant.evaluation import Embedder
 from participant.generation import GeneratedAnswer
 from participant.service import Participant
-from participant.settings import ParticipantSettings, TrainTable
+from participant.settings import ParticipantSettings, TrainSettings
 from schemas.codec import decode_reply, encode
 from schemas.ids import batch_id, round_closed_id, round_opened_id
 from schemas.messages import (
@@ -101,7 +101,7 @@ def notebook_participant(state_dir: Path, transport: Any, *, pid: str = "ana") -
         heartbeat_seconds=0.5,
         evaluate=False,
         progress=False,
-        train=TrainTable(warmup_epochs=1, private_examples_per_round=1),
+        train=TrainSettings(warmup_epochs=1, private_examples_per_round=1),
     )
     return Participant(settings, transport, NotebookLearner(), private_train=PRIVATE)
 

@@ -10,9 +10,9 @@ import torch
 from participant.data import DataError, Example, load_jsonl, train_test_split
 from participant.generation import generate_answers
 from participant.models import load_model, prompt_token_ids
+from participant.settings import TrainSettings
 from participant.training import (
     IGNORE_INDEX,
-    TrainSettings,
     adapter_state,
     attach_lora,
     build_batch,
@@ -155,8 +155,13 @@ def test_adapter_state_round_trip_and_mismatch() -> None:
 
 
 def test_invalid_settings_are_rejected() -> None:
+    # built in Python, not decoded from a file: the training entry points hold it to the file's limits
     with pytest.raises(ChorusError, match="rank"):
-        TrainSettings(rank=0)
+        attach_lora(load_model("tiny-gpt2"), TrainSettings(rank=0))
+    with pytest.raises(ChorusError, match="max_grad_norm"):
+        finetune(load_model("tiny-gpt2"), EXAMPLES, TrainSettings(max_grad_norm=0.0))
+    with pytest.raises(ValueError, match="finite"):
+        TrainSettings(learning_rate=float("inf"))
     with pytest.raises(ChorusError, match="already has"):
         lm = load_model("tiny-gpt2")
         attach_lora(lm, FAST)

@@ -24,7 +24,7 @@ from msgspec import Meta
 from common.settings import read_toml
 from coordinator.settings import settings_from_table
 from federation.config import LoadedConfig, RunConfig, load_run_config
-from participant.settings import TrainTable
+from participant.settings import TrainSettings
 
 # Order matters: a method's runs need the runs before it (every method starts from the warm-up).
 METHODS = ("local", "fedavg", "centralized", "semantic", "new_recipe")
@@ -272,8 +272,8 @@ def method_config(config: LoadedConfig, method: str, recipe: NewRecipe) -> Loade
     if layered is not None:
         coordinator = _merged(coordinator, {"consensus": layered.consensus})
 
-        def over(train: TrainTable) -> TrainTable:
-            return msgspec.convert({**msgspec.to_builtins(train), **layered.train}, TrainTable)
+        def over(train: TrainSettings) -> TrainSettings:
+            return msgspec.convert({**msgspec.to_builtins(train), **layered.train}, TrainSettings)
 
         entries = [
             e if e.train is None else msgspec.structs.replace(e, train=over(e.train))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from participant.data import Example
 from participant.learners.local import LocalLearner, load_local_model
-from participant.settings import ParticipantSettings
-from participant.training import NO_TRAINING, TrainSettings, TrainStats
+from participant.settings import ParticipantSettings, TrainSettings
+from participant.training import NO_TRAINING, TrainStats
 
 
 class FrozenLearner(LocalLearner):
@@ -29,7 +29,7 @@ class FrozenLearner(LocalLearner):
 def build(settings: ParticipantSettings) -> FrozenLearner:
     return FrozenLearner(
         load_local_model(settings),
-        None,
+        settings.train,
         batch_size=settings.generation_batch_size,
         progress=settings.progress,
     )

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
+
+import msgspec
 
 from participant.data import Example
 from participant.evaluation import Embedder, evaluate
@@ -13,8 +14,8 @@ from participant.export import write_model_record
 from participant.generation import generate_answers
 from participant.learner import GeneratedAnswer, PromptBatch
 from participant.models import LocalModel, load_model
-from participant.settings import ParticipantSettings
-from participant.training import TrainSettings, TrainStats
+from participant.settings import ParticipantSettings, TrainSettings, checked_train
+from participant.training import TrainStats
 from schemas.messages import GenerationParams
 
 
@@ -32,7 +33,7 @@ class LocalLearner:
         self, lm: LocalModel, settings: TrainSettings | None, batch_size: int, progress: bool
     ) -> None:
         self.lm = lm
-        self.settings = settings or TrainSettings()
+        self.settings = checked_train(settings or TrainSettings())
         self.model_id = lm.model_id
         self.batch_size = batch_size
         self.progress = progress
@@ -43,7 +44,7 @@ class LocalLearner:
 
     def train(self, examples: Sequence[Example]) -> TrainStats:
         # A fresh seed each round: the same shuffle and dropout every round would correlate the rounds.
-        settings = replace(self.settings, seed=self.settings.seed + self.rounds_trained)
+        settings = msgspec.structs.replace(self.settings, seed=self.settings.seed + self.rounds_trained)
         stats = self._train(examples, settings)
         self.rounds_trained += 1
         return stats
@@ -69,19 +70,3 @@ def load_local_model(settings: ParticipantSettings) -> LocalModel:
     lm = load_model(settings.model, cache_dir=cache, device=settings.device)
     write_model_record(settings)  # what its checkpoints are trained from
     return lm
-
-
-def train_settings(settings: ParticipantSettings) -> TrainSettings:
-    table = settings.train
-    targets = table.target_modules
-    return TrainSettings(
-        rank=table.rank,
-        alpha=table.alpha,
-        dropout=table.dropout,
-        target_modules=tuple(targets) if isinstance(targets, list) else targets,
-        epochs=table.epochs,
-        learning_rate=table.learning_rate,
-        batch_size=table.batch_size,
-        max_length=table.max_length,
-        seed=table.seed,
-    )

@@ -7,12 +7,11 @@ from pathlib import Path
 
 from participant.data import Example
 from participant.learner import AdapterState
-from participant.learners.local import LocalLearner, load_local_model, train_settings
+from participant.learners.local import LocalLearner, load_local_model
 from participant.models import LocalModel
-from participant.settings import ParticipantSettings
+from participant.settings import ParticipantSettings, TrainSettings
 from participant.training import (
     ADAPTER_CONFIG_FILE,
-    TrainSettings,
     TrainStats,
     adapter_state,
     attach_lora,
@@ -58,7 +57,7 @@ class LoraLearner(LocalLearner):
 def build(settings: ParticipantSettings) -> LoraLearner:
     return LoraLearner(
         load_local_model(settings),
-        train_settings(settings),
+        settings.train,
         batch_size=settings.generation_batch_size,
         progress=settings.progress,
     )

@@ -17,8 +17,8 @@ from participant.data import Example
 from participant.learner import Learner, LoraLearner
 from participant.models import load_model
 from participant.service import Participant
-from participant.settings import ParticipantSettings, TrainTable
-from participant.training import TrainSettings, TrainStats
+from participant.settings import ParticipantSettings, TrainSettings
+from participant.training import TrainStats
 
 PRIVATE = [Example(prompt=f"What is {i} plus one?", response=f"It is {i + 1}.") for i in range(6)]
 
@@ -55,7 +55,7 @@ def tiny_participant(
         progress=False,
         # "confidence": every label is trained on, so tests can count them; the default, "disagreement",
         # skips a label that is the participant's own answer (tests/test_label_weights.py).
-        train=TrainTable(
+        train=TrainSettings(
             batch_size=4, warmup_epochs=1, private_examples_per_round=2, label_weighting="confidence"
         ),
     )
