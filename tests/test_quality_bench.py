@@ -50,7 +50,7 @@ min_confidence = -1.0
 
 GRID = """
 seeds = [0, 1]
-methods = ["local", "fedavg", "centralized", "semantic", "new_recipe"]
+methods = ["local", "fedavg", "centralized", "medoid", "shipped"]
 generation_prompts = 4
 round_nll_prompts = 3
 bootstrap_resamples = 500
@@ -59,7 +59,7 @@ bootstrap_resamples = 500
 a = "a.toml"
 b = "b.toml"
 
-[new_recipe]
+[shipped]
 consensus = { vote_weighting = "reputation" }
 
 [junk_member]
@@ -95,12 +95,12 @@ def write_grid(tmp_path: Path, grid: str = GRID) -> Path:
 def test_grid_expands_tasks_seeds_and_methods_warmup_first(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path))
     names = [key.name for key in grid.runs()]
-    per_seed = ["warmup", "local", "fedavg", "centralized", "semantic", "new_recipe"]
+    per_seed = ["warmup", "local", "fedavg", "centralized", "medoid", "shipped"]
     expected = [f"{t}__seed{s}__{m}" for s in (0, 1) for t in ("a", "b") for m in per_seed]  # seeds outer
     assert names == [*expected, "a__seed0__junk_member"]
 
-    narrowed = load_grid(write_grid(tmp_path), tasks=["b"], seeds=[1], methods=["semantic"])
-    assert [k.name for k in narrowed.runs()] == ["b__seed1__warmup", "b__seed1__semantic"]  # junk is a's
+    narrowed = load_grid(write_grid(tmp_path), tasks=["b"], seeds=[1], methods=["medoid"])
+    assert [k.name for k in narrowed.runs()] == ["b__seed1__warmup", "b__seed1__medoid"]  # junk is a's
 
 
 def test_seed_shifts_the_data_seed_and_sets_the_training_seed(tmp_path: Path) -> None:
@@ -111,27 +111,27 @@ def test_seed_shifts_the_data_seed_and_sets_the_training_seed(tmp_path: Path) ->
     assert config.run.federation == "a-s2"
 
 
-def test_method_configs_set_the_strategy_and_layer_the_new_recipe(tmp_path: Path) -> None:
+def test_method_configs_set_the_strategy_and_layer_the_shipped_recipe(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path))
     base = seeded(grid.tasks["a"], 0)
-    assert method_config(base, "fedavg", grid.new_recipe).coordinator_raw["strategy"] == "fedavg"
-    medoid = method_config(base, "semantic", grid.new_recipe)
+    assert method_config(base, "fedavg", grid.shipped).coordinator_raw["strategy"] == "fedavg"
+    medoid = method_config(base, "medoid", grid.shipped)
     assert medoid.coordinator_raw["strategy"] == "semantic"
-    # "semantic" stays the medoid recipe that was the default before, whatever the defaults are now.
+    # "medoid" stays the recipe that was the default before, whatever the defaults are now.
     assert medoid.coordinator_raw["consensus"] == {
         "min_confidence": -1.0,
         "vote_weighting": "uniform",
         "label_choice": "medoid",
     }
     assert medoid.run.train.label_weighting == "confidence"
-    recipe = method_config(base, "new_recipe", grid.new_recipe)
+    recipe = method_config(base, "shipped", grid.shipped)
     assert recipe.coordinator_raw["strategy"] == "semantic"
     consensus = recipe.coordinator_raw["consensus"]
     assert consensus == {"min_confidence": -1.0, "vote_weighting": "reputation"}
-    # Only the new recipe's identity depends on the recipe: editing it reruns that method alone.
-    other = msgspec.structs.replace(grid.new_recipe, consensus={"vote_weighting": "uniform"})
-    for method, changes in (("semantic", False), ("new_recipe", True)):
-        before = fingerprint(method_config(base, method, grid.new_recipe), {})
+    # Only the shipped recipe's identity depends on the recipe: editing it reruns that method alone.
+    other = msgspec.structs.replace(grid.shipped, consensus={"vote_weighting": "uniform"})
+    for method, changes in (("medoid", False), ("shipped", True)):
+        before = fingerprint(method_config(base, method, grid.shipped), {})
         after = fingerprint(method_config(base, method, other), {})
         assert (before != after) is changes, method
 
@@ -139,13 +139,13 @@ def test_method_configs_set_the_strategy_and_layer_the_new_recipe(tmp_path: Path
 def test_a_recipe_the_installed_settings_reject_is_reported_and_not_run(tmp_path: Path) -> None:
     text = GRID.replace('consensus = { vote_weighting = "reputation" }', 'train = { no_such_setting = "x" }')
     grid = load_grid(write_grid(tmp_path, text))
-    assert grid.new_recipe_problem is not None and "no_such_setting" in grid.new_recipe_problem
+    assert grid.shipped_problem is not None and "no_such_setting" in grid.shipped_problem
 
 
 def test_quick_shrinks_sizes_and_keeps_every_method(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path), quick=True, junk_member=False)
     assert [k.name for k in grid.runs()] == [
-        f"a__seed0__{m}" for m in ("warmup", "local", "fedavg", "centralized", "semantic", "new_recipe")
+        f"a__seed0__{m}" for m in ("warmup", "local", "fedavg", "centralized", "medoid", "shipped")
     ]
     run = grid.tasks["a"].run
     assert run.rounds == 1 and run.task is not None and run.task.max_test == 5
@@ -215,16 +215,16 @@ class RecordingRunner(GridRunner):
 
 def test_a_finished_run_is_skipped_and_a_changed_or_failed_one_reruns(tmp_path: Path) -> None:
     grid = load_grid(
-        write_grid(tmp_path), tasks=["a"], seeds=[0], methods=["local", "semantic"], junk_member=False
+        write_grid(tmp_path), tasks=["a"], seeds=[0], methods=["local", "medoid"], junk_member=False
     )
     store = ResultStore(tmp_path / "runs")
     runner = RecordingRunner(grid, tmp_path / "work", store, None, say=lambda _: None)
     local = RunKey("a", 0, "local")
     store.save(RunResult(task="a", seed=0, method="local", fingerprint=runner.fingerprint(local)))
-    store.save(RunResult(task="a", seed=0, method="semantic", fingerprint="stale-config"))
+    store.save(RunResult(task="a", seed=0, method="medoid", fingerprint="stale-config"))
     results = runner.run_all()
-    assert runner.ran == ["a__seed0__warmup", "a__seed0__semantic"]
-    assert sorted(r.method for r in results) == ["local", "semantic", "warmup"]
+    assert runner.ran == ["a__seed0__warmup", "a__seed0__medoid"]
+    assert sorted(r.method for r in results) == ["local", "medoid", "warmup"]
 
     again = RecordingRunner(grid, tmp_path / "work", store, None, say=lambda _: None)
     again.run_all()
@@ -234,6 +234,30 @@ def test_a_finished_run_is_skipped_and_a_changed_or_failed_one_reruns(tmp_path: 
     store.save(failed)
     again.run_all()
     assert again.ran == ["a__seed0__local"]
+
+
+def test_old_method_names_still_load_and_their_results_rerun_nothing(tmp_path: Path) -> None:
+    old = GRID.replace('"medoid", "shipped"]', '"semantic", "new_recipe"]').replace(
+        "[shipped]", "[new_recipe]"
+    )
+    grid = load_grid(write_grid(tmp_path, old), tasks=["a"], seeds=[0], junk_member=False)
+    assert grid.methods == ["local", "fedavg", "centralized", "medoid", "shipped"]
+    assert grid.shipped.consensus == {"vote_weighting": "reputation"}
+    with pytest.raises(GridError, match="old name"):
+        load_grid(write_grid(tmp_path, old + "[shipped]\n"))
+
+    store = ResultStore(tmp_path / "runs")
+    runner = RecordingRunner(grid, tmp_path / "work", store, None, say=lambda _: None)
+    for key in grid.runs():  # results written before the rename, under the old names
+        method = {"medoid": "semantic", "shipped": "new_recipe"}.get(key.method, key.method)
+        legacy = RunResult(task=key.task, seed=key.seed, method=method, fingerprint=runner.fingerprint(key))
+        store.path(RunKey(key.task, key.seed, method)).parent.mkdir(parents=True, exist_ok=True)
+        store.path(RunKey(key.task, key.seed, method)).write_text(json.dumps(msgspec.to_builtins(legacy)))
+    assert runner.run_all() and runner.ran == []
+    assert sorted(r.method for r in store.all()) == sorted(k.method for k in grid.runs())
+    store.save(RunResult(task="a", seed=0, method="medoid", fingerprint="new"))  # supersedes the old file
+    assert not store.path(RunKey("a", 0, "semantic")).exists()
+    assert [r.fingerprint for r in store.all() if r.method == "medoid"] == ["new"]
 
 
 def test_a_half_written_result_does_not_count_as_finished(tmp_path: Path) -> None:
@@ -257,24 +281,24 @@ def test_the_grid_runs_every_method_scores_them_and_writes_the_report(tmp_path: 
     markdown = (out / "quality.md").read_text()
     assert "## Task a" in markdown and "robustness to a junk member" in markdown.lower()
     task = report["tasks"]["a"]
-    assert set(task["methods"]) == {"local", "fedavg", "centralized", "semantic", "new_recipe"}
+    assert set(task["methods"]) == {"local", "fedavg", "centralized", "medoid", "shipped"}
     assert task["same_test_set_per_seed"] is True
     assert task["test_prompts"] == [6] and task["generation_prompts"] == [4]
     for method, item in task["methods"].items():
         for metric in ("nll", "rouge_l", "embedding_similarity"):
             assert item[metric]["low"] <= item[metric]["mean"] <= item[metric]["high"], (method, metric)
         assert len(item["subset_nll_by_round"]) == 3, method  # start, round 1, round 2
-    assert set(task["differences"]["semantic"]) == {"local", "fedavg"}
+    assert set(task["differences"]["medoid"]) == {"local", "fedavg"}
     assert set(task["differences"]["fedavg"]) == {"local"}
     assert "local" not in task["differences"]  # its difference to FedAvg is FedAvg's, negated
-    assert set(task["label_quality"]) == {"semantic", "new_recipe"}
-    assert {"1", "2", "overall"} <= set(task["label_quality"]["semantic"])
+    assert set(task["label_quality"]) == {"medoid", "shipped"}
+    assert {"1", "2", "overall"} <= set(task["label_quality"]["medoid"])
     assert task["methods"]["local"]["bytes_per_participant_per_round"] == 0
     assert task["fedavg_to_semantic_bytes"] > 1
 
     # Every method but centralized started from the same warm-up; its round 0 is the warm-up's score.
     warm = _stored(work, "a__seed0__warmup")
-    for method in ("local", "fedavg", "semantic"):
+    for method in ("local", "fedavg", "medoid"):
         stored = _stored(work, f"a__seed0__{method}")
         for pid, scores in stored.participants.items():
             assert scores.subset_nll_by_round[0] == warm.participants[pid].subset_nll_by_round[0], method
@@ -309,7 +333,7 @@ def test_a_run_that_fails_is_recorded_with_its_error_and_the_grid_goes_on(tmp_pa
 
 def test_a_setting_added_at_its_default_keeps_finished_runs_finished(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path))
-    config = method_config(seeded(grid.tasks["a"], 0), "local", grid.new_recipe)
+    config = method_config(seeded(grid.tasks["a"], 0), "local", grid.shipped)
     identity = non_default(config.run)
     # warmup_epochs 1 and seed 0 are the defaults, so they are left out
     assert identity["train"] == {
@@ -359,7 +383,7 @@ method = "none"
 
 HETEROGENEOUS_GRID = """
 seeds = [0]
-methods = ["local", "semantic", "new_recipe"]
+methods = ["local", "medoid", "shipped"]
 per_member = true
 generation_prompts = 4
 round_nll_prompts = 3
@@ -368,7 +392,7 @@ bootstrap_resamples = 200
 [tasks]
 h = "h.toml"
 
-[new_recipe]
+[shipped]
 train = { label_weighting = "disagreement" }
 
 [fedavg_refusal]
@@ -382,17 +406,17 @@ def test_a_heterogeneous_federation_is_scored_member_by_member_and_fedavg_refuse
     grid_path = tmp_path / "grid.toml"
     grid_path.write_text(HETEROGENEOUS_GRID)
     grid = load_grid(grid_path)
-    assert [k.method for k in grid.runs()] == ["warmup", "local", "semantic", "new_recipe", "fedavg_refusal"]
+    assert [k.method for k in grid.runs()] == ["warmup", "local", "medoid", "shipped", "fedavg_refusal"]
     # A recipe's training settings reach the members that have their own [participants.train] too.
     base = seeded(grid.tasks["h"], 0)
-    for method, weighting in (("new_recipe", "disagreement"), ("semantic", "confidence")):
-        entries = method_config(base, method, grid.new_recipe).run.participants
+    for method, weighting in (("shipped", "disagreement"), ("medoid", "confidence")):
+        entries = method_config(base, method, grid.shipped).run.participants
         assert {e.train.label_weighting for e in entries if e.train is not None} == {weighting}, method
     out, work = tmp_path / "out", tmp_path / "work"
     assert cli.main([str(grid_path), "--out", str(out), "--work", str(work)]) == 0
 
     report = json.loads((out / "quality.json").read_text())
-    assert set(report["tasks"]["h"]["methods"]) == {"local", "semantic", "new_recipe"}
+    assert set(report["tasks"]["h"]["methods"]) == {"local", "medoid", "shipped"}
     [members] = report["members"]
     rows = members["participants"]
     assert {pid: row["learner"] for pid, row in rows.items()} == {
@@ -402,9 +426,9 @@ def test_a_heterogeneous_federation_is_scored_member_by_member_and_fedavg_refuse
         "q3": "none",
     }
     for row in rows.values():
-        assert {"local", "semantic", "new_recipe"} <= set(row)
+        assert {"local", "medoid", "shipped"} <= set(row)
     # The member that never trains answers with its base model whatever the method: the same scores.
-    assert rows["q3"]["local"] == rows["q3"]["semantic"] == rows["q3"]["new_recipe"]
+    assert rows["q3"]["local"] == rows["q3"]["medoid"] == rows["q3"]["shipped"]
     # The last-layers member's checkpoints were loaded: after training it scores unlike its warm-up.
     warm = _stored(work, "h__seed0__warmup").participants["q2"].subset_nll_by_round[0]
     assert _stored(work, "h__seed0__local").participants["q2"].subset_nll_by_round[-1] != warm
@@ -422,7 +446,7 @@ def test_a_device_moves_every_task_and_is_part_of_each_run_identity(tmp_path: Pa
     on_cpu = load_grid(write_grid(tmp_path))
     anywhere = load_grid(write_grid(tmp_path), device="auto")
     assert {c.run.device for c in anywhere.tasks.values()} == {"auto"}
-    key = RunKey("a", 0, "semantic")
+    key = RunKey("a", 0, "medoid")
     cpu_runner = GridRunner(on_cpu, tmp_path, ResultStore(tmp_path / "r"), None, say=lambda _: None)  # type: ignore[arg-type]
     any_runner = GridRunner(anywhere, tmp_path, ResultStore(tmp_path / "r"), None, say=lambda _: None)  # type: ignore[arg-type]
     assert cpu_runner.fingerprint(key) != any_runner.fingerprint(key)

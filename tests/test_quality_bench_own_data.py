@@ -34,15 +34,15 @@ def own_data_config(tmp_path: Path, *, test_data: bool = True) -> Path:
 def test_an_own_data_config_runs_as_a_grid_of_one_task(tmp_path: Path) -> None:
     config = own_data_config(tmp_path)
     out, work = tmp_path / "out", tmp_path / "work"
-    argv = [str(config), "--quick", "--methods", "local,semantic", "--out", str(out), "--work", str(work)]
+    argv = [str(config), "--quick", "--methods", "local,medoid", "--out", str(out), "--work", str(work)]
     assert cli.main(argv) == 0
     report = json.loads((out / "quality.json").read_text())
     assert report["failed_runs"] == []
     task = report["tasks"]["own-data"]  # named by its federation
-    assert set(task["methods"]) == {"local", "semantic"}
+    assert set(task["methods"]) == {"local", "medoid"}
     test_lines = (config.parent / "test.jsonl").read_text().splitlines()
     assert task["test_prompts"] == [len([line for line in test_lines if line.strip()])]
-    assert set(task["differences"]["semantic"]) == {"local"}
+    assert set(task["differences"]["medoid"]) == {"local"}
 
 
 def test_a_seed_of_own_data_changes_training_only(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.labels.corpus import MemberAnswer, PromptRecord, write_corpus
 from bench.labels.signals import affinity, token_stats
-from bench.quality.grid import NewRecipe, load_grid, method_config, seeded
+from bench.quality.grid import Recipe, load_grid, method_config, seeded
 from bench.quality.methods import train_federated, train_warmup
 from bench.quality.scoring import checkpoint_dir
 from coordinator.settings import ConsensusSettingsTable
@@ -76,7 +76,7 @@ class Recorder:
         affinities = self._affinities(config, settings, public)
         records: list[PromptRecord] = []
         for stage in stages:
-            checkpoints = self._checkpoints(stage, config, grid.new_recipe, settings, warmup)
+            checkpoints = self._checkpoints(stage, config, grid.shipped, settings, warmup)
             signals = Signals(settings, checkpoints, config.run.generation, experts, affinities)
             records += self._stage(stage, signals, public)
         write_corpus(self.corpus, records)
@@ -87,7 +87,7 @@ class Recorder:
         self,
         stage: str,
         config: LoadedConfig,
-        recipe: NewRecipe,
+        recipe: Recipe,
         settings: dict[str, ParticipantSettings],
         warmup: Path,
     ) -> dict[str, Path]:
@@ -97,7 +97,7 @@ class Recorder:
         if not all(checkpoint_dir(run_dir, pid, 1).is_dir() for pid in settings):
             self.say("one round of the shipped recipe")
             one_round = dataclasses.replace(config, run=msgspec.structs.replace(config.run, rounds=1))
-            train_federated(method_config(one_round, "new_recipe", recipe), run_dir, warmup)
+            train_federated(method_config(one_round, "shipped", recipe), run_dir, warmup)
         return {pid: checkpoint_dir(run_dir, pid, 1) for pid in settings}
 
     def _stage(self, stage: str, signals: Signals, public: list[PublicPrompt]) -> list[PromptRecord]:

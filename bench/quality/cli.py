@@ -78,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     host = machine()
     first = next(iter(grid.tasks.values()))
-    if grid.new_recipe_problem:
-        print(f"new recipe skipped: {grid.new_recipe_problem}", flush=True)
+    if grid.shipped_problem:
+        print(f"shipped recipe skipped: {grid.shipped_problem}", flush=True)
     if first.run.torch_threads:  # chorus-run sets it for its runs; the plain loops and scoring need it too
         import torch
 
@@ -101,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds": grid.seeds,
         "methods": grid.methods,
         "resamples": grid.bootstrap_resamples,
-        "new_recipe": {"train": grid.new_recipe.train, "consensus": grid.new_recipe.consensus},
-        "new_recipe_problem": grid.new_recipe_problem,
+        "shipped": {"train": grid.shipped.train, "consensus": grid.shipped.consensus},
+        "shipped_problem": grid.shipped_problem,
         "machine": host,
         "tasks": tasks,
         "junk_member": junk_summary(results),

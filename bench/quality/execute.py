@@ -54,13 +54,13 @@ class GridRunner:
         if key.method == "junk_member":
             assert self.grid.junk_member is not None
             return with_junk_member(
-                method_config(base, "junk_member", self.grid.new_recipe), self.grid.junk_member
+                method_config(base, "junk_member", self.grid.shipped), self.grid.junk_member
             )
         if key.method == WARMUP:
             return base
         if key.method == "fedavg_refusal":
-            return method_config(base, "fedavg", self.grid.new_recipe)
-        return method_config(base, key.method, self.grid.new_recipe)
+            return method_config(base, "fedavg", self.grid.shipped)
+        return method_config(base, key.method, self.grid.shipped)
 
     def fingerprint(self, key: RunKey) -> str:
         extra: dict[str, object] = {
@@ -98,7 +98,7 @@ class GridRunner:
         return [r for k in keys if (r := self.store.finished(k, self.fingerprint(k))) is not None]
 
     def _runnable(self, key: RunKey) -> bool:
-        return not (key.method == "new_recipe" and self.grid.new_recipe_problem)
+        return not (key.method == "shipped" and self.grid.shipped_problem)
 
     def _eta(self, remaining: list[RunKey], durations: dict[str, list[float]]) -> str:
         seen = [d for values in durations.values() for d in values]
@@ -152,7 +152,7 @@ class GridRunner:
         if key.method == "junk_member" and junk_member is not None:
             refusal_dir = self.work / key.task / f"seed{key.seed}" / "junk_member_fedavg"
             result.extra["fedavg"] = junk.fedavg_refusal(
-                method_config(config, "fedavg", self.grid.new_recipe),
+                method_config(config, "fedavg", self.grid.shipped),
                 refusal_dir,
                 junk_member.fedavg_deadline_seconds,
             )

@@ -2,7 +2,7 @@
 
 `bench/quality_grid.toml` names the tasks (chorus-run configs), seeds and methods. A seed shifts the
 task's data seed and sets the training seed; a method sets the coordinator's strategy (and, for the
-new recipe, the settings layered over the semantic run). `--quick` shrinks everything.
+shipped recipe, the settings layered over the semantic run). `--quick` shrinks everything.
 
 A chorus-run config given in place of a grid file is a grid of that one task, at the default seeds
 and methods. A config without `[task]` (your own data) is run on its own files: a seed then sets the
@@ -27,19 +27,22 @@ from federation.config import LoadedConfig, RunConfig, load_run_config
 from participant.settings import TrainSettings
 
 # Order matters: a method's runs need the runs before it (every method starts from the warm-up).
-METHODS = ("local", "fedavg", "centralized", "semantic", "new_recipe")
+METHODS = ("local", "fedavg", "centralized", "medoid", "shipped")
 LABELS = {
     "warmup": "after warm-up",
     "local": "local-only",
     "fedavg": "FedAvg (LoRA)",
     "centralized": "centralized (pooled)",
-    "semantic": "semantic (medoid)",
-    "new_recipe": "new recipe",
+    "medoid": "semantic (medoid)",
+    "shipped": "semantic (shipped recipe)",
     "junk_member": "robustness to a junk member",
     "fedavg_refusal": "FedAvg on a federation it cannot serve",
 }
-STRATEGY = {"fedavg": "fedavg", "semantic": "semantic", "new_recipe": "semantic", "junk_member": "semantic"}
-FEDERATED = ("fedavg", "semantic", "new_recipe")
+STRATEGY = {"fedavg": "fedavg", "medoid": "semantic", "shipped": "semantic", "junk_member": "semantic"}
+FEDERATED = ("fedavg", "medoid", "shipped")
+# Old method names, still read from grid files, --methods and stored results: "semantic" named both the
+# strategy and the medoid recipe, and "new_recipe" the recipe that ships.
+RENAMED_METHODS = {"semantic": "medoid", "new_recipe": "shipped"}
 WARMUP = "warmup"  # a run of its own per (task, seed): every method but centralized starts from it
 
 
@@ -51,7 +54,7 @@ class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     pass
 
 
-class NewRecipe(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Recipe(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     train: dict[str, Any] = {}  # participant [train] settings over the task's
     consensus: dict[str, Any] = {}  # coordinator [coordinator.consensus] settings over the task's
 
@@ -94,7 +97,7 @@ class GridFile(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     generation_prompts: Annotated[int, Meta(ge=1)] = 60
     round_nll_prompts: Annotated[int, Meta(ge=1)] = 30
     bootstrap_resamples: Annotated[int, Meta(ge=100)] = 4000
-    new_recipe: NewRecipe = NewRecipe()
+    shipped: Recipe = Recipe()
     junk_member: JunkMember | None = None
     fedavg_refusal: FedavgRefusal | None = None
     per_member: bool = False  # the report also lists every member beside its own local-only scores
@@ -121,8 +124,8 @@ class Grid:
     generation_prompts: int
     round_nll_prompts: int  # NLL after every round on this many prompts (of the generation subset)
     bootstrap_resamples: int
-    new_recipe: NewRecipe
-    new_recipe_problem: str | None  # why the new recipe cannot run with the settings installed now
+    shipped: Recipe
+    shipped_problem: str | None  # why the shipped recipe cannot run with the settings installed now
     junk_member: JunkMember | None
     quick: bool
     fedavg_refusal: FedavgRefusal | None = None
@@ -163,11 +166,15 @@ def load_grid(
     text = read_toml(path)
     if "participants" in text:  # a chorus-run config: a grid of that one task
         text = {"tasks": {str(text.get("federation") or path.stem): path.name}}
+    if "new_recipe" in text:
+        if "shipped" in text:
+            raise GridError(f"{path}: [new_recipe] is the old name of [shipped]; give one of them")
+        text = {("shipped" if key == "new_recipe" else key): value for key, value in text.items()}
     try:
         raw = msgspec.convert(text, GridFile)
     except msgspec.ValidationError as e:
         raise GridError(f"{path}: {e}") from e
-    chosen_methods = methods or raw.methods
+    chosen_methods = [current_method(m) for m in methods or raw.methods]
     unknown = sorted(set(chosen_methods) - set(METHODS))
     if unknown:
         raise GridError(f"unknown methods {unknown}; choose from {list(METHODS)}")
@@ -196,13 +203,18 @@ def load_grid(
         generation_prompts=raw.quick.generation_prompts if quick else raw.generation_prompts,
         round_nll_prompts=raw.quick.round_nll_prompts if quick else raw.round_nll_prompts,
         bootstrap_resamples=raw.quick.bootstrap_resamples if quick else raw.bootstrap_resamples,
-        new_recipe=raw.new_recipe,
-        new_recipe_problem=recipe_problem(raw.new_recipe, next(iter(loaded.values()))),
+        shipped=raw.shipped,
+        shipped_problem=recipe_problem(raw.shipped, next(iter(loaded.values()))),
         junk_member=junk,
         quick=quick,
         fedavg_refusal=refusal,
         per_member=raw.per_member,
     )
+
+
+def current_method(name: str) -> str:
+    """A method's name now, given its name now or before a rename."""
+    return RENAMED_METHODS.get(name, name)
 
 
 def check_scorable(config: LoadedConfig) -> None:
@@ -254,21 +266,21 @@ def seeded(config: LoadedConfig, seed: int) -> LoadedConfig:
     return dataclasses.replace(config, run=run)
 
 
-# "semantic" is the medoid recipe that was the default before the new recipe, pinned so that the grid
+# "medoid" is the recipe that was the default before the shipped one, pinned so that the grid
 # keeps comparing against it whatever the defaults are now.
-MEDOID_RECIPE = NewRecipe(
+MEDOID_RECIPE = Recipe(
     train={"label_weighting": "confidence"}, consensus={"vote_weighting": "uniform", "label_choice": "medoid"}
 )
 
 
-def method_config(config: LoadedConfig, method: str, recipe: NewRecipe) -> LoadedConfig:
-    """A seeded task's config as `method` runs it (the strategy; the medoid's or the new recipe's
+def method_config(config: LoadedConfig, method: str, recipe: Recipe) -> LoadedConfig:
+    """A seeded task's config as `method` runs it (the strategy; the medoid's or the shipped recipe's
     settings)."""
     coordinator = dict(config.coordinator_raw)
     if method in STRATEGY:
         coordinator["strategy"] = STRATEGY[method]
     run = config.run
-    layered = {"new_recipe": recipe, "semantic": MEDOID_RECIPE}.get(method)
+    layered = {"shipped": recipe, "medoid": MEDOID_RECIPE}.get(method)
     if layered is not None:
         coordinator = _merged(coordinator, {"consensus": layered.consensus})
 
@@ -296,14 +308,14 @@ def with_junk_member(config: LoadedConfig, junk: JunkMember) -> LoadedConfig:
     return dataclasses.replace(config, run=run)
 
 
-def recipe_problem(recipe: NewRecipe, config: LoadedConfig) -> str | None:
-    """Why the installed participant/coordinator settings reject the new recipe; None when they take it."""
+def recipe_problem(recipe: Recipe, config: LoadedConfig) -> str | None:
+    """Why the installed participant/coordinator settings reject the shipped recipe; None if they take it."""
     try:
-        method_config(config, "new_recipe", recipe)
+        method_config(config, "shipped", recipe)
         consensus = _merged(config.coordinator_raw, {"consensus": recipe.consensus})
         settings_from_table({**consensus, "prompts_path": "-"})
     except msgspec.ValidationError as e:
-        return f"the installed settings do not take the new recipe yet ({e})"
+        return f"the installed settings do not take the shipped recipe yet ({e})"
     return None
 
 

@@ -48,8 +48,8 @@ def render(report: dict[str, Any]) -> str:
         "points (x100); * marks an interval that excludes 0.",
         "",
     ]
-    if report.get("new_recipe_problem"):
-        lines += [f"New recipe not run: {report['new_recipe_problem']}", ""]
+    if report.get("shipped_problem"):
+        lines += [f"Shipped recipe not run: {report['shipped_problem']}", ""]
     for task, summary in report["tasks"].items():
         lines += _task_section(task, summary)
     junk = report.get("junk_member")

@@ -3,7 +3,7 @@
 - warm-up: each participant's warm-up epochs on its private data (round 0), shared by every method
   but centralized;
 - local-only: from the warm-up, each round the private slice a federated participant mixes in;
-- FedAvg, semantic, new recipe: `chorus-run` on the embedded memory broker, from the warm-up;
+- FedAvg, semantic, shipped recipe: `chorus-run` on the embedded memory broker, from the warm-up;
 - centralized: one model on the pooled private data (the same warm-up epochs, each round the union
   of every participant's private slice).
 

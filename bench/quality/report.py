@@ -83,7 +83,7 @@ def _task_summary(runs: dict[str, dict[int, RunResult]], resamples: int) -> dict
         summary["warmup_subset_nll"] = fmean(
             v for r in runs[WARMUP].values() for p in r.participants.values() for v in p.subset_nll_by_round
         )
-    semantic, fedavg = summary["methods"].get("semantic"), summary["methods"].get("fedavg")
+    semantic, fedavg = summary["methods"].get("medoid"), summary["methods"].get("fedavg")
     if semantic and fedavg and semantic["bytes_per_participant_per_round"]:
         summary["fedavg_to_semantic_bytes"] = (
             fedavg["bytes_per_participant_per_round"] / semantic["bytes_per_participant_per_round"]
@@ -160,7 +160,7 @@ def members_beside_local(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     for (task, seed, method), local in sorted(runs.items()):
         if method != "local":
             continue
-        others = [m for m in ("semantic", "new_recipe") if (task, seed, m) in runs]
+        others = [m for m in ("medoid", "shipped") if (task, seed, m) in runs]
         rows = {}
         for pid, scores in local.participants.items():
             row: dict[str, Any] = {"model": scores.model, "learner": scores.learner}

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from bench.quality.grid import RunKey
+from bench.quality.grid import RENAMED_METHODS, RunKey, current_method
 
 
 class ParticipantScores(msgspec.Struct, kw_only=True):
@@ -54,7 +54,8 @@ class RunResult(msgspec.Struct, kw_only=True):
 
 
 class ResultStore:
-    """`<root>/<task>__seed<k>__<method>.json`, one file per finished run."""
+    """`<root>/<task>__seed<k>__<method>.json`, one file per finished run. Results stored under a
+    method's old name (grid.RENAMED_METHODS) are read as the method's now, so a rename reruns nothing."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -64,31 +65,52 @@ class ResultStore:
 
     def finished(self, key: RunKey, fingerprint: str) -> RunResult | None:
         """The stored result of this very run, or None (absent, unreadable, failed, or another config)."""
-        path = self.path(key)
-        if not path.is_file():
+        for path in (self.path(key), *self._old_paths(key)):
+            if path.is_file():
+                result = _read(path)
+                break
+        else:
             return None
-        try:
-            result = msgspec.json.decode(path.read_bytes(), type=RunResult)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
-        if result.fingerprint != fingerprint or result.error is not None:
+        if result is None or result.fingerprint != fingerprint or result.error is not None:
             return None
         return result
 
     def save(self, result: RunResult) -> Path:
         """Write atomically: an interrupted write never leaves a half file that looks finished."""
-        path = self.path(RunKey(result.task, result.seed, result.method))
+        key = RunKey(result.task, result.seed, result.method)
+        path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(".json.tmp")
         staging.write_text(json.dumps(msgspec.to_builtins(result), indent=1) + "\n")
         os.replace(staging, path)
+        for old in self._old_paths(key):
+            old.unlink(missing_ok=True)  # superseded: one result per run
         return path
 
     def all(self) -> list[RunResult]:
-        results = []
+        """Every readable result, one per run: under its current name where both names hold one."""
+        found: dict[str, RunResult] = {}
         for path in sorted(self.root.glob("*.json")):
-            try:
-                results.append(msgspec.json.decode(path.read_bytes(), type=RunResult))
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            result = _read(path)
+            if result is None:
                 continue
-        return results
+            name = RunKey(result.task, result.seed, result.method).name
+            if path.stem == name or name not in found:
+                found[name] = result
+        return list(found.values())
+
+    def _old_paths(self, key: RunKey) -> list[Path]:
+        return [
+            self.path(RunKey(key.task, key.seed, old))
+            for old, new in RENAMED_METHODS.items()
+            if new == key.method
+        ]
+
+
+def _read(path: Path) -> RunResult | None:
+    try:
+        result = msgspec.json.decode(path.read_bytes(), type=RunResult)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    result.method = current_method(result.method)
+    return result
