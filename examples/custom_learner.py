@@ -25,7 +25,6 @@ from schemas.messages import GenerationParams
 
 
 class BagOfWords(PerPromptLearner):
-    can_train = True
     concurrency = 1  # prompts answered at once, on threads
 
     def __init__(self, model_id: str) -> None:

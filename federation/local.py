@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 
 from participant.data import Example
-from participant.learner import Learner
+from participant.learner import TrainableLearner
 from participant.settings import TrainSettings
 
 
@@ -24,7 +24,7 @@ def private_slice(private: Sequence[Example], train: TrainSettings, round_id: in
 
 
 def train_local_rounds(
-    learner: Learner,
+    learner: TrainableLearner,
     private: Sequence[Example],
     train: TrainSettings,
     rounds: Iterable[int],

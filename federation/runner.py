@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -36,9 +36,8 @@ from federation.observe import ObservedTransport
 from federation.report import Baseline, Reporter
 from federation.settings import STATE_DIR, coordinator_settings, participant_settings
 from participant.data import Example
-from participant.learner import AdapterLearner, AdapterState, Learner
+from participant.learner import EvaluatingLearner, Learner, trainer
 from participant.service import Participant
-from participant.training import TrainStats
 from participant.wiring import build_learner, load_data
 from schemas.errors import ChorusError
 from schemas.messages import GenerationParams
@@ -96,7 +95,9 @@ class Phases:
 
 
 class TrackedLearner:
-    """A participant's learner, timed per phase, evaluated with the run's generation parameters."""
+    """A participant's learner, timed per phase, evaluated with the run's generation parameters. It has
+    exactly the methods the learner has, so the participant service sees the same capabilities (a
+    black box stays one that does not train)."""
 
     def __init__(self, pid: str, inner: Learner, phases: Phases, evaluation: GenerationParams) -> None:
         self.pid = pid
@@ -104,50 +105,29 @@ class TrackedLearner:
         self.phases = phases
         self.evaluation = evaluation
         self.model_id = inner.model_id
-        self.can_train = inner.can_train
 
     def generate(self, prompts: Any, params: GenerationParams) -> Any:
         return self.phases.run(self.pid, "generate", lambda: self.inner.generate(prompts, params))
 
-    def train(self, examples: Sequence[Example]) -> TrainStats | None:
-        result: TrainStats | None = self.phases.run(self.pid, "train", lambda: self.inner.train(examples))
-        return result
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copying, unpickling): no inner learner to ask
+            raise AttributeError(name)
+        found = getattr(self.inner, name)  # AttributeError when the learner lacks it: capabilities show
+        if name == "train":
+            return lambda examples: self.phases.run(self.pid, "train", lambda: found(examples))
+        if name == "evaluate":
 
-    def save_checkpoint(self, directory: Path) -> None:
-        self.inner.save_checkpoint(directory)
+            def evaluate(test: Sequence[Example], embed: Any, params: GenerationParams | None = None) -> Any:
+                chosen = params or self.evaluation
+                return self.phases.run(self.pid, "evaluate", lambda: found(test, embed, chosen))
 
-    def load_checkpoint(self, directory: Path) -> bool:
-        return self.inner.load_checkpoint(directory)
-
-    def evaluate(
-        self, test: Sequence[Example], embed: Any, params: GenerationParams | None = None
-    ) -> dict[str, float]:
-        chosen = params or self.evaluation
-        result: dict[str, float] = self.phases.run(
-            self.pid, "evaluate", lambda: self.inner.evaluate(test, embed, chosen)
-        )
-        return result
+            return evaluate
+        return found  # checkpoints, adapters: not timed phases
 
 
-class TrackedAdapterLearner(TrackedLearner):
-    """A tracked learner that can also do FedAvg; reading or loading its adapter is not a timed phase."""
-
-    def __init__(self, pid: str, inner: AdapterLearner, phases: Phases, evaluation: GenerationParams) -> None:
-        super().__init__(pid, inner, phases, evaluation)
-        self.adapter_inner = inner
-
-    def adapter_state(self) -> AdapterState:
-        return self.adapter_inner.adapter_state()
-
-    def load_adapter_state(self, state: AdapterState) -> None:
-        self.adapter_inner.load_adapter_state(state)
-
-
-def track(pid: str, inner: Learner, phases: Phases, evaluation: GenerationParams) -> TrackedLearner:
-    """Wrap a learner for the run, keeping its FedAvg capability visible to the participant service."""
-    if isinstance(inner, AdapterLearner):
-        return TrackedAdapterLearner(pid, inner, phases, evaluation)
-    return TrackedLearner(pid, inner, phases, evaluation)
+def track(pid: str, inner: Learner, phases: Phases, evaluation: GenerationParams) -> Learner:
+    """Wrap a learner for the run, keeping what it can do visible to the participant service."""
+    return cast("Learner", TrackedLearner(pid, inner, phases, evaluation))
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -238,13 +218,14 @@ class FederationRun:
             learner, (private, test) = learners[entry.id], datasets[entry.id]
             settings = participant_settings(self.config, entry, data, self.options.results)
             checkpoint = self._warmup_checkpoint(entry.id)
-            if entry.id in self.options.warm_start:
-                learner.load_checkpoint(checkpoint)
-            elif learner.can_train:
+            trains = trainer(learner)
+            if trains is not None and entry.id in self.options.warm_start:
+                trains.load_checkpoint(checkpoint)
+            elif trains is not None:
                 if private and settings.train.warmup_epochs:
-                    learner.train(private * settings.train.warmup_epochs)
-                learner.save_checkpoint(checkpoint)
-            if test and settings.evaluate:
+                    trains.train(private * settings.train.warmup_epochs)
+                trains.save_checkpoint(checkpoint)
+            if test and settings.evaluate and isinstance(learner, EvaluatingLearner):
                 baseline[entry.id] = learner.evaluate(test, embedder.embed)
         return baseline
 
@@ -262,16 +243,19 @@ class FederationRun:
             learner, (private, test) = learners[entry.id], datasets[entry.id]
             federated = self.reporter.last_scores(entry.id)
             checkpoint = self._warmup_checkpoint(entry.id)
-            if federated is None or not learner.can_train or not test or not checkpoint.is_dir():
+            trains = trainer(learner)
+            if federated is None or trains is None or not isinstance(learner, EvaluatingLearner):
+                continue
+            if not test or not checkpoint.is_dir():
                 continue
             if self.stopping.is_set():
                 break
             round_id, scores = federated
             self.reporter.note(f"{entry.id}: local-only twin, rounds 1-{round_id}")
             settings = participant_settings(self.config, entry, data, self.options.results)
-            if not learner.load_checkpoint(checkpoint):
+            if not trains.load_checkpoint(checkpoint):
                 raise ChorusError(f"{entry.id}: cannot load its warm-up checkpoint {checkpoint}")
-            train_local_rounds(learner, private, settings.train, range(1, round_id + 1))
+            train_local_rounds(trains, private, settings.train, range(1, round_id + 1))
             local = learner.evaluate(test, embedder.embed)
             out[entry.id] = {
                 "rounds": round_id,

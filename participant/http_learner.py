@@ -35,7 +35,7 @@ import structlog
 from msgspec import Meta
 
 from participant.learner import GeneratedAnswer, LearnerError
-from participant.learners.black_box import GenerateOnlyLearner
+from participant.learners.black_box import PerPromptLearner
 from participant.settings import HttpTable, ParticipantSettings
 from schemas.messages import GenerationParams
 
@@ -94,7 +94,7 @@ class _Failure:
     status: int | None = None
 
 
-class HttpChatLearner(GenerateOnlyLearner):
+class HttpChatLearner(PerPromptLearner):
     """Answers prompts through an OpenAI-compatible `/chat/completions` endpoint; it cannot train."""
 
     def __init__(self, endpoint: HttpTable, api_key: str | None = None) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from common.atomic import write_directory_atomically
 from participant.data import Example
-from participant.learners.local import LocalLearner, load_local_model
+from participant.learners.local import TrainableLocalLearner, load_local_model
 from participant.models import LocalModel, ModelError
 from participant.settings import ParticipantSettings, TrainSettings
 from participant.training import TrainStats, train_parameters
@@ -33,7 +33,7 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(stacks, key=len)
 
 
-class LastLayersLearner(LocalLearner):
+class LastLayersLearner(TrainableLocalLearner):
     """Trains every weight of the last `layers` transformer blocks; the rest stays frozen."""
 
     def __init__(

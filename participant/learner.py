@@ -20,13 +20,13 @@ settings choose from, one module each):
 
       learner = FunctionLearner(lambda prompt: my_client.complete(prompt), model_id="my-model")
 
-To plug in anything else, write a class with the attributes and methods of `Learner` (no base class
-needed; it is a structural protocol) and name its factory in the settings (the `python` kind).
-`PerPromptLearner` gives one that answers prompt by prompt all but `answer`; `GenerateOnlyLearner` adds
-what a model that cannot learn needs (`can_train = False`, a `train` that returns None, no checkpoint).
-A learner that can also take part in FedAvg rounds adds the two methods of `AdapterLearner`
-(`LoraLearner` does); one without them sends nothing in such rounds. A new kind is one module with a
-`build(settings)` function plus one line in `participant.learners.KINDS`.
+To plug in anything else, write a class with `model_id` and `generate` (no base class needed: these are
+structural protocols) and name its factory in the settings (the `python` kind). What else it can do is
+what else it has: `train`, `save_checkpoint` and `load_checkpoint` make it a `TrainableLearner`, trained
+each round; `evaluate` an `EvaluatingLearner`, scored; the two methods of `AdapterLearner` let it take
+part in FedAvg rounds (`LoraLearner` has them; one without them sends nothing in such rounds).
+`PerPromptLearner` answers prompt by prompt given `answer`, and evaluates by answering. A new kind is one
+module with a `build(settings)` function plus one line in `participant.learners.KINDS`.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ __all__ = [
     "AdapterLearner",
     "AdapterState",
     "CommandLearner",
+    "EvaluatingLearner",
     "FrozenLearner",
     "FunctionLearner",
     "GenerateOnlyLearner",
@@ -68,7 +69,9 @@ __all__ = [
     "PerPromptLearner",
     "PromptBatch",
     "TrainStats",
+    "TrainableLearner",
     "command_model_id",
+    "trainer",
 ]
 
 PromptBatch = Sequence[tuple[str, str]]  # (prompt_id, prompt text)
@@ -120,18 +123,25 @@ class LearnerError(ChorusError):
     """A learner could not produce an answer; the message names the prompt and what went wrong."""
 
 
+@runtime_checkable
 class Learner(Protocol):
-    """What a participant service needs from a model. See the module docstring for how to plug one in."""
+    """What every member needs: a name and answers. Learning and scoring are capabilities a learner adds by
+    having their methods (`TrainableLearner`, `EvaluatingLearner`, `AdapterLearner`); the service asks
+    `isinstance`, so a black box has none of them to stub. See the module docstring for how to plug one in."""
 
     model_id: str  # reported to the coordinator, e.g. "smollm2-135m-instruct"
-    can_train: bool  # False for generate-only black boxes
 
     def generate(self, prompts: PromptBatch, params: GenerationParams) -> list[GeneratedAnswer]:
         """One answer per prompt, in the input order, each carrying its prompt id."""
         ...
 
-    def train(self, examples: Sequence[Example]) -> TrainStats | None:
-        """Learn from examples (pseudo-labels and private data); None when the learner cannot train."""
+
+@runtime_checkable
+class TrainableLearner(Learner, Protocol):
+    """A `Learner` that learns from the round's pseudo-labels (mixed with private data) and keeps it."""
+
+    def train(self, examples: Sequence[Example]) -> TrainStats:
+        """Learn from examples (pseudo-labels and private data)."""
         ...
 
     def save_checkpoint(self, directory: Path) -> None:
@@ -142,6 +152,11 @@ class Learner(Protocol):
         """Restore a checkpoint written by `save_checkpoint`; False when there is none to restore."""
         ...
 
+
+@runtime_checkable
+class EvaluatingLearner(Learner, Protocol):
+    """A `Learner` that scores itself on held-out examples, reported after each round."""
+
     def evaluate(
         self, test: Sequence[Example], embed: Embedder, params: GenerationParams | None = None
     ) -> dict[str, float]:
@@ -150,8 +165,8 @@ class Learner(Protocol):
 
 
 @runtime_checkable
-class AdapterLearner(Learner, Protocol):
-    """A `Learner` whose adapter can be read and replaced: what FedAvg rounds need (`isinstance` tells)."""
+class AdapterLearner(TrainableLearner, Protocol):
+    """A `TrainableLearner` whose adapter can be read and replaced: what FedAvg rounds need."""
 
     def adapter_state(self) -> AdapterState:
         """The adapter's weights by name, as detached CPU copies."""
@@ -160,6 +175,14 @@ class AdapterLearner(Learner, Protocol):
     def load_adapter_state(self, state: AdapterState) -> None:
         """Overwrite the adapter's weights; names and shapes must match this learner's adapter."""
         ...
+
+
+def trainer(learner: Learner) -> TrainableLearner | None:
+    """`learner` as one that trains, or None. A learner written to the older protocol says it cannot
+    with `can_train = False` beside methods that do nothing; it still reads as one that does not train."""
+    if isinstance(learner, TrainableLearner) and getattr(learner, "can_train", True) is not False:
+        return learner
+    return None
 
 
 # The implementations moved to participant.learners; these names still import from here, each loading

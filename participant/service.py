@@ -27,7 +27,14 @@ from participant.data import Example
 from participant.evaluation import Embedder
 from participant.label_weights import label_example_weight
 from participant.leak_guard import LeakGuard
-from participant.learner import AdapterLearner, Learner, LearnerError
+from participant.learner import (
+    AdapterLearner,
+    EvaluatingLearner,
+    Learner,
+    LearnerError,
+    TrainableLearner,
+    trainer,
+)
 from participant.ledger import ParticipantLedger
 from participant.metrics import ParticipantMetrics
 from participant.settings import ParticipantSettings
@@ -108,6 +115,11 @@ class Participant:
     def pid(self) -> str:
         return self.settings.participant_id
 
+    @property
+    def _trainer(self) -> TrainableLearner | None:
+        """The learner, if it trains; None when it only answers (a black box, a frozen model)."""
+        return trainer(self.learner)
+
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
@@ -132,7 +144,7 @@ class Participant:
         self.metrics.started(self.ledger.last_applied_round())
         if (
             restored is None
-            and self.learner.can_train
+            and self._trainer is not None
             and self.private_train
             and self.settings.train.warmup_epochs
         ):
@@ -146,7 +158,7 @@ class Participant:
             message_id=new_message_id(),
             participant_id=self.pid,
             model_id=self.learner.model_id[:256],
-            can_train=self.learner.can_train,
+            can_train=self._trainer is not None,
         )
         await self._publish_control(join)
         self._heartbeat = asyncio.create_task(self._beat())
@@ -232,19 +244,23 @@ class Participant:
 
     def _restore_checkpoint(self) -> int | None:
         """Load the newest checkpoint; its round counts as applied even if the ledger missed it."""
+        if self._trainer is None:
+            return None
         for round_id in reversed(self._checkpoint_rounds()):
-            if self.learner.load_checkpoint(self._checkpoint_dir(round_id)):
+            if self._trainer.load_checkpoint(self._checkpoint_dir(round_id)):
                 if round_id and not self.ledger.was_applied(round_id):
                     self.ledger.mark_applied(round_id, {})
                 return round_id
         return None
 
     async def _warm_up(self) -> None:
+        learner = self._trainer
+        assert learner is not None  # _start warms up only a learner that trains
         async with self._model_lock:
             settings = self.settings.train
             examples = self.private_train * settings.warmup_epochs
-            stats = await asyncio.to_thread(self.learner.train, examples)
-            await asyncio.to_thread(self.learner.save_checkpoint, self._checkpoint_dir(0))
+            stats = await asyncio.to_thread(learner.train, examples)
+            await asyncio.to_thread(learner.save_checkpoint, self._checkpoint_dir(0))
         log.info("warm_up", participant=self.pid, samples=getattr(stats, "samples", 0))
 
     # -- replies -----------------------------------------------------------
@@ -347,11 +363,14 @@ class Participant:
     def _model_for_new_run(self, moved: list[int]) -> str:
         """Load the warm-up checkpoint for a new run; without one, keep (and checkpoint as round 0) the
         model trained in the previous run, so that a restart resumes this same model."""
-        if self.learner.load_checkpoint(self._checkpoint_dir(0)):
-            return "warm-up checkpoint (round 0)"
-        if not moved or not self.learner.can_train:
+        learner = self._trainer
+        if learner is None:
             return "unchanged (never trained)"
-        self.learner.save_checkpoint(self._checkpoint_dir(0))
+        if learner.load_checkpoint(self._checkpoint_dir(0)):
+            return "warm-up checkpoint (round 0)"
+        if not moved:
+            return "unchanged (never trained)"
+        learner.save_checkpoint(self._checkpoint_dir(0))
         return f"carried over from round {max(moved)} (no warm-up checkpoint)"
 
     async def _handle(self, message: Message) -> None:
@@ -492,11 +511,12 @@ class Participant:
             return
         examples = self._training_mix(round_id)
         train_seconds, samples = 0.0, 0
-        if self.learner.can_train and examples:
+        learner = self._trainer
+        if learner is not None and examples:
             started = time.perf_counter()
             async with self._model_lock:
-                stats = await asyncio.to_thread(self.learner.train, examples)
-                await asyncio.to_thread(self.learner.save_checkpoint, self._checkpoint_dir(round_id))
+                stats = await asyncio.to_thread(learner.train, examples)
+                await asyncio.to_thread(learner.save_checkpoint, self._checkpoint_dir(round_id))
             train_seconds, samples = time.perf_counter() - started, getattr(stats, "samples", len(examples))
             self.metrics.trained(train_seconds, len(self.ledger.labelled_examples(round_id)))
         await self._finish_round(round_id, samples, train_seconds)
@@ -506,11 +526,11 @@ class Participant:
             self._log_answered_before(opened)
             return
         learner = self.learner
-        if not isinstance(learner, AdapterLearner) or not learner.can_train:
+        if not isinstance(learner, AdapterLearner) or self._trainer is None:
             # PROTOCOL §7.1 step 9: a participant that cannot do FedAvg sends nothing.
             reason = (
                 "the learner cannot train"
-                if not learner.can_train
+                if self._trainer is None
                 else f"{type(learner).__name__} has no adapter_state/load_adapter_state (see AdapterLearner)"
             )
             log.warning(
@@ -556,16 +576,22 @@ class Participant:
 
         async with self._model_lock:
             await asyncio.to_thread(learner.load_adapter_state, tensors_from_wire(message.tensors))
-            await asyncio.to_thread(self.learner.save_checkpoint, self._checkpoint_dir(message.round_id))
+            await asyncio.to_thread(learner.save_checkpoint, self._checkpoint_dir(message.round_id))
         await self._finish_round(message.round_id, 0, 0.0)
 
     async def _finish_round(self, round_id: int, samples: int, train_seconds: float) -> None:
         if self.ledger.was_applied(round_id):
             return
         metrics: dict[str, float] = {}
-        if self.settings.evaluate and self.test and self.embed is not None:
+        learner = self.learner
+        if (
+            self.settings.evaluate
+            and self.test
+            and self.embed is not None
+            and isinstance(learner, EvaluatingLearner)
+        ):
             async with self._model_lock:
-                metrics = await asyncio.to_thread(self.learner.evaluate, self.test, self.embed, None)
+                metrics = await asyncio.to_thread(learner.evaluate, self.test, self.embed, None)
         if round_id in self._withheld:  # answered in this process: what the leak guard kept back
             metrics = {**metrics, "answers_withheld": float(self._withheld.pop(round_id))}
         if round_id in self._sat_out:

@@ -18,7 +18,7 @@ import pytest
 from participant.cli import main as participant_main
 from participant.data import Example
 from participant.export import MODEL_RECORD, ExportError, export_model, portable_base
-from participant.learner import LocalLearner
+from participant.learners.local import TrainableLocalLearner
 from participant.models import SMOLLM2_HUB_ID, SMOLLM2_SPEC, load_model
 from participant.settings import ParticipantSettings, TrainSettings
 from participant.wiring import build_learner
@@ -96,7 +96,7 @@ def trained_participant(tmp_path: Path, name: str, base: Path, method: str) -> t
         ),
     )
     learner = build_learner(settings)
-    assert isinstance(learner, LocalLearner)
+    assert isinstance(learner, TrainableLocalLearner)
     before = [a.text for a in learner.generate(PROMPTS, PARAMS)]
     learner.train(PRIVATE)
     learner.save_checkpoint(state / "checkpoints" / "round-1")
@@ -189,6 +189,7 @@ def test_a_smollm2_adapter_names_the_hub_model_and_no_cache_folder(tmp_path: Pat
         participant_id="erin", state_dir=str(tmp_path / "erin"), cache_dir=str(cache), progress=False
     )
     learner = build_learner(settings)  # SmolLM2, converted from its GGUF into `cache`
+    assert isinstance(learner, TrainableLocalLearner)
     learner.save_checkpoint(tmp_path / "erin" / "checkpoints" / "round-0")
     out = tmp_path / "out"
     exported = export_model(tmp_path / "erin", out)

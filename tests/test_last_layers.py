@@ -11,7 +11,7 @@ import torch
 from support.tiny_models import PRIVATE
 
 from participant.last_layers import LastLayersLearner, transformer_blocks
-from participant.learner import AdapterLearner, FrozenLearner
+from participant.learner import AdapterLearner, FrozenLearner, trainer
 from participant.models import ModelError, load_model
 from participant.settings import ParticipantSettings, TrainSettings
 from participant.wiring import build_learner
@@ -66,5 +66,5 @@ def test_settings_choose_the_learner(tmp_path: Path) -> None:
     learner = build_learner(settings)
     assert isinstance(learner, LastLayersLearner) and len(learner.trained) > 0
     frozen = build_learner(msgspec.structs.replace(settings, train=TrainSettings(method="none")))
-    assert isinstance(frozen, FrozenLearner) and not frozen.can_train
+    assert isinstance(frozen, FrozenLearner) and trainer(frozen) is None
     assert not isinstance(frozen, AdapterLearner)

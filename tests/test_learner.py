@@ -19,6 +19,7 @@ from participant.learner import (
     Learner,
     LearnerError,
     LoraLearner,
+    trainer,
 )
 from participant.models import load_model
 from participant.settings import TrainSettings
@@ -48,8 +49,8 @@ def python_command(code: str) -> list[str]:
 
 def test_lora_learner_generates_trains_and_checkpoints(tmp_path: Path) -> None:
     settings = TrainSettings(rank=4, epochs=1, learning_rate=5e-3, batch_size=4, seed=1)
-    learner: Learner = LoraLearner(load_model("tiny-gpt2"), settings)
-    assert learner.can_train and learner.model_id == "tiny-gpt2"
+    learner = LoraLearner(load_model("tiny-gpt2"), settings)
+    assert trainer(learner) is learner and learner.model_id == "tiny-gpt2"
     assert not learner.load_checkpoint(tmp_path / "none-yet")
     answers = learner.generate(PROMPTS, PARAMS)
     assert [a.prompt_id for a in answers] == ["p1", "p2", "p3"]
@@ -80,11 +81,8 @@ def test_function_learner_answers_in_order_and_cannot_train(tmp_path: Path) -> N
     learner: Learner = FunctionLearner(lambda prompt: f"  echo: {prompt}\n", model_id="echo", concurrency=2)
     answers = learner.generate(PROMPTS, PARAMS)
     assert [(a.prompt_id, a.text) for a in answers] == [(pid, f"echo: {text}") for pid, text in PROMPTS]
-    assert not learner.can_train
+    assert trainer(learner) is None and not hasattr(learner, "train")  # a capability it lacks, no stub
     assert not isinstance(learner, AdapterLearner)  # so it sends nothing in FedAvg rounds
-    assert learner.train(EXAMPLES) is None
-    learner.save_checkpoint(tmp_path)
-    assert not learner.load_checkpoint(tmp_path)
     perfect = FunctionLearner(lambda prompt: {e.prompt: e.response for e in EXAMPLES}[prompt], "oracle")
     scores = perfect.evaluate(EXAMPLES, hashed_embedder)
     assert scores["rouge_l"] == pytest.approx(1.0)
@@ -114,7 +112,7 @@ def test_command_learner_reads_stdin_and_sees_the_parameters() -> None:
     learner = CommandLearner(python_command(code), model_id="upper", concurrency=2)
     answers = learner.generate(PROMPTS, PARAMS)
     assert [a.text for a in answers] == ["FIRST PROMPT p1 5", "SECOND p2 5", "THE THIRD PROMPT p3 5"]
-    assert not learner.can_train
+    assert trainer(learner) is None
 
 
 def test_command_learner_accepts_a_command_string() -> None:

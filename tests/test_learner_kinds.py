@@ -3,11 +3,14 @@ Python learner object takes part through chorus-participant's settings and choru
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import msgspec
 import pytest
@@ -17,13 +20,16 @@ import participant
 import participant.cli
 from broker.memory import MemoryBroker
 from broker.topology import LOBBY_QUEUE, full_topology
+from broker.transport import Delivery
 from federation import cli
 from participant.data import Example
-from participant.learner import FunctionLearner, LearnerError
+from participant.learner import FunctionLearner, GeneratedAnswer, Learner, LearnerError, PromptBatch, trainer
 from participant.learners import KINDS, learner_kind
+from participant.service import Participant
 from participant.settings import ParticipantSettings, SettingsError, TrainSettings, load_participant_settings
 from participant.wiring import build_learner
-from schemas.messages import GenerationParams
+from schemas.codec import decode_control
+from schemas.messages import GenerationParams, Join, Message
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "custom_learner.py"
@@ -158,11 +164,12 @@ def test_a_python_learner_file_is_found_beside_the_settings_and_learns(tmp_path:
     )
     assert settings.learner == f"{tmp_path / 'mine.py'}:make_learner"
     learner = build_learner(settings)
-    assert learner.model_id == "bag-of-words" and learner.can_train
+    assert learner.model_id == "bag-of-words" and trainer(learner) is learner
     stats = learner.train([Example("a b", "c d c")])
     assert stats is not None and stats.samples == 1
     learner.save_checkpoint(tmp_path / "ckpt")
-    fresh = build_learner(settings)
+    fresh = trainer(build_learner(settings))
+    assert fresh is not None
     assert fresh.load_checkpoint(tmp_path / "ckpt") and not fresh.load_checkpoint(tmp_path / "none")
     [answer] = fresh.generate([("1", "a")], GenerationParams())
     assert answer.text == "c d"
@@ -175,6 +182,70 @@ def test_a_python_learner_that_is_not_one_is_refused(tmp_path: Path) -> None:
         build_learner(settings)
     with pytest.raises(LearnerError, match="has no 'absent'"):
         build_learner(msgspec.structs.replace(settings, learner=f"{tmp_path / 'bad.py'}:absent"))
+
+
+HALF_A_TRAINER = """
+class Half:
+    model_id = "half"
+    def generate(self, prompts, params):
+        return []
+    def train(self, examples):
+        return None
+def make(settings):
+    return Half()
+"""
+
+
+def test_a_capability_is_all_its_methods_and_half_of_one_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "half.py").write_text(HALF_A_TRAINER)
+    settings = ParticipantSettings(participant_id="p", learner=f"{tmp_path / 'half.py'}:make")
+    with pytest.raises(LearnerError, match="with train but not save_checkpoint, load_checkpoint"):
+        build_learner(settings)
+    answers_only = FunctionLearner(lambda prompt: prompt, "echo")
+    assert trainer(answers_only) is None and isinstance(answers_only, Learner)
+
+
+class OlderBlackBox:
+    """A learner written to the protocol before capabilities: a flag beside methods that do nothing."""
+
+    model_id = "older"
+    can_train = False
+
+    def generate(self, prompts: PromptBatch, params: GenerationParams) -> list[GeneratedAnswer]:
+        return [GeneratedAnswer(pid, "an answer", 0, 0) for pid, _ in prompts]
+
+    def train(self, examples: Sequence[Example]) -> None:
+        raise AssertionError("a learner that says it cannot train was trained")
+
+    def save_checkpoint(self, directory: Path) -> None:
+        raise AssertionError("a learner that says it cannot train was checkpointed")
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        raise AssertionError("a learner that says it cannot train was restored")
+
+
+async def test_a_learner_with_can_train_false_still_only_answers(tmp_path: Path) -> None:
+    assert trainer(OlderBlackBox()) is None
+    settings = ParticipantSettings(participant_id="p", state_dir=str(tmp_path))
+    broker = MemoryBroker()
+    broker.declare(full_topology(["p"]))
+    service = Participant(settings, broker.connect("p"), OlderBlackBox(), private_train=[Example("a", "b")])
+    joins: list[Message] = []
+
+    async def take(delivery: Delivery) -> None:
+        joins.append(decode_control(delivery.body))
+        await delivery.ack()
+
+    await broker.connect("coordinator").consume(LOBBY_QUEUE, take, prefetch=10)
+    with capture_logs() as logs:
+        await service.start()  # would warm up (train) a learner that trains, with private data given
+        await service.stop()
+    assert "warm_up" not in [line["event"] for line in logs]
+    for _ in range(100):
+        if joins:
+            break
+        await asyncio.sleep(0.01)
+    assert [type(m) for m in joins] == [Join] and not cast(Join, joins[0]).can_train
 
 
 def test_chorus_run_federates_your_own_learner_objects(tmp_path: Path) -> None:

@@ -185,7 +185,6 @@ class AgreeingLearner:
     def __init__(self, inner: LoraLearner, *, gated: bool) -> None:
         self.inner = inner
         self.model_id = inner.model_id
-        self.can_train = True
         self.gated = gated
         self.calls = 0
         self.training = threading.Event()

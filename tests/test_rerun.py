@@ -49,7 +49,6 @@ class NotebookLearner:
     So a checkpoint says exactly what the model learnt, and from which starting point."""
 
     model_id = "notebook"
-    can_train = True
 
     def __init__(self) -> None:
         self.trained: list[str] = []

@@ -47,7 +47,6 @@ class CountingLearner:
     def __init__(self, inner: LoraLearner) -> None:
         self.inner = inner
         self.model_id = inner.model_id
-        self.can_train = True
         self.trained: list[int] = []  # examples per call
 
     def train(self, examples: Sequence[Example]) -> TrainStats:

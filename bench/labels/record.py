@@ -33,7 +33,7 @@ from federation.data import DATA_DIR, prepare_data
 from federation.settings import participant_settings
 from participant.data import Example
 from participant.generation import generate_answers
-from participant.learner import LocalLearner
+from participant.learners.local import LocalLearner, TrainableLocalLearner
 from participant.settings import ParticipantSettings
 from participant.wiring import build_learner, load_data
 from schemas.messages import GenerationParams
@@ -200,7 +200,7 @@ def _local(settings: ParticipantSettings, checkpoint: Path) -> LocalLearner:
     learner = build_learner(settings)
     if not isinstance(learner, LocalLearner):
         raise TypeError(f"{settings.participant_id}: the recorder needs a local model, not a black box")
-    if not learner.load_checkpoint(checkpoint):
+    if isinstance(learner, TrainableLocalLearner) and not learner.load_checkpoint(checkpoint):
         raise FileNotFoundError(f"{settings.participant_id}: no checkpoint in {checkpoint}")
     return learner
 

@@ -31,7 +31,7 @@ from federation.local import private_slice, train_local_rounds
 from federation.runner import RunOptions
 from federation.settings import participant_settings
 from participant.data import Example
-from participant.learner import Learner
+from participant.learner import TrainableLearner, trainer
 from participant.settings import ParticipantSettings
 from participant.wiring import build_learner, load_data
 
@@ -81,10 +81,11 @@ def train_warmup(config: LoadedConfig, run_dir: Path) -> Trained:
     data, settings = _prepared(config, run_dir)
     record_warmup_models(run_dir, settings)
     for pid, participant in settings.items():
-        learner = build_learner(participant)
-        private, _ = load_data(participant)
-        learner.train(private * participant.train.warmup_epochs)
-        learner.save_checkpoint(checkpoint_dir(run_dir, pid, 0))
+        learner = trainer(build_learner(participant))
+        if learner is not None:  # one that only answers has nothing to warm up or keep
+            private, _ = load_data(participant)
+            learner.train(private * participant.train.warmup_epochs)
+            learner.save_checkpoint(checkpoint_dir(run_dir, pid, 0))
         del learner
         gc.collect()
     return _trained(config, run_dir, data, settings)
@@ -94,8 +95,10 @@ def train_local(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Traine
     """From the warm-up, each round the participant's private slice; no federation."""
     data, settings = _prepared(config, run_dir)
     for pid, participant in settings.items():
-        learner = build_learner(participant)
-        if learner.can_train and not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
+        learner = trainer(build_learner(participant))
+        if learner is None:
+            continue  # only answers: scored as it is
+        if not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
             raise FileNotFoundError(f"{pid}: no warm-up checkpoint under {warmup_dir}")
         private, _ = load_data(participant)
         save = partial(_save_round, learner, run_dir, pid)
@@ -107,7 +110,7 @@ def train_local(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Traine
     return trained
 
 
-def _save_round(learner: Learner, run_dir: Path, pid: str, round_id: int) -> None:
+def _save_round(learner: TrainableLearner, run_dir: Path, pid: str, round_id: int) -> None:
     learner.save_checkpoint(checkpoint_dir(run_dir, pid, round_id))
 
 
@@ -117,7 +120,9 @@ def train_centralized(config: LoadedConfig, run_dir: Path) -> Trained:
     pooled = {pid: (load_data(s)[0], s.train) for pid, s in settings.items()}
     first = next(iter(settings.values()))
     central = msgspec.structs.replace(first, participant_id=CENTRAL)
-    learner = build_learner(central)
+    learner = trainer(build_learner(central))
+    if learner is None:
+        raise ValueError(f"centralized: {first.participant_id}'s model does not train ([train] method)")
     learner.train([e for private, t in pooled.values() for e in private * t.warmup_epochs])
     learner.save_checkpoint(checkpoint_dir(run_dir, CENTRAL, 0))
     for round_id in range(1, config.run.rounds + 1):

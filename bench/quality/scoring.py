@@ -20,7 +20,7 @@ from common.rouge import rouge_l
 from participant.data import Example
 from participant.evaluation import Embedder
 from participant.generation import generate_answers
-from participant.learner import LocalLearner
+from participant.learners.local import LocalLearner, TrainableLocalLearner
 from participant.scoring import response_nll
 from participant.settings import ParticipantSettings
 from participant.wiring import build_learner
@@ -82,7 +82,7 @@ class Scorer:
 
     def _loaded(self, settings: ParticipantSettings, checkpoint: Path) -> LocalLearner:
         learner = self._learner(settings)
-        if learner.can_train and not learner.load_checkpoint(checkpoint):
+        if isinstance(learner, TrainableLocalLearner) and not learner.load_checkpoint(checkpoint):
             raise FileNotFoundError(f"no checkpoint in {checkpoint}")
         return learner
 

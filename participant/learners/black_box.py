@@ -1,15 +1,14 @@
-"""What black boxes share: answer one prompt at a time (a few at once, on threads), never train, keep
-no checkpoint; and `FunctionLearner`, a black box given as a Python callable. No torch here.
+"""What black boxes share: answer one prompt at a time (a few at once, on threads) and evaluate by
+answering; and `FunctionLearner`, a black box given as a Python callable. No torch here.
 
-`PerPromptLearner` is the answering part alone, for your own model that also learns
-(examples/custom_learner.py)."""
+A black box has no `train`, so it is not a `TrainableLearner`; your own model that also learns adds
+`train` and the checkpoint methods to a `PerPromptLearner` (examples/custom_learner.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from participant.data import Example
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
 class PerPromptLearner:
     """Answers a batch one prompt at a time (`concurrency` at once, on threads) and evaluates by answering:
     subclasses set `model_id` and `concurrency` and give `answer`. It has no `train`: a subclass that
-    learns adds `can_train = True`, `train`, `save_checkpoint` and `load_checkpoint`."""
+    learns adds `train`, `save_checkpoint` and `load_checkpoint` (participant.learner.TrainableLearner)."""
 
     model_id: str
     concurrency: int
@@ -59,22 +58,11 @@ class PerPromptLearner:
         return score_answers([a.text for a in answers], [e.response for e in test], embed)
 
 
-class GenerateOnlyLearner(PerPromptLearner):
-    """Shared behaviour of black boxes: answer prompt by prompt, never train, keep no checkpoint."""
-
-    can_train = False
-
-    def train(self, examples: Sequence[Example]) -> None:
-        return None
-
-    def save_checkpoint(self, directory: Path) -> None:
-        return None
-
-    def load_checkpoint(self, directory: Path) -> bool:
-        return False
+# The older name of a black box's base, from when not training took stub methods.
+GenerateOnlyLearner = PerPromptLearner
 
 
-class FunctionLearner(GenerateOnlyLearner):
+class FunctionLearner(PerPromptLearner):
     """A black box given as a Python callable `prompt -> answer` (generation parameters are not passed)."""
 
     def __init__(self, answer: Callable[[str], str], model_id: str, concurrency: int = 1) -> None:

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from participant.learner import LearnerError
-from participant.learners.black_box import GenerateOnlyLearner
+from participant.learners.black_box import PerPromptLearner
 from schemas.messages import GenerationParams
 
 if TYPE_CHECKING:
     from participant.settings import ParticipantSettings
 
 
-class CommandLearner(GenerateOnlyLearner):
+class CommandLearner(PerPromptLearner):
     """A black box given as an external program: prompt on stdin, answer on stdout, one run per prompt.
 
     `command` is an argv list, or a string split like a shell would (no shell runs it). A non-zero exit,

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
-from participant.data import Example
 from participant.learners.local import LocalLearner, load_local_model
-from participant.settings import ParticipantSettings, TrainSettings
-from participant.training import NO_TRAINING, TrainStats
+from participant.settings import ParticipantSettings
 
 
 class FrozenLearner(LocalLearner):
-    """A local model that only answers: it takes part as a black box would, and never trains."""
-
-    can_train = False
-
-    def _train(self, examples: Sequence[Example], settings: TrainSettings) -> TrainStats:
-        return NO_TRAINING
-
-    def save_checkpoint(self, directory: Path) -> None:
-        return None  # nothing changes
-
-    def load_checkpoint(self, directory: Path) -> bool:
-        return False
+    """A local model that only answers: it takes part as a black box would, with nothing to train or keep."""
 
 
 def build(settings: ParticipantSettings) -> FrozenLearner:

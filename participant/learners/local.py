@@ -1,5 +1,6 @@
-"""What the local-model kinds (lora, last_layers, frozen) share: generation, evaluation, a round-seeded
-`train`, and loading the model the settings name. Imports torch (through participant.models)."""
+"""What the local-model kinds (lora, last_layers, frozen) share: generation, evaluation, loading the model
+the settings name, and for those that train, a round-seeded `train`. Imports torch (through
+participant.models)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,12 @@ from schemas.messages import GenerationParams
 
 
 class LocalLearner:
-    """A local causal LM that trains some of its weights: generation and evaluation shared by the kinds,
-    which differ in what they train and checkpoint.
+    """A local causal LM: generation and evaluation shared by the kinds. It does not train; the kinds that
+    do are `TrainableLocalLearner`s.
 
     Not thread-safe: generation and training share the model and seed torch's global RNG, so run one call
     at a time (e.g. on a single worker thread, off the event loop).
     """
-
-    can_train = True
 
     def __init__(
         self, lm: LocalModel, settings: TrainSettings | None, batch_size: int, progress: bool
@@ -41,6 +40,16 @@ class LocalLearner:
 
     def generate(self, prompts: PromptBatch, params: GenerationParams) -> list[GeneratedAnswer]:
         return generate_answers(self.lm, prompts, params, batch_size=self.batch_size, progress=self.progress)
+
+    def evaluate(
+        self, test: Sequence[Example], embed: Embedder, params: GenerationParams | None = None
+    ) -> dict[str, float]:
+        return evaluate(self.lm, test, params or GenerationParams(), embed, batch_size=self.batch_size)
+
+
+class TrainableLocalLearner(LocalLearner):
+    """A local causal LM that trains some of its weights; the kinds differ in what they train and
+    checkpoint."""
 
     def train(self, examples: Sequence[Example]) -> TrainStats:
         # A fresh seed each round: the same shuffle and dropout every round would correlate the rounds.
@@ -57,11 +66,6 @@ class LocalLearner:
 
     def load_checkpoint(self, directory: Path) -> bool:
         raise NotImplementedError
-
-    def evaluate(
-        self, test: Sequence[Example], embed: Embedder, params: GenerationParams | None = None
-    ) -> dict[str, float]:
-        return evaluate(self.lm, test, params or GenerationParams(), embed, batch_size=self.batch_size)
 
 
 def load_local_model(settings: ParticipantSettings) -> LocalModel:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from participant.data import Example
 from participant.learner import AdapterState
-from participant.learners.local import LocalLearner, load_local_model
+from participant.learners.local import TrainableLocalLearner, load_local_model
 from participant.models import LocalModel
 from participant.settings import ParticipantSettings, TrainSettings
 from participant.training import (
@@ -22,7 +22,7 @@ from participant.training import (
 )
 
 
-class LoraLearner(LocalLearner):
+class LoraLearner(TrainableLocalLearner):
     """A local causal LM with LoRA; the adapter is attached at construction, so FedAvg can read it at once."""
 
     def __init__(

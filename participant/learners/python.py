@@ -19,7 +19,12 @@ from participant.learner import Learner, LearnerError
 if TYPE_CHECKING:
     from participant.settings import ParticipantSettings
 
-NEEDED = ("model_id", "can_train", "generate", "train", "save_checkpoint", "load_checkpoint", "evaluate")
+NEEDED = ("model_id", "generate")
+# A capability is all of its methods or none: half of one is a mistake to name, not to skip silently.
+CAPABILITIES = {
+    "TrainableLearner": ("train", "save_checkpoint", "load_checkpoint"),
+    "AdapterLearner": ("adapter_state", "load_adapter_state"),
+}
 
 
 def load_object(spec: str) -> object:
@@ -62,11 +67,19 @@ def build(settings: ParticipantSettings) -> Learner:
     if not callable(factory):
         raise LearnerError(f"learner {spec!r} is a {type(factory).__name__}, not a factory to call")
     learner = cast("Callable[[ParticipantSettings], object]", factory)(settings)
+    what = f"learner {spec!r} returned an object of type {type(learner).__name__}"
     missing = [name for name in NEEDED if not hasattr(learner, name)]
     if missing:
         raise LearnerError(
-            f"learner {spec!r} returned an object of type {type(learner).__name__} without "
-            f"{', '.join(missing)} (see participant.learner.Learner; in participant.learners.black_box, "
-            "GenerateOnlyLearner gives a black box all but `answer`)"
+            f"{what} without {', '.join(missing)} (see participant.learner.Learner; in "
+            "participant.learners.black_box, PerPromptLearner gives a black box all but `answer`)"
         )
+    for capability, methods in CAPABILITIES.items():
+        has = [name for name in methods if hasattr(learner, name)]
+        if has and len(has) < len(methods):
+            lacking = [name for name in methods if name not in has]
+            raise LearnerError(
+                f"{what} with {', '.join(has)} but not {', '.join(lacking)}: a {capability} needs all of "
+                f"{', '.join(methods)} (participant.learner.{capability})"
+            )
     return cast("Learner", learner)

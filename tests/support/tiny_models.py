@@ -76,7 +76,6 @@ class CrashOnSecondTrain:
     def __init__(self, inner: LoraLearner) -> None:
         self.inner = inner
         self.model_id = inner.model_id
-        self.can_train = True
         self.calls = 0
         self.entered = threading.Event()
         self.release = threading.Event()
