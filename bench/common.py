@@ -36,7 +36,7 @@ def machine() -> dict[str, Any]:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    from broker.local_node import RABBITMQ_VERSION
+    from broker.definitions import RABBITMQ_VERSION
 
     return {
         "platform": platform.platform(),

@@ -18,26 +18,24 @@ channel limits (`PARTICIPANT_LIMITS`).
     node.stop()
 
 What the node should hold (users, permissions, limits, topology) is `broker.definitions`; this
-module runs the process, imports the definitions into it, and checks that they took.
+module runs the process, imports the definitions into it, and checks that they took. Its helpers:
+`broker.node_state` (node.json), `broker.node_network` (ports, listeners, epmd) and
+`broker.node_admin` (running rabbitmqctl).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import ipaddress
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -55,26 +53,40 @@ from broker.definitions import (
     participant_grant,
     render_definitions,
 )
-from broker.definitions import RABBITMQ_VERSION as RABBITMQ_VERSION  # the release the node runs
 from broker.errors import NodeError, UsageError
+from broker.node_admin import Rabbitmqctl
+from broker.node_network import (
+    LOOPBACK,
+    exposed_addresses,
+    free_port,
+    port_accepts,
+    port_is_free,
+    speaks_plain_amqp,
+    warn_if_epmd_exposed,
+)
+from broker.node_state import (
+    DEFAULT_HOST,
+    STATE_FILE,
+    NodeState,
+    check_same,
+    load_state,
+    save_state,
+    write_private,
+)
 from broker.tls import TlsFiles
 from broker.transport import Topology
 
 log = structlog.get_logger(__name__)
 
 RABBITMQ_BIN = Path(os.environ.get("CHORUS_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
-DEFAULT_HOST = "127.0.0.1"
-STATE_FILE = "node.json"
 CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 # Idle Erlang schedulers otherwise busy-wait, which starves everything else on a small machine.
 _ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none"
-LOOPBACK = "127.0.0.1"
 # The management API and RabbitMQ's Prometheus endpoint, for operators (both bound to loopback).
 PLUGINS = ("rabbitmq_management", "rabbitmq_prometheus")
 # The node's Erlang distribution listener (and rabbitmqctl's) on loopback only: anyone who reaches it
 # and has the cookie controls the node, so it is never exposed, whatever the AMQP host.
 _DIST_ON_LOOPBACK = "-kernel inet_dist_use_interface {127,0,0,1}"
-EPMD_PORT = 4369  # epmd's default; ERL_EPMD_PORT moves it
 
 # The alarms shipped in deploy/rabbitmq/rabbitmq.conf (a test keeps the two in step): publishers
 # are blocked before memory or disk run out, rather than the node crashing.
@@ -101,24 +113,6 @@ class NodeVerificationError(NodeError):
 # ---------------------------------------------------------------------------
 # The node
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class NodeState:
-    """What a node's data directory remembers between runs (node.json, readable by its owner only)."""
-
-    nodename: str
-    port: int
-    dist_port: int
-    host: str = DEFAULT_HOST
-    vhost: str = DEFAULT_VHOST
-    delivery_limit: int = topology.DEFAULT_DELIVERY_LIMIT
-    coordinator_password: str = ""
-    participants: list[str] = field(default_factory=list)
-    pid: int | None = None
-    management_port: int = 0  # the management API and UI, on loopback (0: not chosen yet)
-    prometheus_port: int = 0  # the Prometheus metrics endpoint, on loopback
-    tls: dict[str, str] | None = None  # TlsFiles' paths: AMQP over TLS only, client certificates required
 
 
 @dataclass(frozen=True)
@@ -152,12 +146,12 @@ class LocalNode:
     ) -> None:
         self.data_dir = data_dir.resolve()
         self._process: subprocess.Popen[bytes] | None = None
-        previous = _load_state(self.data_dir / STATE_FILE)
+        previous = load_state(self.data_dir / STATE_FILE)
         if previous is None:
             self.state = NodeState(
                 nodename=f"chorus-{secrets.token_hex(4)}@localhost",
-                port=port or _free_port(host),
-                dist_port=dist_port or _free_port(LOOPBACK),
+                port=port or free_port(host),
+                dist_port=dist_port or free_port(LOOPBACK),
                 host=host,
                 vhost=vhost or DEFAULT_VHOST,
                 delivery_limit=delivery_limit or topology.DEFAULT_DELIVERY_LIMIT,
@@ -165,15 +159,15 @@ class LocalNode:
             )
         else:
             self.state = previous
-            _check_same("port", port, previous.port, self.data_dir)
-            _check_same("dist port", dist_port, previous.dist_port, self.data_dir)
-            _check_same("vhost", vhost, previous.vhost, self.data_dir)
-            _check_same("delivery limit", delivery_limit, previous.delivery_limit, self.data_dir)
+            check_same("port", port, previous.port, self.data_dir)
+            check_same("dist port", dist_port, previous.dist_port, self.data_dir)
+            check_same("vhost", vhost, previous.vhost, self.data_dir)
+            check_same("delivery limit", delivery_limit, previous.delivery_limit, self.data_dir)
         if tls is not None:  # kept in node.json; new files (a renewed certificate) replace the old ones
             self.state.tls = {k: str(Path(v).resolve()) for k, v in asdict(tls).items()}
         # A node.json from before the plugins were enabled has no ports for them yet.
-        self.state.management_port = self.state.management_port or _free_port(LOOPBACK)
-        self.state.prometheus_port = self.state.prometheus_port or _free_port(LOOPBACK)
+        self.state.management_port = self.state.management_port or free_port(LOOPBACK)
+        self.state.prometheus_port = self.state.prometheus_port or free_port(LOOPBACK)
 
     @classmethod
     def existing(cls, data_dir: Path) -> LocalNode:
@@ -234,7 +228,7 @@ class LocalNode:
             ("management", self.state.management_port, LOOPBACK),
             ("Prometheus", self.state.prometheus_port, LOOPBACK),
         ):
-            if not _port_is_free(host, port):
+            if not port_is_free(host, port):
                 raise PortInUse(
                     f"{name} port {port} is already in use (another broker?); stop it, "
                     "or pick another port with --port / a new --dir"
@@ -252,7 +246,7 @@ class LocalNode:
                 start_new_session=True,  # its own process group: kill() takes the whole node, nothing else
             )
         self.state.pid = self._process.pid
-        _save_state(self.data_dir / STATE_FILE, self.state)
+        save_state(self.data_dir / STATE_FILE, self.state)
         log.info(
             "starting rabbitmq", node=self.state.nodename, port=self.state.port, data_dir=str(self.data_dir)
         )
@@ -261,7 +255,7 @@ class LocalNode:
             self._check_listeners()
             found = self._listings(self.state.vhost, limits=bool(self.state.participants))
             self._raise_problems(self._restore_participant_limits(found))
-            if self.state.tls and _speaks_plain_amqp(self.state.host, self.state.port):
+            if self.state.tls and speaks_plain_amqp(self.state.host, self.state.port):
                 raise NodeError(f"port {self.state.port} serves plain AMQP although TLS was asked for")
         except BaseException:
             self.kill()
@@ -326,7 +320,7 @@ class LocalNode:
         if problems:
             raise NodeVerificationError("participants were not set up: " + "; ".join(problems))
         self.state.participants += [name for name in chosen if name not in self.state.participants]
-        _save_state(self.data_dir / STATE_FILE, self.state)
+        save_state(self.data_dir / STATE_FILE, self.state)
         log.info("participants added", participants=sorted(chosen), vhost=self.state.vhost)
         return chosen
 
@@ -386,7 +380,7 @@ class LocalNode:
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         core = topology.core_topology(self.state.delivery_limit)
         document = definitions(core, self.state.vhost, [coordinator_grant(self.state.coordinator_password)])
-        _write_private(self.data_dir / "definitions.json", render_definitions(document))
+        write_private(self.data_dir / "definitions.json", render_definitions(document))
         (self.data_dir / "rabbitmq.conf").write_text(self._config())
         (self.data_dir / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
         (self.data_dir / "rabbitmq-env.conf").write_text(
@@ -456,7 +450,7 @@ class LocalNode:
 
     def _check_listeners(self) -> None:
         """The distribution port must listen on loopback only; an exposed epmd is reported."""
-        exposed = _exposed_addresses(self.state.dist_port)
+        exposed = exposed_addresses(self.state.dist_port)
         if exposed:
             raise NodeError(
                 f"the Erlang distribution port {self.state.dist_port} listens on {', '.join(exposed)}, "
@@ -478,7 +472,7 @@ class LocalNode:
 
     def _wait_until_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not _port_accepts(self.state.host, self.state.port):
+        while not port_accepts(self.state.host, self.state.port):
             if self._process is not None and self._process.poll() is not None:
                 raise self._startup_failure()
             if time.monotonic() > deadline:
@@ -515,78 +509,20 @@ class LocalNode:
         self._process = None
         if self.state.pid is not None:
             self.state.pid = None
-            _save_state(self.data_dir / STATE_FILE, self.state)
+            save_state(self.data_dir / STATE_FILE, self.state)
+
+    def _rabbitmqctl(self) -> Rabbitmqctl:
+        """rabbitmqctl aimed at this node, with the node's environment (also for tests' own commands)."""
+        return Rabbitmqctl(RABBITMQ_BIN / "rabbitmqctl", self.state.nodename, self._env(), self.data_dir)
 
     def _ctl(self, *args: str, timeout: float = 30.0, stdin: str | None = None) -> str:
-        command = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.state.nodename, "-q", *args]
-        try:
-            done = subprocess.run(
-                command,
-                env=self._env(),
-                cwd=self.data_dir,  # where an Erlang crash dump would land
-                input=stdin,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise NodeError(f"rabbitmqctl {args[0]} did not answer in {timeout:.0f}s") from e
-        if done.returncode != 0:
-            raise NodeError(f"rabbitmqctl {' '.join(args)} failed: {(done.stderr or done.stdout).strip()}")
-        return done.stdout
-
-    def _ctl_json_many(self, commands: Sequence[Sequence[str]]) -> list[list[dict[str, Any]]]:
-        """Run several listing commands side by side (each rabbitmqctl boots its own Erlang VM)."""
-        base = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.state.nodename, "-q"]
-        processes = [
-            subprocess.Popen(
-                [*base, *args, "--formatter", "json"],
-                env=self._env(),
-                cwd=self.data_dir,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for args in commands
-        ]
-        results: list[list[dict[str, Any]]] = []
-        for args, process in zip(commands, processes, strict=True):
-            out, err = process.communicate(timeout=60)
-            if process.returncode != 0:
-                raise NodeError(f"rabbitmqctl {' '.join(args)} failed: {(err or out).strip()}")
-            results.append(json.loads(out) if out.strip() else [])
-        return results
+        return self._rabbitmqctl().run(*args, timeout=timeout, stdin=stdin)
 
     def _listings(self, vhost: str, *, full: bool = True, limits: bool = True) -> Listings:
-        """What the node has; `full=False` skips vhosts and exchanges (participants add neither),
-        `limits=False` users' limits (only participants have them)."""
-        commands = [
-            ["list_queues", "-p", vhost, "name", "type"],
-            ["list_bindings", "-p", vhost, "source_name", "destination_name", "routing_key"],
-            ["list_permissions", "-p", vhost],
-            ["list_topic_permissions", "-p", vhost],
-        ]
-        if limits:
-            commands.append(["list_user_limits", "--global"])
-        if full:
-            commands += [["list_vhosts", "name"], ["list_exchanges", "-p", vhost, "name", "type"]]
-        answers = self._ctl_json_many(commands)
-        queues, bindings, permissions, topic = answers[:4]
-        user_limits = answers[4] if limits else []
-        vhosts, exchanges = answers[-2:] if full else ([{"name": vhost}], [])
-        return Listings(vhosts, exchanges, queues, bindings, permissions, topic, user_limits)
+        return self._rabbitmqctl().listings(vhost, full=full, limits=limits)
 
     def _import(self, document: dict[str, Any]) -> None:
-        self._ctl("import_definitions", "--format", "json", stdin=json.dumps(document))
-
-
-def _check_same(what: str, given: object, kept: object, data_dir: Path) -> None:
-    if given is not None and given != kept:
-        raise UsageError(
-            f"the broker in {data_dir} was set up with {what} {kept}, not {given}; "
-            "leave the option out or use another --dir"
-        )
+        self._rabbitmqctl().import_definitions(document)
 
 
 def _require_rabbitmq() -> None:
@@ -607,103 +543,6 @@ def disk_free_limit() -> str:
     return value
 
 
-def epmd_port() -> int:
-    value = os.environ.get("ERL_EPMD_PORT", "")
-    return int(value) if value.isdigit() else EPMD_PORT
-
-
-def warn_if_epmd_exposed() -> list[str]:
-    """Warn when this host's epmd listens beyond loopback; returns those addresses.
-
-    ERL_EPMD_ADDRESS only binds an epmd that our node starts: one already running (e.g. the
-    Debian package's system node started it) keeps listening where it does, and tells whoever
-    asks which node names and distribution ports this host has.
-    """
-    port = epmd_port()
-    exposed = _exposed_addresses(port)
-    if exposed:
-        log.warning(
-            "epmd listens beyond loopback",
-            port=port,
-            addresses=exposed,
-            hint=(
-                "it was started before this node, without ERL_EPMD_ADDRESS=127.0.0.1; stop it once no "
-                "node uses it (`epmd -kill`, or stop the system rabbitmq-server first) so the next start "
-                "binds a new one to loopback, or firewall the port"
-            ),
-        )
-    return exposed
-
-
-def _exposed_addresses(port: int) -> list[str]:
-    """The non-loopback addresses a TCP socket listens on at `port` (from /proc/net; [] if unreadable)."""
-    return sorted(a for a in _listening_addresses(port) if not _is_loopback(a))
-
-
-def _listening_addresses(port: int) -> set[str]:
-    found: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            columns = line.split()
-            if len(columns) < 4 or columns[3] != "0A":  # 0A: LISTEN
-                continue
-            address, _, hex_port = columns[1].partition(":")
-            if int(hex_port, 16) != port:
-                continue
-            raw = bytes.fromhex(address)
-            if sys.byteorder == "little":  # the kernel prints each 32-bit word in host order
-                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            found.add(str(ipaddress.ip_address(raw)))
-    return found
-
-
-def _is_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(
-            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-        )  # a just-killed node's TIME_WAIT is not "in use"
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
-
-
-def _port_accepts(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _speaks_plain_amqp(host: str, port: int) -> bool:
-    """Whether `port` answers an AMQP 0-9-1 protocol header with a frame (a TLS listener does not)."""
-    with socket.create_connection((host, port), timeout=5) as s:
-        s.sendall(b"AMQP\x00\x00\x09\x01")
-        try:
-            return s.recv(1) == b"\x01"  # frame type 1: the Connection.Start method
-        except OSError:
-            return False
-
-
 def _is_our_node(pid: int) -> bool:
     """Whether `pid` is still a rabbitmq-server (and not a recycled pid)."""
     try:
@@ -720,30 +559,3 @@ def _tail(path: Path, size: int = 4000) -> str:
         return path.read_text(errors="replace")[-size:]
     except OSError:
         return ""
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.touch(mode=0o600, exist_ok=True)
-    path.write_text(text)
-
-
-# Keys of node.json files that earlier versions wrote and this one ignores (shard queues are gone).
-_RETIRED_STATE_KEYS = ("shards",)
-
-
-def _load_state(path: Path) -> NodeState | None:
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-        if isinstance(saved, dict):
-            for key in _RETIRED_STATE_KEYS:
-                saved.pop(key, None)
-        return NodeState(**saved)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{path} is not a Chorus broker state file ({e}); use another --dir") from e
-
-
-def _save_state(path: Path, state: NodeState) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(path, json.dumps(asdict(state), indent=2) + "\n")

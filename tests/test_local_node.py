@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from broker import local_node, topology
+from broker import local_node, node_state, topology
 from broker.cli import main
 from broker.connect import open_transport
 from broker.definitions import Listings, UserGrant, find_problems
@@ -99,7 +99,7 @@ def test_a_node_json_from_the_days_of_shard_queues_still_loads(tmp_path: Path) -
         "pid": None,
         "tls": None,
     }
-    (tmp_path / local_node.STATE_FILE).write_text(json.dumps(saved))
+    (tmp_path / node_state.STATE_FILE).write_text(json.dumps(saved))
     node = LocalNode.existing(tmp_path)
     assert (node.state.nodename, node.state.port, node.state.participants) == (
         "chorus-0ld@localhost",

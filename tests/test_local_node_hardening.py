@@ -23,7 +23,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from broker import local_node, topology
+from broker import node_network, topology
 from broker.cli import main
 from broker.definitions import (
     PARTICIPANT_LIMITS,
@@ -84,7 +84,7 @@ def test_an_epmd_the_node_starts_listens_on_loopback_only(
         assert epmd, f"the node started no epmd on port {port}"
         assert epmd <= LOOPBACK
         assert listening_on(node.state.dist_port) == {"127.0.0.1"}
-        assert local_node.warn_if_epmd_exposed() == []
+        assert node_network.warn_if_epmd_exposed() == []
     finally:
         node.stop()
         kill_epmd(port)
@@ -106,7 +106,7 @@ def test_an_epmd_listening_beyond_loopback_is_reported(
         fake_epmd.listen()
         monkeypatch.setenv("ERL_EPMD_PORT", str(fake_epmd.getsockname()[1]))
         with capture_logs() as logs:
-            exposed = local_node.warn_if_epmd_exposed()
+            exposed = node_network.warn_if_epmd_exposed()
     assert exposed == (["0.0.0.0"] if warned else [])
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == (1 if warned else 0)

@@ -765,6 +765,7 @@ def test_the_node_definitions_and_cli_load_no_amqp_client() -> None:
     code = (
         "import json, sys\n"
         "import broker.definitions, broker.local_node, broker.cli\n"
+        "import broker.node_admin, broker.node_network, broker.node_state\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
