@@ -42,8 +42,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -65,6 +66,9 @@ from coordinator.consensus import (
 from coordinator.label_rules import LABEL_RULES
 from federation.stdlib_task.harvest import Example
 from federation.stdlib_task.split import build_task
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 PARTICIPANTS = 10
 SHARD = 25  # prompts per consensus call, as a coordinator shard
@@ -186,7 +190,119 @@ def close_calls(
     return out
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The timed prompts' answers and a held-out set of other prompts' answers."""
+
+    examples: list[Example]
+    answers: dict[str, list[Candidate]]
+    own: dict[tuple[str, str], bool]
+    held_out: dict[str, list[Candidate]]
+    held_out_own: dict[tuple[str, str], bool]
+    texts: list[str]  # every timed answer, duplicates included
+    distinct: list[str]  # the same without duplicates, in first-seen order
+
+    @property
+    def sets(self) -> dict[str, tuple[dict[str, list[Candidate]], dict[tuple[str, str], bool]]]:
+        return {"bench": (self.answers, self.own), "held-out": (self.held_out, self.held_out_own)}
+
+
+@dataclass(frozen=True)
+class Backends:
+    default_model: SentenceTransformer
+    torch_threads: int  # torch's default, restored after the one-thread runs
+    onnx_threads: int
+    embedders: dict[str, Embedder]
+    load_seconds: dict[str, float]  # ONNX backends only
+
+    @property
+    def one_thread(self) -> str:
+        """The ONNX backend at 1 thread: minilm-onnx itself where `default_threads()` is 1."""
+        return "minilm-onnx at 1 thread" if "minilm-onnx at 1 thread" in self.embedders else "minilm-onnx"
+
+
+@dataclass(frozen=True)
+class Timings:
+    sizes: dict[str, int]  # texts embedded per run
+    times: dict[str, list[tuple[float, float]]]  # (wall, CPU) seconds per repetition, in run order
+    busy_times: dict[str, list[float]]  # wall seconds per repetition with every core busy
+
+    def ratio(self, name: str, base: str) -> float:
+        """Speed-up per repetition (against `base` of the same repetition), then the median."""
+        return round(
+            statistics.median(
+                (self.sizes[name] / t[0]) / (self.sizes[base] / b[0])
+                for t, b in zip(self.times[name], self.times[base], strict=True)
+            ),
+            2,
+        )
+
+
+@dataclass(frozen=True)
+class Speeds:
+    rows: dict[str, dict[str, float]]
+    speedups: dict[str, float]
+    onnx_vs_one_thread: float
+    threads_gain: float
+    busy: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Consensus labels per backend and workload, and their agreement with the torch fp32 reference."""
+
+    references: dict[str, dict[str, str | None]]
+    labels_of: dict[str, dict[str, dict[str, str | None]]]
+    agreement: dict[str, dict[str, float]]
+
+    def passes(self, name: str) -> bool:
+        return min(self.agreement[name][f"{kind}_labels_unchanged_pct"] for kind in self.references) >= 99.0
+
+
+@dataclass(frozen=True)
+class Summary:
+    break_even: float  # refined share above which the cascade is slower than fp32 alone
+    wrong_fp32: int
+    labelled: float
+    best: str | None
+    best_workload: float
+    met: bool
+
+
+@dataclass(frozen=True)
+class Results:
+    args: argparse.Namespace
+    host: dict[str, Any]
+    work: Workload
+    backends: Backends
+    timings: Timings
+    speeds: Speeds
+    labels: Labels
+    cascade: dict[str, dict[str, float]]
+    summary: Summary
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    host = machine()
+    work = build_workload(args.prompts)
+    backends = load_backends()
+    warm_up(backends, work.distinct)
+    runs = make_runs(backends, work)
+    sizes = {name: len(work.distinct) if name.endswith("raw") else len(work.texts) for name in runs}
+    times = time_runs(runs, sizes, args.reps)
+    busy_times = time_busy(runs, sizes, args.reps, backends.one_thread)
+    timings = Timings(sizes, times, busy_times)
+    speeds = speeds_of(timings, backends.one_thread)
+    labels = label_agreement(backends.embedders, work)
+    cascade = cascade_int8_then_fp32(backends.embedders, labels, work)
+    summary = summarise(speeds, labels, work)
+    results = Results(args, host, work, backends, timings, speeds, labels, cascade, summary)
+    show_results("embedding", report_of(results), markdown_of(results), write=not args.no_write)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--prompts", type=int, default=100)
@@ -195,18 +311,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.reps = 40, 1
-    host = machine()
-    from sentence_transformers import SentenceTransformer
+    return args
 
+
+def build_workload(prompts: int) -> Workload:
+    """The first `prompts` public-then-test prompts are timed; the rest, with other draws, are held out."""
     task = build_task()
-    examples = (task.public + task.test)[: args.prompts]
+    examples = (task.public + task.test)[:prompts]
     answers, own = workload(examples)
-    held_out, held_out_own = workload((task.public + task.test)[args.prompts :], seed=1)
+    held_out, held_out_own = workload((task.public + task.test)[prompts:], seed=1)
     texts = [c.text for found in answers.values() for c in found]
     distinct = sorted(set(texts), key=texts.index)
+    return Workload(examples, answers, own, held_out, held_out_own, texts, distinct)
+
+
+def load_backends() -> Backends:
+    """sentence-transformers' default model and every pipeline backend, with the ONNX load times."""
+    from sentence_transformers import SentenceTransformer
+
     default_model = SentenceTransformer(str(default_model_dir()), device="cpu", local_files_only=True)
     torch_threads = torch.get_num_threads()
-    backends: dict[str, Embedder] = {"minilm": SentenceEmbedder(), "minilm-int8": QuantizedSentenceEmbedder()}
+    embedders: dict[str, Embedder] = {
+        "minilm": SentenceEmbedder(),
+        "minilm-int8": QuantizedSentenceEmbedder(),
+    }
     load_seconds: dict[str, float] = {}
     onnx_threads = default_threads()
     onnx_backends = {
@@ -219,50 +347,74 @@ def main(argv: list[str] | None = None) -> int:
             continue  # the same as minilm-onnx
         # First run: exports into the cache (timed here); later runs load the cached file.
         started = time.perf_counter()
-        backends[name] = OnnxEmbedder(quantize=quantize, threads=threads)
+        embedders[name] = OnnxEmbedder(quantize=quantize, threads=threads)
         load_seconds[name] = time.perf_counter() - started
-    default_model.encode(distinct[:32])
-    for embedder in backends.values():
+    return Backends(default_model, torch_threads, onnx_threads, embedders, load_seconds)
+
+
+def warm_up(backends: Backends, distinct: list[str]) -> None:
+    backends.default_model.encode(distinct[:32])
+    for embedder in backends.embedders.values():
         embedder.embed(distinct[:32])
 
-    def one_torch_thread(texts: list[str]) -> Callable[[], object]:
-        def run() -> object:
-            torch.set_num_threads(1)
-            try:
-                return default_model.encode(texts)
-            finally:
-                torch.set_num_threads(torch_threads)
 
-        return run
-
+def make_runs(backends: Backends, work: Workload) -> dict[str, Callable[[], object]]:
+    """Run name -> what it times: raw runs embed the distinct texts, workload runs every answer."""
+    model = backends.default_model
     runs: dict[str, Callable[[], object]] = {
-        "default encode, raw": lambda: default_model.encode(distinct),
-        "default encode, workload": lambda: default_model.encode(texts),
-        "default encode at 1 torch thread, raw": one_torch_thread(distinct),
+        "default encode, raw": partial(model.encode, work.distinct),
+        "default encode, workload": partial(model.encode, work.texts),
+        "default encode at 1 torch thread, raw": partial(
+            encode_at_one_torch_thread, model, work.distinct, backends.torch_threads
+        ),
     }
-    for name, embedder in backends.items():
-        runs[f"{name} pipeline, raw"] = partial(embedder.embed, distinct)
-        runs[f"{name} pipeline, workload"] = partial(embed_cold, embedder, texts)
-    sizes = {name: len(distinct) if name.endswith("raw") else len(texts) for name in runs}
+    for name, embedder in backends.embedders.items():
+        runs[f"{name} pipeline, raw"] = partial(embedder.embed, work.distinct)
+        runs[f"{name} pipeline, workload"] = partial(embed_cold, embedder, work.texts)
+    return runs
+
+
+def encode_at_one_torch_thread(model: SentenceTransformer, texts: list[str], torch_threads: int) -> object:
+    torch.set_num_threads(1)
+    try:
+        return model.encode(texts)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def time_runs(
+    runs: dict[str, Callable[[], object]], sizes: dict[str, int], reps: int
+) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of each run per repetition, in forward then reverse order alternately."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     names = list(runs)
-    for rep in range(args.reps):
+    for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
             times[name].append(timed(runs[name])[1:])
             wall = times[name][-1][0]
             print(f"rep {rep} {name:40s} {sizes[name] / wall:8.1f} sentences/s")
-    # The same thread comparison with every core kept busy by another process (a shared machine).
-    one_thread = "minilm-onnx at 1 thread" if "minilm-onnx at 1 thread" in backends else "minilm-onnx"
+    return times
+
+
+def time_busy(
+    runs: dict[str, Callable[[], object]], sizes: dict[str, int], reps: int, one_thread: str
+) -> dict[str, list[float]]:
+    """The thread comparison again (raw) with every core kept busy by another process: a shared machine."""
     busy_names = ("default encode, raw", f"{one_thread} pipeline, raw", "minilm-onnx pipeline, raw")
     busy_times: dict[str, list[float]] = {name: [] for name in busy_names}  # one key if one_thread is it
     with cpu_hogs(os.cpu_count() or 1):
-        for rep in range(args.reps):
+        for rep in range(reps):
             for name in list(busy_times) if rep % 2 == 0 else list(busy_times)[::-1]:
                 busy_times[name].append(timed(runs[name])[1])
                 print(f"busy rep {rep} {name:35s} {sizes[name] / busy_times[name][-1]:8.1f} sentences/s")
+    return busy_times
 
+
+def speeds_of(timings: Timings, one_thread: str) -> Speeds:
+    """Median rates per run, speed-ups against the default encode, and the busy-machine rates."""
+    sizes, times = timings.sizes, timings.times
     rows: dict[str, dict[str, float]] = {}
-    for name in names:
+    for name in times:
         wall = statistics.median(t[0] for t in times[name])
         cpu = statistics.median(t[1] for t in times[name])
         rows[name] = {
@@ -270,50 +422,59 @@ def main(argv: list[str] | None = None) -> int:
             "sentences_per_second": round(sizes[name] / wall, 1),
             "sentences_per_cpu_second": round(sizes[name] / cpu, 1),
         }
-
-    # Speed-ups per repetition (each against the default run of the same repetition), then the median.
-    def ratio(name: str, base: str) -> float:
-        return round(
-            statistics.median(
-                (sizes[name] / t[0]) / (sizes[base] / b[0])
-                for t, b in zip(times[name], times[base], strict=True)
-            ),
-            2,
-        )
-
     speedups = {
-        name: ratio(name, "default encode, raw" if name.endswith("raw") else "default encode, workload")
-        for name in names
+        name: timings.ratio(
+            name, "default encode, raw" if name.endswith("raw") else "default encode, workload"
+        )
+        for name in times
     }
-    onnx_vs_one_thread = ratio(f"{one_thread} pipeline, raw", "default encode at 1 torch thread, raw")
-    threads_gain = ratio("minilm-onnx pipeline, raw", f"{one_thread} pipeline, raw")
-    sets = {"bench": (answers, own), "held-out": (held_out, held_out_own)}
-    settings = ConsensusSettings()
+    onnx_vs_one_thread = timings.ratio(f"{one_thread} pipeline, raw", "default encode at 1 torch thread, raw")
+    threads_gain = timings.ratio("minilm-onnx pipeline, raw", f"{one_thread} pipeline, raw")
+    busy = {
+        name: {
+            "sentences_per_second": round(sizes[name] / statistics.median(walls), 1),
+            "vs_onnx_1_thread": round(
+                statistics.median(
+                    b / w
+                    for w, b in zip(walls, timings.busy_times[f"{one_thread} pipeline, raw"], strict=True)
+                ),
+                2,
+            ),
+        }
+        for name, walls in timings.busy_times.items()
+    }
+    return Speeds(rows, speedups, onnx_vs_one_thread, threads_gain, busy)
 
-    def verdict(owned: dict[tuple[str, str], bool], prompt_id: str, label: str | None) -> str:
-        return "abstain" if label is None else "own" if owned[(prompt_id, label)] else "wrong"
 
-    def share(
-        reference: dict[str, str | None],
-        labels: dict[str, str | None],
-        key: Callable[[str, str | None], object],
-    ) -> float:
-        """Percentage of prompts on which `labels` and the reference agree, as seen through `key`."""
-        same = sum(key(p, reference[p]) == key(p, labels[p]) for p in reference)
-        return round(100.0 * same / len(reference), 2)
+def verdict(owned: dict[tuple[str, str], bool], prompt_id: str, label: str | None) -> str:
+    return "abstain" if label is None else "own" if owned[(prompt_id, label)] else "wrong"
 
-    reference_vectors = backends["minilm"].embed(distinct)
+
+def share(
+    reference: dict[str, str | None],
+    labels: dict[str, str | None],
+    key: Callable[[str, str | None], object],
+) -> float:
+    """Percentage of prompts on which `labels` and the reference agree, as seen through `key`."""
+    same = sum(key(p, reference[p]) == key(p, labels[p]) for p in reference)
+    return round(100.0 * same / len(reference), 2)
+
+
+def label_agreement(embedders: dict[str, Embedder], work: Workload) -> Labels:
+    """Each backend's consensus labels on both workloads, against those of the torch fp32 `minilm`."""
+    sets = work.sets
+    reference_vectors = embedders["minilm"].embed(work.distinct)
     references = {
-        name: decisions(CachedEmbedder(backends["minilm"]), found) for name, (found, _) in sets.items()
+        name: decisions(CachedEmbedder(embedders["minilm"]), found) for name, (found, _) in sets.items()
     }
     labels_of: dict[str, dict[str, dict[str, str | None]]] = {}
     agreement: dict[str, dict[str, float]] = {}
-    for name, embedder in backends.items():
+    for name, embedder in embedders.items():
         if name == "minilm":
             continue
         cached = CachedEmbedder(embedder)
         labels_of[name] = {kind: decisions(cached, found) for kind, (found, _) in sets.items()}
-        cosines = np.sum(reference_vectors * embedder.embed(distinct), axis=1)
+        cosines = np.sum(reference_vectors * embedder.embed(work.distinct), axis=1)
         agreement[name] = {
             f"{kind}_{measure}": share(
                 references[kind],
@@ -323,171 +484,196 @@ def main(argv: list[str] | None = None) -> int:
             for kind, (_, owned) in sets.items()
             for measure in ("labels_unchanged_pct", "same_kind_pct")
         } | {"cosine_min": round(float(cosines.min()), 6), "cosine_mean": round(float(cosines.mean()), 6)}
+    return Labels(references, labels_of, agreement)
 
-    # The cascade: int8 decisions, fp32 (minilm-onnx) ones for the prompts int8 finds close.
-    fast, exact = CachedEmbedder(backends["minilm-onnx-int8"]), "minilm-onnx"
+
+def cascade_int8_then_fp32(
+    embedders: dict[str, Embedder], labels: Labels, work: Workload
+) -> dict[str, dict[str, float]]:
+    """τ -> per workload, the share of prompts re-decided with fp32 and of labels unchanged: int8
+    (minilm-onnx-int8) decisions, fp32 (minilm-onnx) ones for the prompts int8 finds close."""
+    settings = ConsensusSettings()
+    fast, exact = CachedEmbedder(embedders["minilm-onnx-int8"]), "minilm-onnx"
     cascade: dict[str, dict[str, float]] = {}
-    for kind, (found, _) in sets.items():
+    for kind, (found, _) in work.sets.items():
         closeness = close_calls(fast, found, settings)
         for margin in CASCADE_MARGINS:
             refined = {p for p, gap in closeness.items() if gap < margin}
-            labels = {
-                p: (labels_of[exact] if p in refined else labels_of["minilm-onnx-int8"])[kind][p]
+            chosen = {
+                p: (labels.labels_of[exact] if p in refined else labels.labels_of["minilm-onnx-int8"])[kind][
+                    p
+                ]
                 for p in closeness
             }
             cascade.setdefault(f"τ={margin}", {}).update(
                 {
                     f"{kind}_refined_pct": round(100.0 * len(refined) / len(closeness), 1),
-                    f"{kind}_labels_unchanged_pct": share(references[kind], labels, lambda _, label: label),
+                    f"{kind}_labels_unchanged_pct": share(
+                        labels.references[kind], chosen, lambda _, label: label
+                    ),
                 }
             )
+    return cascade
+
+
+def summarise(speeds: Speeds, labels: Labels, work: Workload) -> Summary:
+    """The cascade's break-even, the fp32 reference's own quality, and the fastest passing backend."""
+    speedups = speeds.speedups
     # int8 for every text, then fp32 for a share s of them, against fp32 for all: 1/r8 + s/r32 < 1/r32.
     break_even = 100.0 * (
         1 - speedups["minilm-onnx pipeline, raw"] / speedups["minilm-onnx-int8 pipeline, raw"]
     )
-    wrong_fp32 = sum(verdict(own, p, references["bench"][p]) == "wrong" for p in references["bench"])
-    labelled = 100.0 * sum(v is not None for v in references["bench"].values()) / len(references["bench"])
-
-    busy = {
-        name: {
-            "sentences_per_second": round(sizes[name] / statistics.median(walls), 1),
-            "vs_onnx_1_thread": round(
-                statistics.median(
-                    b / w for w, b in zip(walls, busy_times[f"{one_thread} pipeline, raw"], strict=True)
-                ),
-                2,
-            ),
-        }
-        for name, walls in busy_times.items()
-    }
-
-    def passes(name: str) -> bool:
-        return min(agreement[name][f"{kind}_labels_unchanged_pct"] for kind in sets) >= 99.0
-
+    reference = labels.references["bench"]
+    wrong_fp32 = sum(verdict(work.own, p, reference[p]) == "wrong" for p in reference)
+    labelled = 100.0 * sum(v is not None for v in reference.values()) / len(reference)
     best = max(
-        (name for name in agreement if passes(name)),
+        (name for name in labels.agreement if labels.passes(name)),
         key=lambda name: speedups[f"{name} pipeline, workload"],
         default=None,
     )
     best_workload = speedups[f"{best} pipeline, workload"] if best else 0.0
     met = best is not None and best_workload >= 5.0
-    report: dict[str, Any] = {
-        "machine": host,
-        "config": vars(args)
+    return Summary(break_even, wrong_fp32, labelled, best, best_workload, met)
+
+
+def report_of(r: Results) -> dict[str, Any]:
+    """The JSON report."""
+    return {
+        "machine": r.host,
+        "config": vars(r.args)
         | {
             "participants": PARTICIPANTS,
-            "torch_threads": torch_threads,
+            "torch_threads": r.backends.torch_threads,
             "onnxruntime": onnxruntime_version(),
-            "onnx_threads": onnx_threads,
+            "onnx_threads": r.backends.onnx_threads,
         },
-        "answers": len(texts),
-        "distinct_answers": len(distinct),
-        "held_out_prompts": len(held_out),
-        "rows": rows,
-        "speedup_vs_default": speedups,
-        "onnx_raw_vs_default_at_1_torch_thread": onnx_vs_one_thread,
-        "onnx_raw_default_threads_vs_1_thread": threads_gain,
-        "busy_machine_raw": busy,
-        "onnx_load_seconds": {name: round(seconds, 2) for name, seconds in load_seconds.items()},
-        "agreement_vs_torch_fp32": agreement,
-        "cascade_int8_then_fp32": cascade,
-        "cascade_break_even_refined_pct": round(break_even, 1),
-        "fp32_labels_from_a_wrong_answer": wrong_fp32,
-        "labelled_pct_fp32": round(labelled, 1),
-        "best_passing_backend": best,
-        "target_met": met,
-        "repetitions": {name: [[round(w, 3), round(c, 3)] for w, c in times[name]] for name in names},
+        "answers": len(r.work.texts),
+        "distinct_answers": len(r.work.distinct),
+        "held_out_prompts": len(r.work.held_out),
+        "rows": r.speeds.rows,
+        "speedup_vs_default": r.speeds.speedups,
+        "onnx_raw_vs_default_at_1_torch_thread": r.speeds.onnx_vs_one_thread,
+        "onnx_raw_default_threads_vs_1_thread": r.speeds.threads_gain,
+        "busy_machine_raw": r.speeds.busy,
+        "onnx_load_seconds": {name: round(seconds, 2) for name, seconds in r.backends.load_seconds.items()},
+        "agreement_vs_torch_fp32": r.labels.agreement,
+        "cascade_int8_then_fp32": r.cascade,
+        "cascade_break_even_refined_pct": round(r.summary.break_even, 1),
+        "fp32_labels_from_a_wrong_answer": r.summary.wrong_fp32,
+        "labelled_pct_fp32": round(r.summary.labelled, 1),
+        "best_passing_backend": r.summary.best,
+        "target_met": r.summary.met,
+        "repetitions": {
+            name: [[round(w, 3), round(c, 3)] for w, c in r.timings.times[name]] for name in r.timings.times
+        },
     }
+
+
+def speed_rows(speeds: Speeds) -> list[list[object]]:
     columns = ("sentences", "sentences_per_second", "sentences_per_cpu_second")
-    table_rows = [[name, *(rows[name][k] for k in columns), speedups[name]] for name in names]
-    agreement_rows = [
+    return [[name, *(row[k] for k in columns), speeds.speedups[name]] for name, row in speeds.rows.items()]
+
+
+def agreement_rows(labels: Labels, kinds: Sequence[str]) -> list[list[object]]:
+    return [
         [
             name,
             *(
                 f"{a[f'{kind}_{measure}']:.1f}%"
                 for measure in ("labels_unchanged_pct", "same_kind_pct")
-                for kind in sets
+                for kind in kinds
             ),
             f"{a['cosine_min']:.4f}",
             f"{a['cosine_mean']:.5f}",
-            "yes" if passes(name) else "no",
+            "yes" if labels.passes(name) else "no",
         ]
-        for name, a in agreement.items()
+        for name, a in labels.agreement.items()
     ]
-    cascade_rows = [
+
+
+def cascade_rows(cascade: dict[str, dict[str, float]], kinds: Sequence[str]) -> list[list[object]]:
+    return [
         [
             margin,
-            *(f"{c[f'{kind}_{m}']:.1f}%" for kind in sets for m in ("refined_pct", "labels_unchanged_pct")),
+            *(f"{c[f'{kind}_{m}']:.1f}%" for kind in kinds for m in ("refined_pct", "labels_unchanged_pct")),
         ]
         for margin, c in cascade.items()
     ]
-    lines = [
+
+
+def markdown_of(r: Results) -> list[str]:
+    """The Markdown report's lines."""
+    work, backends, speeds, summary = r.work, r.backends, r.speeds, r.summary
+    kinds = list(work.sets)
+    one_thread, onnx_threads, best = backends.one_thread, backends.onnx_threads, summary.best
+    return [
         "# Embedding: sentence-transformers' default encode vs the coordinator's pipeline",
         "",
-        machine_line(host),
+        machine_line(r.host),
         "",
-        f"{len(examples)} stdlib-docstring prompts × {PARTICIPANTS} simulated answers = {len(texts)} "
-        "answers, "
-        f"{len(distinct)} distinct (references verbatim, perturbed, truncated, paraphrased, other prompts'). "
-        f"{args.reps} alternating repetitions, medians; torch threads {torch_threads}, onnxruntime "
-        f"{onnxruntime_version()} with {onnx_threads} intra-op thread(s) (`default_threads()`) unless named.",
+        f"{len(work.examples)} stdlib-docstring prompts × {PARTICIPANTS} simulated answers = "
+        f"{len(work.texts)} answers, "
+        f"{len(work.distinct)} distinct (references verbatim, perturbed, truncated, paraphrased, other "
+        f"prompts'). {r.args.reps} alternating repetitions, medians; torch threads {backends.torch_threads}, "
+        f"onnxruntime {onnxruntime_version()} with {onnx_threads} intra-op thread(s) (`default_threads()`) "
+        "unless named.",
         "",
-        *table(["embedder", "texts", "sentences/s", "sentences/CPU-s", "× default"], table_rows),
+        *table(["embedder", "texts", "sentences/s", "sentences/CPU-s", "× default"], speed_rows(speeds)),
         "",
         f"minilm-onnx at its default {onnx_threads} thread(s) against 1 thread, distinct texts: "
-        f"{threads_gain}× (per repetition, then the median). Against sentence-transformers' encode pinned "
-        "to one torch thread, "
+        f"{speeds.threads_gain}× (per repetition, then the median). Against sentence-transformers' encode "
+        "pinned to one torch thread, "
         f"minilm-onnx at {'1 thread' if one_thread != 'minilm-onnx' else 'its default'} on distinct texts is "
-        f"{onnx_vs_one_thread}×. The same on distinct texts while {os.cpu_count()} other processes keep "
-        "every core busy (busy loops; a shared machine):",
+        f"{speeds.onnx_vs_one_thread}×. The same on distinct texts while {os.cpu_count()} other processes "
+        "keep every core busy (busy loops; a shared machine):",
         "",
         *table(
             ["embedder", "sentences/s, busy machine", f"× {one_thread}"],
-            [[name, b["sentences_per_second"], b["vs_onnx_1_thread"]] for name, b in busy.items()],
+            [[name, b["sentences_per_second"], b["vs_onnx_1_thread"]] for name, b in speeds.busy.items()],
         ),
         "",
         f"Consensus decisions against the torch fp32 encoder (HNSW, default settings, shards of {SHARD}; "
-        f"fp32 labels {labelled:.0f}% of {len(references['bench'])} prompts, {wrong_fp32} of them a wrong "
-        f"answer), on the timed workload (bench) and on a held-out one ({len(held_out)} other prompts, other "
-        "answer draws). Same kind: a variant of the prompt's own reference / a wrong answer / abstain.",
+        f"fp32 labels {summary.labelled:.0f}% of {len(r.labels.references['bench'])} prompts, "
+        f"{summary.wrong_fp32} of them a wrong answer), on the timed workload (bench) and on a held-out one "
+        f"({len(work.held_out)} other prompts, other answer draws). Same kind: a variant of the prompt's own "
+        "reference / a wrong answer / abstain.",
         "",
         *table(
             [
                 "embedder",
-                *(f"{what} ({kind})" for what in ("labels unchanged", "same kind") for kind in sets),
+                *(f"{what} ({kind})" for what in ("labels unchanged", "same kind") for kind in kinds),
                 "cosine min",
                 "cosine mean",
                 "≥ 99%?",
             ],
-            agreement_rows,
+            agreement_rows(r.labels, kinds),
         ),
         "",
         "Cascade (measured, not a backend): minilm-onnx-int8 decides; prompts it finds close (density margin "
         "of the winner below τ, or confidence / an outlier test within τ/8 of its threshold) are re-decided "
         "with minilm-onnx. It is faster than minilm-onnx alone only while it refines fewer than "
-        f"{break_even:.0f}% of the prompts (their texts; estimated from the raw rates above).",
+        f"{summary.break_even:.0f}% of the prompts (their texts; estimated from the raw rates above).",
         "",
         *table(
-            ["τ", *(f"{what} ({kind})" for kind in sets for what in ("refined", "labels unchanged"))],
-            cascade_rows,
+            ["τ", *(f"{what} ({kind})" for kind in kinds for what in ("refined", "labels unchanged"))],
+            cascade_rows(r.cascade, kinds),
         ),
         "",
-        f"Target ≥5× the default on the workload with ≥99% labels unchanged: {'met' if met else 'not met'}"
+        "Target ≥5× the default on the workload with ≥99% labels unchanged: "
+        f"{'met' if summary.met else 'not met'}"
         + (
             f"; fastest backend that keeps ≥ 99% of labels on both workloads: {best}, "
-            f"workload {best_workload}×, "
-            f"raw {speedups[f'{best} pipeline, raw']}×."
+            f"workload {summary.best_workload}×, "
+            f"raw {speeds.speedups[f'{best} pipeline, raw']}×."
             if best
             else " (no backend kept ≥ 99% of labels)."
         ),
         "ONNX model load (export into the cache on the first run, else reading the cached file): "
-        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in load_seconds.items())
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in backends.load_seconds.items())
         + ".",
         "",
         "Regenerate: `.venv/bin/python -m bench.bench_embedding` (`--quick` for a smoke run).",
     ]
-    show_results("embedding", report, lines, write=not args.no_write)
-    return 0
 
 
 def embed_cold(embedder: Embedder, texts: Sequence[str]) -> object:
