@@ -13,6 +13,7 @@ import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from broker.addresses import redact_password
@@ -42,44 +43,56 @@ def plan_broker(
     """How the coordinator and each participant connect to `broker`: "memory", "local" or an amqp:// URL."""
     ids = [p.id for p in config.run.participants]
     if broker == "memory":
-        from broker.memory import MemoryBroker
+        return _memory_plan(ids)
+    if broker == "local":
+        return _local_node_plan(ids, results / NODE_DIR, on_node)
+    if broker.startswith(("amqp://", "amqps://")):
+        urls = _participant_urls(broker_dir, config)
+        return _amqp_plan(broker, urls, f"RabbitMQ at {redact_password(broker)}", close=lambda: None)
+    raise RunConfigError(f"--broker must be memory, local or amqp://..., got {broker!r}")
 
-        memory = MemoryBroker()
-        memory.declare(full_topology(ids))
-        return BrokerPlan(
-            coordinator=lambda: memory.connect(COORDINATOR_USER),
-            participants={pid: (lambda pid=pid: memory.connect(pid)) for pid in ids},  # type: ignore[misc]
-            description="embedded memory broker",
-        )
+
+def _memory_plan(ids: list[str]) -> BrokerPlan:
+    from broker.memory import MemoryBroker
+
+    memory = MemoryBroker()
+    memory.declare(full_topology(ids))
+    return BrokerPlan(
+        coordinator=lambda: memory.connect(COORDINATOR_USER),
+        participants={pid: partial(memory.connect, pid) for pid in ids},
+        description="embedded memory broker",
+    )
+
+
+def _local_node_plan(ids: list[str], node_dir: Path, on_node: Callable[[str], None]) -> BrokerPlan:
+    """A fresh RabbitMQ node in `node_dir` (one left by an earlier run is stopped and removed first),
+    stopped when the run closes the plan."""
+    from broker.cli import bring_up
+    from broker.local_node import LocalNode
+
+    if (node_dir / "node.json").is_file():
+        with contextlib.suppress(ChorusError):
+            LocalNode.existing(node_dir).stop()
+    shutil.rmtree(node_dir, ignore_errors=True)
+    on_node(f"starting a local RabbitMQ node in {node_dir}")
+    node, passwords = bring_up(node_dir, participants=ids)
+    urls = {pid: node.url_for(pid, passwords[pid]) for pid in ids}
+    return _amqp_plan(
+        node.coordinator_url, urls, f"local RabbitMQ node {node.display_url()}", close=node.stop
+    )
+
+
+def _amqp_plan(
+    coordinator_url: str, urls: dict[str, str], description: str, close: Callable[[], None]
+) -> BrokerPlan:
+    """Every service on its own AMQP connection: the coordinator's URL, and each participant's own user."""
     from broker.connect import open_transport
 
-    if broker == "local":
-        from broker.cli import bring_up
-        from broker.local_node import LocalNode
-
-        node_dir = results / NODE_DIR
-        if (node_dir / "node.json").is_file():
-            with contextlib.suppress(ChorusError):
-                LocalNode.existing(node_dir).stop()
-        shutil.rmtree(node_dir, ignore_errors=True)
-        on_node(f"starting a local RabbitMQ node in {node_dir}")
-        node, passwords = bring_up(node_dir, participants=ids)
-        coordinator_url = node.coordinator_url
-        urls = {pid: node.url_for(pid, passwords[pid]) for pid in ids}
-        description = f"local RabbitMQ node {node.display_url()}"
-        close: Callable[[], None] = node.stop
-    elif broker.startswith(("amqp://", "amqps://")):
-        coordinator_url = broker
-        urls = _participant_urls(broker_dir, config)
-        description = f"RabbitMQ at {redact_password(broker)}"
-        close = lambda: None  # noqa: E731 - someone else's broker
-    else:
-        raise RunConfigError(f"--broker must be memory, local or amqp://..., got {broker!r}")
     return BrokerPlan(
         coordinator=lambda: open_transport(coordinator_url, connection_name="chorus-run-coordinator"),
         participants={
-            pid: (lambda pid=pid: open_transport(urls[pid], user=pid, connection_name=f"chorus-run-{pid}"))  # type: ignore[misc]
-            for pid in ids
+            pid: partial(open_transport, url, user=pid, connection_name=f"chorus-run-{pid}")
+            for pid, url in urls.items()
         },
         description=description,
         close=close,
