@@ -35,7 +35,7 @@ from coordinator.settings import settings_from_table
 from federation.stdlib_task import TaskError
 from federation.stdlib_task.split import default_families
 from participant.data import DataFormat
-from participant.settings import Device, LearnerSpec, TrainSettings, resolve_learner_file
+from participant.settings import Device, Dtype, LearnerSpec, TrainSettings, resolve_learner_file
 from schemas.messages import GenerationParams, Id
 
 __all__ = ["ParticipantEntry", "RunConfig", "RunConfigError", "TaskTable", "load_run_config"]
@@ -95,6 +95,7 @@ class RunConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     serialize_compute: bool = True  # one participant uses the CPU at a time (faster on few cores)
     torch_threads: Annotated[int, Meta(ge=0)] = 0  # 0: torch's default
     device: Device = "cpu"  # every participant's local model: "cpu", "cuda", "cuda:N" or "auto"
+    dtype: Dtype = "float32"  # their weights: "float32", "bfloat16" or "auto" (bfloat16 where native)
     task: TaskTable | None = None
     generation: GenerationParams = GenerationParams()
     train: TrainSettings = TrainSettings()

@@ -60,6 +60,7 @@ def participant_settings(
         data_format=entry.data_format,
         generation_batch_size=entry.generation_batch_size,
         device=config.run.device,
+        dtype=config.run.dtype,
         heartbeat_seconds=5.0,
         progress=False,  # the runner shows what each participant does; bars would garble the table
         train=entry.train or config.run.train,

@@ -108,6 +108,33 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "~")) or "/" in spec or os.sep in spec
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """ "float32", "bfloat16" (refused where `device` would only emulate it, slower than float32), or
+    "auto": bfloat16 where `device` computes it natively, else float32."""
+    if name == "float32":
+        return torch.float32
+    if name not in ("auto", "bfloat16"):
+        raise ModelError(f'unknown dtype {name!r}: use "auto", "float32" or "bfloat16"')
+    if bfloat16_is_native(device):
+        return torch.bfloat16
+    if name == "auto":
+        return torch.float32
+    what = "this CPU has neither AMX nor AVX-512 BF16" if device.type == "cpu" else f"{device} does not"
+    raise ModelError(
+        f'dtype "bfloat16" asked for, but {what} compute it natively (it would run slower than float32); '
+        'use dtype = "float32", or "auto" to take bfloat16 only where it is native'
+    )
+
+
+def bfloat16_is_native(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware (torch's own CPU feature checks, or CUDA's)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    cpu = torch.cpu
+    checks = (getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None))
+    return any(bool(check()) for check in checks if check is not None)
+
+
 def resolve_device(name: str) -> torch.device:
     """ "cpu", "cuda", "cuda:N", or "auto" (the first CUDA GPU when torch sees one, else the CPU)."""
     if name == "auto":

@@ -117,6 +117,9 @@ LearnerSpec = Annotated[str, Meta(pattern=r"^[^:\s][^:]*:[A-Za-z_][A-Za-z0-9_.]*
 # A local model's torch device; participant.models.resolve_device checks it against the machine.
 DEVICE_PATTERN = r"^(cpu|auto|cuda(:[0-9]+)?)$"
 Device = Annotated[str, Meta(pattern=DEVICE_PATTERN)]
+# A local model's weights: "auto" is bfloat16 where the device computes it natively (a CPU with AMX or
+# AVX-512 BF16, a CUDA GPU that supports it), else float32; participant.models.resolve_dtype decides.
+Dtype = Literal["auto", "float32", "bfloat16"]
 
 
 class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -152,6 +155,8 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     # generated 4-5x faster than two (`python -m bench.bench_participant --speed --threads 1`, then 2).
     torch_threads: Annotated[int, Meta(ge=0, le=1_024)] = 0
     device: Device = "cpu"  # where a local model runs: "cpu", "cuda", "cuda:N", or "auto" (a GPU if any)
+    # The local model's weights; LoRA adapters and their optimizer state stay float32 either way.
+    dtype: Dtype = "float32"
     heartbeat_seconds: Annotated[float, Meta(gt=0.0)] = 15.0
     evaluate: bool = True
     progress: bool = True
@@ -162,6 +167,11 @@ class ParticipantSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     def __post_init__(self) -> None:
         learner_kind(self)  # one learner, and no key that only another kind reads (participant.learners)
         check_broker_urls(self.broker_url)
+        if self.dtype == "bfloat16" and self.train.method == "last_layers":
+            raise ValueError(
+                'dtype = "bfloat16" with [train] method = "last_layers": the blocks it trains in full '
+                'would train in bfloat16; use dtype = "float32" (or "auto", which keeps it float32)'
+            )
 
 
 ENV_OVERRIDES = {"CHORUS_BROKER_URL": "broker_url", "CHORUS_FEDERATION": "federation"}

@@ -1,4 +1,5 @@
-"""Where a local model runs: participant.models.resolve_device, the `device` settings, and every local
+"""Where a local model runs and in what: participant.models.resolve_device and resolve_dtype, the `device`
+and `dtype` settings, and every local
 learner's work (generate, train, score, checkpoints, adapters to and from the wire) on each device this
 machine has. On a CPU-only machine that is the CPU alone; where torch sees a CUDA GPU the same tests
 also run there and must agree with the CPU."""
@@ -16,9 +17,10 @@ from participant.adapters import tensors_from_wire, tensors_to_wire
 from participant.data import Example
 from participant.last_layers import LastLayersLearner
 from participant.learner import FrozenLearner, LoraLearner
-from participant.models import ModelError, load_model, resolve_device
+from participant.models import ModelError, bfloat16_is_native, load_model, resolve_device, resolve_dtype
 from participant.scoring import response_nll
 from participant.settings import ParticipantSettings, TrainSettings
+from participant.wiring import build_learner
 from schemas.messages import GenerationParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -53,6 +55,53 @@ def test_an_unknown_device_is_refused_by_the_settings_naming_the_key(name: str) 
         msgspec.convert({"participants": [{"id": "p1"}], "device": name}, RunConfig)
     with pytest.raises(ModelError, match="device"):
         resolve_device(name)
+
+
+def test_bfloat16_only_where_the_cpu_computes_it_and_a_clear_refusal_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) is torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolve_dtype("auto", cpu) is torch.float32
+    with pytest.raises(ModelError, match=r"neither AMX nor AVX-512 BF16.*dtype = \"float32\".*\"auto\""):
+        resolve_dtype("bfloat16", cpu)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_dtype("auto", cpu) is torch.bfloat16 is resolve_dtype("bfloat16", cpu)
+    with pytest.raises(ModelError, match="unknown dtype"):
+        resolve_dtype("float16", cpu)
+
+
+def test_a_dtype_the_settings_cannot_take_names_the_key() -> None:
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.dtype"):
+        msgspec.convert({"participant_id": "p1", "dtype": "float16"}, ParticipantSettings)
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.dtype"):
+        msgspec.convert({"participants": [{"id": "p1"}], "dtype": "half"}, RunConfig)
+    with pytest.raises(msgspec.ValidationError, match="last_layers"):
+        msgspec.convert(
+            {"participant_id": "p1", "dtype": "bfloat16", "train": {"method": "last_layers"}},
+            ParticipantSettings,
+        )
+
+
+def test_auto_dtype_trains_lora_in_bfloat16_where_native_with_the_adapter_in_float32(tmp_path: Path) -> None:
+    settings = ParticipantSettings(
+        participant_id="p", model="tiny-llama", dtype="auto", state_dir=str(tmp_path), train=SETTINGS
+    )
+    learner = build_learner(settings)
+    assert isinstance(learner, LoraLearner)
+    native = bfloat16_is_native(torch.device("cpu"))
+    frozen = {p.dtype for p in learner.lm.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16 if native else torch.float32}
+    assert {p.dtype for p in learner.lm.model.parameters() if p.requires_grad} == {torch.float32}
+    before = response_nll(learner.lm, EXAMPLES, max_length=64)
+    learner.train(EXAMPLES)
+    assert sum(response_nll(learner.lm, EXAMPLES, max_length=64)) < sum(before)
+    assert len(learner.generate(PROMPTS, GREEDY)) == 3
+    # last_layers trains whole blocks: "auto" keeps them float32
+    whole = msgspec.structs.replace(settings, train=TrainSettings(method="last_layers", last_layers=1))
+    assert {p.dtype for p in build_learner(whole).lm.model.parameters()} == {torch.float32}  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,16 +8,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
+import structlog
 
 from participant.data import Example
 from participant.evaluation import Embedder, evaluate
 from participant.export import write_model_record
 from participant.generation import generate_answers
 from participant.learner import GeneratedAnswer, PromptBatch
-from participant.models import LocalModel, load_model
+from participant.models import LocalModel, load_model, resolve_device, resolve_dtype
 from participant.settings import ParticipantSettings, TrainSettings, checked_train
 from participant.training import TrainStats
 from schemas.messages import GenerationParams
+
+log = structlog.get_logger()
 
 
 class LocalLearner:
@@ -71,6 +74,19 @@ class TrainableLocalLearner(LocalLearner):
 def load_local_model(settings: ParticipantSettings) -> LocalModel:
     """The model the settings name, on their device; recorded for `chorus-participant export`."""
     cache = Path(settings.cache_dir) if settings.cache_dir else None
-    lm = load_model(settings.model, cache_dir=cache, device=settings.device)
+    # last_layers trains whole blocks: they stay float32 (a bfloat16 ask is refused with the settings)
+    dtype = "float32" if settings.train.method == "last_layers" else settings.dtype
+    lm = load_model(
+        settings.model,
+        cache_dir=cache,
+        dtype=resolve_dtype(dtype, resolve_device(settings.device)),
+        device=settings.device,
+    )
+    log.info(
+        "model_loaded",
+        model=lm.model_id,
+        dtype=str(lm.model.dtype).removeprefix("torch."),
+        device=str(lm.device),
+    )
     write_model_record(settings)  # what its checkpoints are trained from
     return lm
