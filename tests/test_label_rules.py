@@ -27,7 +27,9 @@ def lone(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def test_an_unregistered_rule_is_refused_with_the_registered_names() -> None:
-    with pytest.raises(ConsensusError, match=r"label_choice must be one of \['medoid'\], got 'lone'"):
+    with pytest.raises(
+        ConsensusError, match=r"label_choice must be one of \['medoid', 'verbatim'\], got 'lone'"
+    ):
         ConsensusSettings(label_choice="lone")
 
 
@@ -62,3 +64,25 @@ def test_replay_takes_a_registered_rule_and_refuses_others(lone: str) -> None:
     assert replay_settings(recorded, ConsensusOverrides()).consensus.label_choice == "medoid"
     with pytest.raises(ReplayError, match="must be one of"):
         replay_settings(recorded, ConsensusOverrides(label_choice="nobody"))
+
+
+@pytest.mark.parametrize("search", [ExactConsensus, HnswConsensus])
+def test_verbatim_labels_only_a_text_a_strict_majority_wrote_word_for_word(
+    search: type[ExactConsensus],
+) -> None:
+    texts = ["x", "x", "x.", "y"]  # "x." is as close to "x" as can be, but not the same words
+    embedder = table_of(texts, block_gram([3, 1], within=0.99, between=0.1))
+    settings = ConsensusSettings(label_choice="verbatim", min_confidence=0.0)
+    split = {"q": [Candidate(f"p{i}", text) for i, text in enumerate(texts)]}
+    [decision] = search(embedder, settings).decide(split).decisions
+    assert decision.label is None and "word for word" in decision.abstain_reason
+    assert (
+        search(embedder, ConsensusSettings(min_confidence=0.0)).decide(split).decisions[0].label is not None
+    )
+    held = {"q": [Candidate(f"p{i}", text) for i, text in enumerate(["x", "x", "x", "y"])]}
+    [decision] = (
+        search(table_of(["x", "y"], block_gram([1, 1], within=1.0, between=0.1)), settings)
+        .decide(held)
+        .decisions
+    )
+    assert (decision.label, decision.source) == ("x", "p0")

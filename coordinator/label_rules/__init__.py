@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from coordinator.label_rules.base import Choice, LabelRule, PromptAnswers
 from coordinator.label_rules.medoid import MedoidRule
+from coordinator.label_rules.verbatim import VerbatimRule
 
 LABEL_RULES: dict[str, LabelRule] = {
     "medoid": MedoidRule(),
+    "verbatim": VerbatimRule(),
 }
 
 __all__ = ["LABEL_RULES", "Choice", "LabelRule", "PromptAnswers"]
