@@ -51,11 +51,14 @@ class DataError(ChorusError):
 
 @dataclass(frozen=True)
 class Example:
-    """One supervised pair. `weight` scales this example's loss (pseudo-labels may carry their confidence)."""
+    """One supervised pair. `weight` scales this example's loss (pseudo-labels may carry their confidence).
+    `public`: it came from the federation (a pseudo-label), not from private data; differential privacy
+    ([train.privacy]) spends no budget on it. Anything not marked public is treated as private."""
 
     prompt: str
     response: str
     weight: float = 1.0
+    public: bool = False
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.weight) or self.weight < 0:

@@ -110,10 +110,24 @@ class TrainStats:
     mean_loss: float  # mean of the per-step weighted losses
     final_loss: float  # the last step's
     seconds: float
+    epsilon: float | None = None  # with [train.privacy]: the privacy budget spent so far, this call included
 
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def then(self, later: TrainStats) -> TrainStats:
+        """This call's statistics followed by `later`'s, as one call's."""
+        steps = self.steps + later.steps
+        return TrainStats(
+            samples=self.samples + later.samples,
+            steps=steps,
+            response_tokens=self.response_tokens + later.response_tokens,
+            mean_loss=(self.mean_loss * self.steps + later.mean_loss * later.steps) / steps if steps else 0.0,
+            final_loss=later.final_loss if later.steps else self.final_loss,
+            seconds=self.seconds + later.seconds,
+            epsilon=later.epsilon if later.epsilon is not None else self.epsilon,
+        )
 
 
 NO_TRAINING = TrainStats(samples=0, steps=0, response_tokens=0, mean_loss=0.0, final_loss=0.0, seconds=0.0)

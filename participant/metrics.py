@@ -51,6 +51,11 @@ class ParticipantMetrics(ServiceMetrics):
             "Answers the leak guard withheld (sent blank or left out) for sharing a span with a private "
             "example (participant/leak_guard.py).",
         )
+        self.privacy_epsilon = self.gauge(
+            "privacy_epsilon",
+            "With [train.privacy]: the privacy budget (epsilon, at the settings' delta) spent on private "
+            "examples so far (participant/privacy.py).",
+        )
         self.publish_errors = self.counter(
             "publish_errors",
             "Publishes to the broker that failed (no confirm in time, refused, unroutable, disconnected).",
@@ -78,6 +83,9 @@ class ParticipantMetrics(ServiceMetrics):
         self.training_seconds.observe(seconds)
         self.labels_applied.inc(labels)
         self.progress.mark()
+
+    def privacy_spent(self, epsilon: float) -> None:
+        self.privacy_epsilon.set(epsilon)
 
     def applied(self, round_id: int) -> None:
         self.last_applied = round_id

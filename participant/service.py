@@ -33,6 +33,7 @@ from participant.learner import (
     Learner,
     LearnerError,
     TrainableLearner,
+    TrainStats,
     trainer,
 )
 from participant.ledger import ParticipantLedger
@@ -68,6 +69,8 @@ ROUND_ROLES: dict[str, Literal["answer", "adapter"]] = {
 }
 # The report metric that says a round was sat out because its strategy is unknown here.
 UNKNOWN_STRATEGY_METRIC = "unknown_strategy"
+# The report metric with the privacy budget spent so far, for a member with [train.privacy].
+DP_EPSILON_METRIC = "dp_epsilon"
 # The Join is sent again after this many seconds, then twice as long each time (up to heartbeat_seconds),
 # until a RoundOpened expects this participant (PROTOCOL.md §5.3).
 JOIN_RESEND_SECONDS = 1.0
@@ -110,6 +113,7 @@ class Participant:
         self.metrics = ParticipantMetrics()
         self._leak_guard: LeakGuard | None = None  # built from the private examples on first use
         self._withheld: dict[int, int] = {}  # round -> answers the leak guard withheld, for its report
+        self._epsilon: float | None = None  # with [train.privacy]: the budget spent, reported each round
 
     @property
     def pid(self) -> str:
@@ -259,7 +263,7 @@ class Participant:
         async with self._model_lock:
             settings = self.settings.train
             examples = self.private_train * settings.warmup_epochs
-            stats = await asyncio.to_thread(learner.train, examples)
+            stats = self._trained(await asyncio.to_thread(learner.train, examples))
             await asyncio.to_thread(learner.save_checkpoint, self._checkpoint_dir(0))
         log.info("warm_up", participant=self.pid, samples=getattr(stats, "samples", 0))
 
@@ -500,10 +504,18 @@ class Participant:
                 labelled.own_answer,
             )
             if weight > 0.0:  # a label that is already our own answer teaches nothing
-                examples.append(Example(prompt=labelled.prompt, response=labelled.label, weight=weight))
+                examples.append(
+                    Example(prompt=labelled.prompt, response=labelled.label, weight=weight, public=True)
+                )
         private = list(self.private_train)
         random.Random(f"{settings.seed}:{round_id}").shuffle(private)
         return examples + private[: settings.private_examples_per_round]
+
+    def _trained(self, stats: TrainStats | None) -> TrainStats | None:
+        if stats is not None and stats.epsilon is not None:
+            self._epsilon = stats.epsilon
+            self.metrics.privacy_spent(stats.epsilon)
+        return stats
 
     async def _apply_labels(self, closed: RoundClosed) -> None:
         round_id = closed.round_id
@@ -515,7 +527,7 @@ class Participant:
         if learner is not None and examples:
             started = time.perf_counter()
             async with self._model_lock:
-                stats = await asyncio.to_thread(learner.train, examples)
+                stats = self._trained(await asyncio.to_thread(learner.train, examples))
                 await asyncio.to_thread(learner.save_checkpoint, self._checkpoint_dir(round_id))
             train_seconds, samples = time.perf_counter() - started, getattr(stats, "samples", len(examples))
             self.metrics.trained(train_seconds, len(self.ledger.labelled_examples(round_id)))
@@ -546,7 +558,7 @@ class Participant:
         private = self._training_mix(opened.round_id)
         started = time.perf_counter()
         async with self._model_lock:
-            await asyncio.to_thread(learner.train, private)
+            self._trained(await asyncio.to_thread(learner.train, private))
             state = await asyncio.to_thread(learner.adapter_state)
         self.metrics.trained(time.perf_counter() - started, 0)
         update = AdapterUpdate(
@@ -596,6 +608,8 @@ class Participant:
             metrics = {**metrics, "answers_withheld": float(self._withheld.pop(round_id))}
         if round_id in self._sat_out:
             metrics = {**metrics, UNKNOWN_STRATEGY_METRIC: 1.0}
+        if self._epsilon is not None:
+            metrics = {**metrics, DP_EPSILON_METRIC: self._epsilon}
         self.ledger.mark_applied(round_id, metrics)
         self.metrics.applied(round_id)
         report = ParticipantReport(

@@ -21,11 +21,24 @@ __all__ = [
     "HttpTable",
     "LeakGuardTable",
     "ParticipantSettings",
+    "PrivacySettings",
     "SettingsError",
     "TrainSettings",
     "checked_train",
     "load_participant_settings",
 ]
+
+
+class PrivacySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[train.privacy]`: train on the private examples with DP-SGD (Opacus; participant/privacy.py), and
+    stop training on them once the privacy budget (`epsilon`, `delta`) is spent. Pseudo-labels are public
+    and are trained on without it. LoRA members only."""
+
+    epsilon: Annotated[float, Meta(gt=0.0, le=1_000.0)]  # the budget for the member's whole life
+    delta: Annotated[float, Meta(gt=0.0, lt=1.0)] = 1e-5  # below 1 / (private examples), to mean much
+    max_grad_norm: Annotated[float, Meta(gt=0.0)] = 1.0  # each private example's gradient clipped to this
+    # The Gaussian noise's standard deviation over max_grad_norm: larger spends the budget more slowly.
+    noise_multiplier: Annotated[float, Meta(gt=0.0, le=1_000.0)] = 1.0
 
 
 class TrainSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -55,10 +68,13 @@ class TrainSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # How much a pseudo-label counts against a private example (weight 1), before the confidence factor.
     # Below 1, labels cannot outweigh the private data when the federation's answers are weak.
     label_weight: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    privacy: PrivacySettings | None = None  # None: no differential privacy
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.learning_rate) and math.isfinite(self.max_grad_norm)):
             raise ValueError("learning_rate and max_grad_norm must be finite")
+        if self.privacy is not None and self.method != "lora":
+            raise ValueError(f'[train.privacy] trains LoRA adapters only, not method = "{self.method}"')
 
 
 def checked_train(train: TrainSettings) -> TrainSettings:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,10 +124,17 @@ def load_adapter_state(lm: LocalModel, state: dict[str, torch.Tensor]) -> None:
     set_peft_model_state_dict(lm.model, state)
 
 
-def save_adapter(lm: LocalModel, path: Path) -> None:
-    """Write the adapter (config + safetensors) to `path`, replacing it atomically."""
+def save_adapter(lm: LocalModel, path: Path, also: Callable[[Path], object] | None = None) -> None:
+    """Write the adapter (config + safetensors) to `path`, replacing it atomically; `also(staging)` writes
+    what belongs with it into the same atomic write."""
     _require_lora(lm)
-    write_directory_atomically(Path(path), lambda staging: lm.model.save_pretrained(staging))
+
+    def write(staging: Path) -> None:
+        lm.model.save_pretrained(staging)
+        if also is not None:
+            also(staging)
+
+    write_directory_atomically(Path(path), write)
 
 
 def load_adapter(lm: LocalModel, path: Path) -> None:

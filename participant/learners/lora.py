@@ -9,6 +9,7 @@ from participant.data import Example
 from participant.learner import AdapterState
 from participant.learners.local import TrainableLocalLearner, load_local_model
 from participant.models import LocalModel
+from participant.privacy import DpSgd
 from participant.settings import ParticipantSettings, TrainSettings
 from participant.training import (
     ADAPTER_CONFIG_FILE,
@@ -34,17 +35,26 @@ class LoraLearner(TrainableLocalLearner):
     ) -> None:
         super().__init__(lm, settings, batch_size, progress)
         attach_lora(lm, self.settings)
+        privacy = self.settings.privacy
+        self.dp = None if privacy is None else DpSgd(privacy)
 
     def _train(self, examples: Sequence[Example], settings: TrainSettings) -> TrainStats:
-        return finetune(self.lm, examples, settings, progress=self.progress)
+        if self.dp is None:
+            return finetune(self.lm, examples, settings, progress=self.progress)
+        # Private examples with DP-SGD, while the budget lasts; pseudo-labels (public) without it.
+        private = self.dp.train(self.lm, [e for e in examples if not e.public], settings, self.progress)
+        public = [e for e in examples if e.public]
+        return private.then(finetune(self.lm, public, settings, progress=self.progress))
 
     def save_checkpoint(self, directory: Path) -> None:
-        save_adapter(self.lm, directory)
+        save_adapter(self.lm, directory, also=None if self.dp is None else self.dp.write)
 
     def load_checkpoint(self, directory: Path) -> bool:
         if not (Path(directory) / ADAPTER_CONFIG_FILE).is_file():
             return False
         load_adapter(self.lm, directory)
+        if self.dp is not None:
+            self.dp.read(Path(directory))
         return True
 
     def adapter_state(self) -> AdapterState:
