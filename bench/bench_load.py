@@ -85,6 +85,7 @@ def write_config(directory: Path, participants: int, rounds: int) -> Path:
         f"quorum = {participants}\nmin_participants = {participants}\n"
         "deadline_seconds = 120.0\ngrace_seconds = 0.0\n"
         '[consensus]\nembedder = "hashing"\nmin_confidence = 0.3\n'
+        '[recording]\ndirectory = "records"\n'  # beside this file, not in the caller's folder
     )
     return config
 

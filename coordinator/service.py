@@ -31,7 +31,7 @@ from coordinator.rounds import RoundState, ShardClosing, resolve_quorum
 from coordinator.settings import CoordinatorSettings
 from coordinator.sidelining import sidelined_in
 from coordinator.store import CoordinatorStore, RoundRow
-from coordinator.strategies import build_round_strategy
+from coordinator.strategies import build_round_strategy, check_strategy_name
 from coordinator.strategies.base import RoundStrategy
 from schemas.codec import encode
 from schemas.ids import round_closed_id, round_opened_id
@@ -453,11 +453,17 @@ def build_coordinator(
     """A coordinator as its settings describe it: the one place that puts store, public prompts and
     strategy together (chorus-coordinator, chorus-run and the tests). Each of `store`, `prompts` and
     `embedder` is None for the one the settings name; whoever opened a store closes it."""
-    store = store if store is not None else CoordinatorStore(settings.state_path)
+    check_strategy_name(settings.strategy)  # before the store: a refused name leaves no state file behind
     prompts = prompts if prompts is not None else load_prompts(Path(settings.prompts_path))
-    return Coordinator(
-        settings, transport, store, build_round_strategy(settings, store, prompts, embedder), clock=clock
-    )
+    opened = store is None
+    store = store if store is not None else CoordinatorStore(settings.state_path)
+    try:
+        strategy = build_round_strategy(settings, store, prompts, embedder)
+    except BaseException:
+        if opened:
+            store.close()
+        raise
+    return Coordinator(settings, transport, store, strategy, clock=clock)
 
 
 def _one_per_shard(decisions: Sequence[Decision], closings: Sequence[ShardClosing]) -> list[Decision]:

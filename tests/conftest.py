@@ -37,6 +37,21 @@ def default_logging() -> Iterator[None]:
     yield
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+CACHES = {".pytest_cache", ".mypy_cache", ".ruff_cache", "__pycache__"}
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_in_the_checkout() -> Iterator[None]:
+    """A test writes under its tmp_path: a file it leaves at the repository's top level (a default
+    relative path, say `coordinator.sqlite3`) fails that test, here, where it is named."""
+    before = set(CHECKOUT.iterdir())
+    yield
+    left = sorted(p.name for p in set(CHECKOUT.iterdir()) - before if p.name not in CACHES)
+    if left:
+        pytest.fail(f"the test left {left} in {CHECKOUT}")
+
+
 @pytest.fixture(scope="session")
 def rabbit_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     node, _ = bring_up(tmp_path_factory.mktemp("rabbitmq"))
