@@ -41,9 +41,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from types import MappingProxyType
-from typing import Annotated, Protocol
+from typing import TYPE_CHECKING, Annotated, Protocol
 
-import hnswlib
 import msgspec
 import msgspec.inspect
 import numpy as np
@@ -53,6 +52,9 @@ from msgspec import Meta
 from common.embedding import Embedder
 from coordinator.label_rules import LABEL_RULES, PromptAnswers
 from schemas.errors import ChorusError
+
+if TYPE_CHECKING:
+    import hnswlib
 
 FloatArray = npt.NDArray[np.float64]
 Cosine = Annotated[float, Meta(ge=-1.0, le=1.0)]
@@ -540,6 +542,8 @@ class HnswConsensus(_MedoidConsensus):
         }
 
     def _build_index(self, block: npt.NDArray[np.float32]) -> hnswlib.Index:
+        import hnswlib  # not at the top: loading settings (ConsensusSettings lives here) needs no index
+
         index = hnswlib.Index(space="ip", dim=block.shape[1])  # rows are unit length: ip is cosine
         index.init_index(
             max_elements=len(block),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def modules_loaded_by(*modules: str) -> list[str]:
     """Every module in sys.modules after importing `modules` in a new interpreter."""
@@ -74,6 +76,27 @@ def test_only_the_amqp_transport_imports_aio_pika() -> None:
 def test_the_coordinator_service_and_cli_load_without_torch() -> None:
     loaded = modules_loaded_by("coordinator.service", "coordinator.cli", "coordinator.strategies")
     assert [m for m in loaded if m.split(".")[0] in ("torch", "transformers", "peft")] == []
+
+
+def test_loading_the_shipped_settings_imports_no_model_or_index_library() -> None:
+    """A typo in a settings file is reported before anything heavy loads: the settings types check
+    names and ranges themselves, and a strategy's or learner's name is checked where it is built."""
+    code = (
+        "import json, sys\nfrom pathlib import Path\n"
+        "from coordinator.settings import load_coordinator_settings\n"
+        "from participant.settings import load_participant_settings\n"
+        "from federation.config import load_run_config\n"
+        "load_coordinator_settings(Path('examples/coordinator.toml'), env={})\n"
+        "load_participant_settings(Path('examples/participant.toml'), env={})\n"
+        "load_run_config(Path('examples/demo.toml'))\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    heavy = ("torch", "transformers", "peft", "opacus", "hnswlib", "sentence_transformers", "onnxruntime")
+    assert [m for m in loaded if m.split(".")[0] in heavy] == []
 
 
 def names_a_test_module(module: str) -> bool:
