@@ -38,7 +38,7 @@ def default_logging() -> Iterator[None]:
 
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-CACHES = {".pytest_cache", ".mypy_cache", ".ruff_cache", "__pycache__"}
+CACHES = {".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis", "__pycache__"}
 
 
 @pytest.fixture(autouse=True)

@@ -329,8 +329,9 @@ def test_a_minority_cannot_drive_an_honest_members_reputation_down(
     final = reputation_weights(history, [*first.honest, *first.attackers], floor=0.1)
     # Every label is an honest answer, so an honest member agrees with each at least as much as with
     # the least similar honest answer, and the best member agrees at most fully.
+    # (to float32's precision: consensus sees the table's vectors as float32 embeddings, this test in float64)
     for member in first.honest:
-        assert final[member] >= lowest_honest - 1e-9
+        assert final[member] >= lowest_honest - 1e-6
     assert max(final[m] for m in first.attackers) <= min(final[m] for m in first.honest)
 
 
