@@ -248,6 +248,10 @@ def test_old_method_names_still_load_and_their_results_rerun_nothing(tmp_path: P
 
     store = ResultStore(tmp_path / "runs")
     runner = RecordingRunner(grid, tmp_path / "work", store, None, say=lambda _: None)
+    # A run's identity is what the code before the rename computed for it, under the old name.
+    key = RunKey("a", 0, "medoid")
+    sizes = {"generation_prompts": grid.generation_prompts, "round_nll_prompts": grid.round_nll_prompts}
+    assert runner.fingerprint(key) == fingerprint(runner.config(key), {"method": "semantic", **sizes})
     for key in grid.runs():  # results written before the rename, under the old names
         method = {"medoid": "semantic", "shipped": "new_recipe"}.get(key.method, key.method)
         legacy = RunResult(task=key.task, seed=key.seed, method=method, fingerprint=runner.fingerprint(key))

@@ -19,6 +19,7 @@ from statistics import fmean
 from bench.quality import junk
 from bench.quality.grid import (
     FEDERATED,
+    RENAMED_METHODS,
     WARMUP,
     Grid,
     RunKey,
@@ -39,6 +40,7 @@ from bench.quality.scoring import Scorer, checkpoint_dir, generation_subset, lea
 from federation.config import LoadedConfig
 
 Say = Callable[[str], None]
+FIRST_NAMES = {new: old for old, new in RENAMED_METHODS.items()}
 
 
 class GridRunner:
@@ -64,7 +66,8 @@ class GridRunner:
 
     def fingerprint(self, key: RunKey) -> str:
         extra: dict[str, object] = {
-            "method": key.method,
+            # The name a method's results were first stored under: a rename reruns nothing.
+            "method": FIRST_NAMES.get(key.method, key.method),
             "generation_prompts": self.grid.generation_prompts,
             "round_nll_prompts": self.grid.round_nll_prompts,
         }
