@@ -71,9 +71,9 @@ soak: setup rabbitmq
 demo: setup $(if $(filter local,$(BROKER)),rabbitmq)
 	$(VENV)/bin/chorus-run examples/demo.toml --broker $(BROKER) --results results/demo
 
-# Learning quality against baselines: 3 tasks x 3 seeds x 5 methods (local-only, FedAvg-LoRA,
-# centralized, semantic, shipped recipe) + a junk-member run, with bootstrap intervals:
-# bench/results/quality.{json,md} and quality_<task>.png. Resumes where it stopped (finished runs
+# Learning quality against baselines: 3 tasks x 3 seeds x 6 methods (local-only, FedAvg-LoRA,
+# centralized, medoid, shipped recipe, reference-label ceiling) + a junk-member run, with bootstrap
+# intervals: bench/results/quality.{json,md} and quality_<task>.png. Resumes where it stopped (finished runs
 # are kept under results/quality-grid/runs). BENCH_ARGS=--quick (or make
 # bench-quality-quick): a smoke run of a few minutes, written under results/quality-grid/quick.
 bench-quality: setup

@@ -3,7 +3,8 @@
     python -m bench.quality [bench/quality_grid.toml] [--quick] [--tasks ...] [--seeds ...] [--methods ...]
 
 The grid (bench/quality_grid.toml) is tasks x seeds x methods: local-only, FedAvg over LoRA,
-centralized, semantic consensus (the medoid recipe) and the shipped recipe, plus a junk-member run.
+centralized, semantic consensus (the medoid recipe), the shipped recipe and a ceiling that trains on
+the public prompts' true references, plus a junk-member run.
 Every method is scored on the same test set by the NLL of the reference answers (every round) and by
 ROUGE-L and embedding similarity of greedy answers after the last round (on a fixed subset);
 differences to local-only and FedAvg get 95% intervals from a paired bootstrap over seeds and

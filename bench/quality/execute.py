@@ -33,6 +33,7 @@ from bench.quality.methods import (
     train_centralized,
     train_federated,
     train_local,
+    train_reference_labels,
     train_warmup,
 )
 from bench.quality.results import ParticipantScores, ResultStore, RunResult
@@ -101,6 +102,8 @@ class GridRunner:
         return [r for k in keys if (r := self.store.finished(k, self.fingerprint(k))) is not None]
 
     def _runnable(self, key: RunKey) -> bool:
+        if key.method == "reference_labels" and self.grid.tasks[key.task].run.task is None:
+            return False  # own data: the public prompts have no references to train on
         return not (key.method == "shipped" and self.grid.shipped_problem)
 
     def _eta(self, remaining: list[RunKey], durations: dict[str, list[float]]) -> str:
@@ -141,6 +144,8 @@ class GridRunner:
             trained = train_local(config, run_dir, warmup_dir)
         elif key.method == "centralized":
             trained = train_centralized(config, run_dir)
+        elif key.method == "reference_labels":
+            trained = train_reference_labels(config, run_dir, warmup_dir)
         else:
             assert key.method in (*FEDERATED, "junk_member"), key.method
             trained = train_federated(config, run_dir, warmup_dir)

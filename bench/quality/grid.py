@@ -27,7 +27,7 @@ from federation.config import LoadedConfig, RunConfig, load_run_config
 from participant.settings import TrainSettings
 
 # Order matters: a method's runs need the runs before it (every method starts from the warm-up).
-METHODS = ("local", "fedavg", "centralized", "medoid", "shipped")
+METHODS = ("local", "fedavg", "centralized", "medoid", "shipped", "reference_labels")
 LABELS = {
     "warmup": "after warm-up",
     "local": "local-only",
@@ -35,6 +35,7 @@ LABELS = {
     "centralized": "centralized (pooled)",
     "medoid": "semantic (medoid)",
     "shipped": "semantic (shipped recipe)",
+    "reference_labels": "ceiling: true references as labels",
     "junk_member": "robustness to a junk member",
     "fedavg_refusal": "FedAvg on a federation it cannot serve",
 }
@@ -280,7 +281,7 @@ def method_config(config: LoadedConfig, method: str, recipe: Recipe) -> LoadedCo
     if method in STRATEGY:
         coordinator["strategy"] = STRATEGY[method]
     run = config.run
-    layered = {"shipped": recipe, "medoid": MEDOID_RECIPE}.get(method)
+    layered = {"shipped": recipe, "medoid": MEDOID_RECIPE, "reference_labels": recipe}.get(method)
     if layered is not None:
         coordinator = _merged(coordinator, {"consensus": layered.consensus})
 

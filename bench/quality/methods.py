@@ -5,7 +5,9 @@
 - local-only: from the warm-up, each round the private slice a federated participant mixes in;
 - FedAvg, semantic, shipped recipe: `chorus-run` on the embedded memory broker, from the warm-up;
 - centralized: one model on the pooled private data (the same warm-up epochs, each round the union
-  of every participant's private slice).
+  of every participant's private slice);
+- reference labels (a ceiling): from the warm-up, each round's public prompts with their true
+  references as the labels, mixed with the private slice.
 
 Federated participants get an empty test set, so they do not evaluate during the rounds: the bench
 scores their checkpoints afterwards, the same way for every method.
@@ -23,14 +25,17 @@ from typing import Any
 import msgspec
 
 from bench.quality.scoring import STATE_DIR, checkpoint_dir
+from coordinator.prompts import PromptSampler, load_prompts
 from coordinator.replay.label_sources import label_quality_of_run
+from coordinator.replay.references import load_references
 from federation.config import LoadedConfig
 from federation.data import DataPaths, prepare_data
 from federation.launch import run_to_end
 from federation.local import private_slice, train_local_rounds
 from federation.runner import RunOptions
-from federation.settings import participant_settings
+from federation.settings import coordinator_settings, participant_settings
 from participant.data import Example
+from participant.label_weights import label_example_weight
 from participant.learner import TrainableLearner, trainer
 from participant.settings import ParticipantSettings
 from participant.wiring import build_learner, load_data
@@ -103,6 +108,41 @@ def train_local(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Traine
         private, _ = load_data(participant)
         save = partial(_save_round, learner, run_dir, pid)
         train_local_rounds(learner, private, participant.train, range(1, config.run.rounds + 1), save)
+        del learner
+        gc.collect()
+    trained = _trained(config, run_dir, data, settings)
+    trained.warm_started = list(settings)
+    return trained
+
+
+def train_reference_labels(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Trained:
+    """A ceiling: from the warm-up, each round's public prompts (the ones chorus-run's coordinator would
+    draw) labelled with their true references, weighted as the recipe weighs a label of full confidence,
+    mixed with the round's private slice. What a perfect consensus could give with this public budget."""
+    data, settings = _prepared(config, run_dir)
+    references_file = run_dir / "data" / "public_references.jsonl"
+    if not references_file.is_file():
+        raise FileNotFoundError(f"{references_file}: reference labels need a generated task's references")
+    references = load_references(references_file)
+    rounds = coordinator_settings(config, data, run_dir, config.run.rounds, "memory://").round
+    sampler = PromptSampler(load_prompts(data.prompts), rounds.seed)
+    for pid, participant in settings.items():
+        learner = trainer(build_learner(participant))
+        if learner is None:
+            continue  # only answers: scored as it is
+        if not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
+            raise FileNotFoundError(f"{pid}: no warm-up checkpoint under {warmup_dir}")
+        private, _ = load_data(participant)
+        train = participant.train
+        weight = label_example_weight(train.label_weighting, train.label_weight, 1.0, "", None)
+        for round_id in range(1, config.run.rounds + 1):
+            labels = [
+                Example(p.text, references[p.prompt_id], weight=weight, public=True)
+                for p in sampler.sample(round_id, rounds.prompts_per_round)
+                if p.prompt_id in references
+            ]
+            learner.train(labels + private_slice(private, train, round_id))
+            _save_round(learner, run_dir, pid, round_id)
         del learner
         gc.collect()
     trained = _trained(config, run_dir, data, settings)
