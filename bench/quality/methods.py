@@ -100,11 +100,9 @@ def train_local(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Traine
     """From the warm-up, each round the participant's private slice; no federation."""
     data, settings = _prepared(config, run_dir)
     for pid, participant in settings.items():
-        learner = trainer(build_learner(participant))
+        learner = _from_warmup(participant, warmup_dir)
         if learner is None:
             continue  # only answers: scored as it is
-        if not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
-            raise FileNotFoundError(f"{pid}: no warm-up checkpoint under {warmup_dir}")
         private, _ = load_data(participant)
         save = partial(_save_round, learner, run_dir, pid)
         train_local_rounds(learner, private, participant.train, range(1, config.run.rounds + 1), save)
@@ -127,11 +125,9 @@ def train_reference_labels(config: LoadedConfig, run_dir: Path, warmup_dir: Path
     rounds = coordinator_settings(config, data, run_dir, config.run.rounds, "memory://").round
     sampler = PromptSampler(load_prompts(data.prompts), rounds.seed)
     for pid, participant in settings.items():
-        learner = trainer(build_learner(participant))
+        learner = _from_warmup(participant, warmup_dir)
         if learner is None:
             continue  # only answers: scored as it is
-        if not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
-            raise FileNotFoundError(f"{pid}: no warm-up checkpoint under {warmup_dir}")
         private, _ = load_data(participant)
         train = participant.train
         weight = label_example_weight(train.label_weighting, train.label_weight, 1.0, "", None)
@@ -148,6 +144,15 @@ def train_reference_labels(config: LoadedConfig, run_dir: Path, warmup_dir: Path
     trained = _trained(config, run_dir, data, settings)
     trained.warm_started = list(settings)
     return trained
+
+
+def _from_warmup(participant: ParticipantSettings, warmup_dir: Path) -> TrainableLearner | None:
+    """The participant's learner at its warm-up checkpoint; None when it only answers."""
+    learner = trainer(build_learner(participant))
+    pid = participant.participant_id
+    if learner is not None and not learner.load_checkpoint(checkpoint_dir(warmup_dir, pid, 0)):
+        raise FileNotFoundError(f"{pid}: no warm-up checkpoint under {warmup_dir}")
+    return learner
 
 
 def _save_round(learner: TrainableLearner, run_dir: Path, pid: str, round_id: int) -> None:
