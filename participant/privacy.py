@@ -32,7 +32,7 @@ from participant.data import Example
 from participant.learner import NO_TRAINING, TrainStats
 from participant.models import LocalModel, ModelError
 from participant.settings import PrivacySettings, TrainSettings
-from participant.training import build_batch, encode_example, padding_token_id, per_example_loss
+from participant.training import build_batch, encode_example, padding_token_id, stats_of, weighted_loss
 
 log = structlog.get_logger()
 
@@ -80,8 +80,7 @@ class DpSgd:
                     chosen = self._sample(len(encoded), rate)
                     if chosen:  # an empty draw changes nothing and releases nothing; it is still counted
                         batch = build_batch([encoded[i] for i in chosen], padding_token_id(lm)).to(lm.device)
-                        example_losses, counts = per_example_loss(lm, batch)
-                        loss = (example_losses * batch.weights).sum() / len(example_losses)
+                        loss, counts = weighted_loss(lm, batch)
                         torch.autograd.backward(loss)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -104,15 +103,7 @@ class DpSgd:
         )
         if not losses:
             return _no_training(self.epsilon)
-        return TrainStats(
-            samples=samples,
-            steps=len(losses),
-            response_tokens=tokens,
-            mean_loss=sum(losses) / len(losses),
-            final_loss=losses[-1],
-            seconds=time.perf_counter() - started,
-            epsilon=self.epsilon,
-        )
+        return stats_of(losses, samples, tokens, time.perf_counter() - started, self.epsilon)
 
     def write(self, directory: Path) -> None:
         """Keep the accountant beside the weights it paid for (inside the checkpoint's atomic write)."""

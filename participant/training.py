@@ -217,6 +217,28 @@ def per_example_loss(lm: LocalModel, batch: Batch) -> tuple[torch.Tensor, torch.
     return token_loss.sum(dim=1) / counts.clamp(min=1), counts
 
 
+def weighted_loss(lm: LocalModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's loss to step on, and each example's response token count."""
+    example_losses, counts = per_example_loss(lm, batch)
+    # Divide by the batch size, not the weight sum: a low-confidence batch should move less.
+    return (example_losses * batch.weights).sum() / len(example_losses), counts
+
+
+def stats_of(
+    losses: Sequence[float], samples: int, tokens: int, seconds: float, epsilon: float | None = None
+) -> TrainStats:
+    """A training call's statistics from its per-step losses (at least one)."""
+    return TrainStats(
+        samples=samples,
+        steps=len(losses),
+        response_tokens=tokens,
+        mean_loss=sum(losses) / len(losses),
+        final_loss=losses[-1],
+        seconds=seconds,
+        epsilon=epsilon,
+    )
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 
@@ -257,9 +279,7 @@ def train_parameters(
                 batch = build_batch(
                     [encoded[i] for i in order[start : start + settings.batch_size]], pad_token_id
                 ).to(lm.device)
-                example_losses, counts = per_example_loss(lm, batch)
-                # Divide by the batch size, not the weight sum: a low-confidence batch should move less.
-                loss = (example_losses * batch.weights).sum() / len(example_losses)
+                loss, counts = weighted_loss(lm, batch)
                 torch.autograd.backward(loss)
                 torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
                 optimizer.step()
@@ -268,14 +288,7 @@ def train_parameters(
                 tokens += int(counts.sum())
                 advance(f"loss {losses[-1]:.3f}")
         lm.model.eval()
-    stats = TrainStats(
-        samples=len(encoded) * settings.epochs,
-        steps=len(losses),
-        response_tokens=tokens,
-        mean_loss=sum(losses) / len(losses),
-        final_loss=losses[-1],
-        seconds=time.perf_counter() - started,
-    )
+    stats = stats_of(losses, len(encoded) * settings.epochs, tokens, time.perf_counter() - started)
     log.info(
         "fine-tuned",
         model=lm.model_id,
