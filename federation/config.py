@@ -35,7 +35,14 @@ from coordinator.settings import settings_from_table
 from federation.stdlib_task import TaskError
 from federation.stdlib_task.split import default_families
 from participant.data import DataFormat
-from participant.settings import Device, Dtype, LearnerSpec, TrainSettings, resolve_learner_file
+from participant.settings import (
+    Device,
+    Dtype,
+    LeakGuardTable,
+    LearnerSpec,
+    TrainSettings,
+    resolve_learner_file,
+)
 from schemas.messages import GenerationParams, Id
 
 __all__ = ["ParticipantEntry", "RunConfig", "RunConfigError", "TaskTable", "load_run_config"]
@@ -85,6 +92,7 @@ class ParticipantEntry(_Table, frozen=True, kw_only=True, forbid_unknown_fields=
     broker_url: str | None = None  # --broker amqp://...: this participant's own URL (its user)
     generation_batch_size: Annotated[int, Meta(ge=1, le=512)] = 16
     train: TrainSettings | None = None  # keys given here override the run's [train] table
+    leak_guard: LeakGuardTable | None = None  # the participant settings' [leak_guard]; default: on
 
 
 class RunConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

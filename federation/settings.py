@@ -10,7 +10,7 @@ import msgspec
 from coordinator.settings import CoordinatorSettings, settings_from_table
 from federation.config import LoadedConfig, ParticipantEntry, RunConfigError
 from federation.data import DataPaths
-from participant.settings import ParticipantSettings
+from participant.settings import LeakGuardTable, ParticipantSettings
 
 STATE_DIR = "state"
 
@@ -64,4 +64,5 @@ def participant_settings(
         heartbeat_seconds=5.0,
         progress=False,  # the runner shows what each participant does; bars would garble the table
         train=entry.train or config.run.train,
+        leak_guard=entry.leak_guard or LeakGuardTable(),
     )

@@ -42,7 +42,9 @@ class FinalScores(msgspec.Struct, frozen=True):
 class Scorer:
     """Scores checkpoints; one model per (architecture, adapter shape), reused for every checkpoint."""
 
-    def __init__(self, embed: Embedder, generation: GenerationParams, generation_batch: int = 64) -> None:
+    def __init__(
+        self, embed: Embedder | None, generation: GenerationParams, generation_batch: int = 64
+    ) -> None:
         self.embed = embed
         self.generation = generation
         self.generation_batch = generation_batch
@@ -53,16 +55,18 @@ class Scorer:
 
     def subset_nll(self, settings: ParticipantSettings, checkpoint: Path, subset: Sequence[Example]) -> float:
         """Mean over `subset` of each reference's NLL per token under the checkpoint."""
-        return fmean(self._response_nll(settings, checkpoint, subset))
+        return fmean(self.nll(settings, checkpoint, subset))
 
     def final(
         self, settings: ParticipantSettings, checkpoint: Path, test: Sequence[Example], subset: Sequence[int]
     ) -> FinalScores:
         """NLL on every test prompt, and ROUGE-L / embedding similarity of greedy answers on the subset."""
-        nll = self._response_nll(settings, checkpoint, test)
+        nll = self.nll(settings, checkpoint, test)
         chosen = [test[i] for i in subset]
-        answers = self._greedy(settings, checkpoint, chosen)
+        answers = self.greedy(settings, checkpoint, chosen)
         references = [e.response for e in chosen]
+        if self.embed is None:
+            raise ValueError("final scores need an embedder (this Scorer was built without one)")
         return FinalScores(
             nll=nll,
             rouge_l=[rouge_l(a, r) for a, r in zip(answers, references, strict=True)],
@@ -80,28 +84,28 @@ class Scorer:
             self._learners[key] = learner
         return self._learners[key]
 
-    def _loaded(self, settings: ParticipantSettings, checkpoint: Path) -> LocalLearner:
+    def loaded(self, settings: ParticipantSettings, checkpoint: Path) -> LocalLearner:
         learner = self._learner(settings)
         if isinstance(learner, TrainableLocalLearner) and not learner.load_checkpoint(checkpoint):
             raise FileNotFoundError(f"no checkpoint in {checkpoint}")
         return learner
 
-    def _response_nll(
+    def nll(
         self, settings: ParticipantSettings, checkpoint: Path, examples: Sequence[Example]
     ) -> list[float]:
         max_length = settings.train.max_length
         key = (model_key(settings), _digest(checkpoint), _examples_digest(examples), max_length)
         if key not in self._nll:
-            learner = self._loaded(settings, checkpoint)
+            learner = self.loaded(settings, checkpoint)
             self._nll[key] = response_nll(learner.lm, examples, max_length=max_length)
         return self._nll[key]
 
-    def _greedy(
+    def greedy(
         self, settings: ParticipantSettings, checkpoint: Path, examples: Sequence[Example]
     ) -> list[str]:
         key = (model_key(settings), _digest(checkpoint), _examples_digest(examples))
         if key not in self._answers:
-            learner = self._loaded(settings, checkpoint)
+            learner = self.loaded(settings, checkpoint)
             prompts = [(str(i), e.prompt) for i, e in enumerate(examples)]
             answers = generate_answers(learner.lm, prompts, self.generation, batch_size=self.generation_batch)
             self._answers[key] = [a.text for a in answers]

@@ -1,0 +1,3 @@
+from bench.privacy.cli import main
+
+raise SystemExit(main())
