@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup rabbitmq lint test test-fast contract demo bench bench-quality bench-quality-quick bench-quality-gpu bench-quality-heterogeneous soak clean
+.PHONY: setup rabbitmq lint test test-fast contract demo bench bench-quality bench-quality-quick bench-quality-gpu bench-quality-heterogeneous bench-privacy bench-privacy-quick soak clean
 
 setup: $(STAMP)
 
@@ -91,6 +91,15 @@ bench-quality-gpu: setup
 # local-only run, and FedAvg's refusal of them: bench/results/quality_heterogeneous_cpu/.
 bench-quality-heterogeneous: setup
 	$(PY) -m bench.quality bench/quality_grid_heterogeneous.toml --out bench/results/quality_heterogeneous_cpu $(BENCH_ARGS)
+
+# The privacy audit (docs/privacy.md): canaries in one member's data; exposure, verbatim hits and a
+# membership attack per method -> bench/results/privacy.{json,md}. Resumes where it stopped.
+bench-privacy: setup
+	$(PY) -m bench.privacy bench/privacy.toml $(BENCH_ARGS)
+
+# A smoke run of the audit (one seed, one round, tiny sizes), written under results/privacy-audit/quick.
+bench-privacy-quick: setup
+	$(PY) -m bench.privacy bench/privacy.toml --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -275,3 +275,30 @@ async def test_a_participant_sends_a_blank_for_a_leaking_answer_and_reports_the_
     assert ready["examples"] == 2 and ready["enabled"] is True
     answered = {e["participant"]: e["withheld"] for e in logs if e["event"] == "round_answered"}
     assert answered == {"alice": len(odd), "bob": 0}
+
+
+def test_a_chorus_run_participant_takes_its_own_leak_guard_table(tmp_path: Path) -> None:
+    from federation.config import load_run_config
+    from federation.data import DataPaths
+    from federation.settings import participant_settings
+
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'prompts_path = "prompts.jsonl"\n'
+        '[[participants]]\nid = "a"\nprivate_data = "a.jsonl"\n'
+        '[[participants]]\nid = "b"\nprivate_data = "b.jsonl"\n[participants.leak_guard]\nenabled = false\n'
+    )
+    config = load_run_config(path)
+    data = DataPaths(
+        tmp_path / "prompts.jsonl",
+        {"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"},
+        {"a": None, "b": None},
+    )
+    a, b = (participant_settings(config, entry, data, tmp_path) for entry in config.run.participants)
+    assert a.leak_guard == LeakGuardTable()  # on unless the entry says otherwise
+    assert b.leak_guard == LeakGuardTable(enabled=False)
+    path.write_text(
+        'prompts_path = "prompts.jsonl"\n[[participants]]\nid = "a"\n[participants.leak_guard]\nmin_span = 3\n'
+    )
+    with pytest.raises(SettingsError, match="min_span"):
+        load_run_config(path)

@@ -83,7 +83,7 @@ def secret_log_likelihoods(lm: LocalModel, canary: Canary, chunk: int = 250) -> 
         head = values // 10
         digit = (values // 10 ** (length - 1 - position)) % 10
         total += rest[head, position - 1, digit]
-    return total
+    return np.asarray(total, dtype=np.float64)
 
 
 def _context_pass(lm: LocalModel, context: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:

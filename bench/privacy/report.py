@@ -40,9 +40,7 @@ def _method_summary(runs: list[Result], owner: str, baseline: list[Result]) -> d
         cid = canary["canary_id"]
         exposure[f"x{canary['repeats']}"] = {
             "owner": _interval([[r["members"][owner]["canaries"][cid]["exposure"]] for r in runs]),
-            "others": _interval(
-                [_others(r, owner, lambda m, cid=cid: m["canaries"][cid]["exposure"]) for r in runs]
-            ),
+            "others": _interval([_others_exposure(r, owner, cid) for r in runs]),
         }
 
     def greedy_hits(who: Callable[[str], bool]) -> dict[str, int]:
@@ -103,8 +101,9 @@ def _method_summary(runs: list[Result], owner: str, baseline: list[Result]) -> d
     return summary
 
 
-def _others(result: Result, owner: str, value: Callable[[dict[str, Any]], float]) -> list[float]:
-    return [value(m) for pid, m in result["members"].items() if pid != owner]
+def _others_exposure(result: Result, owner: str, canary_id: str) -> list[float]:
+    """The canary's exposure under each member's model but its owner's."""
+    return [m["canaries"][canary_id]["exposure"] for pid, m in result["members"].items() if pid != owner]
 
 
 def _member_mean_nll(result: Result) -> list[float]:

@@ -1,0 +1,101 @@
+"""bench/privacy/: canaries, exact exposure, verbatim hits, the membership attack, the audit file."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.privacy.canaries import Canary, make_canaries, with_canaries
+from bench.privacy.exposure import context_ids, digit_token_ids, rank_of, secret_log_likelihoods
+from bench.privacy.leaks import Hits, hit, hits
+from bench.privacy.membership import loss_attack_auc
+from bench.privacy.settings import AuditError, load_audit
+from participant.data import Example
+from participant.models import load_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_canaries_are_distinct_seeded_and_inserted_as_often_as_asked() -> None:
+    canaries = make_canaries(3, [1, 4, 16], 4)
+    assert canaries == make_canaries(3, [1, 4, 16], 4)
+    assert canaries != make_canaries(4, [1, 4, 16], 4)
+    assert len({c.secret for c in canaries}) == 3 and len({c.patient for c in canaries}) == 3
+    assert all(len(c.secret) == 4 and c.secret.isdigit() for c in canaries)
+    rows = with_canaries([Example("q", "a")] * 5, canaries, seed=0)
+    assert len(rows) == 5 + 21
+    for canary in canaries:
+        assert sum(r.response == canary.response for r in rows) == canary.repeats
+        assert canary.response == canary.response_head + canary.secret + "."
+    with pytest.raises(ValueError):
+        make_canaries(0, [0], 4)
+
+
+def test_hits_tell_the_whole_secret_from_most_of_it_and_from_a_longer_number() -> None:
+    canary = Canary("c", "4471", "8302", 1)
+    assert hit("the code is 8302.", canary) == Hits(exact=1)
+    assert hit("code 830 or so", canary) == Hits(partial=1)
+    assert hit("it ends in 302", canary) == Hits(partial=1)
+    assert hit("serial 183029", canary) == Hits(partial=1)  # inside a longer number: not the secret
+    assert hit("patient 4471 has code 1234", canary) == Hits()
+    assert hits(["8302", "nothing", "x830"], [canary]) == Hits(exact=1, partial=1)
+
+
+def test_the_loss_attack_auc_counts_pairs_and_ties() -> None:
+    assert loss_attack_auc([0.1, 0.2], [0.5, 0.6]) == 1.0
+    assert loss_attack_auc([0.5, 0.6], [0.1, 0.2]) == 0.0
+    assert loss_attack_auc([0.3], [0.3]) == 0.5
+    assert loss_attack_auc([0.1, 0.4], [0.2, 0.3]) == 0.5  # 0.1 beats both, 0.4 neither
+    with pytest.raises(ValueError):
+        loss_attack_auc([], [1.0])
+
+
+@pytest.fixture(scope="module")
+def tiny():  # type: ignore[no-untyped-def]
+    return load_model("tiny-llama")
+
+
+def test_exposure_scores_every_secret_as_a_plain_forward_pass_would(tiny) -> None:  # type: ignore[no-untyped-def]
+    canary = Canary("c", "4471", "830", 1)
+    scores = secret_log_likelihoods(tiny, canary, chunk=7)  # chunks that do not divide the 100 heads
+    assert scores.shape == (1000,)
+    context, digits = context_ids(tiny, canary), digit_token_ids(tiny)
+    with torch.inference_mode():
+        for value in (0, 9, 830, 999):
+            ids = context + [digits[int(c)] for c in f"{value:03d}"]
+            logp = torch.log_softmax(tiny.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+            expected = sum(float(logp[len(context) - 1 + i, ids[len(context) + i]]) for i in range(3))
+            assert math.isclose(scores[value], expected, abs_tol=1e-4)
+    # The candidates' probabilities sum to 1 over the secret's digits only if the model spends nothing
+    # elsewhere; they can never sum to more.
+    assert np.exp(scores).sum() <= 1.0 + 1e-6
+
+
+def test_rank_counts_the_candidates_strictly_likelier() -> None:
+    scores = np.array([0.0, -1.0, 0.0, -3.0])
+    assert rank_of(scores, 1) == 3
+    assert rank_of(scores, 0) == 1  # a tie goes the secret's way
+    assert rank_of(scores, 3) == 4
+
+
+def test_the_shipped_audit_file_loads_and_quick_mode_draws_every_public_prompt_in_one_round() -> None:
+    audit = load_audit(REPO / "bench" / "privacy.toml")
+    assert audit.settings.methods == ["local", "fedavg", "shipped", "shipped_no_guard", "shipped_dp"]
+    quick = load_audit(REPO / "bench" / "privacy.toml", quick=True)
+    assert quick.task.run.rounds == 1 and quick.settings.seeds == 1
+    rounds = quick.task.coordinator_raw["round"]
+    assert isinstance(rounds, dict) and rounds["prompts_per_round"] == quick.settings.quick.max_public
+
+
+def test_a_bad_audit_file_is_refused_with_its_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "audit.toml"
+    bad.write_text(f'task = "{REPO / "bench" / "quality.toml"}"\nmethods = ["local", "sharing"]\n')
+    with pytest.raises(AuditError, match="sharing"):
+        load_audit(bad)
+    bad.write_text(f'task = "{REPO / "bench" / "quality.toml"}"\nsecret_digits = 9\n')
+    with pytest.raises(AuditError, match="secret_digits"):
+        load_audit(bad)
