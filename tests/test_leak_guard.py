@@ -298,7 +298,8 @@ def test_a_chorus_run_participant_takes_its_own_leak_guard_table(tmp_path: Path)
     assert a.leak_guard == LeakGuardTable()  # on unless the entry says otherwise
     assert b.leak_guard == LeakGuardTable(enabled=False)
     path.write_text(
-        'prompts_path = "prompts.jsonl"\n[[participants]]\nid = "a"\n[participants.leak_guard]\nmin_span = 3\n'
+        'prompts_path = "prompts.jsonl"\n[[participants]]\nid = "a"\n'
+        "[participants.leak_guard]\nmin_span = 3\n"
     )
     with pytest.raises(SettingsError, match="min_span"):
         load_run_config(path)
