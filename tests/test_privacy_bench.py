@@ -15,7 +15,7 @@ from bench.privacy.leaks import Hits, hit, hits
 from bench.privacy.membership import loss_attack_auc
 from bench.privacy.settings import AuditError, load_audit
 from participant.data import Example
-from participant.models import load_model
+from participant.models import LocalModel, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,11 +55,11 @@ def test_the_loss_attack_auc_counts_pairs_and_ties() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny():  # type: ignore[no-untyped-def]
+def tiny() -> LocalModel:
     return load_model("tiny-llama")
 
 
-def test_exposure_scores_every_secret_as_a_plain_forward_pass_would(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_exposure_scores_every_secret_as_a_plain_forward_pass_would(tiny: LocalModel) -> None:
     canary = Canary("c", "4471", "830", 1)
     scores = secret_log_likelihoods(tiny, canary, chunk=7)  # chunks that do not divide the 100 heads
     assert scores.shape == (1000,)
