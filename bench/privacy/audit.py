@@ -59,8 +59,13 @@ class SeedPlan:
     work: Path
 
 
-def plan_seed(settings: AuditSettings, base: LoadedConfig, seed: int, work: Path) -> SeedPlan:
-    """The task at `seed`, with the owner's private data and the public prompts given canaries."""
+def plan_seed(
+    settings: AuditSettings, base: LoadedConfig, seed: int, work: Path, *, write: bool = True
+) -> SeedPlan:
+    """The task at `seed`, with the owner's private data and the public prompts given canaries.
+
+    `write` false computes the plan without (re)writing its data files: another process may be running
+    that seed."""
     canaries = make_canaries(seed, settings.canary_repeats, settings.secret_digits)
     config = seeded(base, seed)
     run = config.run
@@ -72,20 +77,21 @@ def plan_seed(settings: AuditSettings, base: LoadedConfig, seed: int, work: Path
     # Room for the canary questions within the task's public budget, so the rounds still draw them all.
     task = msgspec.structs.replace(run.task, max_public=max(run.task.max_public - len(canaries), 1))
     run = msgspec.structs.replace(run, task=task)
-    scratch = work / f"seed-{seed}" / "task"
-    data = prepare_data(dataclasses.replace(config, run=run), scratch)
-    private = data.train[owner]
-    assert private is not None  # a generated task gives every participant its share
-    owner_file = work / f"seed-{seed}" / "owner_private.jsonl"
-    write_examples(owner_file, with_canaries(load_examples(private), canaries, seed))
-    prompts = work / f"seed-{seed}" / "public_prompts.jsonl"
-    write_public_prompts(prompts, data.prompts, canaries)
+    folder = work / f"seed-{seed}"
+    owner_file = folder / "owner_private.jsonl"
+    prompts = folder / "public_prompts.jsonl"
+    if write:
+        data = prepare_data(dataclasses.replace(config, run=run), folder / "task")
+        private = data.train[owner]
+        assert private is not None  # a generated task gives every participant its share
+        write_examples(owner_file, with_canaries(load_examples(private), canaries, seed))
+        write_public_prompts(prompts, data.prompts, canaries)
     entries = [
         msgspec.structs.replace(e, private_data=str(owner_file.resolve())) if e.id == owner else e
         for e in run.participants
     ]
     run = msgspec.structs.replace(run, prompts_path=str(prompts.resolve()), participants=entries)
-    return SeedPlan(seed, canaries, dataclasses.replace(config, run=run), work / f"seed-{seed}")
+    return SeedPlan(seed, canaries, dataclasses.replace(config, run=run), folder)
 
 
 def method_of(plan: SeedPlan, method: str, settings: AuditSettings) -> LoadedConfig:

@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: one seed, one round, tiny sizes")
     parser.add_argument("--methods", help="comma-separated, a subset of the file's methods")
     parser.add_argument(
+        "--seeds", help="comma-separated seed indices to run (default all); processes may split them"
+    )
+    parser.add_argument(
         "--out", type=Path, help=f"where privacy.json/.md go (default {RESULTS}; --quick: WORK/quick)"
     )
     parser.add_argument("--work", type=Path, default=WORK, help="run directories and per-run results")
@@ -56,11 +59,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    seeds = list(range(audit.settings.seeds))
+    if args.seeds:
+        try:
+            seeds = sorted({int(s) for s in args.seeds.split(",") if s})
+        except ValueError:
+            seeds = [-1]
+        if not set(seeds) <= set(range(audit.settings.seeds)):
+            print(
+                f"python -m bench.privacy: error: --seeds {args.seeds!r}: the audit has seeds "
+                f"0..{audit.settings.seeds - 1}",
+                file=sys.stderr,
+            )
+            return 2
     work: Path = args.work / "quick" if args.quick else args.work
     out: Path = args.out or (work if args.quick else RESULTS)
     quiet_library_progress_bars()
     started = time.perf_counter()
-    results = run_audit(audit, methods, work, run=not args.report_only)
+    results = run_audit(audit, methods, work, seeds, run=not args.report_only)
     host = machine()
     summary = summarize(results, audit.settings.owner)
     report = {
@@ -87,8 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_audit(audit: Audit, methods: Sequence[str], work: Path, *, run: bool = True) -> list[dict[str, Any]]:
-    """Every (seed, method): the stored result when its fingerprint matches, else trained and measured."""
+def run_audit(
+    audit: Audit, methods: Sequence[str], work: Path, seeds: Sequence[int], *, run: bool = True
+) -> list[dict[str, Any]]:
+    """Every (seed, method): the stored result when its fingerprint matches, else trained and measured.
+
+    With `run` false, or for a seed outside `seeds`, only stored results are read: another process may be
+    running those seeds, and the report covers whatever has finished."""
     settings = audit.settings
     if audit.task.run.torch_threads:
         import torch
@@ -99,8 +120,9 @@ def run_audit(audit: Audit, methods: Sequence[str], work: Path, *, run: bool = T
     store = work / "runs"
     store.mkdir(parents=True, exist_ok=True)
     keys = [(seed, method) for seed in range(settings.seeds) for method in methods]
+    run_keys = {(seed, method) for seed in seeds for method in methods} if run else set()
     for index, (seed, method) in enumerate(keys, start=1):
-        plan = plan_seed(settings, audit.task, seed, work)
+        plan = plan_seed(settings, audit.task, seed, work, write=(seed, method) in run_keys)
         digest = fingerprint(
             method_of(plan, method, settings),
             {"audit": json.loads(json.dumps(settings, default=_plain)), "method": method},
@@ -110,7 +132,7 @@ def run_audit(audit: Audit, methods: Sequence[str], work: Path, *, run: bool = T
         if stored is not None and stored.get("fingerprint") == digest:
             results.append(stored)
             continue
-        if not run:
+        if (seed, method) not in run_keys:
             continue
         print(f"[{index}/{len(keys)}] seed {seed} {method} ...", flush=True)
         began = time.perf_counter()
