@@ -28,6 +28,7 @@ pure function of what arrived: a replay of the recorded answers gives the same l
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -139,9 +140,12 @@ class PromptFlow:
         return self._batches
 
     def add_prompts(self, prompt_ids: Iterable[str]) -> None:
-        for prompt_id in prompt_ids:
-            if prompt_id in self._prompts:
-                raise ValueError(f"prompt {prompt_id!r} was added before")
+        """Add prompts to be answered, after those added before; all or none (a repeated id is refused)."""
+        ids = list(prompt_ids)
+        repeated = sorted({p for p, n in Counter(ids).items() if n > 1 or p in self._prompts})
+        if repeated:
+            raise ValueError(f"prompts {repeated} were added before or are repeated")
+        for prompt_id in ids:
             self._prompts[prompt_id] = _Prompt(prompt_id)
 
     def join(self, member: str) -> None:

@@ -189,5 +189,5 @@ def test_the_same_events_give_the_same_batches() -> None:
 def test_settings_are_checked() -> None:
     with pytest.raises(msgspec.ValidationError, match="min_answers"):
         msgspec.convert({"answers_per_label": 2, "min_answers": 3}, FlowSettings)
-    with pytest.raises(ValueError, match="added before"):
+    with pytest.raises(ValueError, match="added before or are repeated"):
         flow(prompts=1).add_prompts(["q0"])
