@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from bench.privacy.audit import noise_for, private_steps
 from bench.privacy.canaries import Canary, make_canaries, with_canaries
 from bench.privacy.exposure import context_ids, digit_token_ids, rank_of, secret_log_likelihoods
 from bench.privacy.leaks import Hits, hit, hits
 from bench.privacy.membership import loss_attack_auc
-from bench.privacy.settings import AuditError, load_audit
+from bench.privacy.settings import AuditError, dp_epsilon, load_audit
 from participant.data import Example
 from participant.models import LocalModel, load_model
+from participant.settings import TrainSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,11 +86,22 @@ def test_rank_counts_the_candidates_strictly_likelier() -> None:
 
 def test_the_shipped_audit_file_loads_and_quick_mode_draws_every_public_prompt_in_one_round() -> None:
     audit = load_audit(REPO / "bench" / "privacy.toml")
-    assert audit.settings.methods == ["local", "fedavg", "shipped", "shipped_no_guard", "shipped_dp"]
+    assert audit.settings.methods[:5] == ["local", "fedavg", "shipped", "shipped_no_guard", "shipped_dp"]
     quick = load_audit(REPO / "bench" / "privacy.toml", quick=True)
     assert quick.task.run.rounds == 1 and quick.settings.seeds == 1
     rounds = quick.task.coordinator_raw["round"]
     assert isinstance(rounds, dict) and rounds["prompts_per_round"] == quick.settings.quick.max_public
+
+
+def test_a_dp_method_trains_at_the_epsilon_its_name_gives(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.toml"
+    audit.write_text(
+        f'task = "{REPO / "bench" / "quality.toml"}"\nmethods = ["shipped_dp", "shipped_dp_eps1.5"]\n'
+    )
+    settings = load_audit(audit).settings
+    assert [dp_epsilon(m, settings) for m in ("shipped_dp", "shipped_dp_eps1.5", "shipped", "local")] == [
+        settings.dp_epsilon, 1.5, None, None,
+    ]  # fmt: skip
 
 
 def test_a_bad_audit_file_is_refused_with_its_reason(tmp_path: Path) -> None:
@@ -99,3 +112,21 @@ def test_a_bad_audit_file_is_refused_with_its_reason(tmp_path: Path) -> None:
     bad.write_text(f'task = "{REPO / "bench" / "quality.toml"}"\nsecret_digits = 9\n')
     with pytest.raises(AuditError, match="secret_digits"):
         load_audit(bad)
+
+
+def test_the_dp_noise_is_the_least_that_keeps_the_budget_for_the_whole_run() -> None:
+    from opacus.accountants import RDPAccountant
+
+    def spent(sigma: float, steps: list[tuple[float, int]]) -> float:
+        accountant = RDPAccountant()
+        for rate, count in steps:
+            for _ in range(count):
+                accountant.step(noise_multiplier=sigma, sample_rate=rate)
+        return float(accountant.get_epsilon(1e-5))
+
+    train = TrainSettings(batch_size=8, warmup_epochs=3, private_examples_per_round=4)
+    steps = private_steps(53, 35, train, rounds=3)
+    assert steps == [(8 / 35, 20), (1.0, 1), (1.0, 1), (1.0, 1)]  # 159 warm-up examples; 4 a round
+    for epsilon in (1.0, 8.0):
+        sigma = noise_for(epsilon, 1e-5, steps)
+        assert spent(sigma, steps) <= 0.98 * epsilon < spent(sigma / 1.03, steps)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from bench.privacy.canaries import Canary, make_canaries, with_canaries, write_e
 from bench.privacy.exposure import exposure
 from bench.privacy.leaks import hit, hits
 from bench.privacy.membership import loss_attack_auc
-from bench.privacy.settings import AuditSettings
+from bench.privacy.settings import AuditSettings, dp_epsilon
 from bench.quality.grid import Recipe, fingerprint, method_config, seeded
 from bench.quality.methods import Trained, train_federated, train_local, train_warmup
 from bench.quality.scoring import Scorer, checkpoint_dir, generation_subset
@@ -39,13 +40,13 @@ from federation.data import prepare_data
 from federation.settings import participant_settings
 from participant.data import Example, load_examples
 from participant.learner import trainer
-from participant.settings import LeakGuardTable, ParticipantSettings, PrivacySettings
+from participant.settings import LeakGuardTable, ParticipantSettings, PrivacySettings, TrainSettings
 from participant.wiring import build_learner, load_data
 from schemas.codec import decode_generation, decode_reply
 from schemas.messages import PseudoLabels
 
 Say = Callable[[str], None]
-FEDERATED = {"fedavg": "fedavg", "shipped": "shipped", "shipped_no_guard": "shipped", "shipped_dp": "shipped"}
+FEDERATED = {"fedavg": "fedavg", "shipped": "shipped", "shipped_no_guard": "shipped"}
 DONE = "done.json"  # under a finished warm-up: its fingerprint
 
 
@@ -97,15 +98,23 @@ def plan_seed(
 def method_of(plan: SeedPlan, method: str, settings: AuditSettings) -> LoadedConfig:
     """The seed's config as `method` runs it."""
     config = plan.config
-    if method in FEDERATED:
-        config = method_config(config, FEDERATED[method], Recipe())  # the shipped defaults
+    strategy = strategy_of(method, settings)
+    if strategy is not None:
+        config = method_config(config, strategy, Recipe())  # the shipped defaults
     run = config.run
     if method == "shipped_no_guard":
         off = LeakGuardTable(enabled=False)
         entries = [msgspec.structs.replace(e, leak_guard=off) for e in run.participants]
         run = msgspec.structs.replace(run, participants=entries)
-    if method == "shipped_dp":
-        dp = PrivacySettings(epsilon=settings.dp_epsilon, delta=settings.dp_delta)
+    epsilon = dp_epsilon(method, settings)
+    if epsilon is not None:
+        owner = next(e for e in run.participants if e.id == settings.owner)
+        train = owner.train or run.train
+        private = load_examples(Path(owner.private_data or ""))
+        sigma = noise_for(
+            epsilon, settings.dp_delta, private_steps(len(private), len(set(private)), train, run.rounds)
+        )
+        dp = PrivacySettings(epsilon=epsilon, delta=settings.dp_delta, noise_multiplier=sigma)
         entries = [
             msgspec.structs.replace(e, train=msgspec.structs.replace(e.train or run.train, privacy=dp))
             if e.id == settings.owner
@@ -116,9 +125,50 @@ def method_of(plan: SeedPlan, method: str, settings: AuditSettings) -> LoadedCon
     return dataclasses.replace(config, run=run)
 
 
-def warm_up(plan: SeedPlan, settings: AuditSettings, dp: bool, say: Say) -> Path:
-    """The seed's shared warm-up, or (dp) a copy of it whose owner warmed up again under DP-SGD."""
-    if not dp:
+def private_steps(examples: int, distinct: int, train: TrainSettings, rounds: int) -> list[tuple[float, int]]:
+    """The DP-SGD steps a member with these private examples takes in the audit, as (sample rate,
+    steps): the warm-up's, then each round's (participant/privacy.py samples batch_size / distinct)."""
+    warmup = (
+        min(1.0, train.batch_size / distinct),
+        math.ceil(examples * train.warmup_epochs / train.batch_size),
+    )
+    per_round = min(train.private_examples_per_round, examples)
+    steps = [warmup]
+    if per_round:
+        rate = min(1.0, train.batch_size / min(per_round, distinct))
+        steps += [(rate, math.ceil(per_round / train.batch_size) * train.epochs)] * rounds
+    return steps
+
+
+def noise_for(epsilon: float, delta: float, steps: Sequence[tuple[float, int]]) -> float:
+    """The smallest noise multiplier (to 1%) whose RDP epsilon after `steps` stays within 98% of
+    `epsilon`: the budget lasts the whole run, as a team sizing its noise would arrange."""
+    from opacus.accountants import RDPAccountant
+
+    def spent(sigma: float) -> float:
+        accountant = RDPAccountant()
+        for rate, count in steps:
+            for _ in range(count):
+                accountant.step(noise_multiplier=sigma, sample_rate=rate)
+        return float(accountant.get_epsilon(delta))
+
+    low, high = 0.3, 100.0
+    while high / low > 1.01:
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if spent(middle) > 0.98 * epsilon else (low, middle)
+    return round(high, 3)
+
+
+def strategy_of(method: str, settings: AuditSettings) -> str | None:
+    """The federated strategy `method` runs, or None for local-only."""
+    return "shipped" if dp_epsilon(method, settings) is not None else FEDERATED.get(method)
+
+
+def warm_up(plan: SeedPlan, settings: AuditSettings, method: str, say: Say) -> Path:
+    """The seed's shared warm-up or, for a DP method, a copy of it whose owner warmed up again under
+    DP-SGD at the method's epsilon."""
+    epsilon = dp_epsilon(method, settings)
+    if epsilon is None:
         config = plan.config
         folder = plan.work / "warmup"
         if not _finished(folder, fingerprint(config, {})):
@@ -127,11 +177,11 @@ def warm_up(plan: SeedPlan, settings: AuditSettings, dp: bool, say: Say) -> Path
             train_warmup(config, folder)
             _mark_finished(folder, fingerprint(config, {}))
         return folder
-    shared = warm_up(plan, settings, False, say)
-    config = method_of(plan, "shipped_dp", settings)
-    folder = plan.work / "warmup-dp"
+    shared = warm_up(plan, settings, "local", say)
+    config = method_of(plan, method, settings)
+    folder = plan.work / f"warmup-{method}"
     if not _finished(folder, fingerprint(config, {})):
-        say(f"seed {plan.seed}: the owner's warm-up under DP-SGD")
+        say(f"seed {plan.seed}: the owner's warm-up under DP-SGD at epsilon {epsilon:g}")
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(shared, folder)
         data = prepare_data(config, folder)
@@ -159,7 +209,7 @@ def _mark_finished(folder: Path, digest: str) -> None:
 
 
 def train_method(plan: SeedPlan, method: str, settings: AuditSettings, say: Say) -> Trained:
-    warmup = warm_up(plan, settings, method == "shipped_dp", say)
+    warmup = warm_up(plan, settings, method, say)
     config = method_of(plan, method, settings)
     run_dir = plan.work / method
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
@@ -215,7 +265,7 @@ def measure(
         "members": members,
     }
     state = run_dir / "state" / "coordinator.sqlite3"
-    if method in FEDERATED and FEDERATED[method] == "shipped" and state.is_file():
+    if strategy_of(method, settings) == "shipped" and state.is_file():
         result["published"] = published_hits(state, plan.canaries, settings.owner)
     return result
 

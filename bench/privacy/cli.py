@@ -16,7 +16,7 @@ from typing import Any
 from bench.common import machine, machine_line, write_results
 from bench.privacy.audit import measure, method_of, plan_seed, train_method
 from bench.privacy.report import markdown, summarize
-from bench.privacy.settings import Audit, AuditError, load_audit
+from bench.privacy.settings import Audit, AuditError, dp_epsilon, load_audit
 from bench.quality.grid import fingerprint
 from bench.quality.scoring import Scorer
 from common.settings import SettingsError
@@ -95,8 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"task {audit.settings.task}, seeds {sorted({r['seed'] for r in results})}, canaries inserted "
         f"{audit.settings.canary_repeats} times into {audit.settings.owner}'s private data, secrets of "
         f"{audit.settings.secret_digits} digits (every one of the {10**audit.settings.secret_digits:,} "
-        f"candidates scored), DP at epsilon {audit.settings.dp_epsilon:g}. What each column means: "
-        "docs/privacy.md.",
+        f"candidates scored); the owner under DP-SGD (delta {audit.settings.dp_delta:g}) in "
+        + ", ".join(f"{m} at epsilon {eps:g}" for m in methods if (eps := dp_epsilon(m, audit.settings)))
+        + ". Models that never saw a canary (local-only, the others' columns) show what its exposure is by "
+        "chance. What each column means: docs/privacy.md.",
     ]
     write_results(NAME, report, "\n".join(markdown(summary, header)) + "\n", out)
     print(f"wrote {out / (NAME + '.json')} and {out / (NAME + '.md')}", flush=True)
@@ -119,15 +121,23 @@ def run_audit(
     results = []
     store = work / "runs"
     store.mkdir(parents=True, exist_ok=True)
+    # What a run's result depends on: not which other methods or how many seeds the audit runs.
+    identity = {
+        k: v
+        for k, v in json.loads(json.dumps(settings, default=_plain)).items()
+        if k not in ("methods", "seeds")
+    }
     keys = [(seed, method) for seed in range(settings.seeds) for method in methods]
     run_keys = {(seed, method) for seed in seeds for method in methods} if run else set()
     for index, (seed, method) in enumerate(keys, start=1):
+        path = store / f"seed{seed}__{method}.json"
+        if (seed, method) not in run_keys and not path.is_file():
+            continue
         plan = plan_seed(settings, audit.task, seed, work, write=(seed, method) in run_keys)
         digest = fingerprint(
             method_of(plan, method, settings),
-            {"audit": json.loads(json.dumps(settings, default=_plain)), "method": method},
+            {"audit": identity, "method": method},
         )
-        path = store / f"seed{seed}__{method}.json"
         stored = json.loads(path.read_text()) if path.is_file() else None
         if stored is not None and stored.get("fingerprint") == digest:
             results.append(stored)

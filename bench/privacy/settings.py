@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -13,8 +14,10 @@ from common.settings import read_toml
 from federation.config import LoadedConfig, load_run_config
 
 # local-only; FedAvg; the shipped recipe (its leak guard on, as by default); the same without the guard;
-# and with the canaries' owner training under DP-SGD.
+# and with the canaries' owner training under DP-SGD at `dp_epsilon`, or at the epsilon a name such as
+# "shipped_dp_eps1" gives.
 METHODS = ("local", "fedavg", "shipped", "shipped_no_guard", "shipped_dp")
+DP_AT = re.compile(r"^shipped_dp_eps(\d+(?:\.\d+)?)$")
 
 
 class QuickTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -62,9 +65,11 @@ def load_audit(path: Path, *, quick: bool = False) -> Audit:
         settings = msgspec.convert(read_toml(path), AuditSettings)
     except msgspec.ValidationError as e:
         raise AuditError(f"{path}: {e}") from e
-    unknown = sorted(set(settings.methods) - set(METHODS))
+    unknown = sorted(m for m in settings.methods if m not in METHODS and not DP_AT.match(m))
     if unknown:
-        raise AuditError(f"{path}: unknown methods {unknown}; known: {', '.join(METHODS)}")
+        raise AuditError(
+            f"{path}: unknown methods {unknown}; known: {', '.join(METHODS)}, or shipped_dp_eps<epsilon>"
+        )
     task = load_run_config(path.parent / settings.task)
     if task.run.task is None:
         raise AuditError(f"{path}: task {settings.task} uses its own data; the audit needs a [task] table")
@@ -86,3 +91,11 @@ def load_audit(path: Path, *, quick: bool = False) -> Audit:
             settings, seeds=q.seeds, held_out=q.held_out, test_examples=q.test_examples
         )
     return Audit(settings, task, quick)
+
+
+def dp_epsilon(method: str, settings: AuditSettings) -> float | None:
+    """The epsilon the owner trains under in `method`, or None for a method without DP."""
+    if method == "shipped_dp":
+        return settings.dp_epsilon
+    match = DP_AT.match(method)
+    return float(match.group(1)) if match else None
