@@ -76,7 +76,10 @@ class Scorer:
     def _learner(self, settings: ParticipantSettings) -> LocalLearner:
         key = model_key(settings)
         if key not in self._learners:
-            learner = build_learner(settings)
+            # Scoring never trains: without [train.privacy], any member's checkpoint loads into the one
+            # learner a model shares, DP-trained or not.
+            plain = msgspec.structs.replace(settings.train, privacy=None)
+            learner = build_learner(msgspec.structs.replace(settings, train=plain))
             if not isinstance(learner, LocalLearner):
                 raise TypeError(
                     f"{settings.participant_id}: only local models can be scored, not black boxes"
