@@ -14,6 +14,7 @@ from bench.privacy.canaries import Canary, make_canaries, with_canaries
 from bench.privacy.exposure import context_ids, digit_token_ids, rank_of, secret_log_likelihoods
 from bench.privacy.leaks import Hits, hit, hits
 from bench.privacy.membership import loss_attack_auc
+from bench.privacy.report import markdown, summarize
 from bench.privacy.settings import AuditError, dp_epsilon, load_audit
 from participant.data import Example
 from participant.models import LocalModel, load_model
@@ -130,3 +131,42 @@ def test_the_dp_noise_is_the_least_that_keeps_the_budget_for_the_whole_run() -> 
     for epsilon in (1.0, 8.0):
         sigma = noise_for(epsilon, 1e-5, steps)
         assert spent(sigma, steps) <= 0.98 * epsilon < spent(sigma / 1.03, steps)
+
+
+def test_the_report_sums_hits_and_averages_exposure_over_seeds() -> None:
+    canaries = [{"canary_id": "c1", "repeats": 1}, {"canary_id": "c16", "repeats": 16}]
+
+    def member(exposure: float, exact: int, nll: float) -> dict[str, object]:
+        rows = {
+            c["canary_id"]: {"exposure": exposure, "rank": 1, "exact": exact, "partial": exact}
+            for c in canaries
+        }
+        return {"canaries": rows, "membership_auc": {"p00": 0.6, "p01": 0.5}, "test_nll": [nll, nll]}
+
+    def run(seed: int, method: str, owner_exposure: float, nll: float) -> dict[str, object]:
+        result: dict[str, object] = {
+            "seed": seed, "method": method, "error": None, "bytes_up": 10, "bytes_down": 0,
+            "canaries": canaries,
+            "members": {"p00": member(owner_exposure, 1, nll), "p01": member(1.0, 0, nll)},
+        }  # fmt: skip
+        if method == "shipped":
+            hits = {"exact": seed, "partial": 1}
+            result["published"] = {
+                "owner_answers": hits, "labels": hits, "owner_answers_sent": 5, "labels_sent": 7,
+                "owner_canary_answers_blank": 2,
+            }  # fmt: skip
+        return result
+
+    results = [run(s, m, 5.0 + s, 2.0 + (m == "shipped") * 0.1) for s in (0, 1) for m in ("local", "shipped")]
+    summary = summarize(results, "p00")
+    shipped = summary["methods"]["shipped"]
+    assert shipped["exposure"]["x16"]["owner"]["mean"] == pytest.approx(5.5)
+    assert shipped["exposure"]["x1"]["others"]["mean"] == pytest.approx(1.0)
+    assert shipped["greedy_hits"]["owner"] == {"exact": 4, "partial": 4, "answers": 4}
+    assert shipped["published"]["labels"] == {"exact": 1, "partial": 2}
+    assert (
+        shipped["published"]["labels_sent"] == 14 and shipped["published"]["owner_canary_answers_blank"] == 4
+    )
+    assert shipped["test_nll_vs_local"]["mean"] == pytest.approx(0.1)
+    text = "\n".join(markdown(summary, ["# t"]))
+    assert "1 / 2 of 14" in text and "4 of 4" in text

@@ -162,7 +162,8 @@ def markdown(summary: dict[str, Any], header: Sequence[str]) -> list[str]:
                 else f"{published['owner_answers']['exact']} / {published['owner_answers']['partial']}",
                 "–"
                 if published is None
-                else f"{published['labels']['exact']} / {published['labels']['partial']}",
+                else f"{published['labels']['exact']} / {published['labels']['partial']} of "
+                f"{published['labels_sent']}",
                 "–"
                 if published is None
                 else f"{published['owner_canary_answers_blank']} of {published['owner_canary_questions']}",
