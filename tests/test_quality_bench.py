@@ -12,7 +12,17 @@ import pytest
 
 from bench.quality import cli
 from bench.quality.execute import GridRunner
-from bench.quality.grid import GridError, RunKey, fingerprint, load_grid, method_config, non_default, seeded
+from bench.quality.grid import (
+    CEILINGS,
+    GridError,
+    RunKey,
+    fingerprint,
+    load_grid,
+    method_config,
+    non_default,
+    seeded,
+)
+from bench.quality.methods import oracle_choice
 from bench.quality.results import ResultStore, RunResult
 from bench.quality.stats import paired_differences, seed_bootstrap
 
@@ -50,7 +60,7 @@ min_confidence = -1.0
 
 GRID = """
 seeds = [0, 1]
-methods = ["local", "fedavg", "centralized", "medoid", "shipped", "reference_labels"]
+methods = ["local", "fedavg", "centralized", "medoid", "shipped", "reference_labels", "oracle_labels"]
 generation_prompts = 4
 round_nll_prompts = 3
 bootstrap_resamples = 500
@@ -95,7 +105,16 @@ def write_grid(tmp_path: Path, grid: str = GRID) -> Path:
 def test_grid_expands_tasks_seeds_and_methods_warmup_first(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path))
     names = [key.name for key in grid.runs()]
-    per_seed = ["warmup", "local", "fedavg", "centralized", "medoid", "shipped", "reference_labels"]
+    per_seed = [
+        "warmup",
+        "local",
+        "fedavg",
+        "centralized",
+        "medoid",
+        "shipped",
+        "reference_labels",
+        "oracle_labels",
+    ]
     expected = [f"{t}__seed{s}__{m}" for s in (0, 1) for t in ("a", "b") for m in per_seed]  # seeds outer
     assert names == [*expected, "a__seed0__junk_member"]
 
@@ -145,12 +164,18 @@ def test_a_recipe_the_installed_settings_reject_is_reported_and_not_run(tmp_path
 def test_quick_shrinks_sizes_and_keeps_every_method(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path), quick=True, junk_member=False)
     assert [k.name for k in grid.runs()] == [
-        f"a__seed0__{m}"
-        for m in ("warmup", "local", "fedavg", "centralized", "medoid", "shipped", "reference_labels")
+        f"a__seed0__{m}" for m in ("warmup", "local", "fedavg", "centralized", "medoid", "shipped", *CEILINGS)
     ]
     run = grid.tasks["a"].run
     assert run.rounds == 1 and run.task is not None and run.task.max_test == 5
     assert grid.generation_prompts == 3
+
+
+def test_the_oracle_label_is_the_answer_closest_to_the_reference() -> None:
+    reference = "returns the length of the string"
+    answers = ["prints the string", "returns the length of a list", "returns the string length"]
+    assert oracle_choice(answers, reference) == "returns the length of a list"  # ROUGE-L 0.67 > 0.6 > 0.44
+    assert oracle_choice(["same", "same words"], "other") == "same"  # equals: the first
 
 
 # ---- the bootstrap --------------------------------------------------------------------------------
@@ -238,9 +263,9 @@ def test_a_finished_run_is_skipped_and_a_changed_or_failed_one_reruns(tmp_path: 
 
 
 def test_old_method_names_still_load_and_their_results_rerun_nothing(tmp_path: Path) -> None:
-    old = GRID.replace('"medoid", "shipped", "reference_labels"]', '"semantic", "new_recipe"]').replace(
-        "[shipped]", "[new_recipe]"
-    )
+    old = GRID.replace(
+        '"medoid", "shipped", "reference_labels", "oracle_labels"]', '"semantic", "new_recipe"]'
+    ).replace("[shipped]", "[new_recipe]")
     grid = load_grid(write_grid(tmp_path, old), tasks=["a"], seeds=[0], junk_member=False)
     assert grid.methods == ["local", "fedavg", "centralized", "medoid", "shipped"]
     assert grid.shipped.consensus == {"vote_weighting": "reputation"}
@@ -286,7 +311,7 @@ def test_the_grid_runs_every_method_scores_them_and_writes_the_report(tmp_path: 
     markdown = (out / "quality.md").read_text()
     assert "## Task a" in markdown and "robustness to a junk member" in markdown.lower()
     task = report["tasks"]["a"]
-    assert set(task["methods"]) == {"local", "fedavg", "centralized", "medoid", "shipped", "reference_labels"}
+    assert set(task["methods"]) == {"local", "fedavg", "centralized", "medoid", "shipped", *CEILINGS}
     assert task["same_test_set_per_seed"] is True
     assert task["test_prompts"] == [6] and task["generation_prompts"] == [4]
     for method, item in task["methods"].items():
@@ -303,7 +328,7 @@ def test_the_grid_runs_every_method_scores_them_and_writes_the_report(tmp_path: 
 
     # Every method but centralized started from the same warm-up; its round 0 is the warm-up's score.
     warm = _stored(work, "a__seed0__warmup")
-    for method in ("local", "fedavg", "medoid", "reference_labels"):
+    for method in ("local", "fedavg", "medoid", *CEILINGS):
         stored = _stored(work, f"a__seed0__{method}")
         for pid, scores in stored.participants.items():
             assert scores.subset_nll_by_round[0] == warm.participants[pid].subset_nll_by_round[0], method

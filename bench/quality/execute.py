@@ -18,6 +18,7 @@ from statistics import fmean
 
 from bench.quality import junk
 from bench.quality.grid import (
+    CEILINGS,
     FEDERATED,
     RENAMED_METHODS,
     WARMUP,
@@ -33,6 +34,7 @@ from bench.quality.methods import (
     train_centralized,
     train_federated,
     train_local,
+    train_oracle_labels,
     train_reference_labels,
     train_warmup,
 )
@@ -102,7 +104,7 @@ class GridRunner:
         return [r for k in keys if (r := self.store.finished(k, self.fingerprint(k))) is not None]
 
     def _runnable(self, key: RunKey) -> bool:
-        if key.method == "reference_labels" and self.grid.tasks[key.task].run.task is None:
+        if key.method in CEILINGS and self.grid.tasks[key.task].run.task is None:
             return False  # own data: the public prompts have no references to train on
         return not (key.method == "shipped" and self.grid.shipped_problem)
 
@@ -146,6 +148,8 @@ class GridRunner:
             trained = train_centralized(config, run_dir)
         elif key.method == "reference_labels":
             trained = train_reference_labels(config, run_dir, warmup_dir)
+        elif key.method == "oracle_labels":
+            trained = train_oracle_labels(config, run_dir, warmup_dir)
         else:
             assert key.method in (*FEDERATED, "junk_member"), key.method
             trained = train_federated(config, run_dir, warmup_dir)

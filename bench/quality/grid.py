@@ -27,7 +27,8 @@ from federation.config import LoadedConfig, RunConfig, load_run_config
 from participant.settings import TrainSettings
 
 # Order matters: a method's runs need the runs before it (every method starts from the warm-up).
-METHODS = ("local", "fedavg", "centralized", "medoid", "shipped", "reference_labels")
+METHODS = ("local", "fedavg", "centralized", "medoid", "shipped", "reference_labels", "oracle_labels")
+CEILINGS = ("reference_labels", "oracle_labels")  # label the public prompts from their references
 LABELS = {
     "warmup": "after warm-up",
     "local": "local-only",
@@ -36,6 +37,7 @@ LABELS = {
     "medoid": "semantic (medoid)",
     "shipped": "semantic (shipped recipe)",
     "reference_labels": "ceiling: true references as labels",
+    "oracle_labels": "ceiling: the best member answer as labels",
     "junk_member": "robustness to a junk member",
     "fedavg_refusal": "FedAvg on a federation it cannot serve",
 }
@@ -281,7 +283,12 @@ def method_config(config: LoadedConfig, method: str, recipe: Recipe) -> LoadedCo
     if method in STRATEGY:
         coordinator["strategy"] = STRATEGY[method]
     run = config.run
-    layered = {"shipped": recipe, "medoid": MEDOID_RECIPE, "reference_labels": recipe}.get(method)
+    layered = {
+        "shipped": recipe,
+        "medoid": MEDOID_RECIPE,
+        "reference_labels": recipe,
+        "oracle_labels": recipe,
+    }.get(method)
     if layered is not None:
         coordinator = _merged(coordinator, {"consensus": layered.consensus})
 

@@ -7,7 +7,8 @@
 - centralized: one model on the pooled private data (the same warm-up epochs, each round the union
   of every participant's private slice);
 - reference labels (a ceiling): from the warm-up, each round's public prompts with their true
-  references as the labels, mixed with the private slice.
+  references as the labels, mixed with the private slice;
+- oracle labels (a ceiling): the same, with each prompt's best member answer against its reference.
 
 Federated participants get an empty test set, so they do not evaluate during the rounds: the bench
 scores their checkpoints afterwards, the same way for every method.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +27,8 @@ from typing import Any
 import msgspec
 
 from bench.quality.scoring import STATE_DIR, checkpoint_dir
-from coordinator.prompts import PromptSampler, load_prompts
+from common.rouge import rouge_l
+from coordinator.prompts import PromptSampler, PublicPrompt, load_prompts
 from coordinator.replay.label_sources import label_quality_of_run
 from coordinator.replay.references import load_references
 from federation.config import LoadedConfig
@@ -36,8 +39,8 @@ from federation.runner import RunOptions
 from federation.settings import coordinator_settings, participant_settings
 from participant.data import Example
 from participant.label_weights import label_example_weight
-from participant.learner import TrainableLearner, trainer
-from participant.settings import ParticipantSettings
+from participant.learner import Learner, TrainableLearner, trainer
+from participant.settings import ParticipantSettings, TrainSettings
 from participant.wiring import build_learner, load_data
 
 CENTRAL = "central"  # the centralized run's one model
@@ -118,25 +121,15 @@ def train_reference_labels(config: LoadedConfig, run_dir: Path, warmup_dir: Path
     draw) labelled with their true references, weighted as the recipe weighs a label of full confidence,
     mixed with the round's private slice. What a perfect consensus could give with this public budget."""
     data, settings = _prepared(config, run_dir)
-    references_file = run_dir / "data" / "public_references.jsonl"
-    if not references_file.is_file():
-        raise FileNotFoundError(f"{references_file}: reference labels need a generated task's references")
-    references = load_references(references_file)
-    rounds = coordinator_settings(config, data, run_dir, config.run.rounds, "memory://").round
-    sampler = PromptSampler(load_prompts(data.prompts), rounds.seed)
+    references, prompts_of = _public_rounds(config, run_dir, data)
     for pid, participant in settings.items():
         learner = _from_warmup(participant, warmup_dir)
         if learner is None:
             continue  # only answers: scored as it is
         private, _ = load_data(participant)
         train = participant.train
-        weight = label_example_weight(train.label_weighting, train.label_weight, 1.0, "", None)
         for round_id in range(1, config.run.rounds + 1):
-            labels = [
-                Example(p.text, references[p.prompt_id], weight=weight, public=True)
-                for p in sampler.sample(round_id, rounds.prompts_per_round)
-                if p.prompt_id in references
-            ]
+            labels = _label_examples(prompts_of(round_id), references, train)
             learner.train(labels + private_slice(private, train, round_id))
             _save_round(learner, run_dir, pid, round_id)
         del learner
@@ -144,6 +137,85 @@ def train_reference_labels(config: LoadedConfig, run_dir: Path, warmup_dir: Path
     trained = _trained(config, run_dir, data, settings)
     trained.warm_started = list(settings)
     return trained
+
+
+def _public_rounds(
+    config: LoadedConfig, run_dir: Path, data: DataPaths
+) -> tuple[dict[str, str], Callable[[int], list[PublicPrompt]]]:
+    """The task's public references, and each round's public prompts that have one (the prompts
+    chorus-run's coordinator would draw)."""
+    references_file = run_dir / "data" / "public_references.jsonl"
+    if not references_file.is_file():
+        raise FileNotFoundError(f"{references_file}: these labels need a generated task's references")
+    references = load_references(references_file)
+    rounds = coordinator_settings(config, data, run_dir, config.run.rounds, "memory://").round
+    sampler = PromptSampler(load_prompts(data.prompts), rounds.seed)
+
+    def prompts_of(round_id: int) -> list[PublicPrompt]:
+        return [p for p in sampler.sample(round_id, rounds.prompts_per_round) if p.prompt_id in references]
+
+    return references, prompts_of
+
+
+def _label_examples(
+    prompts: Sequence[PublicPrompt], labels: Mapping[str, str], train: TrainSettings
+) -> list[Example]:
+    """The prompts with their labels, weighted as the recipe weighs a label of full confidence."""
+    weight = label_example_weight(train.label_weighting, train.label_weight, 1.0, "", None)
+    return [
+        Example(p.text, labels[p.prompt_id], weight=weight, public=True)
+        for p in prompts
+        if p.prompt_id in labels
+    ]
+
+
+def train_oracle_labels(config: LoadedConfig, run_dir: Path, warmup_dir: Path) -> Trained:
+    """A ceiling: as reference labels, but each prompt's label is the members' answer (greedy, from
+    their models at the round's start) closest to its reference by ROUGE-L. What a perfect choice among
+    the answers a consensus chooses from could give."""
+    data, settings = _prepared(config, run_dir)
+    references, prompts_of = _public_rounds(config, run_dir, data)
+    for round_id in range(1, config.run.rounds + 1):
+        start = warmup_dir if round_id == 1 else run_dir
+        prompts = prompts_of(round_id)
+        answers: dict[str, list[str]] = {p.prompt_id: [] for p in prompts}
+        for participant in settings.values():
+            learner = _at_round(participant, start, round_id - 1)
+            for answer in learner.generate([(p.prompt_id, p.text) for p in prompts], config.run.generation):
+                answers[answer.prompt_id].append(answer.text)
+            del learner
+            gc.collect()
+        labels = {pid: oracle_choice(texts, references[pid]) for pid, texts in answers.items() if texts}
+        for pid, participant in settings.items():
+            trainable = trainer(_at_round(participant, start, round_id - 1))
+            if trainable is None:
+                continue  # only answers: scored as it is
+            private, _ = load_data(participant)
+            train = participant.train
+            trainable.train(_label_examples(prompts, labels, train) + private_slice(private, train, round_id))
+            _save_round(trainable, run_dir, pid, round_id)
+            del trainable
+            gc.collect()
+    trained = _trained(config, run_dir, data, settings)
+    trained.warm_started = list(settings)
+    return trained
+
+
+def oracle_choice(answers: Sequence[str], reference: str) -> str:
+    """The answer with the highest ROUGE-L against the reference; the first of equals."""
+    scores = [rouge_l(a, reference) for a in answers]
+    return answers[scores.index(max(scores))]
+
+
+def _at_round(participant: ParticipantSettings, directory: Path, round_id: int) -> Learner:
+    """The participant's learner at its checkpoint of `round_id` under `directory` (one that only
+    answers as it is)."""
+    learner = build_learner(participant)
+    trainable = trainer(learner)
+    pid = participant.participant_id
+    if trainable is not None and not trainable.load_checkpoint(checkpoint_dir(directory, pid, round_id)):
+        raise FileNotFoundError(f"{pid}: no checkpoint of round {round_id} under {directory}")
+    return learner
 
 
 def _from_warmup(participant: ParticipantSettings, warmup_dir: Path) -> TrainableLearner | None:
