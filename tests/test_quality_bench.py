@@ -23,6 +23,7 @@ from bench.quality.grid import (
     seeded,
 )
 from bench.quality.methods import oracle_choice
+from bench.quality.report import own_data_summary
 from bench.quality.results import ResultStore, RunResult
 from bench.quality.stats import paired_differences, seed_bootstrap
 
@@ -169,6 +170,18 @@ def test_quick_shrinks_sizes_and_keeps_every_method(tmp_path: Path) -> None:
     run = grid.tasks["a"].run
     assert run.rounds == 1 and run.task is not None and run.task.max_test == 5
     assert grid.generation_prompts == 3
+
+
+def test_the_precondition_sets_each_members_own_model_against_the_others_on_its_data() -> None:
+    # model -> data owner -> ROUGE-L, two seeds.
+    seeds = [
+        {"a": {"a": 0.5, "b": 0.2}, "b": {"a": 0.1, "b": 0.4}, "c": {"a": 0.3, "b": 0.2}},
+        {"a": {"a": 0.7, "b": 0.2}, "b": {"a": 0.3, "b": 0.6}, "c": {"a": 0.1, "b": 0.2}},
+    ]
+    summary = own_data_summary(seeds)
+    assert summary["a"] == pytest.approx({"own": 0.6, "others": 0.2})
+    assert summary["b"] == pytest.approx({"own": 0.5, "others": 0.2})
+    assert "c" not in summary  # no data of its own
 
 
 def test_the_oracle_label_is_the_answer_closest_to_the_reference() -> None:
@@ -324,6 +337,8 @@ def test_the_grid_runs_every_method_scores_them_and_writes_the_report(tmp_path: 
     assert set(task["label_quality"]) == {"medoid", "shipped"}
     assert {"1", "2", "overall"} <= set(task["label_quality"]["medoid"])
     assert task["methods"]["local"]["bytes_per_participant_per_round"] == 0
+    assert set(task["own_data"]) == {"p0", "p1"} and "Precondition" in markdown
+    assert all(0.0 <= v <= 1.0 for row in task["own_data"].values() for v in row.values())
     assert task["fedavg_to_semantic_bytes"] > 1
 
     # Every method but centralized started from the same warm-up; its round 0 is the warm-up's score.

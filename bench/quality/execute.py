@@ -40,9 +40,12 @@ from bench.quality.methods import (
 )
 from bench.quality.results import ParticipantScores, ResultStore, RunResult
 from bench.quality.scoring import Scorer, checkpoint_dir, generation_subset, learner_description
+from common.rouge import rouge_l
 from federation.config import LoadedConfig
+from participant.wiring import load_data
 
 Say = Callable[[str], None]
+OWN_DATA_PROMPTS = 16  # private prompts per member for the precondition (after the warm-up)
 FIRST_NAMES = {new: old for old, new in RENAMED_METHODS.items()}
 
 
@@ -188,6 +191,8 @@ class GridRunner:
         result.notes = trained.notes
 
     def _score(self, key: RunKey, result: RunResult, trained: Trained) -> None:
+        if key.method == WARMUP:
+            result.extra["own_data"] = self._own_data(trained)
         test = trained.test
         subset = [test[i] for i in result.round_subset]
         last = trained.rounds
@@ -217,6 +222,28 @@ class GridRunner:
             if first == 1:
                 scores.subset_nll_by_round.insert(0, self._warmup_subset_nll(key, pid))
             result.participants[pid] = scores
+
+    def _own_data(self, trained: Trained) -> dict[str, dict[str, float]]:
+        """The experiment's precondition, after the warm-up: per member, the mean ROUGE-L of its greedy
+        answers to each member's private prompts (its own among them) against their references."""
+        private = {
+            pid: list(dict.fromkeys(load_data(settings)[0]))[:OWN_DATA_PROMPTS]
+            for pid, settings in trained.settings.items()
+        }
+        table: dict[str, dict[str, float]] = {}
+        for pid, settings in trained.settings.items():
+            checkpoint = checkpoint_dir(trained.run_dir, pid, 0)
+            table[pid] = {
+                owner: fmean(
+                    rouge_l(answer, example.response)
+                    for answer, example in zip(
+                        self.scorer.greedy(settings, checkpoint, examples), examples, strict=True
+                    )
+                )
+                for owner, examples in private.items()
+                if examples
+            }
+        return table
 
     def _warmup_subset_nll(self, key: RunKey, pid: str) -> float:
         warm_key = RunKey(key.task, key.seed, WARMUP)

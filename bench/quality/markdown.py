@@ -151,6 +151,21 @@ def _task_section(task: str, summary: dict[str, Any]) -> list[str]:
             ["method", "round", "labelled", "abstained", "label", "members' mean", "oracle", "beat mean"],
             qrows,
         )
+    own_data = summary.get("own_data")
+    if own_data:
+        lines += [
+            "",
+            "Precondition, after the warm-up: ROUGE-L of answers to a member's private prompts, by its own "
+            "model and (mean) by the others' (members should know their own data better):",
+            "",
+        ]
+        lines += table(
+            ["member's data", "its own model", "the others' models", "own − others"],
+            [
+                [owner, _num(row["own"]), _num(row["others"]), f"{row['own'] - row['others']:+.3f}"]
+                for owner, row in own_data.items()
+            ],
+        )
     ratio = summary.get("fedavg_to_semantic_bytes")
     if ratio:
         lines += [

@@ -80,6 +80,11 @@ def _task_summary(runs: dict[str, dict[int, RunResult]], resamples: int) -> dict
         if quality:
             summary["label_quality"][method] = pooled_label_quality(quality)
     if WARMUP in runs:
+        own_data = own_data_summary(
+            [r.extra["own_data"] for r in runs[WARMUP].values() if "own_data" in r.extra]
+        )
+        if own_data:
+            summary["own_data"] = own_data
         summary["warmup_subset_nll"] = fmean(
             v for r in runs[WARMUP].values() for p in r.participants.values() for v in p.subset_nll_by_round
         )
@@ -89,6 +94,19 @@ def _task_summary(runs: dict[str, dict[int, RunResult]], resamples: int) -> dict
             fedavg["bytes_per_participant_per_round"] / semantic["bytes_per_participant_per_round"]
         )
     return summary
+
+
+def own_data_summary(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per member whose private data it is, over seeds: the ROUGE-L of its own model's answers to its
+    private prompts, and the mean of the other members' models' answers to them."""
+    owners = sorted({owner for table in per_seed for row in table.values() for owner in row})
+    out = {}
+    for owner in owners:
+        own = [t[owner][owner] for t in per_seed if owner in t and owner in t[owner]]
+        others = [row[owner] for t in per_seed for pid, row in t.items() if pid != owner and owner in row]
+        if own and others:
+            out[owner] = {"own": fmean(own), "others": fmean(others)}
+    return out
 
 
 def _by_round(results: list[RunResult]) -> list[float]:
