@@ -17,6 +17,7 @@ from bench.common import machine, machine_line, write_results
 from bench.privacy.audit import measure, method_of, plan_seed, train_method
 from bench.privacy.report import markdown, summarize
 from bench.privacy.settings import Audit, AuditError, dp_epsilon, load_audit
+from bench.quality.execute import release_memory
 from bench.quality.grid import fingerprint
 from bench.quality.scoring import Scorer
 from common.settings import SettingsError
@@ -148,6 +149,8 @@ def run_audit(
         began = time.perf_counter()
         trained = train_method(plan, method, settings, say=lambda line: print(line, flush=True))
         result = measure(plan, method, trained, settings, scorer)
+        del trained
+        release_memory()  # each run loads and frees several models: hand the heap back
         result["fingerprint"] = digest
         result["seconds"] = round(time.perf_counter() - began, 1)
         path.write_text(json.dumps(result, indent=2) + "\n")
