@@ -136,18 +136,21 @@ def test_the_dp_noise_is_the_least_that_keeps_the_budget_for_the_whole_run() -> 
 def test_the_report_sums_hits_and_averages_exposure_over_seeds() -> None:
     canaries = [{"canary_id": "c1", "repeats": 1}, {"canary_id": "c16", "repeats": 16}]
 
-    def member(exposure: float, exact: int, nll: float) -> dict[str, object]:
+    def member(exposure: float, exact: int, nll: float, auc: dict[str, float]) -> dict[str, object]:
         rows = {
             c["canary_id"]: {"exposure": exposure, "rank": 1, "exact": exact, "partial": exact}
             for c in canaries
         }
-        return {"canaries": rows, "membership_auc": {"p00": 0.6, "p01": 0.5}, "test_nll": [nll, nll]}
+        return {"canaries": rows, "membership_auc": auc, "test_nll": [nll, nll]}
 
     def run(seed: int, method: str, owner_exposure: float, nll: float) -> dict[str, object]:
         result: dict[str, object] = {
             "seed": seed, "method": method, "error": None, "bytes_up": 10, "bytes_down": 0,
             "canaries": canaries,
-            "members": {"p00": member(owner_exposure, 1, nll), "p01": member(1.0, 0, nll)},
+            "members": {
+                "p00": member(owner_exposure, 1, nll, {"p00": 0.7, "p01": 0.5}),
+                "p01": member(1.0, 0, nll, {"p00": 0.4, "p01": 0.6}),
+            },
         }  # fmt: skip
         if method == "shipped":
             hits = {"exact": seed, "partial": 1}
@@ -168,5 +171,7 @@ def test_the_report_sums_hits_and_averages_exposure_over_seeds() -> None:
         shipped["published"]["labels_sent"] == 14 and shipped["published"]["owner_canary_answers_blank"] == 4
     )
     assert shipped["test_nll_vs_local"]["mean"] == pytest.approx(0.1)
+    # Own model minus the other's on the same data: p00 0.7 - 0.4, p01 0.6 - 0.5.
+    assert shipped["membership_auc"]["lift"]["mean"] == pytest.approx(0.2)
     text = "\n".join(markdown(summary, ["# t"]))
     assert "1 / 2 of 14" in text and "4 of 4" in text
