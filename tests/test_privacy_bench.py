@@ -171,6 +171,7 @@ def test_the_report_sums_hits_and_averages_exposure_over_seeds() -> None:
         shipped["published"]["labels_sent"] == 14 and shipped["published"]["owner_canary_answers_blank"] == 4
     )
     assert shipped["test_nll_vs_local"]["mean"] == pytest.approx(0.1)
+    assert shipped["others_exposure_vs_local"]["x16"]["mean"] == pytest.approx(0.0)  # p01: 1.0 in both
     # Own model minus the other's on the same data: p00 0.7 - 0.4, p01 0.6 - 0.5.
     assert shipped["membership_auc"]["lift"]["mean"] == pytest.approx(0.2)
     text = "\n".join(markdown(summary, ["# t"]))

@@ -89,6 +89,21 @@ def _method_summary(runs: list[Result], owner: str, baseline: list[Result]) -> d
             [_member_mean_nll(r) for r in seeds], [_member_mean_nll(paired[r["seed"]]) for r in seeds]
         )
         summary["test_nll_vs_local"] = seed_bootstrap(differences).as_dict()
+    if seeds and runs[0]["method"] != BASELINE:
+        # What the method adds over models that never saw the canary (local-only's other members), for
+        # the same canary of the same seed: a secret's exposure by chance cancels out.
+        summary["others_exposure_vs_local"] = {
+            f"x{canary['repeats']}": _interval(
+                [
+                    [
+                        float(np.mean(_others_exposure(r, owner, canary["canary_id"])))
+                        - float(np.mean(_others_exposure(paired[r["seed"]], owner, canary["canary_id"])))
+                    ]
+                    for r in seeds
+                ]
+            )
+            for canary in canaries
+        }
     published = [r["published"] for r in runs if "published" in r]
     if published:
         summary["published"] = {
@@ -161,6 +176,22 @@ def markdown(summary: dict[str, Any], header: Sequence[str]) -> list[str]:
             ]
         )
     lines += table(["method", *(f"owner {r}" for r in repeats), *(f"others {r}" for r in repeats)], rows)
+    paired = {
+        method: m["others_exposure_vs_local"]
+        for method, m in methods.items()
+        if "others_exposure_vs_local" in m
+    }
+    if paired:
+        lines += [
+            "",
+            "What each method passes to the other members: their exposure of the same canary minus "
+            "local-only's (whose other members never saw it), per seed, then the interval over seeds.",
+            "",
+        ]
+        lines += table(
+            ["method", *(f"others {r}, over local-only" for r in repeats)],
+            [[method, *(_shown(row[r]) for r in repeats)] for method, row in paired.items()],
+        )
     lines += ["", "## Verbatim hits (exact / partial, over seeds and canaries)", ""]
     rows = []
     for method, m in methods.items():
