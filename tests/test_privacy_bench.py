@@ -174,5 +174,6 @@ def test_the_report_sums_hits_and_averages_exposure_over_seeds() -> None:
     assert shipped["others_exposure_vs_local"]["x16"]["mean"] == pytest.approx(0.5)  # p01: 1.5 against 1.0
     # Own model minus the other's on the same data: p00 0.7 - 0.4, p01 0.6 - 0.5.
     assert shipped["membership_auc"]["lift"]["mean"] == pytest.approx(0.2)
+    assert shipped["membership_auc"]["owner_lift"]["mean"] == pytest.approx(0.3)
     text = "\n".join(markdown(summary, ["# t"]))
     assert "1 / 2 of 14" in text and "4 of 4" in text

@@ -76,7 +76,8 @@ def _method_summary(runs: list[Result], owner: str, baseline: list[Result]) -> d
                     for r in runs
                 ]
             ),
-            "lift": _interval([_membership_lift(r) for r in runs]),
+            "lift": _interval([list(_membership_lift(r).values()) for r in runs]),
+            "owner_lift": _interval([[_membership_lift(r)[owner]] for r in runs]),
         },
         "test_nll": _interval([_member_mean_nll(r) for r in runs]),
         "owner_test_nll": _interval([r["members"][owner]["test_nll"] for r in runs]),
@@ -122,16 +123,16 @@ def _others_exposure(result: Result, owner: str, canary_id: str) -> list[float]:
     return [m["canaries"][canary_id]["exposure"] for pid, m in result["members"].items() if pid != owner]
 
 
-def _membership_lift(result: Result) -> list[float]:
+def _membership_lift(result: Result) -> dict[str, float]:
     """Per member whose data it is: the attack's AUC under its own model minus the mean under the
     others' models, on the same examples. The held-out examples need not match the private ones in
     difficulty, so models that never trained on them set the level, not 0.5."""
     members = result["members"]
-    lifts = []
+    lifts = {}
     for pid, member in members.items():
         others = [m["membership_auc"][pid] for other, m in members.items() if other != pid]
         if others:
-            lifts.append(member["membership_auc"][pid] - float(np.mean(others)))
+            lifts[pid] = member["membership_auc"][pid] - float(np.mean(others))
     return lifts
 
 
@@ -234,6 +235,7 @@ def markdown(summary: dict[str, Any], header: Sequence[str]) -> list[str]:
                 _shown(m["membership_auc"]["own_model"]),
                 _shown(m["membership_auc"]["others_models"]),
                 _shown(m["membership_auc"].get("lift")),
+                _shown(m["membership_auc"].get("owner_lift")),
                 _shown(m["test_nll"], 3),
                 _shown(m.get("test_nll_vs_local"), 3),
                 _shown(m["owner_test_nll"], 3),
@@ -246,6 +248,7 @@ def markdown(summary: dict[str, Any], header: Sequence[str]) -> list[str]:
             "AUC, own model",
             "AUC, others' models",
             "own − others, same data",
+            f"the same, {owner}'s data",
             "test NLL",
             "Δ NLL vs local",
             f"{owner}'s test NLL",
