@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = [
         "# Privacy audit" + (" (quick: sizes for a smoke run, numbers mean nothing)" if args.quick else ""),
         "",
-        f"`python -m bench.privacy{' --quick' if args.quick else ''}` on {machine_line(host)}; "
+        f"`python -m bench.privacy{' --quick' if args.quick else ''}` on {machine_line(host).rstrip('.')}; "
         f"task {audit.settings.task}, seeds {sorted({r['seed'] for r in results})}, canaries inserted "
         f"{audit.settings.canary_repeats} times into {audit.settings.owner}'s private data, secrets of "
         f"{audit.settings.secret_digits} digits (every one of the {10**audit.settings.secret_digits:,} "
