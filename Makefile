@@ -93,9 +93,19 @@ bench-quality-heterogeneous: setup
 	$(PY) -m bench.quality bench/quality_grid_heterogeneous.toml --out bench/results/quality_heterogeneous_cpu $(BENCH_ARGS)
 
 # The privacy audit (docs/privacy.md): canaries in one member's data; exposure, verbatim hits and a
-# membership attack per method -> bench/results/privacy.{json,md}. Resumes where it stopped.
+# membership attack per method -> bench/results/privacy.{json,md}. Resumes where it stopped. One
+# process per seed (one torch thread each: three share a 2-core, 24 GiB machine well), each logging
+# to results/privacy-audit/seed<N>.log; then the report over every finished run.
+PRIVACY_SEEDS ?= 0 1 2
 bench-privacy: setup
-	$(PY) -m bench.privacy bench/privacy.toml $(BENCH_ARGS)
+	@mkdir -p results/privacy-audit; failed=0; pids=""; \
+	for s in $(PRIVACY_SEEDS); do \
+		echo "seed $$s: results/privacy-audit/seed$$s.log"; \
+		$(PY) -m bench.privacy bench/privacy.toml --seeds $$s $(BENCH_ARGS) > results/privacy-audit/seed$$s.log 2>&1 & \
+		pids="$$pids $$!"; \
+	done; \
+	for p in $$pids; do wait $$p || failed=1; done; \
+	$(PY) -m bench.privacy bench/privacy.toml --report-only $(BENCH_ARGS) && exit $$failed
 
 # A smoke run of the audit (one seed, one round, tiny sizes), written under results/privacy-audit/quick.
 bench-privacy-quick: setup
