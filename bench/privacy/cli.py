@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, machine_line, write_results
-from bench.privacy.audit import measure, method_of, plan_seed, train_method
+from bench.privacy.audit import SeedPlan, measure, method_of, plan_seed, train_method
 from bench.privacy.report import markdown, summarize
 from bench.privacy.settings import Audit, AuditError, dp_epsilon, load_audit
 from bench.quality.execute import release_memory
@@ -130,11 +130,14 @@ def run_audit(
     }
     keys = [(seed, method) for seed in range(settings.seeds) for method in methods]
     run_keys = {(seed, method) for seed in seeds for method in methods} if run else set()
+    plans: dict[int, SeedPlan] = {}  # one per seed: planning a seed generates its task
     for index, (seed, method) in enumerate(keys, start=1):
         path = store / f"seed{seed}__{method}.json"
         if (seed, method) not in run_keys and not path.is_file():
             continue
-        plan = plan_seed(settings, audit.task, seed, work, write=(seed, method) in run_keys)
+        if seed not in plans:
+            plans[seed] = plan_seed(settings, audit.task, seed, work, write=run and seed in seeds)
+        plan = plans[seed]
         digest = fingerprint(
             method_of(plan, method, settings),
             {"audit": identity, "method": method},
